@@ -1,0 +1,1 @@
+"""Shipped to every host. Standard library only, Python 3.6 syntax."""

@@ -1,0 +1,136 @@
+"""Host facts as one JSON object on stdout: python, cores, arch, memory, load, ...
+
+Run as ``python3 - WORKDIR < probe.py`` (the script travels on stdin, so it works
+before anything is uploaded). Unknown facts are null, never an error: the host
+may be a macOS laptop or an old Pi. Standard library only, Python 3.6 syntax.
+"""
+import json
+import os
+import platform
+import sys
+
+BUNDLE_FILE = "bundle.sha256"
+
+
+def read_first_line(path):
+    try:
+        with open(path) as handle:
+            return handle.readline().strip()
+    except (OSError, IOError):
+        return None
+
+
+def cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def memory_bytes():
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IOError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def temperature():
+    """Hottest thermal zone in degrees Celsius, or None."""
+    best = None
+    base = "/sys/class/thermal"
+    try:
+        zones = os.listdir(base)
+    except OSError:
+        return None
+    for zone in zones:
+        raw = read_first_line(os.path.join(base, zone, "temp"))
+        try:
+            value = int(raw) / 1000.0
+        except (TypeError, ValueError):
+            continue
+        if best is None or value > best:
+            best = value
+    return best
+
+
+def os_name():
+    pretty = None
+    try:
+        with open("/etc/os-release") as handle:
+            for line in handle:
+                if line.startswith("PRETTY_NAME="):
+                    pretty = line.split("=", 1)[1].strip().strip('"')
+    except (OSError, IOError):
+        pass
+    return pretty or "%s %s" % (platform.system(), platform.release())
+
+
+def has_module(name):
+    try:
+        __import__(name)
+        return True
+    except Exception:
+        return False
+
+
+def installed_packages(workdir):
+    """Wheels `fab setup` unpacked into WORKDIR/lib (one file name a line in lib/.installed)."""
+    if not workdir:
+        return []
+    try:
+        with open(os.path.join(workdir, "lib", ".installed")) as handle:
+            return [line.strip() for line in handle if line.strip()]
+    except (OSError, IOError):
+        return []
+
+
+def facts(workdir):
+    libc = platform.libc_ver()
+    return {
+        "python": platform.python_version(),
+        "python_ok": sys.version_info[:2] >= (3, 6),
+        "executable": sys.executable,
+        "implementation": platform.python_implementation(),
+        "cores": cpu_count(),
+        "arch": platform.machine() or None,
+        "system": platform.system() or None,
+        "os": os_name(),
+        "libc": "%s %s" % libc if libc[0] else None,
+        "memory": memory_bytes(),
+        "load": load_average(),
+        "temp": temperature(),
+        "machine_id": read_first_line("/etc/machine-id") or read_first_line(
+            "/var/lib/dbus/machine-id"),
+        "home": os.path.expanduser("~"),
+        "workdir": workdir,
+        "bundle": read_first_line(os.path.join(workdir, BUNDLE_FILE)) if workdir else None,
+        "numpy": has_module("numpy"),
+        "installed": installed_packages(workdir),
+    }
+
+
+def main():
+    workdir = os.path.expanduser(sys.argv[1]) if len(sys.argv) > 1 else None
+    if workdir:
+        lib = os.path.join(workdir, "lib")
+        if os.path.isdir(lib):
+            sys.path.insert(0, lib)
+    sys.stdout.write(json.dumps(facts(workdir)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""The scheduler loop: agents, blocks in flight, adaptive sizes, retries, endgame, resume.
+
+One thread (the caller's) makes every decision, from events the host readers
+and the store's writer put on one queue; so the bookkeeping needs no locks.
+A block is committed once (the writer ignores a second result; the loop never
+sends one); a block whose host was lost goes back to be redone elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .agents import Event, HostLink
+from .errors import BeowulfError, JobError
+from .inventory import Host
+from .provision import local_bundle_hash
+from .scheduler import MAX_BLOCK_FAILURES, MIN_BLOCK, Schedule
+from .store import BlockRow, BlockWriter, Store
+
+log = logging.getLogger(__name__)
+# A host that has not said anything (result or heartbeat) for this long is lost.
+BEAT_TIMEOUT = 20.0
+# Task failures in a row after which a host is quarantined (reconnected later).
+FAILURES_TO_QUARANTINE = 3
+# Reconnection back-off: first wait, doubling up to the cap.
+BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
+# With no host up, give up after this many failed reconnects of every host.
+RECONNECTS_BEFORE_GIVING_UP = 2
+# Weight of the newest measurement in a host's rate (exponential moving average).
+RATE_WEIGHT = 0.5
+
+
+@dataclass
+class HostStats:
+    """What one host did during this coordinator's run."""
+
+    name: str
+    slots: int = 0
+    state: str = "starting"
+    blocks: int = 0
+    items: int = 0
+    found: int = 0
+    busy: float = 0.0
+    rate: float = 0.0  # items per second per slot (moving average)
+    retries: int = 0  # blocks given back (host lost, cancelled by a failure)
+    failures: int = 0  # tasks that failed or returned an invalid result
+    invalid: int = 0
+    failures_in_row: int = 0
+    reconnects_failed: int = 0
+    next_attempt: float = 0.0
+    reason: str = ""
+    engine: str = ""
+
+
+@dataclass
+class RunOutcome:
+    """What the task layer prints: per-host stats, totals, messages."""
+
+    run_id: int
+    hosts: list[HostStats]
+    items_total: int
+    found_total: int
+    seconds: float
+    already_done: bool = False
+    warnings: list[str] = field(default_factory=list)
+    verify_mismatches: int = 0
+    verified: int = 0
+
+
+class Coordinator:
+    """Runs one job over the given hosts, storing results in the store at ``store_path``."""
+
+    def __init__(self, job, hosts: list[Host], config, store_path: str, *, fresh: bool = False,
+                 block_seconds: float = 2.0, accept_new: bool = False, verify: float = 0.0,
+                 progress: Optional[Callable[[int, int, list[HostStats]], None]] = None,
+                 beat_seconds: float = 2.0, beat_timeout: float = BEAT_TIMEOUT):
+        self.job = job
+        self.hosts = hosts
+        self.config = config
+        self.store_path = str(store_path)
+        self.fresh = fresh
+        self.block_seconds = block_seconds
+        self.accept_new = accept_new
+        self.verify = verify
+        self.progress = progress
+        self.beat_seconds = beat_seconds
+        self.beat_timeout = max(beat_timeout, 5 * beat_seconds)
+        self.events: queue.Queue = queue.Queue()
+        self.stats = {host.name: HostStats(host.name) for host in hosts}
+        self.links: dict[str, HostLink] = {}
+        self.up: set[str] = set()
+        self.reconnecting: set[str] = set()
+        self.warnings: list[str] = []
+        self.verify_expect: dict[int, tuple] = {}
+        self.verify_mismatches = 0
+        self.verified = 0
+        self.done_items = 0
+        self.found_committed = 0
+
+    # ------------------------------------------------------------ entry point
+
+    def run(self) -> RunOutcome:
+        began = time.monotonic()
+        store = Store(self.store_path)
+        try:
+            run_id = store.open_run(self.job.name, self.job.params(), self.job.total, fresh=self.fresh)
+            store.lock_run(run_id)
+            try:
+                return self._run_locked(store, run_id, began)
+            finally:
+                store.unlock_run(run_id)
+        finally:
+            store.close()
+
+    def _run_locked(self, store: Store, run_id: int, began: float) -> RunOutcome:
+        self.run_id = run_id
+        done = store.done_ranges(run_id)
+        self.schedule = Schedule(self.job.start, self.job.end, done)
+        totals = store.run_totals(run_id)
+        self.done_items = self.job.total - self.schedule.remaining_at_start
+        self.found_committed = int(totals.get("found") or 0)
+        if self.schedule.finished():
+            store.finish_run(run_id, "done")
+            return self._outcome(began, already_done=True)
+        self.writer = BlockWriter(self.store_path, on_commit=self._on_commit)
+        state = "interrupted"
+        try:
+            self._start_links(store)
+            self._loop()
+            self.writer.flush()
+            while not self.events.empty():
+                event = self.events.get_nowait()
+                if event.kind == "committed":
+                    self._committed(event)
+            if self.writer.error:
+                raise JobError(f"cannot write results: {self.writer.error}")
+            state = "done"
+        except JobError:
+            state = "failed"
+            raise
+        finally:
+            for link in self.links.values():
+                link.close_in_background()
+            self.writer.close()
+            store.finish_run(run_id, state)
+        return self._outcome(began)
+
+    def _outcome(self, began: float, already_done: bool = False) -> RunOutcome:
+        return RunOutcome(self.run_id, list(self.stats.values()), self.done_items, self.found_committed,
+                          time.monotonic() - began, already_done, self.warnings,
+                          self.verify_mismatches, self.verified)
+
+    # ------------------------------------------------------------ hosts
+
+    def _start_links(self, store: Store) -> None:
+        bundle = local_bundle_hash()
+        for host in self.hosts:
+            self.links[host.name] = HostLink(host, self.config, self.accept_new, self.events, self.job.check,
+                                             bundle, beat_seconds=self.beat_seconds)
+        threads = [threading.Thread(target=self._connect, args=(name,), daemon=True) for name in self.links]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # Drain the connection outcomes (they arrive as events).
+        while not self.events.empty():
+            self._handle(self.events.get_nowait())
+        for name in self.links:
+            if name in self.up:
+                store.upsert_host(name, self.links[name].hello)
+        if not self.up:
+            reasons = "; ".join(self.stats[n].reason for n in self.links)
+            raise JobError(f"no host could start: {reasons}")
+
+    def _connect(self, name: str) -> None:
+        link = self.links[name]
+        try:
+            link.start()
+            self.events.put(Event("up", link, link.generation))
+        except BeowulfError as err:
+            self.events.put(Event("down", link, link.generation, reason=str(err)))
+        except Exception as err:  # an unexpected library error: report, never crash the loop
+            log.exception("%s: cannot start", name)
+            self.events.put(Event("down", link, link.generation, reason=f"{name}: {type(err).__name__}: {err}"))
+
+    def _reconnect_due(self, now: float) -> None:
+        for name, stats in self.stats.items():
+            if name in self.up or name in self.reconnecting or stats.state == "excluded":
+                continue
+            if now >= stats.next_attempt:
+                self.reconnecting.add(name)
+                threading.Thread(target=self._connect, args=(name,), daemon=True).start()
+
+    def _lose(self, name: str, reason: str, quarantine: bool = False) -> None:
+        """Take a host out: its blocks go back to be redone, it is retried with back-off."""
+        stats = self.stats[name]
+        self.up.discard(name)
+        given_back = 0
+        for task_id in self.schedule.tasks_of(name):
+            self.schedule.give_back(task_id)
+            given_back += 1
+        stats.retries += given_back
+        stats.state = "quarantined" if quarantine else "lost"
+        stats.reason = reason
+        backoff = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(stats.reconnects_failed, 10))
+        if quarantine:
+            backoff = max(backoff, 10.0)
+        stats.next_attempt = time.monotonic() + backoff
+        self.links[name].close_in_background()
+        self.writer_event(name, "quarantine" if quarantine else "lost", f"{reason}; {given_back} blocks back")
+        log.warning("%s: %s (%d blocks given back; retrying in %.0fs)", name, reason, given_back, backoff)
+
+    def writer_event(self, host: str, kind: str, detail: str) -> None:
+        try:
+            with Store(self.store_path) as store:
+                store.add_event(self.run_id, host, kind, detail)
+        except BeowulfError as err:
+            log.warning("cannot record event: %s", err)
+
+    # ------------------------------------------------------------ loop
+
+    def _loop(self) -> None:
+        last_progress = 0.0
+        while not self.schedule.finished():
+            for name in list(self.up):
+                self._fill(name)
+            try:
+                event = self.events.get(timeout=0.25)
+            except queue.Empty:
+                event = None
+            if event is not None:
+                self._handle(event)
+                while True:  # handle everything that is waiting before refilling
+                    try:
+                        self._handle(self.events.get_nowait())
+                    except queue.Empty:
+                        break
+            now = time.monotonic()
+            self._check_heartbeats(now)
+            self._reconnect_due(now)
+            self._check_all_lost()
+            if self.progress and now - last_progress > 0.2:
+                last_progress = now
+                self.progress(self.done_items, self.job.total, list(self.stats.values()))
+        if self.progress:
+            self.progress(self.done_items, self.job.total, list(self.stats.values()))
+
+    def _check_heartbeats(self, now: float) -> None:
+        for name in list(self.up):
+            silent = now - self.links[name].last_heard
+            if silent > self.beat_timeout:
+                self._lose(name, f"no heartbeat for {silent:.0f}s")
+
+    def _check_all_lost(self) -> None:
+        if self.up or self.reconnecting:
+            return
+        candidates = [s for s in self.stats.values() if s.state != "excluded"]
+        if all(s.reconnects_failed >= RECONNECTS_BEFORE_GIVING_UP for s in candidates):
+            reasons = "; ".join(f"{s.reason}" for s in self.stats.values())
+            raise JobError(f"every host is lost ({reasons}); finished blocks are kept: run the same "
+                           "command again to resume")
+
+    def _block_size(self, stats: HostStats) -> int:
+        if stats.rate <= 0:
+            size = self.job.first_block()
+        else:
+            size = int(stats.rate * self.block_seconds)
+        size = min(size, self.job.max_block())
+        slots = sum(self.stats[name].slots for name in self.up) or 1
+        tail = self.schedule.uncut() // (2 * slots)
+        return max(MIN_BLOCK, min(size, max(tail, MIN_BLOCK)))
+
+    def _fill(self, name: str) -> None:
+        link, stats = self.links[name], self.stats[name]
+        while name in self.up and self.schedule.load_of(name) < link.slots + 1:
+            got = self.schedule.next_block(name, self._block_size(stats), allow_verify=len(self.up) > 1)
+            if got is None and self.schedule.load_of(name) < link.slots:
+                got = self.schedule.duplicate_for(name)
+            if got is None:
+                return
+            task_id, block = got
+            expected = block.size / stats.rate if stats.rate > 0 else self.block_seconds
+            self.schedule.set_expected(task_id, expected)
+            try:
+                link.send_task(task_id, self.job.name, block.lo, block.hi, self.job.task_args(block.lo, block.hi))
+            except (ConnectionError, OSError) as err:
+                self._lose(name, f"cannot send: {err}")
+                return
+
+    # ------------------------------------------------------------ events
+
+    def _handle(self, event: Event) -> None:
+        name = event.link.name
+        if event.kind == "committed":
+            return self._committed(event)
+        if event.generation != event.link.generation:
+            return  # from a connection we already gave up on
+        stats = self.stats[name]
+        if event.kind == "up":
+            self.reconnecting.discard(name)
+            self.up.add(name)
+            stats.state = "up"
+            stats.slots = event.link.slots
+            stats.reconnects_failed = 0
+            stats.failures_in_row = 0
+            stats.engine = str((event.link.hello.get("engines") or {}).get(self.job.name) or "")
+        elif event.kind == "down":
+            self.reconnecting.discard(name)
+            stats.reason = event.reason
+            if stats.state == "starting":
+                stats.state = "excluded"
+                self.warnings.append(f"left out: {event.reason}")
+                log.warning("left out: %s", event.reason)
+            else:
+                stats.reconnects_failed += 1
+                stats.next_attempt = time.monotonic() + min(
+                    BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(stats.reconnects_failed, 10))
+        elif event.kind == "lost":
+            if name in self.up:
+                self._lose(name, f"connection lost ({event.reason})")
+        elif event.kind == "result":
+            self._result(event, stats)
+
+    def _result(self, event: Event, stats: HostStats) -> None:
+        message = event.message or {}
+        task_id = message.get("id")
+        name = stats.name
+        if task_id not in self.schedule.tasks:
+            return  # a cancelled copy or a task of a host we gave up on
+        if not message.get("ok") or event.invalid:
+            error = event.invalid or message.get("error") or "failed"
+            block = self.schedule.give_back(task_id, failed=True, invalid=bool(event.invalid))
+            stats.failures += 1
+            stats.failures_in_row += 1
+            if event.invalid:
+                stats.invalid += 1
+            kind = "invalid" if event.invalid else "failure"
+            self.writer_event(name, kind, f"[{block.lo}, {block.hi}]: {error}")
+            log.warning("%s: block [%d, %d] %s: %s", name, block.lo, block.hi, kind, error)
+            if block.failures >= MAX_BLOCK_FAILURES:
+                raise JobError(f"block [{block.lo}, {block.hi}] failed {block.failures} times; last: {error}")
+            if stats.failures_in_row >= FAILURES_TO_QUARANTINE:
+                self._lose(name, f"{stats.failures_in_row} failures in a row", quarantine=True)
+            return
+        if event.checked is None:
+            return
+        elapsed = float(message.get("elapsed") or 0.0)
+        done = self.schedule.complete(task_id)
+        if done is None:
+            return
+        block, others = done
+        for other, other_id in others:
+            if other in self.links:
+                self.links[other].cancel(other_id)
+        stats.failures_in_row = 0
+        found, payload = event.checked[0], event.checked[1]
+        result = message.get("result") or {}
+        if block.verify_of is not None:
+            self._verified(block, found, result)
+            return
+        if elapsed > 0:
+            measured = block.size / elapsed
+            stats.rate = measured if stats.rate <= 0 else (1 - RATE_WEIGHT) * stats.rate + RATE_WEIGHT * measured
+        stats.busy += elapsed
+        stats.blocks += 1
+        stats.items += block.size
+        stats.found += found
+        now_wall = time.time()
+        self.writer.put(BlockRow(
+            run_id=self.run_id, lo=block.lo, hi=block.hi, host=name, started=now_wall - elapsed,
+            finished=now_wall, seconds=elapsed, items=block.size, found=found, attempts=block.attempts,
+            payload=payload,
+            meta={"checksum": result.get("checksum"), "elapsed": elapsed, "engine": result.get("engine")},
+        ))
+        if self.verify > 0 and len(self.links) > 1 and _sampled(block.lo, self.verify):
+            self.verify_expect[block.lo] = (found, result.get("checksum"))
+            self.schedule.add_verify(block.lo, block.hi, name)
+
+    def _verified(self, block, found: int, result: dict) -> None:
+        expected = self.verify_expect.pop(block.lo, None)
+        self.verified += 1
+        if expected is not None and expected != (found, result.get("checksum")):
+            self.verify_mismatches += 1
+            message = (f"--verify: block [{block.lo}, {block.hi}] from {block.verify_of} disagrees with "
+                       f"a re-run ({expected[0]} vs {found} items)")
+            self.warnings.append(message)
+            self.writer_event(block.verify_of, "mismatch", message)
+            log.warning("%s", message)
+
+    def _on_commit(self, row: BlockRow, new: bool) -> None:
+        """Called in the writer thread after a transaction: hand it to the loop."""
+        self.events.put(Event("committed", _CommitLink, 0, {"row": row, "new": new}))
+
+    def _committed(self, event: Event) -> None:
+        row, new = event.message["row"], event.message["new"]
+        if new:
+            self.done_items += row.items
+            self.found_committed += row.found
+        else:
+            log.warning("block [%d, %d] was already committed; second result ignored", row.lo, row.hi)
+
+
+class _CommitLink:
+    """Stand-in link for events coming from the store's writer."""
+
+    name = "(store)"
+    generation = 0
+
+
+def _sampled(lo: int, fraction: float) -> bool:
+    """Deterministically pick about ``fraction`` of blocks for --verify."""
+    digest = hashlib.sha256(str(lo).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction

@@ -1,0 +1,205 @@
+"""hosts.ini -> [Host]. Every error names the file and the line.
+
+One section a machine; the section name is the host's name in every table.
+A ``[DEFAULT]`` section holds keys shared by all hosts. ``;`` and ``#`` start
+comments, also after a value. Interpolation is off: ``%`` is just a character.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .constants import DEFAULT_NICE, DEFAULT_SOCKS, DEFAULT_TOR_CONTROL, DEFAULT_WORKDIR
+from .errors import InventoryError, UsageError
+
+LOCAL = "local"
+KEYS = ("address", "port", "slots", "python", "workdir", "identity", "nice", "socks", "tor_control")
+_ADDRESS = re.compile(r"^(?:(?P<user>[^@\s\[\]]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^@\s\[\]:]+))$")
+
+
+@dataclass(frozen=True)
+class Host:
+    """One machine of the inventory, with every default already applied."""
+
+    name: str
+    address: str  # as written: "local", "user@host", "host", "user@[v6]", an ssh_config alias
+    user: Optional[str] = None
+    hostname: Optional[str] = None  # what to connect to (or the ssh_config alias)
+    port: Optional[int] = None  # None: from ~/.ssh/config or 22
+    slots: Optional[int] = None  # None: the cores the host reports
+    python: Optional[str] = None  # None: python3 (local: the coordinator's interpreter)
+    workdir: Optional[str] = None  # None: ~/beowulf (local: beside the store)
+    identity: Optional[str] = None  # absolute path of a private key file
+    nice: int = DEFAULT_NICE
+    socks: str = DEFAULT_SOCKS
+    tor_control: str = DEFAULT_TOR_CONTROL
+
+    @property
+    def is_local(self) -> bool:
+        return self.address == LOCAL
+
+    @property
+    def remote_workdir(self) -> str:
+        return self.workdir or DEFAULT_WORKDIR
+
+    @property
+    def remote_python(self) -> str:
+        return self.python or "python3"
+
+
+class _LineTracker:
+    """Finds the line of a section or key, since configparser does not keep them."""
+
+    def __init__(self, text: str):
+        self.sections: dict[str, int] = {}
+        self.keys: dict[tuple[str, str], int] = {}
+        section = None
+        for number, line in enumerate(text.splitlines(), start=1):
+            stripped = line.strip()
+            if stripped.startswith("[") and "]" in stripped:
+                section = stripped[1 : stripped.index("]")].strip()
+                self.sections.setdefault(section, number)
+            elif section is not None and stripped and stripped[0] not in "#;" and not line[0].isspace():
+                key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
+                self.keys.setdefault((section, key), number)
+
+    def where(self, section: str, key: Optional[str] = None) -> int:
+        if key is not None and (section, key) in self.keys:
+            return self.keys[(section, key)]
+        if key is not None and ("DEFAULT", key) in self.keys:
+            return self.keys[("DEFAULT", key)]
+        return self.sections.get(section, 1)
+
+
+def _parser() -> configparser.ConfigParser:
+    return configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        comment_prefixes=(";", "#"),
+        strict=True,
+        empty_lines_in_values=False,
+    )
+
+
+def _positive_int(value: str, what: str, fail) -> int:
+    try:
+        number = int(value.replace("_", ""), 10)
+    except ValueError:
+        fail(f"{what} must be a positive integer, not {value!r}")
+    if number < 1:
+        fail(f"{what} must be a positive integer, not {value!r}")
+    return number
+
+
+def parse_address(address: str) -> tuple[Optional[str], str]:
+    """Split ``user@host`` / ``user@[v6]`` / ``host`` into (user or None, host); ValueError if malformed."""
+    match = _ADDRESS.match(address)
+    if not match:
+        raise ValueError(address)
+    return match.group("user"), match.group("v6") or match.group("host")
+
+
+def load_inventory(path: str | os.PathLike) -> list[Host]:
+    """Read and check an inventory file; raise InventoryError naming file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InventoryError(f"{path}: no such inventory file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InventoryError(f"{path}: cannot read inventory: {getattr(err, 'strerror', None) or err}") from None
+    return parse_inventory(text, path)
+
+
+def parse_inventory(text: str, path: Path) -> list[Host]:
+    """Parse inventory text; ``path`` is used in messages and to resolve ``identity``."""
+    parser = _parser()
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.DuplicateSectionError as err:
+        raise InventoryError(f"{path}:{err.lineno}: duplicate host [{err.section}]") from None
+    except configparser.DuplicateOptionError as err:
+        raise InventoryError(f"{path}:{err.lineno}: key {err.option!r} given twice in [{err.section}]") from None
+    except configparser.MissingSectionHeaderError as err:
+        raise InventoryError(
+            f"{path}:{err.lineno}: expected a [host name] section before {err.line.strip()!r}"
+        ) from None
+    except configparser.ParsingError as err:
+        lineno, line = err.errors[0]
+        raise InventoryError(f"{path}:{lineno}: cannot parse {line.strip()!r} (expected key = value)") from None
+    lines = _LineTracker(text)
+    for key in parser.defaults():
+        if key not in KEYS:
+            raise InventoryError(
+                f"{path}:{lines.where('DEFAULT', key)}: unknown key {key!r} in [DEFAULT] (known: {', '.join(KEYS)})"
+            )
+    hosts = [_host(parser, name, path, lines) for name in parser.sections()]
+    if not hosts:
+        raise InventoryError(f"{path}: no hosts (add a section such as [this computer] with address = local)")
+    return hosts
+
+
+def _host(parser: configparser.ConfigParser, name: str, path: Path, lines: _LineTracker) -> Host:
+    section = parser[name]
+
+    def fail(message: str, key: Optional[str] = None):
+        raise InventoryError(f"{path}:{lines.where(name, key)}: [{name}] {message}")
+
+    if not name.strip():
+        fail("host name is empty")
+    for key in section:
+        if key not in KEYS:
+            fail(f"unknown key {key!r} (known: {', '.join(KEYS)})", key)
+    address = section.get("address", "").strip()
+    if not address:
+        fail("has no address (use address = local, or user@host)", "address")
+    user = hostname = None
+    if address != LOCAL:
+        try:
+            user, hostname = parse_address(address)
+        except ValueError:
+            fail(f"bad address {address!r} (expected user@host, host, user@[v6addr] or local)", "address")
+    values: dict = {"name": name, "address": address, "user": user, "hostname": hostname}
+    if "port" in section:
+        port = _positive_int(section["port"], "port", lambda m: fail(m, "port"))
+        if port > 65535:
+            fail(f"port must be 1..65535, not {section['port']!r}", "port")
+        values["port"] = port
+    if "slots" in section:
+        values["slots"] = _positive_int(section["slots"], "slots", lambda m: fail(m, "slots"))
+    if "nice" in section:
+        try:
+            nice = int(section["nice"])
+        except ValueError:
+            nice = None
+        if nice is None or not 0 <= nice <= 19:
+            fail(f"nice must be an integer 0..19, not {section['nice']!r}", "nice")
+        values["nice"] = nice
+    for key in ("python", "workdir", "socks", "tor_control"):
+        if key in section and section[key].strip():
+            values[key] = section[key].strip()
+    if "identity" in section and section["identity"].strip():
+        identity = Path(os.path.expanduser(section["identity"].strip()))
+        if not identity.is_absolute():
+            identity = path.resolve().parent / identity
+        values["identity"] = str(identity)
+    if address == LOCAL and "port" in values:
+        fail("a local host has no port", "port")
+    return Host(**values)
+
+
+def select_hosts(hosts: list[Host], names: Optional[str], path: str | os.PathLike) -> list[Host]:
+    """The subset named by ``--hosts a,b`` (all when names is empty), in inventory order."""
+    if not names:
+        return list(hosts)
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    known = {host.name for host in hosts}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise UsageError(f"--hosts: {', '.join(unknown)} not in {path} (known: {', '.join(sorted(known))})")
+    return [host for host in hosts if host.name in wanted]

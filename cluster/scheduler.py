@@ -1,0 +1,181 @@
+"""Block bookkeeping, free of I/O: what is left, what is in flight, what to hand out next.
+
+Items are integers (primes: the numbers themselves). Blocks are inclusive
+``[lo, hi]`` ranges cut lazily from the gaps the store has not committed yet,
+each sized for the host that will run it. Blocks given back (a host was lost,
+a result was invalid) are handed out again before new ones are cut. When
+nothing is left to cut, idle slots get duplicates of the in-flight blocks that
+will finish last (the endgame), so one slow machine cannot hold the run up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+# A block is duplicated at most this many times in the endgame (copies in flight).
+MAX_COPIES = 2
+# Blocks are never cut narrower than this many items (except at the very end of a gap).
+MIN_BLOCK = 1_000
+# A block that failed this many times on any hosts stops the run (something is wrong with it).
+MAX_BLOCK_FAILURES = 6
+
+
+@dataclass
+class Block:
+    """One inclusive range of items and everything about its attempts."""
+
+    lo: int
+    hi: int
+    failures: int = 0
+    attempts: int = 0
+    # host name -> (task id, time handed out, expected seconds)
+    copies: dict = field(default_factory=dict)
+    avoid: set = field(default_factory=set)  # hosts that returned an invalid result for it
+    verify_of: Optional[str] = None  # set for a --verify re-run: the host whose result it checks
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo + 1
+
+    def expected_finish(self) -> float:
+        """When the earliest of its copies should finish."""
+        return min(started + expected for _, started, expected in self.copies.values())
+
+
+class Schedule:
+    """The run's blocks: gaps to cut from, blocks to redo, blocks in flight, by task id."""
+
+    def __init__(self, start: int, end: int, done: list[tuple[int, int]]):
+        self.start, self.end = start, end
+        self.gaps: deque[list[int]] = deque(_gaps(start, end, done))
+        self.redo: deque[Block] = deque()
+        self.verify: deque[Block] = deque()
+        self.in_flight: dict[int, Block] = {}  # keyed by lo
+        self.tasks: dict[int, tuple[Block, str]] = {}  # task id -> (block, host)
+        self._ids = itertools.count(1)
+        self.total = end - start + 1
+        self.remaining_at_start = sum(hi - lo + 1 for lo, hi in self.gaps)
+
+    # ------------------------------------------------------------ queries
+
+    def uncut(self) -> int:
+        """Items not yet handed out for the first time."""
+        return sum(hi - lo + 1 for lo, hi in self.gaps)
+
+    def finished(self) -> bool:
+        return not self.gaps and not self.redo and not self.in_flight
+
+    def load_of(self, host: str) -> int:
+        """How many tasks ``host`` has in flight."""
+        return sum(1 for _, name in self.tasks.values() if name == host)
+
+    # ------------------------------------------------------------ handing out
+
+    def next_block(self, host: str, size: int, allow_verify: bool = True) -> Optional[tuple[int, Block]]:
+        """A (task id, block) for ``host``: a block to redo, else a new one of about ``size`` items."""
+        for queue in (self.redo, self.verify) if allow_verify else (self.redo,):
+            for block in list(queue):
+                if host in block.avoid or host == block.verify_of:
+                    continue
+                queue.remove(block)
+                return self._assign(block, host)
+        if not self.gaps:
+            return None
+        gap = self.gaps[0]
+        width = max(MIN_BLOCK, size)
+        lo, hi = gap[0], min(gap[1], gap[0] + width - 1)
+        if gap[1] - hi < MIN_BLOCK:  # don't leave a sliver behind
+            hi = gap[1]
+        if hi == gap[1]:
+            self.gaps.popleft()
+        else:
+            gap[0] = hi + 1
+        return self._assign(Block(lo, hi), host)
+
+    def duplicate_for(self, host: str, now: Optional[float] = None) -> Optional[tuple[int, Block]]:
+        """Endgame: a copy of the in-flight block expected to finish last that ``host`` is not running."""
+        now = now or time.monotonic()
+        candidates = [b for b in self.in_flight.values()
+                      if host not in b.copies and host not in b.avoid and len(b.copies) < MAX_COPIES
+                      and b.verify_of is None]
+        if not candidates:
+            return None
+        block = max(candidates, key=lambda b: b.expected_finish())
+        if block.expected_finish() <= now + 0.05:
+            # About to finish anyway; a duplicate would only waste a slot.
+            return None
+        return self._assign(block, host)
+
+    def _assign(self, block: Block, host: str) -> tuple[int, Block]:
+        task_id = next(self._ids)
+        block.attempts += 1
+        block.copies[host] = (task_id, time.monotonic(), 0.0)
+        self.in_flight[block.lo] = block
+        self.tasks[task_id] = (block, host)
+        return task_id, block
+
+    def set_expected(self, task_id: int, seconds: float) -> None:
+        block, host = self.tasks[task_id]
+        copy = block.copies[host]
+        block.copies[host] = (copy[0], copy[1], seconds)
+
+    # ------------------------------------------------------------ outcomes
+
+    def complete(self, task_id: int) -> Optional[tuple[Block, list[tuple[str, int]]]]:
+        """A valid result arrived: the block and the other copies to cancel; None if it is stale."""
+        entry = self.tasks.pop(task_id, None)
+        if entry is None:
+            return None
+        block, host = entry
+        others = [(name, copy[0]) for name, copy in block.copies.items() if name != host]
+        for _, other_id in others:
+            self.tasks.pop(other_id, None)
+        block.copies.clear()
+        self.in_flight.pop(block.lo, None)
+        return block, others
+
+    def give_back(self, task_id: int, failed: bool = False, invalid: bool = False) -> Optional[Block]:
+        """A copy ended without a valid result (host lost, error, invalid): redo the block if no copy is left."""
+        entry = self.tasks.pop(task_id, None)
+        if entry is None:
+            return None
+        block, host = entry
+        block.copies.pop(host, None)
+        if failed:
+            block.failures += 1
+        if invalid:
+            block.avoid.add(host)
+        if not block.copies:
+            self.in_flight.pop(block.lo, None)
+            if block.verify_of is not None:
+                self.verify.append(block)
+            else:
+                self.redo.appendleft(block)
+        return block
+
+    def tasks_of(self, host: str) -> list[int]:
+        return [task_id for task_id, (_, name) in self.tasks.items() if name == host]
+
+    def add_verify(self, lo: int, hi: int, host: str) -> None:
+        """Queue a --verify re-run of a committed block on a host other than ``host``."""
+        self.verify.append(Block(lo, hi, verify_of=host))
+
+
+def _gaps(start: int, end: int, done: list[tuple[int, int]]) -> list[list[int]]:
+    """The parts of [start, end] not covered by the (sorted) committed ranges."""
+    gaps, cursor = [], start
+    for lo, hi in done:
+        if hi < cursor:
+            continue
+        if lo > end:
+            break
+        if lo > cursor:
+            gaps.append([cursor, lo - 1])
+        cursor = max(cursor, hi + 1)
+    if cursor <= end:
+        gaps.append([cursor, end])
+    return gaps

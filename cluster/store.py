@@ -1,0 +1,865 @@
+"""The results store: one SQLite file (WAL) with runs, blocks, results, hosts and events.
+
+This is the only module that speaks SQL. It follows huey's SqliteStorage and
+sqlite-utils: the DDL is plain strings, every write is one transaction in a
+context manager, and ``Store`` takes a path or ``":memory:"``.
+
+Guarantees the rest of beowulf builds on:
+
+- **Exactly once.** A block is a row keyed by ``(run_id, lo)``; its result (the
+  payload) is written in the same transaction, so a block is either absent or
+  present with its result. A second result for the same block is ignored.
+- **Nothing half-written.** WAL with ``synchronous=NORMAL``: a crash (SIGKILL) at
+  any moment loses at most the transaction in progress; ``integrity_check`` stays ok.
+- **Readers never block the writer** (WAL): ``fab stats`` can read during a run.
+- **Versioned schema.** ``PRAGMA user_version`` holds the schema version and
+  ``PRAGMA application_id`` marks the file as ours. Older stores are migrated on
+  open; newer ones and foreign files are refused with a one-line ``StoreError``.
+
+Only committed (done) blocks are stored: blocks in flight live in the coordinator's
+memory, so after a crash exactly those are redone.
+
+Threads: one ``Store`` (one connection) per thread is the rule. A ``Store`` guards
+its connection with a lock, so sharing one is safe, just serialised. Results are
+written by ``BlockWriter``, one thread with its own connection that batches rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, Union
+
+from cluster.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# Marks a SQLite file as a beowulf store (PRAGMA application_id): "beow" in ASCII.
+APPLICATION_ID = 0x62656F77
+# The schema this code writes; stores with a smaller user_version are migrated.
+SCHEMA_VERSION = 1
+# Seconds a connection waits for another one's write lock before giving up.
+BUSY_TIMEOUT_SECONDS = 5.0
+# The WAL file is truncated back to this size after a checkpoint.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# A run's life: running -> done | interrupted | failed; --fresh turns it into replaced.
+RUN_STATES = ("running", "done", "interrupted", "failed", "replaced")
+# Oldest SQLite we run on: UPSERT (ON CONFLICT ... DO NOTHING) arrived in 3.24.
+MIN_SQLITE = (3, 24, 0)
+# BlockWriter: cap on payload bytes committed in one transaction.
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+# BlockWriter: put() waits while this many payload bytes are queued (back-pressure).
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+# BlockWriter: times a batch is retried when the database stays locked (each waits 5 s).
+BUSY_RETRIES = 3
+
+# -- schema -----------------------------------------------------------------------
+
+SCHEMA_V1 = (
+    """CREATE TABLE runs (
+        id       INTEGER PRIMARY KEY,
+        job      TEXT    NOT NULL,
+        params   TEXT    NOT NULL,            -- canonical JSON (sorted keys)
+        key      TEXT    NOT NULL,            -- job + params: the run's identity
+        state    TEXT    NOT NULL CHECK (state IN
+                     ('running', 'done', 'interrupted', 'failed', 'replaced')),
+        started  REAL    NOT NULL,            -- epoch seconds
+        finished REAL,
+        total    INTEGER NOT NULL             -- items in the whole run
+    )""",
+    # One live run per identity; replaced runs are kept for the record.
+    "CREATE UNIQUE INDEX runs_live_key ON runs (key) WHERE state <> 'replaced'",
+    """CREATE TABLE blocks (
+        run_id   INTEGER NOT NULL REFERENCES runs (id),
+        lo       INTEGER NOT NULL,
+        hi       INTEGER NOT NULL,
+        host     TEXT    NOT NULL,
+        started  REAL    NOT NULL,
+        finished REAL    NOT NULL,
+        seconds  REAL    NOT NULL,            -- compute time (agent's elapsed)
+        items    INTEGER NOT NULL,
+        found    INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 1,
+        meta     TEXT,                        -- JSON or NULL
+        PRIMARY KEY (run_id, lo),
+        CHECK (hi >= lo)
+    )""",
+    # Results live apart from blocks so that scanning blocks (stats, resume) stays
+    # small and fast however big the results are.
+    """CREATE TABLE payloads (
+        run_id INTEGER NOT NULL,
+        lo     INTEGER NOT NULL,
+        data   BLOB    NOT NULL,
+        PRIMARY KEY (run_id, lo),
+        FOREIGN KEY (run_id, lo) REFERENCES blocks (run_id, lo) ON DELETE CASCADE
+    )""",
+    """CREATE TABLE hosts (
+        name      TEXT PRIMARY KEY,
+        facts     TEXT NOT NULL DEFAULT '{}', -- JSON object
+        last_seen REAL NOT NULL
+    )""",
+    """CREATE TABLE events (
+        id     INTEGER PRIMARY KEY,
+        run_id INTEGER REFERENCES runs (id),  -- NULL: not tied to a run
+        time   REAL    NOT NULL,
+        host   TEXT,
+        kind   TEXT    NOT NULL,
+        detail TEXT    NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX events_run ON events (run_id, time)",
+    """CREATE TABLE locks (
+        run_id   INTEGER PRIMARY KEY REFERENCES runs (id),
+        pid      INTEGER NOT NULL,
+        hostname TEXT    NOT NULL,
+        since    REAL    NOT NULL,
+        token    TEXT                         -- boot id + process start: tells PID reuse
+    )""",
+    """CREATE TABLE calibration (
+        host     TEXT NOT NULL,
+        job      TEXT NOT NULL,
+        variant  TEXT NOT NULL DEFAULT '',    -- e.g. 'tor' for scraping through Tor
+        rate     REAL NOT NULL,               -- items per second, standalone
+        measured REAL NOT NULL,
+        PRIMARY KEY (host, job, variant)
+    )""",
+)
+
+# A migration is SQL statements or a function of the connection, run inside the
+# migrating transaction. MIGRATIONS[n] takes a store from version n-1 to n; v1
+# creates everything. To change the schema: add MIGRATIONS[2] and bump SCHEMA_VERSION.
+Migration = Union[Sequence[str], Callable[[sqlite3.Connection], None]]
+MIGRATIONS: dict[int, Migration] = {1: SCHEMA_V1}
+
+
+@dataclass
+class BlockRow:
+    """One finished block as the coordinator hands it to the store.
+
+    ``lo``/``hi`` are the job's own bounds (the store only orders by ``lo``);
+    ``seconds`` is the compute time and defaults to ``finished - started``.
+    """
+
+    run_id: int
+    lo: int
+    hi: int
+    host: str
+    started: float
+    finished: float
+    items: int
+    found: int
+    attempts: int = 1
+    payload: bytes | None = None
+    meta: dict | None = None
+    seconds: float | None = None
+
+
+def canonical_json(value) -> str:
+    """``value`` as JSON with sorted keys and no spaces: equal dicts give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class Store:
+    """A beowulf results store on ``path`` (a file, created with its folder, or ``":memory:"``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path: str = os.fspath(path)
+        self._lock = threading.RLock()
+        self._conn = self._connect()
+        try:
+            if self._configure() < SCHEMA_VERSION:
+                self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+        log.debug("%s: open (schema %d)", self.path, SCHEMA_VERSION)
+
+    # -- opening ------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(
+                f"{self.path}: this Python's SQLite {sqlite3.sqlite_version} is too old"
+                f" (beowulf needs {'.'.join(map(str, MIN_SQLITE))} or newer)"
+            )
+        if self.path != ":memory:":
+            folder = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot create its folder ({exc.strerror})") from exc
+            if os.path.isdir(self.path):
+                raise StoreError(f"{self.path}: is a folder, not a beowulf store")
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open ({exc})") from exc
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _configure(self) -> int:
+        """Check the file is ours, set the pragmas; return its schema version."""
+        conn = self._conn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            # The first read of the header: a file that is not SQLite fails here.
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:  # locked, unreadable, ...
+            raise StoreError(f"{self.path}: cannot open ({exc})") from exc
+        except sqlite3.DatabaseError as exc:  # not SQLite, or a damaged header
+            raise StoreError(f"{self.path}: not a beowulf store ({exc})") from exc
+        self._check_identity(app_id, version)
+        with self._errors("opening"):
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal" and self.path != ":memory:":
+                log.warning("%s: journal mode is %s, not wal", self.path, mode)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        return version
+
+    def _check_identity(self, app_id: int, version: int) -> None:
+        if app_id == 0 and version == 0:
+            tables = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise StoreError(f"{self.path}: not a beowulf store (another program's database)")
+        elif app_id != APPLICATION_ID:
+            raise StoreError(f"{self.path}: not a beowulf store (another program's database)")
+        elif version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: made by a newer beowulf "
+                f"(schema {version}, this one knows {SCHEMA_VERSION})"
+            )
+
+    def _migrate(self) -> None:
+        with self._tx("migrating") as conn:
+            # Read again under the write lock: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                self._check_identity(APPLICATION_ID, version)
+            if version == 0:
+                log.info("%s: new store (schema %d)", self.path, SCHEMA_VERSION)
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                if version:
+                    log.info("%s: migrating the store to schema %d", self.path, target)
+                step = MIGRATIONS[target]
+                if callable(step):
+                    step(conn)
+                else:
+                    for statement in step:
+                        conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str):
+        """Turn SQLite's exceptions into one-line StoreErrors naming the file."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {doing} failed ({exc})") from exc
+
+    @contextlib.contextmanager
+    def _tx(self, doing: str, immediate: bool = True):
+        """One transaction: BEGIN IMMEDIATE (take the write lock now), COMMIT or ROLLBACK."""
+        with self._lock, self._errors(doing):
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _rows(self, sql: str, args: Sequence = ()) -> list[dict]:
+        with self._lock, self._errors("reading"):
+            return [dict(row) for row in self._conn.execute(sql, args)]
+
+    def _value(self, sql: str, args: Sequence = ()):
+        with self._lock, self._errors("reading"):
+            row = self._conn.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    def close(self) -> None:
+        """Close the connection (the last one to close also checkpoints the WAL)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.path!r})"
+
+    # -- runs ---------------------------------------------------------------------
+
+    def open_run(self, job: str, params: dict, total: int, *, fresh: bool = False) -> int:
+        """Id of the run for ``job`` + ``params``, resumed (state back to running) or new.
+
+        ``params`` are the parameters that define the answer; key order does not
+        matter. ``fresh=True`` marks an existing run 'replaced', deletes its blocks
+        and results to free space, and starts a new run. A run whose lock is held by
+        a live coordinator is not replaced (StoreError).
+        """
+        canon = canonical_json(params)
+        key = f"{job}:{canon}"
+        now = time.time()
+        with self._tx("opening a run") as conn:
+            row = conn.execute(
+                "SELECT id FROM runs WHERE key = ? AND state <> 'replaced'", (key,)
+            ).fetchone()
+            if row is not None and not fresh:
+                run_id = row[0]
+                conn.execute(
+                    "UPDATE runs SET state = 'running', finished = NULL, total = ? WHERE id = ?",
+                    (total, run_id),
+                )
+                self._event(conn, run_id, None, "resume")
+                log.info("run %d: resuming %s %s", run_id, job, canon)
+                return run_id
+            if row is not None:
+                self._replace(conn, row[0])
+            run_id = conn.execute(
+                "INSERT INTO runs (job, params, key, state, started, total)"
+                " VALUES (?, ?, ?, 'running', ?, ?)",
+                (job, canon, key, now, total),
+            ).lastrowid
+            self._event(conn, run_id, None, "start")
+        log.info("run %d: new %s %s", run_id, job, canon)
+        return run_id
+
+    def _replace(self, conn: sqlite3.Connection, run_id: int) -> None:
+        holder = self._live_lock(conn, run_id)
+        if holder is not None:
+            raise StoreError(_locked_message(run_id, holder))
+        conn.execute("DELETE FROM payloads WHERE run_id = ?", (run_id,))
+        conn.execute("DELETE FROM blocks WHERE run_id = ?", (run_id,))
+        conn.execute("DELETE FROM locks WHERE run_id = ?", (run_id,))
+        conn.execute(
+            "UPDATE runs SET state = 'replaced', finished = coalesce(finished, ?) WHERE id = ?",
+            (time.time(), run_id),
+        )
+        log.info("run %d: replaced (--fresh); its blocks are deleted", run_id)
+
+    def find_run(self, job: str, params: dict) -> int | None:
+        """Id of the live (not replaced) run for ``job`` + ``params``, or None."""
+        key = f"{job}:{canonical_json(params)}"
+        return self._value("SELECT id FROM runs WHERE key = ? AND state <> 'replaced'", (key,))
+
+    def finish_run(self, run_id: int, state: str) -> None:
+        """Set the run's final state ('done', 'interrupted', 'failed') and its finish time."""
+        if state not in RUN_STATES:
+            raise ValueError(f"unknown run state {state!r}")
+        with self._tx("finishing a run") as conn:
+            conn.execute(
+                "UPDATE runs SET state = ?, finished = ? WHERE id = ?", (state, time.time(), run_id)
+            )
+            self._event(conn, run_id, None, state)
+
+    _RUN_SQL = """
+        SELECT r.id, r.job, r.params, r.state, r.started, r.finished, r.total,
+               coalesce(b.blocks, 0) AS blocks, coalesce(b.items, 0) AS items,
+               coalesce(b.found, 0) AS found
+        FROM runs r LEFT JOIN (
+            SELECT run_id, count(*) AS blocks, sum(items) AS items, sum(found) AS found
+            FROM blocks GROUP BY run_id
+        ) b ON b.run_id = r.id"""
+
+    def runs(self) -> list[dict]:
+        """Every run, oldest first: id, job, params (dict), state, started, finished,
+        total, and what is done so far: blocks, items, found."""
+        return [_run_dict(row) for row in self._rows(self._RUN_SQL + " ORDER BY r.id")]
+
+    def run(self, run_id: int) -> dict | None:
+        """One run as in ``runs()``, or None if there is no such run."""
+        rows = self._rows(self._RUN_SQL + " WHERE r.id = ?", (run_id,))
+        return _run_dict(rows[0]) if rows else None
+
+    def run_totals(self, run_id: int) -> dict:
+        """What is committed for a run: {'blocks', 'items', 'found', 'seconds'}."""
+        rows = self._rows(
+            "SELECT count(*) AS blocks, coalesce(sum(items), 0) AS items,"
+            " coalesce(sum(found), 0) AS found, coalesce(sum(seconds), 0.0) AS seconds"
+            " FROM blocks WHERE run_id = ?",
+            (run_id,),
+        )
+        return rows[0]
+
+    # -- the run lock ---------------------------------------------------------------
+
+    def lock_run(self, run_id: int, *, force: bool = False) -> None:
+        """Make this process the run's one coordinator, or raise StoreError naming the holder.
+
+        A lock held by a live process (same host and its PID alive, or another host,
+        which we cannot check) is refused; a stale one (same host, process gone or its
+        PID reused) is taken over. ``force=True`` takes over any lock. Race-free
+        between processes: the check and the insert are one IMMEDIATE transaction.
+        """
+        with self._tx("locking the run") as conn:
+            holder = None if force else self._live_lock(conn, run_id)
+            if holder is not None:
+                raise StoreError(_locked_message(run_id, holder))
+            old = conn.execute(
+                "SELECT pid, hostname FROM locks WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if old is not None:
+                log.warning(
+                    "run %d: taking over the lock of PID %d on %s (%s)",
+                    run_id, old["pid"], old["hostname"], "forced" if force else "stale",
+                )
+            pid = os.getpid()
+            conn.execute(
+                "INSERT OR REPLACE INTO locks (run_id, pid, hostname, since, token)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (run_id, pid, socket.gethostname(), time.time(), _process_token(pid)),
+            )
+
+    def unlock_run(self, run_id: int) -> None:
+        """Release this process's lock on the run (a lock held by another is left alone)."""
+        with self._tx("unlocking the run") as conn:
+            conn.execute(
+                "DELETE FROM locks WHERE run_id = ? AND pid = ? AND hostname = ?",
+                (run_id, os.getpid(), socket.gethostname()),
+            )
+
+    def lock_holder(self, run_id: int) -> dict | None:
+        """The live lock on a run ({'pid', 'hostname', 'since'}), or None if free or stale."""
+        with self._lock, self._errors("reading the lock"):
+            holder = self._live_lock(self._conn, run_id)
+        if holder is not None:
+            del holder["token"]
+        return holder
+
+    def _live_lock(self, conn: sqlite3.Connection, run_id: int) -> dict | None:
+        row = conn.execute(
+            "SELECT pid, hostname, since, token FROM locks WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        holder = dict(row)
+        if holder["hostname"] != socket.gethostname():
+            return holder
+        return holder if _process_alive(holder["pid"], holder["token"]) else None
+
+    # -- blocks ---------------------------------------------------------------------
+
+    def commit_blocks(self, rows: Sequence[BlockRow]) -> list[bool]:
+        """Commit finished blocks with their results in ONE transaction.
+
+        Returns, per row, True if it was newly committed and False if that
+        ``(run_id, lo)`` was already there (this second result is ignored).
+        """
+        flags = []
+        with self._tx("committing blocks") as conn:
+            for row in rows:
+                flags.append(self._insert_block(conn, row))
+        return flags
+
+    @staticmethod
+    def _insert_block(conn: sqlite3.Connection, row: BlockRow) -> bool:
+        seconds = row.seconds if row.seconds is not None else row.finished - row.started
+        meta = None if row.meta is None else canonical_json(row.meta)
+        cur = conn.execute(
+            # Only the primary key's conflict is ignored (INSERT OR IGNORE would also
+            # swallow a failed CHECK or NOT NULL and call it a duplicate).
+            "INSERT INTO blocks (run_id, lo, hi, host, started, finished, seconds,"
+            " items, found, attempts, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (run_id, lo) DO NOTHING",
+            (row.run_id, row.lo, row.hi, row.host, row.started, row.finished, seconds,
+             row.items, row.found, row.attempts, meta),
+        )
+        if cur.rowcount != 1:
+            return False
+        if row.payload is not None:
+            conn.execute(
+                "INSERT INTO payloads (run_id, lo, data) VALUES (?, ?, ?)",
+                (row.run_id, row.lo, row.payload),
+            )
+        return True
+
+    def done_ranges(self, run_id: int) -> list[tuple[int, int]]:
+        """Committed blocks of a run as (lo, hi), ordered by lo (nothing else is read)."""
+        with self._lock, self._errors("reading blocks"):
+            cur = self._conn.cursor()
+            cur.row_factory = None
+            return cur.execute(
+                "SELECT lo, hi FROM blocks WHERE run_id = ? ORDER BY lo", (run_id,)
+            ).fetchall()
+
+    def iter_payloads(self, run_id: int) -> Iterator[tuple[int, int, bytes | None]]:
+        """Yield (lo, hi, payload) of each committed block in order of lo, one at a time.
+
+        Streams from a cursor: only the current row is in memory. The rows are one
+        consistent snapshot even while a writer adds blocks.
+        """
+        cur = self._conn.cursor()
+        cur.row_factory = None
+        try:
+            with self._lock, self._errors("reading results"):
+                cur.execute(
+                    "SELECT b.lo, b.hi, p.data FROM blocks b LEFT JOIN payloads p"
+                    " ON p.run_id = b.run_id AND p.lo = b.lo"
+                    " WHERE b.run_id = ? ORDER BY b.lo",
+                    (run_id,),
+                )
+            while True:
+                with self._lock, self._errors("reading results"):
+                    row = cur.fetchone()
+                if row is None:
+                    return
+                yield row
+        finally:
+            with self._lock:
+                cur.close()
+
+    def blocks(self, run_id: int) -> list[dict]:
+        """A run's blocks in order of lo, for stats: everything but the payload, plus
+        ``bytes`` (the payload's size, None without one) and ``meta`` as a dict."""
+        rows = self._rows(
+            "SELECT b.run_id, b.lo, b.hi, b.host, b.started, b.finished, b.seconds, b.items,"
+            " b.found, b.attempts, b.meta, length(p.data) AS bytes FROM blocks b"
+            " LEFT JOIN payloads p ON p.run_id = b.run_id AND p.lo = b.lo"
+            " WHERE b.run_id = ? ORDER BY b.lo",
+            (run_id,),
+        )
+        for row in rows:
+            row["meta"] = None if row["meta"] is None else json.loads(row["meta"])
+        return rows
+
+    # -- events, hosts, calibration ------------------------------------------------------
+
+    @staticmethod
+    def _event(conn, run_id, host, kind, detail="") -> None:
+        conn.execute(
+            "INSERT INTO events (run_id, time, host, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (run_id, time.time(), host, kind, detail),
+        )
+
+    def add_event(self, run_id: int | None, host: str | None, kind: str, detail: str = "") -> None:
+        """Record something that happened to a host in a run (time = now), for stats.
+
+        Kinds in use: retry, failure, lost, quarantine, invalid; the store itself
+        writes start, resume, done, interrupted and failed (host None) for runs.
+        """
+        with self._tx("recording an event") as conn:
+            self._event(conn, run_id, host, kind, detail)
+
+    def events(self, run_id: int | None = None) -> list[dict]:
+        """Events in time order (of one run, or all): id, run_id, time, host, kind, detail."""
+        if run_id is None:
+            return self._rows("SELECT * FROM events ORDER BY time, id")
+        return self._rows(
+            "SELECT * FROM events WHERE run_id = ? ORDER BY time, id", (run_id,)
+        )
+
+    def upsert_host(self, name: str, facts: dict) -> None:
+        """Merge ``facts`` into the host's facts (new keys win) and set last_seen = now."""
+        with self._tx("recording a host") as conn:
+            row = conn.execute("SELECT facts FROM hosts WHERE name = ?", (name,)).fetchone()
+            merged = json.loads(row[0]) if row is not None else {}
+            merged.update(facts)
+            conn.execute(
+                "INSERT INTO hosts (name, facts, last_seen) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET facts = excluded.facts,"
+                " last_seen = excluded.last_seen",
+                (name, canonical_json(merged), time.time()),
+            )
+
+    def hosts(self) -> list[dict]:
+        """Every host ever seen, by name: {'name', 'facts' (dict), 'last_seen'}."""
+        rows = self._rows("SELECT name, facts, last_seen FROM hosts ORDER BY name")
+        for row in rows:
+            row["facts"] = json.loads(row["facts"])
+        return rows
+
+    def set_calibration(self, host: str, job: str, rate: float, variant: str = "") -> None:
+        """Store a host's standalone rate (items/s) for a job (variant e.g. 'tor'); now."""
+        with self._tx("recording a calibration") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO calibration (host, job, variant, rate, measured)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (host, job, variant, rate, time.time()),
+            )
+
+    def calibrations(self, job: str | None = None) -> list[dict]:
+        """Stored standalone rates: {'host', 'job', 'variant', 'rate', 'measured'}."""
+        sql = "SELECT host, job, variant, rate, measured FROM calibration"
+        if job is None:
+            return self._rows(sql + " ORDER BY job, host, variant")
+        return self._rows(sql + " WHERE job = ? ORDER BY host, variant", (job,))
+
+    # -- health ---------------------------------------------------------------------
+
+    def integrity_ok(self) -> bool:
+        """True if ``PRAGMA integrity_check`` finds nothing wrong (reads the whole file)."""
+        with self._lock:
+            try:
+                rows = self._conn.execute("PRAGMA integrity_check").fetchall()
+            except sqlite3.DatabaseError as exc:
+                log.warning("%s: integrity check failed: %s", self.path, exc)
+                return False
+        return len(rows) == 1 and rows[0][0] == "ok"
+
+    def free_disk_bytes(self) -> int:
+        """Free bytes on the filesystem holding the store (the working folder for :memory:)."""
+        folder = os.getcwd() if self.path == ":memory:" else os.path.dirname(
+            os.path.abspath(self.path)
+        )
+        return shutil.disk_usage(folder).free
+
+
+def _run_dict(row: dict) -> dict:
+    row["params"] = json.loads(row["params"])
+    return row
+
+
+def _locked_message(run_id: int, holder: dict) -> str:
+    since = time.localtime(holder["since"])
+    if time.strftime("%Y-%m-%d", since) == time.strftime("%Y-%m-%d"):
+        when = time.strftime("%H:%M:%S", since)
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", since)
+    return (
+        f"run {run_id} is already being worked on by PID {holder['pid']}"
+        f" on host {holder['hostname']} (started {when})"
+    )
+
+
+def _process_token(pid: int) -> str | None:
+    """Boot id + start time of process ``pid`` (Linux), or None where /proc does not tell.
+
+    Together with the PID this names one process for the life of the machine, so a
+    lock whose PID was reused by another process (a restarted container) is stale.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _process_alive(pid: int, token: str | None) -> bool:
+    """Whether the process that took a lock on this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, but belongs to someone else
+    except (OSError, OverflowError):
+        return False
+    if token is None:
+        return True
+    current = _process_token(pid)
+    return current is None or current == token
+
+
+# -- the writer thread -------------------------------------------------------------------
+
+
+def _payload_size(row: BlockRow) -> int:
+    return len(row.payload) if row.payload is not None else 0
+
+
+def _is_busy(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, sqlite3.OperationalError) and (
+        "locked" in str(cause) or "busy" in str(cause)
+    )
+
+
+class BlockWriter:
+    """The one writer thread: batches BlockRows into transactions.
+
+    ``put()`` queues a row and returns at once (it waits only when more than
+    MAX_PENDING_BYTES of payload are queued). The thread opens its own ``Store`` on
+    ``path``, commits up to ``max_batch`` rows, waiting at most ``max_delay`` seconds
+    for a batch to fill, and then calls ``on_commit(row, new)`` for each row, in the
+    writer thread, after the transaction committed; ``new`` is False for a duplicate.
+
+    If a commit fails (disk full, I/O error), that batch is rolled back, ``error`` is
+    set, the thread stops, and ``put()``/``flush()`` raise StoreError from then on.
+    ``on_commit`` must not call ``flush()`` (it would wait for itself); an exception
+    in it is logged and does not stop the writer.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        on_commit: Callable[[BlockRow, bool], None] | None = None,
+        max_batch: int = 256,
+        max_delay: float = 0.2,
+    ):
+        self.path = os.fspath(path)
+        self.error: BaseException | None = None
+        self._on_commit = on_commit
+        self._max_batch = max(1, max_batch)
+        self._max_delay = max_delay
+        self._queue: collections.deque[BlockRow] = collections.deque()
+        self._cond = threading.Condition()
+        self._queued_bytes = 0
+        self._put_count = 0
+        self._done_count = 0
+        self._flushing = 0
+        self._closing = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            self._thread.join()
+            raise self.error
+
+    def put(self, row: BlockRow) -> None:
+        """Queue a finished block for committing; StoreError if an earlier commit failed."""
+        size = _payload_size(row)
+        with self._cond:
+            self._raise_error()
+            if self._closing:
+                raise RuntimeError("BlockWriter.put() after close()")
+            while self._queue and self._queued_bytes + size > MAX_PENDING_BYTES:
+                self._cond.wait()
+                self._raise_error()
+            self._queue.append(row)
+            self._queued_bytes += size
+            self._put_count += 1
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every row put so far is committed and its on_commit has run.
+
+        Raises StoreError if a commit failed, or if ``timeout`` seconds passed first.
+        """
+        with self._cond:
+            target = self._put_count
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                done = self._cond.wait_for(
+                    lambda: self._done_count >= target or self.error is not None, timeout
+                )
+            finally:
+                self._flushing -= 1
+            self._raise_error()
+            if not done:
+                raise StoreError(f"{self.path}: results not written within {timeout:g} s")
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread. Never raises: check ``error``."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._queue:
+            log.error("%s: %d results were not written", self.path, len(self._queue))
+
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        """Rows put but not yet committed."""
+        with self._cond:
+            return self._put_count - self._done_count
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise StoreError(str(self.error)) from self.error
+
+    # -- in the writer thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            store = Store(self.path)
+        except BaseException as exc:
+            self.error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                batch = self._next_batch()
+                if not batch:
+                    return
+                flags = self._commit(store, batch)
+                self._report(batch, flags)
+        except BaseException as exc:
+            if not isinstance(exc, StoreError):
+                log.exception("%s: the writer thread crashed", self.path)
+                exc = StoreError(f"{self.path}: writing results failed ({exc!r})")
+            log.error("%s", exc)
+            with self._cond:
+                self.error = exc
+                self._cond.notify_all()
+        finally:
+            store.close()
+
+    def _next_batch(self) -> list[BlockRow]:
+        """Wait for rows; take up to max_batch of them, waiting max_delay for stragglers."""
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            batch: list[BlockRow] = []
+            size = 0
+            deadline = time.monotonic() + self._max_delay
+            while len(batch) < self._max_batch and size < MAX_BATCH_BYTES:
+                if self._queue:
+                    row = self._queue.popleft()
+                    batch.append(row)
+                    size += _payload_size(row)
+                    continue
+                left = deadline - time.monotonic()
+                if not batch or self._closing or self._flushing or left <= 0:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _commit(self, store: Store, batch: list[BlockRow]) -> list[bool]:
+        for attempt in range(1, BUSY_RETRIES + 1):
+            try:
+                return store.commit_blocks(batch)
+            except StoreError as exc:
+                if attempt == BUSY_RETRIES or not _is_busy(exc):
+                    raise
+                log.warning("%s: busy, retrying %d blocks", self.path, len(batch))
+        raise AssertionError("unreachable")
+
+    def _report(self, batch: list[BlockRow], flags: list[bool]) -> None:
+        for row, new in zip(batch, flags):
+            if self._on_commit is not None:
+                try:
+                    self._on_commit(row, new)
+                except Exception:
+                    log.exception("run %d: on_commit failed for block %d", row.run_id, row.lo)
+        with self._cond:
+            self._queued_bytes -= sum(_payload_size(row) for row in batch)
+            self._done_count += len(batch)
+            self._cond.notify_all()

@@ -1,0 +1,356 @@
+"""One interface, two kinds: commands on a host over SSH (Paramiko channels), or locally.
+
+Everything above this module speaks in shell command strings (already quoted
+by the caller) and bytes, so provisioning and the coordinator are the same code
+for a Raspberry Pi across the house and for this computer.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Optional
+
+import paramiko
+from fabric import Config, Connection
+
+from .errors import ConnectError, RemoteError
+from .inventory import Host
+from .ssh import open_connection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CommandResult:
+    """Exit status and output of one finished command."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def error_line(self) -> str:
+        """The last non-empty line of stderr (or stdout), for one-line error messages."""
+        for text in (self.stderr, self.stdout):
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            if lines:
+                return lines[-1][:300]
+        return f"exit status {self.returncode}"
+
+
+class Stream:
+    """A long-running command (the agent): write to its stdin, read its stdout by lines."""
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def readline(self) -> bytes:
+        """One line of stdout, b"" at end of stream."""
+        raise NotImplementedError
+
+    def close_stdin(self) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """Stop the command and release the stream; safe to call twice."""
+        raise NotImplementedError
+
+    def stderr_tail(self) -> str:
+        """The last lines the command wrote to stderr (for error messages)."""
+        return "\n".join(self._stderr_lines[-20:])
+
+    def _drain_stderr(self, readline, label: str) -> None:
+        """Keep the command's stderr flowing into our log (and a short tail) until EOF."""
+        while True:
+            try:
+                line = readline()
+            except (OSError, EOFError, socket.timeout, ValueError):
+                return
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            self._stderr_lines.append(text)
+            del self._stderr_lines[:-50]
+            log.debug("%s: %s", label, text)
+
+
+class Transport:
+    """Commands and files on one host."""
+
+    host: Host
+
+    def run(self, command: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None) -> CommandResult:
+        raise NotImplementedError
+
+    def put(self, data: bytes, path: str) -> None:
+        """Write ``data`` to the absolute ``path`` on the host, atomically (temp file, rename)."""
+        raise NotImplementedError
+
+    def spawn(self, command: str) -> Stream:
+        raise NotImplementedError
+
+    def sudo(self, command: str, timeout: Optional[float] = None) -> CommandResult:
+        """Run as root: directly when we are root, else through sudo (password never on a command line)."""
+        raise NotImplementedError
+
+    def round_trip(self) -> float:
+        """Seconds for one exchange with the host (0 for this computer)."""
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------- local
+
+
+class LocalStream(Stream):
+    def __init__(self, command: str, label: str):
+        self._stderr_lines: list[str] = []
+        self.process = subprocess.Popen(
+            ["sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )
+        threading.Thread(target=self._drain_stderr, args=(self.process.stderr.readline, label),
+                         daemon=True).start()
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError) as err:
+            raise ConnectionError(str(err)) from None
+
+    def readline(self) -> bytes:
+        try:
+            return self.process.stdout.readline()
+        except (ValueError, OSError):
+            return b""
+
+    def close_stdin(self) -> None:
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        self.close_stdin()
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class LocalTransport(Transport):
+    """This computer, no SSH: commands through ``sh -c``."""
+
+    def __init__(self, host: Host):
+        self.host = host
+
+    def run(self, command, stdin=None, timeout=None):
+        try:
+            done = subprocess.run(["sh", "-c", command], input=stdin or b"", capture_output=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RemoteError(f"{self.host.name}: command timed out after {timeout:.0f}s") from None
+        return CommandResult(done.returncode, done.stdout.decode("utf-8", "replace"),
+                             done.stderr.decode("utf-8", "replace"))
+
+    def put(self, data, path):
+        target = os.path.expanduser(path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        temp = f"{target}.tmp{os.getpid()}"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, target)
+
+    def spawn(self, command):
+        return LocalStream(command, self.host.name)
+
+    def sudo(self, command, timeout=None):
+        if os.geteuid() == 0:
+            return self.run(command, timeout=timeout)
+        return self.run(f"sudo -n sh -c {shlex.quote(command)}", timeout=timeout)
+
+
+# ---------------------------------------------------------------- ssh
+
+
+class ChannelStream(Stream):
+    def __init__(self, channel: paramiko.Channel, label: str):
+        self._stderr_lines: list[str] = []
+        self.channel = channel
+        self._stdout = channel.makefile("rb")
+        stderr = channel.makefile_stderr("rb")
+        threading.Thread(target=self._drain_stderr, args=(stderr.readline, label), daemon=True).start()
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.channel.sendall(data)
+        except (OSError, EOFError, paramiko.SSHException) as err:
+            raise ConnectionError(str(err) or "channel closed") from None
+
+    def readline(self) -> bytes:
+        try:
+            return self._stdout.readline()
+        except (OSError, EOFError, socket.timeout, paramiko.SSHException):
+            return b""
+
+    def close_stdin(self) -> None:
+        try:
+            self.channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    def kill(self) -> None:
+        # Closing the channel closes the agent's stdin; it then kills its workers and exits.
+        self.close_stdin()
+        try:
+            self.channel.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+
+class SshTransport(Transport):
+    """A host over one SSH connection; every command is one channel on it."""
+
+    def __init__(self, host: Host, connection: Connection):
+        self.host = host
+        self.connection = connection
+        self._sftp: Optional[paramiko.SFTPClient] = None
+
+    @classmethod
+    def connect(cls, host: Host, config: Config, accept_new: bool = False) -> SshTransport:
+        return cls(host, open_connection(host, config, accept_new=accept_new))
+
+    def _channel(self) -> paramiko.Channel:
+        transport = self.connection.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectError(f"{self.host.name}: connection lost")
+        try:
+            return transport.open_session(timeout=30)
+        except (paramiko.SSHException, EOFError, OSError) as err:
+            raise ConnectError(f"{self.host.name}: cannot open a session: {err}") from None
+
+    def run(self, command, stdin=None, timeout=None):
+        channel = self._channel()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stderr_chunks: list[bytes] = []
+        stdout = io.BytesIO()
+        try:
+            channel.exec_command(command)
+            if stdin:
+                channel.sendall(stdin)
+            channel.shutdown_write()
+            while True:
+                busy = False
+                if channel.recv_ready():
+                    stdout.write(channel.recv(65536))
+                    busy = True
+                if channel.recv_stderr_ready():
+                    stderr_chunks.append(channel.recv_stderr(65536))
+                    busy = True
+                if busy:
+                    continue
+                if channel.eof_received or channel.closed:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RemoteError(f"{self.host.name}: command timed out after {timeout:.0f}s")
+                time.sleep(0.002)
+            status = channel.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException) as err:
+            raise ConnectError(f"{self.host.name}: connection lost: {err or type(err).__name__}") from None
+        finally:
+            channel.close()
+        return CommandResult(status, stdout.getvalue().decode("utf-8", "replace"),
+                             b"".join(stderr_chunks).decode("utf-8", "replace"))
+
+    def round_trip(self) -> float:
+        """One SSH global request answered by sshd itself: network + sshd, no process started."""
+        transport = self.connection.client.get_transport()
+        began = time.perf_counter()
+        try:
+            transport.global_request("keepalive@openssh.com", wait=True)
+        except (OSError, EOFError, paramiko.SSHException) as err:
+            raise ConnectError(f"{self.host.name}: connection lost: {err}") from None
+        return time.perf_counter() - began
+
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            try:
+                self._sftp = self.connection.client.open_sftp()
+            except (paramiko.SSHException, OSError, EOFError) as err:
+                raise ConnectError(f"{self.host.name}: cannot open SFTP: {err}") from None
+        return self._sftp
+
+    def put(self, data, path):
+        if not path.startswith("/"):
+            raise ValueError(f"remote path must be absolute: {path}")
+        temp = str(PurePosixPath(path).with_name(PurePosixPath(path).name + ".part"))
+        sftp = self.sftp()
+        try:
+            sftp.putfo(io.BytesIO(data), temp, file_size=len(data), confirm=True)
+            sftp.posix_rename(temp, path)
+        except (OSError, EOFError, paramiko.SSHException) as err:
+            raise RemoteError(f"{self.host.name}: upload to {path} failed: {err}") from None
+
+    def spawn(self, command):
+        channel = self._channel()
+        try:
+            channel.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException) as err:
+            raise ConnectError(f"{self.host.name}: cannot start {command.split()[0]}: {err}") from None
+        return ChannelStream(channel, self.host.name)
+
+    def sudo(self, command, timeout=None):
+        who = self.run("id -u", timeout=30)
+        if who.ok and who.stdout.strip() == "0":
+            return self.run(command, timeout=timeout)
+        # Fabric's sudo answers the password prompt from --prompt-for-sudo-password
+        # (config only, never a file or the command line); a NOPASSWD rule needs nothing.
+        try:
+            done = self.connection.sudo(f"sh -c {shlex.quote(command)}", hide=True, warn=True,
+                                        in_stream=False, timeout=timeout)
+        except Exception as err:  # invoke raises several kinds (AuthFailure, Failure, timeouts)
+            text = str(err).strip()
+            return CommandResult(1, "", f"sudo failed: {text.splitlines()[-1] if text else type(err).__name__}")
+        return CommandResult(done.exited, done.stdout, done.stderr)
+
+    def close(self):
+        if self._sftp is not None:
+            try:
+                self._sftp.close()
+            except (OSError, EOFError):
+                pass
+        self.connection.close()
+
+
+def connect(host: Host, config: Config, accept_new: bool = False) -> Transport:
+    """A transport for ``host``: local for ``address = local``, else a checked SSH connection."""
+    if host.is_local:
+        return LocalTransport(host)
+    return SshTransport.connect(host, config, accept_new=accept_new)

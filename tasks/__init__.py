@@ -1,0 +1,16 @@
+"""The command surface: one module per command family, thin on purpose.
+
+Each task parses its flags, reads the config, calls ``cluster/`` and prints.
+"""
+
+from invoke import Collection
+
+from . import hosts, info, primes
+
+ns = Collection()
+ns.add_task(hosts.setup)
+ns.add_task(hosts.hosts_, name="hosts")
+ns.add_task(hosts.teardown)
+ns.add_task(info.version)
+ns.add_task(primes.primes)
+ns.configure({"beowulf": {"inventory": None, "known_hosts": None}})

@@ -1,0 +1,175 @@
+"""What every task shares: the decorator, flag validation, inventory lookup, logging.
+
+DESIGN §10: a user mistake never prints a traceback, so numeric flags are
+strings validated here (invoke's typed flags crash on ``--start abc``); errors
+become ``invoke.Exit(message, code)``; Ctrl-C is exit 130; ``fab -H`` is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import logging.handlers
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from fabric import Connection
+from invoke import Exit, task
+
+from cluster.errors import BeowulfError, UsageError
+from cluster.inventory import Host, load_inventory, select_hosts
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_INTEGER = re.compile(r"^[+-]?\d[\d_]*$")
+_FLOATISH = re.compile(r"^[+-]?(\d[\d_]*)?(\.\d*)?([eE][+-]?\d+)?$")
+
+HOST_HELP = {
+    "inventory": "hosts.ini to use (default: beowulf.inventory in fabric.yaml, else hosts.ini beside the fabfile)",
+    "hosts": "only these hosts of the inventory, comma-separated names",
+    "accept_new": "trust and record host keys seen for the first time (like ssh's StrictHostKeyChecking=accept-new)",
+    "verbose": "log every step",
+    "quiet": "print only the final table, warnings and errors",
+}
+
+
+def beowulf_task(*args, **kwargs):
+    """``@task`` without automatic short flags, with our error, Ctrl-C and ``-H`` handling."""
+
+    def decorate(body):
+        @functools.wraps(body)
+        def wrapper(c, *a, **kw):
+            if isinstance(c, Connection):
+                raise Exit("fab -H is not supported: beowulf drives all hosts itself; "
+                           "put them in hosts.ini and use --inventory PATH / --hosts NAME,NAME",
+                           code=EXIT_USAGE)
+            try:
+                return body(c, *a, **kw)
+            except BeowulfError as err:
+                raise Exit(f"error: {err}", code=err.exit_code) from None
+            except KeyboardInterrupt:
+                raise Exit("interrupted", code=EXIT_INTERRUPTED) from None
+
+        kwargs.setdefault("auto_shortflags", False)
+        return task(wrapper, **kwargs)
+
+    if args and callable(args[0]):
+        return decorate(args[0])
+    return decorate
+
+
+def parse_int(flag: str, value, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """``10000000``, ``10_000_000`` or ``1e7`` -> int; UsageError naming the flag otherwise."""
+    text = str(value).strip()
+    number: Optional[int] = None
+    if _INTEGER.match(text):
+        number = int(text.replace("_", ""))
+    elif text and _FLOATISH.match(text) and any(ch.isdigit() for ch in text):
+        try:
+            as_float = float(text.replace("_", ""))
+        except ValueError:
+            as_float = math.nan
+        if math.isfinite(as_float) and as_float == int(as_float) and abs(as_float) < 2**63:
+            mantissa, _, exponent = text.lower().replace("_", "").partition("e")
+            number = _exact_scientific(mantissa, int(exponent or 0))
+    if number is None:
+        raise UsageError(f"--{flag}: expected a whole number such as 10000000, 10_000_000 or 1e7, not {text!r}")
+    if minimum is not None and number < minimum:
+        raise UsageError(f"--{flag}: must be at least {minimum:,}, not {number:,}")
+    if maximum is not None and number > maximum:
+        raise UsageError(f"--{flag}: must be at most {maximum:,} , not {number:,}".replace(" ,", ","))
+    return number
+
+
+def _exact_scientific(mantissa: str, exponent: int) -> Optional[int]:
+    """Exact integer value of ``mantissa`` x 10^exponent, or None when it is not whole."""
+    whole, _, fraction = mantissa.lstrip("+").partition(".")
+    sign = -1 if whole.startswith("-") else 1
+    digits = (whole.lstrip("-") or "0") + fraction
+    shift = exponent - len(fraction)
+    if shift >= 0:
+        return sign * int(digits) * 10**shift
+    divisor = 10 ** (-shift)
+    if int(digits) % divisor:
+        return None
+    return sign * int(digits) // divisor
+
+
+def parse_float(flag: str, value, minimum: Optional[float] = None, above: Optional[float] = None,
+                maximum: Optional[float] = None) -> float:
+    """A finite number for ``--flag``; UsageError naming the flag otherwise."""
+    try:
+        number = float(str(value).strip().replace("_", ""))
+    except ValueError:
+        raise UsageError(f"--{flag}: expected a number, not {str(value)!r}") from None
+    if not math.isfinite(number):
+        raise UsageError(f"--{flag}: expected a finite number, not {str(value)!r}")
+    if above is not None and number <= above:
+        raise UsageError(f"--{flag}: must be greater than {above:g}, not {number:g}")
+    if minimum is not None and number < minimum:
+        raise UsageError(f"--{flag}: must be at least {minimum:g}, not {number:g}")
+    if maximum is not None and number > maximum:
+        raise UsageError(f"--{flag}: must be at most {maximum:g}, not {number:g}")
+    return number
+
+
+def beowulf_config(c) -> dict:
+    """The ``beowulf:`` section of fabric.yaml (or of ``fab -f FILE``), as a plain dict."""
+    section = c.config.get("beowulf") or {}
+    return dict(section)
+
+
+def inventory_path(c, inventory: Optional[str]) -> Path:
+    """--inventory, else beowulf.inventory from the config, else hosts.ini beside the fabfile."""
+    if inventory:
+        return Path(os.path.expanduser(inventory))
+    configured = beowulf_config(c).get("inventory")
+    if configured:
+        return Path(os.path.expanduser(configured))
+    return REPO_ROOT / "hosts.ini"
+
+
+def load_hosts(c, inventory: Optional[str], hosts: Optional[str]) -> tuple[Path, list[Host]]:
+    """The inventory path and the hosts to work on (``--hosts`` subset), validated."""
+    path = inventory_path(c, inventory)
+    return path, select_hosts(load_inventory(path), hosts, path)
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False, log_file: Optional[Path] = None) -> None:
+    """Warnings (or everything with --verbose) to stderr; everything to a rotated log file."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for handler in list(root.handlers):
+        if getattr(handler, "_beowulf", False):
+            root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(logging.Formatter("%(levelname).1s %(message)s" if verbose else "%(message)s"))
+    console._beowulf = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            rotating = logging.handlers.RotatingFileHandler(log_file, maxBytes=5_000_000, backupCount=3)
+        except OSError:
+            return
+        rotating.setLevel(logging.DEBUG)
+        rotating.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        rotating._beowulf = True  # type: ignore[attr-defined]
+        root.addHandler(rotating)
+
+
+def confirm(question: str) -> bool:
+    """Ask yes/no on the terminal; no terminal means no."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")

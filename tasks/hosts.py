@@ -1,0 +1,147 @@
+"""`fab setup`, `fab hosts`, `fab teardown`: provisioning and looking at the machines."""
+
+from __future__ import annotations
+
+import time
+
+from tabulate import tabulate
+
+from cluster.constants import PROBE_DEADLINE_SECONDS, SETUP_DEADLINE_SECONDS
+from cluster.errors import UsageError
+from cluster.fanout import fan_out
+from cluster.health import check_host
+from cluster.provision import Provisioner
+from cluster.provision import teardown as remove_workdir
+from cluster.transport import connect
+from cluster.wheels import WheelCache
+
+from .common import (
+    EXIT_FAILED,
+    EXIT_PARTIAL,
+    HOST_HELP,
+    beowulf_task,
+    confirm,
+    load_hosts,
+    setup_logging,
+)
+
+
+def _exit_for(outcomes) -> int:
+    failed = sum(not outcome.ok for outcome in outcomes)
+    if failed == 0:
+        return 0
+    return EXIT_FAILED if failed == len(outcomes) else EXIT_PARTIAL
+
+
+def _memory(facts: dict) -> str:
+    memory = facts.get("memory")
+    return f"{memory / 2**30:.1f} GiB" if memory else "?"
+
+
+def _slots(host, facts: dict):
+    return host.slots or facts.get("cores") or "?"
+
+
+def _finish(outcomes, rows, headers, summary: str) -> None:
+    from invoke import Exit
+
+    print(tabulate(rows, headers=headers))
+    print(summary)
+    code = _exit_for(outcomes)
+    if code:
+        failed = [o.host.name for o in outcomes if not o.ok]
+        raise Exit(f"{len(failed)} of {len(outcomes)} hosts failed: {', '.join(failed)}", code=code)
+
+
+@beowulf_task(help={**HOST_HELP, "tor": "also install tor where missing (apt via sudo) and make sure it runs",
+                    "no_numpy": "do not install numpy on hosts (they use the pure-Python sieve)"})
+def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=False,
+          verbose=False, quiet=False):
+    """Provision every host: probe, upload the client, unpack packages (all hosts at once).
+
+    Idempotent: a second run with nothing changed uploads nothing and says so.
+    Exit status 3 when some hosts failed (the others are still provisioned), 1 when all did.
+    """
+    setup_logging(verbose, quiet)
+    path, selected = load_hosts(c, inventory, hosts)
+    provisioner = Provisioner(WheelCache(), tor=tor, numpy=not no_numpy)
+    transports = {}
+
+    def work(host, outcome):
+        transports[host.name] = transport = connect(host, c.config, accept_new=accept_new)
+        try:
+            return provisioner.setup(transport)
+        finally:
+            transport.close()
+
+    def give_up(host):
+        if host.name in transports:
+            transports[host.name].close()
+
+    began = time.monotonic()
+    outcomes = fan_out(selected, work, SETUP_DEADLINE_SECONDS, on_timeout=give_up)
+    rows, uploaded = [], 0
+    for outcome in outcomes:
+        host, report = outcome.host, outcome.value
+        if outcome.ok:
+            facts = report.facts
+            uploaded += report.uploaded_bytes
+            rows.append([host.name, host.address, facts.get("python"), facts.get("cores"), _slots(host, facts),
+                         facts.get("arch"), report.bundle, report.packages, report.tor, "ok"])
+        else:
+            rows.append([host.name, host.address, "", "", "", "", "", "", "", outcome.error])
+    headers = ["host", "address", "python", "cores", "slots", "arch", "bundle", "packages", "tor", "result"]
+    what = f"uploaded {uploaded / 1e6:.2f} MB" if uploaded else "nothing uploaded: every host was up to date"
+    _finish(outcomes, rows, headers, f"{len(selected)} hosts from {path} in {time.monotonic() - began:.1f}s; {what}")
+
+
+@beowulf_task(name="hosts", help=dict(HOST_HELP))
+def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet=False):
+    """Show each host's health: reachable, latency, bundle fresh or stale, Python, slots, load.
+
+    Read-only: changes nothing on any host.
+    """
+    setup_logging(verbose, quiet)
+    path, selected = load_hosts(c, inventory, hosts)
+
+    def work(host, outcome):
+        with connect(host, c.config, accept_new=accept_new) as transport:
+            return check_host(transport)
+
+    outcomes = fan_out(selected, work, PROBE_DEADLINE_SECONDS)
+    rows = []
+    for outcome in outcomes:
+        host = outcome.host
+        if outcome.ok:
+            value = outcome.value
+            facts = value["facts"]
+            load = facts.get("load")
+            temp = facts.get("temp")
+            rows.append([host.name, host.address, "yes", f"{value['latency_ms']:.1f} ms", value["bundle"],
+                         facts.get("python"), facts.get("cores"), _slots(host, facts), _memory(facts),
+                         f"{load[0]:.2f}" if load else "?", f"{temp:.0f}°C" if temp is not None else "?",
+                         facts.get("os")])
+        else:
+            rows.append([host.name, host.address, "no", "", "", "", "", "", "", "", "", outcome.error])
+    headers = ["host", "address", "reachable", "latency", "bundle", "python", "cores", "slots", "memory",
+               "load", "temp", "os / error"]
+    up = sum(o.ok for o in outcomes)
+    _finish(outcomes, rows, headers, f"{up} of {len(outcomes)} hosts reachable ({path})")
+
+
+@beowulf_task(help={**HOST_HELP, "yes": "do not ask for confirmation"})
+def teardown(c, inventory=None, hosts=None, accept_new=False, yes=False, verbose=False, quiet=False):
+    """Remove beowulf's workdir (client, packages) from hosts; asks first unless --yes."""
+    setup_logging(verbose, quiet)
+    path, selected = load_hosts(c, inventory, hosts)
+    names = ", ".join(host.name for host in selected)
+    if not yes and not confirm(f"Remove the beowulf workdir from {names}?"):
+        raise UsageError("teardown: not confirmed (answer y, or pass --yes)")
+
+    def work(host, outcome):
+        with connect(host, c.config, accept_new=accept_new) as transport:
+            return remove_workdir(transport)
+
+    outcomes = fan_out(selected, work, PROBE_DEADLINE_SECONDS)
+    rows = [[o.host.name, o.host.address, o.value if o.ok else o.error] for o in outcomes]
+    _finish(outcomes, rows, ["host", "address", "result"], f"{len(selected)} hosts from {path}")

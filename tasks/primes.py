@@ -1,0 +1,136 @@
+"""`fab primes`: find every prime in [start, end] over the cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from invoke import Exit
+from tabulate import tabulate
+
+from cluster.errors import JobError, UsageError
+
+from .common import (
+    EXIT_INTERRUPTED,
+    HOST_HELP,
+    beowulf_config,
+    beowulf_task,
+    load_hosts,
+    parse_float,
+    parse_int,
+    setup_logging,
+)
+
+MAX_END = 10**15
+
+
+def store_path(c, db) -> Path:
+    """--db, else beowulf.db in fabric.yaml, else results.db in the current folder."""
+    return Path(os.path.expanduser(db or beowulf_config(c).get("db") or "results.db"))
+
+
+@beowulf_task(help={
+    **HOST_HELP,
+    "start": "first number to search (inclusive); 1e7 and 10_000_000 are fine",
+    "end": f"last number to search (inclusive), at most {MAX_END:.0e}",
+    "db": "results store (SQLite file; default results.db, or beowulf.db in fabric.yaml)",
+    "block_seconds": "aim for blocks that take about this long on each host (default 2)",
+    "export": "write the primes, one per line in ascending order, to this file",
+    "count_only": "store counts and checksums but not the primes themselves (for huge ranges)",
+    "fresh": "start the run over instead of resuming it",
+    "verify": "re-run this fraction of blocks (0..1) on a different host and compare",
+})
+def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_seconds="2", export=None,
+           count_only=False, fresh=False, verify="0", accept_new=False, verbose=False, quiet=False):
+    """Find every prime p with START <= p <= END (both inclusive) on all hosts; resumable.
+
+    Running the same command again resumes: finished blocks are kept. --export writes the
+    primes (computing only what is missing). Exit 130 on Ctrl-C, 1 if every host was lost.
+    """
+    if start is None or end is None:
+        raise UsageError("--start and --end are required, e.g. fab primes --start 1 --end 1e7")
+    first = parse_int("start", start, minimum=0, maximum=MAX_END)
+    last = parse_int("end", end, minimum=0, maximum=MAX_END)
+    if first > last:
+        raise UsageError(f"--start ({first:,}) must not be greater than --end ({last:,})")
+    seconds = parse_float("block-seconds", block_seconds, above=0, maximum=3600)
+    fraction = parse_float("verify", verify, minimum=0, maximum=1)
+    if export and count_only:
+        raise UsageError("--export needs the primes themselves: it cannot be used with --count-only")
+    export_path = Path(os.path.expanduser(export)) if export else None
+    if export_path is not None and not export_path.parent.exists():
+        raise UsageError(f"--export: folder {export_path.parent} does not exist")
+    # Imported here so that `fab --list` stays fast (numpy, the store, the engine).
+    from cluster.jobs.primes import PrimesJob
+
+    from cluster.coordinator import Coordinator
+    from cluster.progress import Progress
+
+    path, selected = load_hosts(c, inventory, hosts)
+    db_path = store_path(c, db)
+    setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
+    job = PrimesJob(first, last, count_only=count_only)
+    _check_disk(db_path, job)
+    coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
+                              accept_new=accept_new, verify=fraction)
+    try:
+        with Progress("numbers", enabled=None if not quiet else False) as progress:
+            coordinator.progress = progress
+            outcome = coordinator.run()
+    except KeyboardInterrupt:
+        raise Exit("interrupted: finished blocks are kept; run the same command again to resume",
+                   code=EXIT_INTERRUPTED) from None
+    _print_summary(outcome, job, db_path)
+    if export_path is not None:
+        _export(db_path, outcome.run_id, export_path)
+
+
+def _check_disk(db_path: Path, job) -> None:
+    from cluster.jobs.primes import estimate_bytes
+
+    if job.count_only:
+        return
+    folder = db_path.parent if db_path.parent.exists() else Path.cwd()
+    need = estimate_bytes(job.start, job.end, "list")
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    if need > free:
+        raise JobError(f"the primes in [{job.start:,}, {job.end:,}] need about {need / 1e9:.1f} GB "
+                       f"but {folder} has {free / 1e9:.1f} GB free; use --count-only or a smaller range")
+
+
+def _print_summary(outcome, job, db_path: Path) -> None:
+    if outcome.already_done:
+        print(f"run {outcome.run_id} already complete in {db_path}: nothing to compute")
+    else:
+        busy = [h for h in outcome.hosts if h.blocks or h.state != "excluded"]
+        total_items = sum(h.items for h in busy) or 1
+        rows = []
+        for h in busy:
+            rate = h.items / h.busy if h.busy else 0
+            rows.append([h.name, h.state, h.slots, h.engine, h.blocks, f"{h.items:,}", f"{h.found:,}",
+                         f"{rate * max(h.slots, 1):,.0f}", f"{100 * h.items / total_items:.1f}%", h.retries,
+                         h.failures])
+        print(tabulate(rows, headers=["host", "state", "slots", "engine", "blocks", "numbers", "primes",
+                                      "numbers/s", "share", "retries", "failures"]))
+        print(f"{outcome.seconds:.1f}s")
+    for warning in outcome.warnings:
+        print(f"warning: {warning}")
+    if outcome.verified:
+        print(f"--verify: {outcome.verified} blocks re-run elsewhere, {outcome.verify_mismatches} disagreed")
+    print(f"{outcome.found_total:,} primes in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")
+
+
+def _export(db_path: Path, run_id: int, export_path: Path) -> None:
+    from cluster.jobs.primes import write_text
+
+    from cluster.store import Store
+
+    temp = export_path.with_name(f".{export_path.name}.part")
+    try:
+        with Store(str(db_path)) as store, open(temp, "w", encoding="ascii") as handle:
+            write_text(((lo, payload) for lo, _hi, payload in store.iter_payloads(run_id)), handle)
+        os.replace(temp, export_path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    print(f"exported to {export_path}")
