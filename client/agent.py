@@ -49,6 +49,8 @@ PARENT_POLL_SECONDS = 0.5
 EXIT_GRACE_SECONDS = 1.0
 # Longest error message sent in a failed result.
 MAX_ERROR_CHARS = 500
+# Seconds allowed for importing the job modules to learn their engines (numpy on a Pi).
+ENGINE_PROBE_SECONDS = 60
 # A worker that dies this soon after start without a task counts as failing to start:
 # it is respawned with back-off (0.2 s, 0.4 s, ... up to MAX_RESPAWN_DELAY).
 QUICK_DEATH_SECONDS = 5.0
@@ -125,6 +127,39 @@ def engines():
         logger.info("primes not available: %s", one_line_error(exc))
         engine = None
     return {"primes": engine}
+
+
+def start_engine_probe(opts):
+    """Start ``agent.py --engines`` (job modules import there, not in the agent: numpy's
+    memory and threads stay out of it, and an import that crashes cannot kill it)."""
+    command = [sys.executable or "python3", AGENT_PATH, "--engines", "--log-level",
+               opts.log_level]
+    if opts.lib:
+        command += ["--lib", opts.lib]
+    try:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                close_fds=True, start_new_session=True)
+    except OSError as exc:
+        logger.warning("cannot start the engine probe: %s", exc)
+        return None
+
+
+def finish_engine_probe(proc):
+    """The engines the probe started by ``start_engine_probe`` found ({"primes": None} if none)."""
+    found = {"primes": None}
+    if proc is None:
+        return found
+    try:
+        output = proc.communicate(timeout=ENGINE_PROBE_SECONDS)[0]
+        found.update(json.loads(output.decode("utf-8").strip().splitlines()[-1]))
+    except subprocess.TimeoutExpired:
+        logger.warning("engine probe took over %ds: engines unknown", ENGINE_PROBE_SECONDS)
+    except (ValueError, IndexError):
+        logger.warning("engine probe failed (%s)", exit_description(proc.poll()))
+    finally:
+        kill_process(proc)
+        proc.wait()
+    return found
 
 
 def usable_cores():
@@ -665,7 +700,7 @@ class Agent(object):
                 logger.exception("%s: error handling %r", self.host, line[:200])
         return True
 
-    def hello(self):
+    def hello(self, found_engines):
         """The first message: who we are and what we run."""
         try:
             bundle = client_module("bundle").bundle_hash(HERE)
@@ -674,7 +709,7 @@ class Agent(object):
             bundle = None
         return {"type": "hello", "bundle": bundle, "python": platform.python_version(),
                 "cores": usable_cores(), "slots": len(self.slots), "host": self.host,
-                "pid": os.getpid(), "engines": engines(), "protocol": PROTOCOL,
+                "pid": os.getpid(), "engines": found_engines, "protocol": PROTOCOL,
                 "jobs": sorted(self.jobs), "nice": self.opts.nice}
 
     def beat(self):
@@ -705,13 +740,18 @@ class Agent(object):
                 self.out_flags = fcntl.fcntl(self.out_fd, fcntl.F_GETFL)
                 fcntl.fcntl(self.out_fd, fcntl.F_SETFL, self.out_flags | os.O_NONBLOCK)
             self.selector = _open_selector(0)
-            for slot in self.slots:
-                self.spawn(slot)
+            engine_probe = start_engine_probe(self.opts)
             try:
-                self.probe = client_module("probe")
-            except Exception:
-                self.probe = None
-            self.send(self.hello())
+                for slot in self.slots:
+                    self.spawn(slot)
+                try:
+                    self.probe = client_module("probe")
+                except Exception:
+                    self.probe = None
+                found = finish_engine_probe(engine_probe)
+            finally:
+                kill_process(engine_probe)
+            self.send(self.hello(found))
             logger.info("%s: agent %d up, %d slots, bundle %s", self.host, os.getpid(),
                         len(self.slots), HERE)
             self.loop()
@@ -808,6 +848,7 @@ def parse_args(argv=None):
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--probe", action="store_true",
                         help="print host facts and the bundle hash as JSON and exit")
+    parser.add_argument("--engines", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
@@ -849,6 +890,9 @@ def main(argv=None):
         return worker_main(opts)
     if opts.probe:
         return probe_main()
+    if opts.engines:
+        sys.stdout.write(json.dumps(engines()) + "\n")
+        return 0
     code = Agent(opts).run()
     logging.shutdown()
     os._exit(code)  # daemon threads may sit in blocking reads: skip interpreter teardown

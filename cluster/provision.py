@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shlex
 import tarfile
 import threading
@@ -32,7 +31,32 @@ from .wheels import PURE_MODULES, WheelCache, host_platform_tags, pure_package_f
 log = logging.getLogger(__name__)
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
 BUNDLE_FILE = "bundle.sha256"
-_UNTAR = "import sys,tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])"
+# Runs on the host (Python 3.6+): unpack WORKDIR/.setup.tar; client/ replaces the old bundle as a
+# whole, lib/ files are added; then record new packages and, last, the bundle hash.
+_UNPACK = """
+import os, shutil, sys, tarfile
+workdir, tar, bundle, packages = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+os.chdir(workdir)
+shutil.rmtree(".new", True)
+with tarfile.open(tar) as archive:
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    archive.extractall(".new", **safe)
+if os.path.isdir(".new/client"):
+    shutil.rmtree("client", True)
+    os.rename(".new/client", "client")
+if os.path.isdir(".new/lib"):
+    for name in os.listdir(".new/lib"):
+        os.replace(os.path.join(".new/lib", name), os.path.join("lib", name))
+shutil.rmtree(".new", True)
+os.remove(tar)
+if packages:
+    with open("lib/.installed", "a") as handle:
+        handle.write("".join(name + "\\n" for name in packages))
+if bundle:
+    with open("bundle.sha256.new", "w") as handle:
+        handle.write(bundle + "\\n")
+    os.replace("bundle.sha256.new", "bundle.sha256")
+"""
 _UNZIP = "import sys,zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"
 
 
@@ -43,14 +67,18 @@ def local_bundle_hash() -> str:
     return bundle_hash(str(CLIENT_DIR))
 
 
-def bundle_tar() -> bytes:
-    """client/*.py as an uncompressed tar, deterministic (fixed mtimes and owners)."""
-    from client.bundle import bundle_files
+def bundle_files() -> dict[str, bytes]:
+    """The client bundle: client/*.py by name."""
+    from client.bundle import bundle_files as names
 
+    return {name: (CLIENT_DIR / name).read_bytes() for name in names(str(CLIENT_DIR))}
+
+
+def make_tar(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of ``files`` (relative path -> bytes), deterministic (fixed mtimes and owners)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name in bundle_files(str(CLIENT_DIR)):
-            data = (CLIENT_DIR / name).read_bytes()
+        for name, data in sorted(files.items()):
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
@@ -73,12 +101,18 @@ def host_workdir(host: Host, store_dir: Optional[Path] = None) -> str:
     return remote_path(host.remote_workdir)
 
 
-def probe(transport: Transport, workdir_word: Optional[str] = None, timeout: float = 60) -> dict:
-    """Run client/probe.py on the host (sent on stdin); raise SetupError when it is not Python 3.6+."""
+def probe(transport: Transport, workdir_word: Optional[str] = None, timeout: float = 60,
+          create: bool = False) -> dict:
+    """Run client/probe.py on the host (sent on stdin); raise SetupError when it is not Python 3.6+.
+
+    ``create`` makes the workdir (and its lib/) first, in the same command.
+    """
     host = transport.host
     python = host_python(host)
     script = (CLIENT_DIR / "probe.py").read_bytes()
     command = f"{python} - {workdir_word}" if workdir_word else f"{python} -"
+    if create and workdir_word:
+        command = f"mkdir -p {workdir_word}/lib && {command}"
     result = transport.run(command, stdin=script, timeout=timeout)
     facts = None
     if result.ok:
@@ -138,7 +172,7 @@ class Provisioner:
         self.tor = tor
         self.numpy = numpy
         self.bundle_hash = local_bundle_hash()
-        self._bundle_tar = bundle_tar()
+        self._bundle_files = bundle_files()
         self.once = MachineOnce()
 
     def setup(self, transport: Transport) -> SetupReport:
@@ -151,70 +185,57 @@ class Provisioner:
             if self.tor:
                 report.tor = self.setup_tor(transport, report.facts)
             return report
-        word = host_workdir(host)
-        self._check(transport.run(f"mkdir -p {word}/lib", timeout=60), host, "cannot create workdir")
-        report.facts = facts = probe(transport, word)
-        workdir = facts["workdir"]
-        if facts.get("bundle") == self.bundle_hash:
-            report.bundle = "up to date"
+        report.facts = facts = probe(transport, host_workdir(host), create=True)
+        # Everything missing travels in one tar and is unpacked by one command.
+        files: dict[str, bytes] = {}
+        installed = set(facts.get("installed") or [])
+        new_bundle = facts.get("bundle") != self.bundle_hash
+        if new_bundle:
+            files.update({f"client/{name}": data for name, data in self._bundle_files.items()})
+        notes, new_packages = [], []
+        pure_name, pure_files = pure_package_files(PURE_MODULES)
+        if pure_files is None:
+            notes.append(f"{pure_name} missing on the coordinator")
+        elif pure_name in installed:
+            notes.append(pure_name)
         else:
-            report.uploaded_bytes += self.upload_bundle(transport, workdir)
-            report.bundle = "uploaded"
-        report.packages = self.install_packages(transport, facts, report)
+            files.update({f"lib/{name}": data for name, data in pure_files.items()})
+            new_packages.append(pure_name)
+            notes.append(f"{pure_name} (new)")
+        if files:
+            report.uploaded_bytes += self.upload(transport, facts["workdir"], files, new_bundle, new_packages)
+        report.bundle = "uploaded" if new_bundle else "up to date"
+        if self.numpy:
+            notes.append(self.install_numpy(transport, facts, report))
+        report.packages = ", ".join(notes)
         if self.tor:
             report.tor = self.setup_tor(transport, facts)
         return report
 
-    def upload_bundle(self, transport: Transport, workdir: str) -> int:
-        python = host_python(transport.host)
-        tar_path = f"{workdir}/.bundle.tar"
-        transport.put(self._bundle_tar, tar_path)
-        w = shlex.quote(workdir)
-        script = (
-            f"set -e; cd {w}; rm -rf client.new; mkdir client.new; "
-            f"{python} -c {shlex.quote(_UNTAR)} .bundle.tar client.new; "
-            f"rm -rf client; mv client.new client; rm -f .bundle.tar; "
-            f"printf '%s\\n' {shlex.quote(self.bundle_hash)} > {BUNDLE_FILE}.new; mv {BUNDLE_FILE}.new {BUNDLE_FILE}"
-        )
-        self._check(transport.run(script, timeout=120), transport.host, "cannot unpack the client bundle")
-        return len(self._bundle_tar)
+    def upload(self, transport: Transport, workdir: str, files: dict, new_bundle: bool, packages: list) -> int:
+        """Send ``files`` (paths relative to the workdir) as one tar and unpack it with one command."""
+        data = make_tar(files)
+        tar_path = f"{workdir}/.setup.tar"
+        transport.put(data, tar_path)
+        bundle = self.bundle_hash if new_bundle else ""
+        command = " ".join([host_python(transport.host), "-c", shlex.quote(_UNPACK), shlex.quote(workdir),
+                            shlex.quote(tar_path), shlex.quote(bundle), *map(shlex.quote, packages)])
+        self._check(transport.run(command, timeout=120), transport.host, "cannot unpack the upload")
+        return len(data)
 
-    def install_packages(self, transport: Transport, facts: dict, report: SetupReport) -> str:
-        """Unpack PySocks (and numpy when a wheel exists) into WORKDIR/lib; say what happened."""
-        installed = set(facts.get("installed") or [])
-        notes = []
-        pure_name, pure_files = pure_package_files(PURE_MODULES)
-        if pure_files is None:
-            notes.append("PySocks missing on coordinator")
-        elif pure_name in installed:
-            notes.append("PySocks")
-        else:
-            report.uploaded_bytes += self._install_pure(transport, facts, pure_name, pure_files)
-            notes.append("PySocks (new)")
-        if not self.numpy:
-            return ", ".join(notes)
+    def install_numpy(self, transport: Transport, facts: dict, report: SetupReport) -> str:
+        """numpy from the host, or a wheel fetched on the coordinator, or a note saying why not."""
         if facts.get("numpy"):
-            notes.append("numpy")
-            return ", ".join(notes)
+            return "numpy"
         tags = host_platform_tags(facts)
-        wheel = self.wheels.find("numpy", facts.get("python", ""), tags) if tags else None
+        python = facts.get("python", "")
+        wheel = self.wheels.find("numpy", python, tags) if tags else None
         if wheel is None:
-            reason = self.wheels.last_error("numpy", facts.get("python", ""), tags) if tags else \
+            reason = self.wheels.last_error("numpy", python, tags) if tags else \
                 f"no wheels for {facts.get('system')}/{facts.get('arch')}"
-            notes.append(f"numpy skipped ({reason}): pure-Python sieve")
-            return ", ".join(notes)
+            return f"numpy skipped ({reason}): pure-Python sieve"
         report.uploaded_bytes += self._install_wheel(transport, facts, wheel)
-        notes.append("numpy (new)")
-        return ", ".join(notes)
-
-    def _install_pure(self, transport: Transport, facts: dict, name: str, files: dict) -> int:
-        lib = f"{facts['workdir']}/lib"
-        size = 0
-        for relative, data in files.items():
-            transport.put(data, f"{lib}/{relative}")
-            size += len(data)
-        self._record(transport, lib, name)
-        return size
+        return "numpy (new)"
 
     def _install_wheel(self, transport: Transport, facts: dict, wheel: Path) -> int:
         """Upload the wheel once per machine (into ~/.cache/beowulf), unpack it into this workdir."""
@@ -279,4 +300,3 @@ def teardown(transport: Transport) -> str:
     return f"removed {resolved}"
 
 
-__all__ = ["Provisioner", "SetupReport", "probe", "teardown", "local_bundle_hash", "os"]

@@ -230,3 +230,27 @@ def test_bad_inventory_is_usage_error(run_fab, tmp_path):
         done = run_fab([task, "--inventory", bad, "--yes"] if task == "teardown" else [task, "--inventory", bad])
         assert done.returncode == 2, (task, done.stderr)
         assert f"{bad}:3:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ssh_config_alias_and_proxyjump(env, run_fab, tmp_path):
+    """An ~/.ssh/config alias (HostName, User, Port, IdentityFile) and a ProxyJump hop, both key-checked."""
+    cluster, _, config = env
+    h1, h2 = cluster["h1"], cluster["h2"]
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(
+        f"Host jumpbox\n  HostName {h2.ip}\n  Port {h2.port}\n  User root\n  IdentityFile {cluster.client_key}\n"
+        f"Host inner\n  HostName {h1.ip}\n  Port {h1.port}\n  User root\n  IdentityFile {cluster.client_key}\n"
+        f"  ProxyJump jumpbox\n"
+        f"Host direct\n  HostName {h1.ip}\n  Port {h1.port}\n  User root\n  IdentityFile {cluster.client_key}\n"
+    )
+    inventory = tmp_path / "alias.ini"
+    inventory.write_text(f"[direct]\naddress = direct\nworkdir = {tmp_path / 'w1'}\n"
+                         f"[inner]\naddress = inner\nworkdir = {tmp_path / 'w2'}\n")
+    done = run_fab(["--ssh-config", ssh_config, "hosts", "--inventory", inventory], config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of 2 hosts reachable" in done.stdout
+    # The jump host's key is checked too: without it, the hop is refused.
+    cluster.known_hosts_path.write_text(h1.known_hosts_line() + "\n")
+    refused = run_fab(["--ssh-config", ssh_config, "hosts", "--inventory", inventory, "--hosts", "inner"],
+                      config=config)
+    assert refused.returncode == 1 and "unknown host key" in refused.stdout, refused.stdout

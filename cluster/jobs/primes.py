@@ -1,0 +1,483 @@
+"""The primes job, coordinator side: cut the range, check results, store and export them.
+
+A block is a range of numbers [lo, hi], both inclusive. The host runs
+``client/primes.py``'s ``run({"lo", "hi", "mode"})`` and answers with a dict
+(see that module): count, checksum (sum of the primes mod 2**64), first, last
+and, in list mode, the primes encoded as ``ENCODING``: the first prime's offset
+from ``lo``, then the gaps between successive primes, each an unsigned LEB128
+varint, zlib-compressed, then base64.
+
+The store keeps a block's payload as the raw zlib bytes (base64-decoded, not
+re-encoded) beside the block's ``lo``: ``payload_to_array(lo, payload)`` gives
+the primes back and ``write_text`` streams many blocks to a text file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import random
+import zlib
+from typing import BinaryIO, Iterable, Optional, TextIO, Tuple, Union
+
+import numpy as np
+
+from cluster.errors import BeowulfError, UsageError
+
+ENCODING = "gapvarint-zlib-b64"
+MAX_END = 10**15
+MASK64 = (1 << 64) - 1
+# Cap on primes per list-mode block: with ~0.53-0.70 compressed bytes a prime
+# (measured, 1e7..1e15), base64 and JSON, one result stays under ~4 MB.
+MAX_PRIMES_PER_BLOCK = 4_000_000
+# Cap on a count-mode block's width (its result is a few numbers; the client
+# sieves in bounded chunks, so this only bounds a block's run time).
+MAX_COUNT_BLOCK = 10**10
+# Width of the first (probe) block given to a host.
+FIRST_BLOCK = 200_000
+# Primes spot-checked with Miller-Rabin per block (besides first and last);
+# results with at most SPOT_ALL primes are checked in full.
+SPOT_PRIMES = 8
+SPOT_ALL = 64
+# Numbers inside gaps (and before the first / after the last prime) checked composite.
+SPOT_GAPS = 4
+# Deterministic Miller-Rabin with these bases is correct for every n < 3.3e24.
+MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+# Primes per chunk when formatting text (bounds write_text's memory).
+TEXT_CHUNK = 1 << 20
+# Longest varint accepted: 8 bytes hold 56 bits, more than any offset below 10**15.
+MAX_VARINT_BYTES = 8
+
+
+class InvalidResult(BeowulfError):
+    """A host's result failed validation; ``reason`` says how. The block is redone elsewhere."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin: exact for every n < 3.3e24 (bases 2..41)."""
+    if n < 2:
+        return False
+    for p in MR_BASES:
+        if n % p == 0:
+            return n == p
+    d = n - 1
+    s = 0
+    while not d & 1:
+        d >>= 1
+        s += 1
+    for a in MR_BASES:
+        x = pow(a, d, n)
+        if x == 1 or x == n - 1:
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _li(x: float) -> float:
+    """Logarithmic integral li(x) for x > 1 (Ramanujan's series)."""
+    if x <= 1.0:
+        return float("-inf") if x == 1.0 else 0.0
+    lnx = math.log(x)
+    total = 0.0
+    term = 1.0  # (ln x)^n / (n! 2^(n-1))
+    inner = 0.0  # sum_{k=0}^{floor((n-1)/2)} 1/(2k+1)
+    for n in range(1, 400):
+        term *= lnx / n / (2.0 if n > 1 else 1.0)
+        if (n - 1) % 2 == 0:
+            inner += 1.0 / (n - 1 + 1)
+        sign = -1.0 if n % 2 == 0 else 1.0
+        piece = sign * term * inner
+        total += piece
+        if abs(piece) < 1e-17 * abs(total) and n > 2 * lnx:
+            break
+    return 0.5772156649015329 + math.log(lnx) + math.sqrt(x) * total
+
+
+def estimate_count(lo: int, hi: int) -> int:
+    """Upper-bound estimate of the number of primes p with lo <= p <= hi.
+
+    li(hi + 1) - li(lo), raised by 1% plus a few; never more than the width nor
+    than Montgomery-Vaughan's bound 2W/ln W + 1 (which holds for every interval).
+    """
+    if hi < 2 or hi < lo:
+        return 0
+    lo = max(lo, 2)
+    width = hi - lo + 1
+    guess = _li(hi + 1.0) - _li(float(lo)) if lo > 2 else _li(hi + 1.0) - _li(2.0) + 1.0
+    guess = int(guess * 1.01) + 4
+    return max(0, min(width, guess, _count_bound(width)))
+
+
+def _count_bound(width: int) -> int:
+    """Rigorous cap on the primes in any interval of ``width`` integers (Montgomery-Vaughan)."""
+    if width <= 1:
+        return max(width, 0)
+    return int(2.0 * width / math.log(width)) + 2
+
+
+def _bytes_per_prime(x: float) -> float:
+    """Compressed payload bytes a prime near x, with ~15% headroom (measured: 0.53 at 1e7,
+    0.59 at 1e9, 0.70 at 1e15)."""
+    return 0.5 + 0.01 * math.log(max(x, 3.0))
+
+
+def estimate_bytes(lo: int, hi: int, mode: str = "list") -> int:
+    """Expected bytes the store needs for the block or run [lo, hi] (an over-estimate).
+
+    List mode: the compressed payloads plus a row overhead per ~10**7 numbers.
+    Count mode: a row per block only.
+    """
+    width = max(0, hi - lo + 1)
+    rows = 64 * 1024 + 256 * (width // 10**7 + 1)
+    if mode == "count":
+        return rows
+    return rows + int(estimate_count(lo, hi) * _bytes_per_prime(float(hi)))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_varints(buf: bytes) -> np.ndarray:
+    """Unsigned LEB128 varints -> uint64 array (vectorised). Raises InvalidResult."""
+    a = np.frombuffer(buf, dtype=np.uint8)
+    if not a.size:
+        return np.zeros(0, dtype=np.uint64)
+    if a[-1] & 128:
+        raise InvalidResult("truncated varint at the end of the data")
+    cont = np.flatnonzero(a >= 128)
+    if not cont.size:
+        return a.astype(np.uint64)
+    nxt = cont + 1
+    if not (a[nxt] >= 128).any():  # only 1- and 2-byte varints: the common case
+        v = a.astype(np.uint64)
+        v[cont] = (v[cont] & np.uint64(127)) | (v[nxt] << np.uint64(7))
+        return np.delete(v, nxt)
+    ends = np.flatnonzero(a < 128)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    if int(lengths.max()) > MAX_VARINT_BYTES:
+        raise InvalidResult("a varint longer than %d bytes" % MAX_VARINT_BYTES)
+    pos = np.arange(a.size, dtype=np.int64) - np.repeat(starts, lengths)
+    shifted = (a & 127).astype(np.uint64) << (7 * pos).astype(np.uint64)
+    return np.add.reduceat(shifted, starts)
+
+
+def _inflate(payload: bytes, limit: int) -> bytes:
+    """zlib-decompress at most ``limit`` bytes; InvalidResult on garbage or a bomb."""
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(payload, limit + 1)
+        if d.unconsumed_tail or len(raw) > limit:
+            raise InvalidResult("data decompresses to more than %d bytes" % limit)
+        raw += d.flush()
+        if not d.eof:
+            raise InvalidResult("zlib stream is truncated")
+        if d.unused_data:
+            raise InvalidResult("bytes after the end of the zlib stream")
+    except zlib.error as err:
+        raise InvalidResult("data is not a zlib stream: %s" % err) from None
+    return raw
+
+
+def payload_to_array(lo: int, payload: bytes, limit: Optional[int] = None) -> np.ndarray:
+    """The primes (uint64 array) of a stored payload (raw zlib bytes) of a block starting at lo."""
+    raw = _inflate(payload, limit if limit is not None else 64 * len(payload) + 1024)
+    values = decode_varints(raw)
+    primes = np.cumsum(values, dtype=np.uint64)
+    primes += np.uint64(lo)
+    return primes
+
+
+def _payload_of(result: dict) -> bytes:
+    """The raw zlib bytes of a list-mode result's data field."""
+    if result.get("encoding") != ENCODING:
+        raise InvalidResult("unknown encoding %r" % (result.get("encoding"),))
+    data = result.get("data")
+    if not isinstance(data, str):
+        raise InvalidResult("data is missing or not a string")
+    try:
+        return base64.b64decode(data.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError) as err:
+        raise InvalidResult("data is not base64: %s" % err) from None
+
+
+def decode(result: dict, lo: Optional[int] = None) -> np.ndarray:
+    """The primes (uint64 array) of a list-mode result dict.
+
+    ``lo`` is the block's start; by default the result's own ``lo`` field.
+    Raises InvalidResult on anything that does not decode.
+    """
+    if not isinstance(result, dict):
+        raise InvalidResult("result is not an object")
+    if lo is None:
+        lo = result.get("lo")
+        if not _is_int(lo):
+            raise InvalidResult("result has no lo: pass the block's lo")
+    count = result.get("count")
+    limit = MAX_VARINT_BYTES * (count + 1) if _is_int(count) and count >= 0 else None
+    return payload_to_array(lo, _payload_of(result), limit)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[int], Optional[int]]:
+    """count, checksum, first, last of a result, checked for type and plausibility."""
+    if not isinstance(result, dict):
+        raise InvalidResult("result is not an object")
+    for key, want in (("lo", lo), ("hi", hi)):
+        if key in result and result[key] != want:
+            raise InvalidResult("result is for %s=%r, not %d" % (key, result[key], want))
+    count, checksum = result.get("count"), result.get("checksum")
+    first, last = result.get("first"), result.get("last")
+    if not _is_int(count) or not _is_int(checksum):
+        raise InvalidResult("count and checksum must be integers")
+    if not 0 <= count <= min(hi - lo + 1, _count_bound(hi - lo + 1)):
+        raise InvalidResult("count %d is impossible for [%d, %d]" % (count, lo, hi))
+    if not 0 <= checksum <= MASK64:
+        raise InvalidResult("checksum out of range")
+    if count == 0:
+        if first is not None or last is not None or checksum != 0:
+            raise InvalidResult("no primes but first/last/checksum are set")
+        return count, checksum, None, None
+    if not _is_int(first) or not _is_int(last):
+        raise InvalidResult("first and last must be integers")
+    if not lo <= first <= last <= hi:
+        raise InvalidResult("first %d / last %d outside [%d, %d]" % (first, last, lo, hi))
+    if count == 1 and (first != last or checksum != first & MASK64):
+        raise InvalidResult("one prime but first/last/checksum disagree")
+    if count >= 2 and first == last:
+        raise InvalidResult("%d primes but first == last" % count)
+    if count * last <= MASK64 and not count * first <= checksum <= count * last:
+        raise InvalidResult("checksum is not a sum of %d numbers in [first, last]" % count)
+    return count, checksum, first, last
+
+
+def _spot_check_ends(lo: int, hi: int, first: Optional[int], last: Optional[int], rng) -> None:
+    """first/last prime, and a few numbers before first / after last composite."""
+    for p in {first, last} - {None}:
+        if not is_prime(p):
+            raise InvalidResult("%d is not prime" % p)
+    spans = [(lo, hi)] if first is None else [(lo, first - 1), (last + 1, hi)]
+    for a, b in spans:
+        for _ in range(SPOT_GAPS // 2 if first is not None else SPOT_GAPS):
+            if a > b:
+                break
+            n = rng.randint(a, b)
+            if is_prime(n):
+                raise InvalidResult("prime %d is missing from the result" % n)
+
+
+def _spot_check_list(primes: np.ndarray, values: np.ndarray, rng) -> None:
+    """Miller-Rabin on sampled primes; sampled numbers inside gaps must be composite."""
+    n = int(primes.size)
+    picks = range(n) if n <= SPOT_ALL else rng.sample(range(n), SPOT_PRIMES)
+    for i in picks:
+        p = int(primes[i])
+        if not is_prime(p):
+            raise InvalidResult("%d is not prime" % p)
+    if n < 2:
+        return
+    for i in rng.sample(range(n - 1), min(SPOT_GAPS, n - 1)):
+        gap = int(values[i + 1])
+        if gap > 2:
+            x = int(primes[i]) + rng.randint(1, gap - 1)
+            if is_prime(x):
+                raise InvalidResult("prime %d is missing from the result" % x)
+
+
+def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, Optional[bytes]]:
+    """Check a host's result for block [lo, hi]; return (count, payload to store or None).
+
+    Raises InvalidResult with the reason when anything is off: fields, counts,
+    decoding, order, range, checksum, parity, or a Miller-Rabin spot check of
+    sampled primes (first and last always) and of numbers in sampled gaps.
+    The payload is the raw zlib bytes of the data field (list mode only).
+    """
+    count, checksum, first, last = _check_fields(lo, hi, result)
+    rng = random.Random((lo * 1_000_003) ^ checksum ^ count)
+    _spot_check_ends(lo, hi, first, last, rng)
+    if mode == "count":
+        return count, None
+    if mode != "list":
+        raise ValueError("mode must be 'list' or 'count'")
+    payload = _payload_of(result)
+    values = decode_varints(_inflate(payload, MAX_VARINT_BYTES * (count + 1)))
+    if values.size != count:
+        raise InvalidResult("count says %d, data holds %d primes" % (count, values.size))
+    if not count:
+        return 0, payload
+    if count > 1 and not values[1:].all():
+        raise InvalidResult("primes are not strictly increasing")
+    if float(values.sum(dtype=np.float64)) > (hi - lo) * 1.000001 + 1:
+        raise InvalidResult("primes run past hi")
+    primes = np.cumsum(values, dtype=np.uint64)
+    primes += np.uint64(lo)
+    if int(primes[0]) != first or int(primes[-1]) != last:
+        raise InvalidResult("first/last disagree with the data")
+    if int(primes.sum(dtype=np.uint64)) != checksum:
+        raise InvalidResult("checksum disagrees with the data")
+    evens = int(np.count_nonzero((primes & np.uint64(1)) == 0))
+    if evens != (1 if first == 2 else 0):
+        raise InvalidResult("even numbers in the data")
+    _spot_check_list(primes, values, rng)
+    return count, payload
+
+
+# ---------------------------------------------------------------- export
+
+# "%04d" of 0..9999 as little-endian uint32 words, so a word's bytes are the digits in order.
+_DIGITS4 = np.frombuffer("".join("%04d" % i for i in range(10000)).encode("ascii"), dtype="<u4")
+
+
+def format_lines(primes: np.ndarray) -> bytes:
+    """ASCII text of ascending integers (< 10**16), one per line, built with numpy."""
+    out = []
+    for a in range(0, int(primes.size), TEXT_CHUNK):
+        out.append(_format_chunk(primes[a:a + TEXT_CHUNK]))
+    return b"".join(out)
+
+
+def _format_chunk(x: np.ndarray) -> bytes:
+    if not x.size:
+        return b""
+    if int(x[-1]) >= 10**16 or int(x[0]) > int(x[-1]):
+        return ("\n".join(map(str, x.tolist())) + "\n").encode("ascii")
+    small = int(x[-1]) < 1 << 32
+    x = x.astype(np.uint32 if small else np.uint64)
+    # four 4-digit groups: a zero-padded 16-digit text of every number
+    words = np.empty((x.size, 4), dtype="<u4")
+    if small:  # < 4.3e9: the top group is always 0
+        words[:, 0] = _DIGITS4[0]
+        q = x // 10000
+        words[:, 3] = _DIGITS4[x - q * 10000]
+        q2 = q // 10000
+        words[:, 2] = _DIGITS4[q - q2 * 10000]
+        words[:, 1] = _DIGITS4[q2]
+    else:
+        q = x
+        for col in (3, 2, 1, 0):
+            nq = q // 10000
+            words[:, col] = _DIGITS4[(q - nq * 10000).astype(np.int64)]
+            q = nq
+    text = words.view(np.uint8)  # (n, 16) digits, zero-padded
+    # the numbers are sorted, so each digit count is one contiguous run
+    top = int(x[-1])
+    powers = np.array([10**d for d in range(1, 17) if 10**d <= top], dtype=x.dtype)
+    ends = np.searchsorted(x, powers).tolist()
+    ends += [x.size] * (16 - len(ends))
+    parts = []
+    start = 0
+    for d, end in enumerate(ends, start=1):
+        if end > start:
+            rows = np.empty((end - start, d + 1), dtype=np.uint8)
+            rows[:, :d] = text[start:end, 16 - d:]
+            rows[:, d] = 10
+            parts.append(rows.tobytes())
+            start = end
+    return b"".join(parts)
+
+
+def write_text(blocks: Iterable[Tuple[int, bytes]], fileobj: Union[BinaryIO, TextIO]) -> int:
+    """Write the primes of stored blocks, one per line in ascending order; return how many.
+
+    ``blocks`` yields (lo, payload) pairs in ascending lo order (payloads as
+    stored: raw zlib bytes). Streams: one block in memory at a time. Raises
+    ValueError when the blocks are out of order or overlap.
+    """
+    text_mode = isinstance(fileobj, io.TextIOBase)
+    written = 0
+    previous = -1
+    for lo, payload in blocks:
+        primes = payload_to_array(lo, payload)
+        if not primes.size:
+            continue
+        if int(primes[0]) <= previous:
+            raise ValueError("blocks out of order at lo=%d" % lo)
+        previous = int(primes[-1])
+        data = format_lines(primes)
+        fileobj.write(data.decode("ascii") if text_mode else data)
+        written += int(primes.size)
+    return written
+
+
+# ---------------------------------------------------------------- the job
+
+
+class PrimesJob:
+    """Every prime p with start <= p <= end (both inclusive), as a list or a count.
+
+    Items are numbers: item index i is the number start + i; a block is a range
+    of numbers [lo, hi], both inclusive.
+    """
+
+    name = "primes"
+
+    def __init__(self, start: int, end: int, count_only: bool = False):
+        if not (_is_int(start) and _is_int(end)):
+            raise UsageError("start and end must be integers")
+        if not 0 <= start <= end <= MAX_END:
+            raise UsageError(
+                "need 0 <= start <= end <= 10^15, got start=%d end=%d" % (start, end)
+            )
+        self.start = start
+        self.end = end
+        self.count_only = bool(count_only)
+        self.mode = "count" if self.count_only else "list"
+        self.total = end - start + 1
+
+    def params(self) -> dict:
+        """The run's identity: range and mode (hosts and block sizes are not part of it)."""
+        return {"start": self.start, "end": self.end, "mode": self.mode}
+
+    def task_args(self, lo: int, hi: int) -> dict:
+        """Arguments of the client's run() for the block of numbers [lo, hi] (inclusive)."""
+        if not self.start <= lo <= hi <= self.end:
+            raise ValueError("block [%d, %d] is outside [%d, %d]" % (lo, hi, self.start, self.end))
+        return {"lo": lo, "hi": hi, "mode": self.mode}
+
+    def check(self, lo: int, hi: int, result: dict) -> Tuple[int, Optional[bytes]]:
+        """validate() for this job's mode: (count, payload or None); raises InvalidResult."""
+        return validate(lo, hi, result, self.mode)
+
+    def max_block(self) -> int:
+        """Widest block to hand out: in list mode at most ~4e6 primes (a ~3-4 MB result)
+        where primes are densest (at start); in count mode MAX_COUNT_BLOCK."""
+        if self.count_only:
+            return min(MAX_COUNT_BLOCK, self.total)
+        low, high = FIRST_BLOCK, 100 * MAX_PRIMES_PER_BLOCK  # estimate_count grows with width
+        while low < high:
+            mid = (low + high + 1) // 2
+            if estimate_count(self.start, self.start + mid - 1) <= MAX_PRIMES_PER_BLOCK:
+                low = mid
+            else:
+                high = mid - 1
+        return min(low, self.total)
+
+    def first_block(self) -> int:
+        """Width of a host's first (probe) block, from which its rate is measured."""
+        return min(FIRST_BLOCK, self.total)
+
+    def estimate_bytes(self) -> int:
+        """Store bytes the whole run needs (over-estimate): refuse the run if the disk has less."""
+        return estimate_bytes(self.start, self.end, self.mode)
