@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -94,33 +95,38 @@ def spawn_per_task(rounds: int) -> float:
 
 
 def main() -> None:
-    """Run the measurements and print them."""
+    """Run the measurements, interleaved over a few rounds, and print the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--tasks", type=int, default=5000, help="tasks per measurement")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--slots", type=int, default=2)
     opts = parser.parse_args()
+    window = opts.slots + 1
+    samples: dict = {"one": [], "piped": [], "wide": [], "floor": [], "spawn": []}
 
     proc = start_agent(opts.slots)
-    run_window(proc, 500, 1)  # warm up: workers started, caches filled
-    one = run_window(proc, opts.tasks, 1) / opts.tasks
-    piped = run_window(proc, opts.tasks, opts.slots + 1)
-    wide = run_window(proc, opts.tasks, 32)
+    run_window(proc, 500, window)  # warm up: workers started, caches filled
+    for _ in range(opts.rounds):  # interleaved: the machine's load drifts between runs
+        samples["floor"].append(echo_round_trip(opts.tasks))
+        samples["one"].append(run_window(proc, opts.tasks, 1) / opts.tasks)
+        samples["piped"].append(run_window(proc, opts.tasks, window) / opts.tasks)
+        samples["wide"].append(run_window(proc, opts.tasks, 32) / opts.tasks)
+        samples["spawn"].append(spawn_per_task(10))
     proc.stdin.close()
     proc.wait(5)
 
-    floor = echo_round_trip(opts.tasks)
-    spawn = spawn_per_task(30)
-    window = opts.slots + 1
-    print(f"agent, 1 in flight:        {one * 1e6:8.1f} us per task  "
-          f"({1 / one:8.0f} tasks/s)")
-    print(f"agent, {window} in flight over {opts.slots} slots: "
-          f"{opts.tasks / piped:8.0f} tasks/s  ({piped / opts.tasks * 1e6:.1f} us per task)")
-    print(f"agent, 32 in flight:       {opts.tasks / wide:8.0f} tasks/s")
-    print(f"baseline pipe echo:        {floor * 1e6:8.1f} us per round trip")
-    print(f"baseline process per task: {spawn * 1e3:8.1f} ms per task")
-    print(f"ratio agent (1 in flight) / pipe echo:       {one / floor:6.2f}x")
-    print(f"ratio process per task / agent ({window} in flight): "
-          f"{spawn / (piped / opts.tasks):6.0f}x")
+    one, piped, wide, floor, spawn = (statistics.median(samples[key]) for key in
+                                      ("one", "piped", "wide", "floor", "spawn"))
+    print(f"noop tasks through agent + worker, {opts.slots} slots, median of {opts.rounds} "
+          f"rounds of {opts.tasks}")
+    print(f"  1 in flight:                {one * 1e6:8.1f} us per task ({1 / one:6.0f} tasks/s)")
+    print(f"  {window} in flight (slots + 1):   {1 / piped:8.0f} tasks/s "
+          f"({piped * 1e6:.1f} us per task)")
+    print(f"  32 in flight:               {1 / wide:8.0f} tasks/s")
+    print(f"baseline: bare pipe echo      {floor * 1e6:8.1f} us per round trip")
+    print(f"baseline: process per task    {spawn * 1e3:8.1f} ms per task")
+    print(f"ratio agent round trip / pipe echo round trip:          {one / floor:6.1f}x")
+    print(f"ratio process per task / agent per task ({window} in flight): {spawn / piped:6.0f}x")
 
 
 if __name__ == "__main__":

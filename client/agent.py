@@ -1,15 +1,29 @@
 """beowulf's agent: one per host, JSON lines with the coordinator, one worker process per slot.
 
     python3 agent.py --host NAME --slots N [--nice N] [--lib DIR] [--beat SECONDS]
+                     [--job NAME=MODULE[:FUNC]] [--preload JOB,...] [--log-level LEVEL]
     python3 agent.py --probe
 
 Stdin carries the coordinator's messages and stdout the agent's, one JSON object a
-line (DESIGN.md section 4); stdout carries nothing else, logs go to stderr. Each
-slot has a worker: this same file run as ``agent.py --worker``, fed one task at a
-time over its own pipes. The agent queues tasks, hands each to the next free worker,
-forwards the worker's result line as is, kills a worker whose task is cancelled and
-replaces any worker that dies. When stdin closes (or on ``bye``) it kills every
-worker and exits; a worker whose agent vanished (SIGKILL) kills itself.
+line, UTF-8 (DESIGN.md section 4); stdout carries nothing else, logs go to stderr.
+
+    agent -> {"type": "hello", "bundle", "python", "cores", "slots", "host", "pid",
+              "engines": {"primes": ENGINE or null}, "protocol": 1, "jobs", "nice"}
+    coord -> {"type": "task", "id": ID, "job": NAME, "args": {...}}   queued, run by a free slot
+    agent -> {"type": "result", "id": ID, "ok": true, "result": {...}, "elapsed": S, "slot": K}
+             {"type": "result", "id": ID, "ok": false, "error": "one line", "elapsed": S[, "slot"]}
+    coord -> {"type": "cancel", "id": ID}     queued: dropped; running: its worker is killed;
+                                              no result for ID is written after this is read
+    agent -> {"type": "beat", "t", "load": [1m, 5m, 15m] or null, "temp", "busy", "queued"}
+    coord -> {"type": "ping", "id": X}   agent -> {"type": "pong", "id": X, "t": time}
+    coord -> {"type": "bye"}, or stdin EOF: kill every worker, exit 0 within about a second
+
+Each slot has a worker: this same file run as ``agent.py --worker``, fed one task at a
+time over its own pipes, importing job modules lazily from a whitelist (``JOBS``).
+The agent is one thread around a selector: it queues tasks, hands each to the next
+free worker, forwards the worker's result line as is, kills a worker whose task is
+cancelled and replaces any worker that dies. A worker whose agent vanished (SIGKILL)
+notices within PARENT_POLL_SECONDS and kills itself and its process group.
 
 Shipped to every host: standard library only, Python 3.6 syntax, degrades on macOS.
 """
@@ -47,10 +61,14 @@ DEFAULT_NICE = 10
 PARENT_POLL_SECONDS = 0.5
 # Seconds the agent waits for killed workers to be reaped when it exits.
 EXIT_GRACE_SECONDS = 1.0
+# Bytes asked of each read from stdin or a worker (a pipe holds 64 KiB; bigger reads
+# would make every read allocate a fresh mmap).
+READ_SIZE = 1 << 16
 # Longest error message sent in a failed result.
 MAX_ERROR_CHARS = 500
-# Seconds allowed for importing the job modules to learn their engines (numpy on a Pi).
-ENGINE_PROBE_SECONDS = 60
+# Seconds allowed for importing the job modules to learn their engines (numpy on a Pi);
+# below the coordinator's wait for the hello (60 s).
+ENGINE_PROBE_SECONDS = 30
 # A worker that dies this soon after start without a task counts as failing to start:
 # it is respawned with back-off (0.2 s, 0.4 s, ... up to MAX_RESPAWN_DELAY).
 QUICK_DEATH_SECONDS = 5.0
@@ -543,7 +561,7 @@ class Agent(object):
     def on_worker_data(self, worker):
         """A worker's stdout is readable: forward its results, or handle its death."""
         try:
-            data = os.read(worker.fd_out, 1 << 20)
+            data = os.read(worker.fd_out, READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -686,7 +704,7 @@ class Agent(object):
     def on_stdin(self):
         """Stdin is readable: handle every complete line; False on EOF or bye."""
         try:
-            data = os.read(0, 1 << 16)
+            data = os.read(0, READ_SIZE)
         except BlockingIOError:
             return True
         if not data:

@@ -17,6 +17,7 @@ prime's offset from ``lo``, then the gaps between successive primes, each an
 unsigned LEB128 varint, the bytes compressed with zlib (level 1, Huffman only)
 and then base64 (``ENCODING``).
 """
+
 import base64
 import os
 import sys
@@ -31,25 +32,26 @@ except Exception:  # ImportError, or a numpy that cannot load on this CPU
     np = None
 
 ENCODING = "gapvarint-zlib-b64"
-MAX_HI = 10 ** 15
+MAX_HI = 10**15
 MASK64 = (1 << 64) - 1
 # Odd numbers per segment of the stdlib engine (a 256 KiB bytearray, L2-sized).
 PY_SEGMENT_ODDS = 1 << 18
 # ... grown up to this when there are many base primes (each costs a few Python
 # operations per segment: near 10**15 there are 1.95 million of them).
 PY_SEGMENT_MAX = 1 << 22
-# Odd numbers per chunk of the numpy engine; numpy's per-call overhead favours
-# big chunks over cache-sized ones. Bounds the engine's memory (~40 MB).
+# Odd numbers per chunk of the numpy engine; numpy's per-call overhead (~1 us a
+# slice) favours big chunks over cache-sized ones. Bounds the engine's memory:
+# ~50 MB a process, ~90 MB near 10**15 (base primes up to 3.2e7).
 NP_CHUNK_ODDS = 1 << 23
 # Numbers per chunk asked of libprimesieve (bounds memory: 8 bytes a prime).
 PS_CHUNK = 1 << 25
 # In the numpy engine a base prime with fewer expected hits in a chunk than
 # this is crossed off by a vectorised scatter instead of a slice assignment.
-NP_SCATTER_HITS = 128
+NP_SCATTER_HITS = 64
 # The numpy engine removes multiples of these by copying a periodic pattern.
 PRESIEVE = (3, 5, 7, 11, 13, 17)
-# Hits per vectorised scatter batch (bounds its temporary arrays).
-NP_SCATTER_BATCH = 1 << 21
+# Base primes per scatter batch, and hits per scatter pass (bounds temporaries).
+NP_SCATTER_BATCH = 1 << 18
 # zlib settings: level 1, Huffman only (gap bytes have no long repeats: LZ
 # matching costs time and gains nothing). The stream is ordinary zlib.
 ZLIB_LEVEL = 1
@@ -61,7 +63,7 @@ def isqrt(n):
     if n < 0:
         raise ValueError("isqrt of a negative number")
     if n < 1 << 52:
-        r = int(n ** 0.5)
+        r = int(n**0.5)
     else:  # Newton's method: floats lose precision (or overflow) here
         r = 1 << ((n.bit_length() + 1) // 2)
         while True:
@@ -130,7 +132,7 @@ def numpy_base_primes(limit):
         for i in range(1, (isqrt(new) - 1) // 2 + 1):
             if flags[i]:
                 p = 2 * i + 1
-                flags[p * p // 2::p] = False
+                flags[p * p // 2 :: p] = False
         cache["primes"] = 2 * np.flatnonzero(flags) + 1
         cache["limit"] = new
     primes = cache["primes"]
@@ -248,8 +250,9 @@ def decode_primes(lo, data):
 class _Accumulator(object):
     """Folds pieces of primes into the result fields; encodes in list mode."""
 
-    def __init__(self, lo, want_list):
+    def __init__(self, lo, hi, want_list):
         self.lo = lo
+        self.hi = hi
         self.prev = lo
         self.count = 0
         self.total = 0
@@ -315,6 +318,8 @@ class _Accumulator(object):
     def result(self, engine):
         """The JSON-ready result dict."""
         out = {
+            "lo": self.lo,
+            "hi": self.hi,
             "count": self.count,
             "checksum": self.total & MASK64,
             "first": self.first,
@@ -429,26 +434,32 @@ def _np_sieve_chunk(sb, n, out):
     pat, period = _presieve_pattern(NP_CHUNK_ODDS)
     j0 = ((sb - 1) // 2) % period
     seg = out[:n]
-    seg[:] = pat[j0:j0 + n]
+    seg[:] = pat[j0 : j0 + n]
     if sb <= PRESIEVE[-1]:
         for q in PRESIEVE:
             if sb <= q <= shi:
                 seg[(q - sb) // 2] = True
     ps = numpy_base_primes(isqrt(shi))
-    ps = ps[ps > PRESIEVE[-1]]
-    if not ps.size:
-        return seg
-    # first odd multiple of p that is >= sb, and at least p*p
+    low = int(np.searchsorted(ps, PRESIEVE[-1], side="right"))
+    split = max(low, int(np.searchsorted(ps, n // NP_SCATTER_HITS, side="right")))
+    small = ps[low:split]
+    for p, i in zip(small.tolist(), _first_index(sb, small).tolist()):
+        seg[i::p] = False
+    # the rest in batches of primes: near 10**15 there are 1.95 million of them
+    for a in range(split, ps.size, NP_SCATTER_BATCH):
+        part = ps[a : a + NP_SCATTER_BATCH]
+        _np_cross_scatter(seg, n, part, _first_index(sb, part))
+    return seg
+
+
+def _first_index(sb, ps):
+    """Index (from odd sb, step 2) of each prime's first odd multiple >= max(sb, p*p)."""
     m = sb + (-sb) % ps
     m += ps * ((m & 1) == 0)
-    m = np.maximum(m, ps * ps)
-    idx = (m - sb) >> 1
-    split = int(np.searchsorted(ps, n // NP_SCATTER_HITS, side="right"))
-    for p, i in zip(ps[:split].tolist(), idx[:split].tolist()):
-        seg[i::p] = False
-    if split < ps.size:
-        _np_cross_scatter(seg, n, ps[split:], idx[split:])
-    return seg
+    np.maximum(m, ps * ps, out=m)
+    m -= sb
+    m >>= 1
+    return m
 
 
 def _run_numpy(lo, hi, acc):
@@ -553,10 +564,7 @@ def _pick_engine():
     if forced:
         if forced in _ENGINES:
             return forced
-        sys.stderr.write(
-            "primes: BEOWULF_PRIMES_ENGINE=%s is not available here; using the best one\n"
-            % forced
-        )
+        sys.stderr.write("primes: BEOWULF_PRIMES_ENGINE=%s is not available here; using the best one\n" % forced)
     for name in ("primesieve", "numpy", "python"):
         if name in _ENGINES:
             return name
@@ -591,14 +599,15 @@ def run(args, engine=None):
     0 <= lo <= hi <= 10**15; anything else raises ValueError. ``engine``
     overrides ``ENGINE`` (tests compare engines in one process).
 
-    Returns ``{"count", "checksum" (sum of the primes mod 2**64), "first",
-    "last" (None when there is no prime), "engine"}`` and, in list mode,
-    ``"encoding": ENCODING`` and ``"data"`` (ascii).
+    Returns ``{"lo", "hi" (echoed), "count", "checksum" (sum of the primes
+    mod 2**64), "first", "last" (None when there is no prime), "engine"}`` and,
+    in list mode, ``"encoding": ENCODING`` and ``"data"`` (ascii): the first
+    prime's offset from lo, then the gaps, as LEB128 varints, zlib, base64.
     """
     lo, hi, mode = _check_args(args)
     name = engine or ENGINE
     if name not in _ENGINES:
         raise ValueError("engine %r is not available here (have %s)" % (name, ", ".join(AVAILABLE)))
-    acc = _Accumulator(lo, mode == "list")
+    acc = _Accumulator(lo, hi, mode == "list")
     _ENGINES[name](lo, hi, acc)
     return acc.result(name)

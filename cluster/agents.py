@@ -46,7 +46,8 @@ class HostLink:
     """The coordinator's handle on one host's agent."""
 
     def __init__(self, host: Host, config, accept_new: bool, events: queue.Queue,
-                 check: Callable[[int, int, dict], Any], bundle: str, beat_seconds: float = 2.0):
+                 check: Callable[[int, int, dict], Any], bundle: str, beat_seconds: float = 2.0,
+                 preload: str = ""):
         self.host = host
         self.name = host.name
         self.config = config
@@ -55,6 +56,7 @@ class HostLink:
         self.check = check
         self.bundle = bundle
         self.beat_seconds = beat_seconds
+        self.preload = preload
         self.generation = 0
         self.transport: Optional[Transport] = None
         self.stream: Optional[Stream] = None
@@ -72,6 +74,8 @@ class HostLink:
         flags = f"--host {shlex.quote(host.name)} --nice {int(host.nice)} --beat {self.beat_seconds:g}"
         if host.slots:
             flags += f" --slots {int(host.slots)}"
+        if self.preload:
+            flags += f" --preload {shlex.quote(self.preload)}"
         if host.is_local:
             agent = shlex.quote(str(CLIENT_DIR / "agent.py"))
             return f"exec {shlex.quote(sys.executable)} {agent} {flags}"

@@ -121,7 +121,9 @@ class Coordinator:
     def _run_locked(self, store: Store, run_id: int, began: float) -> RunOutcome:
         self.run_id = run_id
         done = store.done_ranges(run_id)
-        self.schedule = Schedule(self.job.start, self.job.end, done)
+        self.min_block = self.job.min_block() if hasattr(self.job, "min_block") else MIN_BLOCK
+        self.schedule = Schedule(self.job.start, self.job.end, done, self.min_block)
+        self.max_block = self.job.max_block()
         totals = store.run_totals(run_id)
         self.done_items = self.job.total - self.schedule.remaining_at_start
         self.found_committed = int(totals.get("found") or 0)
@@ -145,11 +147,19 @@ class Coordinator:
             state = "failed"
             raise
         finally:
-            for link in self.links.values():
-                link.close_in_background()
+            self._close_links()
             self.writer.close()
             store.finish_run(run_id, state)
         return self._outcome(began)
+
+    def _close_links(self, timeout: float = 5.0) -> None:
+        """Stop every agent (each closes its workers), waiting a little so none is left behind."""
+        threads = [threading.Thread(target=link.close, daemon=True) for link in self.links.values()]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _outcome(self, began: float, already_done: bool = False) -> RunOutcome:
         return RunOutcome(self.run_id, list(self.stats.values()), self.done_items, self.found_committed,
@@ -162,7 +172,7 @@ class Coordinator:
         bundle = local_bundle_hash()
         for host in self.hosts:
             self.links[host.name] = HostLink(host, self.config, self.accept_new, self.events, self.job.check,
-                                             bundle, beat_seconds=self.beat_seconds)
+                                             bundle, beat_seconds=self.beat_seconds, preload=self.job.name)
         threads = [threading.Thread(target=self._connect, args=(name,), daemon=True) for name in self.links]
         for thread in threads:
             thread.start()
@@ -271,10 +281,10 @@ class Coordinator:
             size = self.job.first_block()
         else:
             size = int(stats.rate * self.block_seconds)
-        size = min(size, self.job.max_block())
+        size = min(size, self.max_block)
         slots = sum(self.stats[name].slots for name in self.up) or 1
         tail = self.schedule.uncut() // (2 * slots)
-        return max(MIN_BLOCK, min(size, max(tail, MIN_BLOCK)))
+        return max(self.min_block, min(size, max(tail, self.min_block)))
 
     def _fill(self, name: str) -> None:
         link, stats = self.links[name], self.stats[name]

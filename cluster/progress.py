@@ -52,7 +52,7 @@ class Progress:
     def __call__(self, done: int, total: int, hosts) -> None:
         now = time.monotonic()
         if self._first_done is None:
-            self._first_done, self._began = done, now
+            self._first_done, self._began, self._last_log = done, now, now
         elapsed = max(now - self._began, 1e-9)
         speed = (done - self._first_done) / elapsed
         per_host = " ".join(f"{h.name}:{_rate(h.rate * h.slots)}/s" for h in hosts if h.state == "up" and h.rate)
@@ -61,6 +61,6 @@ class Progress:
                               hosts=per_host)
         elif now - self._last_log >= self.interval:
             self._last_log = now
-            left = (total - done) / speed if speed > 0 else float("nan")
-            log.info("%.1f%% (%s of %s %s), %s/s, ETA %.0fs; %s", 100 * done / max(total, 1), f"{done:,}",
-                        f"{total:,}", self.unit, _rate(speed), left, per_host)
+            eta = f"ETA {(total - done) / speed:.0f}s" if speed > 0 else "ETA unknown"
+            log.info("%.1f%% (%s of %s %s), %s %s/s, %s; %s", 100 * done / max(total, 1), f"{done:,}",
+                     f"{total:,}", self.unit, _rate(speed), self.unit, eta, per_host or "starting")

@@ -49,8 +49,9 @@ class Block:
 class Schedule:
     """The run's blocks: gaps to cut from, blocks to redo, blocks in flight, by task id."""
 
-    def __init__(self, start: int, end: int, done: list[tuple[int, int]]):
+    def __init__(self, start: int, end: int, done: list[tuple[int, int]], min_block: int = MIN_BLOCK):
         self.start, self.end = start, end
+        self.min_block = min_block
         self.gaps: deque[list[int]] = deque(_gaps(start, end, done))
         self.redo: deque[Block] = deque()
         self.verify: deque[Block] = deque()
@@ -86,9 +87,9 @@ class Schedule:
         if not self.gaps:
             return None
         gap = self.gaps[0]
-        width = max(MIN_BLOCK, size)
+        width = max(self.min_block, size)
         lo, hi = gap[0], min(gap[1], gap[0] + width - 1)
-        if gap[1] - hi < MIN_BLOCK:  # don't leave a sliver behind
+        if gap[1] - hi < self.min_block:  # don't leave a sliver behind
             hi = gap[1]
         if hi == gap[1]:
             self.gaps.popleft()

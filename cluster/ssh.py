@@ -30,6 +30,8 @@ from .inventory import Host
 log = logging.getLogger(__name__)
 _connect_slots = threading.BoundedSemaphore(MAX_CONCURRENT_CONNECTS)
 _known_hosts_lock = threading.Lock()
+# invoke's Config is not thread-safe: Connection() reads and clones it; hosts connect in threads.
+_config_lock = threading.Lock()
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -100,19 +102,21 @@ def _secure(connection: Connection, known_hosts: Path, accept_new: bool, label: 
 
 def make_connection(host: Host, config: Config) -> Connection:
     """A not-yet-opened Fabric Connection for ``host``; hosts.ini values win over ~/.ssh/config."""
-    connect_kwargs = dict(config.connect_kwargs or {})
+    with _config_lock:
+        connect_kwargs = dict(config.connect_kwargs or {})
     if host.identity:
         keys = connect_kwargs.get("key_filename") or []
         keys = [keys] if isinstance(keys, str) else list(keys)
         connect_kwargs["key_filename"] = [host.identity, *keys]
     connect_kwargs.setdefault("banner_timeout", 30)
     connect_kwargs.setdefault("auth_timeout", 30)
-    connection = Connection(
-        host.hostname, user=host.user, port=host.port, config=config, connect_kwargs=connect_kwargs
-    )
+    with _config_lock:
+        connection = Connection(
+            host.hostname, user=host.user, port=host.port, config=config.clone(), connect_kwargs=connect_kwargs
+        )
     # `fab -t` wins over ConnectTimeout in ~/.ssh/config; neither given: our default.
-    if config.timeouts.connect:
-        connection.connect_timeout = int(config.timeouts.connect)
+    if connection.config.timeouts.connect:
+        connection.connect_timeout = int(connection.config.timeouts.connect)
     elif connection.connect_timeout is None:
         connection.connect_timeout = DEFAULT_CONNECT_TIMEOUT
     return connection
@@ -121,8 +125,8 @@ def make_connection(host: Host, config: Config) -> Connection:
 def open_connection(host: Host, config: Config, accept_new: bool = False,
                     known_hosts: Optional[Path] = None) -> Connection:
     """Open a checked, tuned SSH connection to ``host``; raise HostKeyError / ConnectError."""
-    known_hosts = known_hosts or default_known_hosts(config)
     connection = make_connection(host, config)
+    known_hosts = known_hosts or default_known_hosts(connection.config)
     _secure(connection, known_hosts, accept_new, host.name)
     target = f"{connection.user}@{connection.host}:{connection.port}"
     try:

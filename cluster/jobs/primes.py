@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import io
 import math
+import os
 import random
 import zlib
 from typing import BinaryIO, Iterable, Optional, TextIO, Tuple, Union
@@ -41,8 +43,15 @@ FIRST_BLOCK = 200_000
 # results with at most SPOT_ALL primes are checked in full.
 SPOT_PRIMES = 8
 SPOT_ALL = 64
-# Numbers inside gaps (and before the first / after the last prime) checked composite.
+# Gaps whose odd numbers are all checked composite (and numbers checked before
+# the first / after the last prime).
 SPOT_GAPS = 4
+# Primes in one random run checked for small factors (a sieve that skipped a
+# small prime leaves its multiples everywhere).
+SPOT_RUN = 4096
+SMALL_FACTORS = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+# Blocks at most this wide are checked in full with Miller-Rabin (both modes).
+FULL_CHECK_WIDTH = 2000
 # Deterministic Miller-Rabin with these bases is correct for every n < 3.3e24.
 MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
 # Primes per chunk when formatting text (bounds write_text's memory).
@@ -152,7 +161,11 @@ def estimate_bytes(lo: int, hi: int, mode: str = "list") -> int:
 
 
 def decode_varints(buf: bytes) -> np.ndarray:
-    """Unsigned LEB128 varints -> uint64 array (vectorised). Raises InvalidResult."""
+    """Unsigned LEB128 varints -> an unsigned integer array, vectorised.
+
+    The dtype is the narrowest that fits the encoding (uint8 when every value is
+    one byte, uint16 with 2-byte values, else uint64). Raises InvalidResult.
+    """
     a = np.frombuffer(buf, dtype=np.uint8)
     if not a.size:
         return np.zeros(0, dtype=np.uint64)
@@ -160,11 +173,11 @@ def decode_varints(buf: bytes) -> np.ndarray:
         raise InvalidResult("truncated varint at the end of the data")
     cont = np.flatnonzero(a >= 128)
     if not cont.size:
-        return a.astype(np.uint64)
+        return a
     nxt = cont + 1
     if not (a[nxt] >= 128).any():  # only 1- and 2-byte varints: the common case
-        v = a.astype(np.uint64)
-        v[cont] = (v[cont] & np.uint64(127)) | (v[nxt] << np.uint64(7))
+        v = a.astype(np.uint16)
+        v[cont] = (v[cont] & 127) | (v[nxt] << 7)
         return np.delete(v, nxt)
     ends = np.flatnonzero(a < 128)
     starts = np.empty_like(ends)
@@ -172,7 +185,7 @@ def decode_varints(buf: bytes) -> np.ndarray:
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts + 1
     if int(lengths.max()) > MAX_VARINT_BYTES:
-        raise InvalidResult("a varint longer than %d bytes" % MAX_VARINT_BYTES)
+        raise InvalidResult(f"a varint longer than {MAX_VARINT_BYTES} bytes")
     pos = np.arange(a.size, dtype=np.int64) - np.repeat(starts, lengths)
     shifted = (a & 127).astype(np.uint64) << (7 * pos).astype(np.uint64)
     return np.add.reduceat(shifted, starts)
@@ -184,22 +197,28 @@ def _inflate(payload: bytes, limit: int) -> bytes:
         d = zlib.decompressobj()
         raw = d.decompress(payload, limit + 1)
         if d.unconsumed_tail or len(raw) > limit:
-            raise InvalidResult("data decompresses to more than %d bytes" % limit)
+            raise InvalidResult(f"data decompresses to more than {limit} bytes")
         raw += d.flush()
         if not d.eof:
             raise InvalidResult("zlib stream is truncated")
         if d.unused_data:
             raise InvalidResult("bytes after the end of the zlib stream")
     except zlib.error as err:
-        raise InvalidResult("data is not a zlib stream: %s" % err) from None
+        raise InvalidResult(f"data is not a zlib stream: {err}") from None
     return raw
 
 
 def payload_to_array(lo: int, payload: bytes, limit: Optional[int] = None) -> np.ndarray:
     """The primes (uint64 array) of a stored payload (raw zlib bytes) of a block starting at lo."""
     raw = _inflate(payload, limit if limit is not None else 64 * len(payload) + 1024)
-    values = decode_varints(raw)
-    primes = np.cumsum(values, dtype=np.uint64)
+    return _absolute(lo, decode_varints(raw))
+
+
+def _absolute(lo: int, values: np.ndarray) -> np.ndarray:
+    """lo + running sums of the offsets (uint64). Converting first, then summing in
+    place, is several times faster than cumsum(dtype=uint64) on a narrow array."""
+    primes = values.astype(np.uint64)
+    np.cumsum(primes, out=primes)
     primes += np.uint64(lo)
     return primes
 
@@ -207,14 +226,14 @@ def payload_to_array(lo: int, payload: bytes, limit: Optional[int] = None) -> np
 def _payload_of(result: dict) -> bytes:
     """The raw zlib bytes of a list-mode result's data field."""
     if result.get("encoding") != ENCODING:
-        raise InvalidResult("unknown encoding %r" % (result.get("encoding"),))
+        raise InvalidResult(f"unknown encoding {result.get('encoding')!r}")
     data = result.get("data")
     if not isinstance(data, str):
         raise InvalidResult("data is missing or not a string")
     try:
         return base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError) as err:
-        raise InvalidResult("data is not base64: %s" % err) from None
+        raise InvalidResult(f"data is not base64: {err}") from None
 
 
 def decode(result: dict, lo: Optional[int] = None) -> np.ndarray:
@@ -247,13 +266,13 @@ def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[in
         raise InvalidResult("result is not an object")
     for key, want in (("lo", lo), ("hi", hi)):
         if key in result and result[key] != want:
-            raise InvalidResult("result is for %s=%r, not %d" % (key, result[key], want))
+            raise InvalidResult(f"result is for {key}={result[key]!r}, not {want}")
     count, checksum = result.get("count"), result.get("checksum")
     first, last = result.get("first"), result.get("last")
     if not _is_int(count) or not _is_int(checksum):
         raise InvalidResult("count and checksum must be integers")
     if not 0 <= count <= min(hi - lo + 1, _count_bound(hi - lo + 1)):
-        raise InvalidResult("count %d is impossible for [%d, %d]" % (count, lo, hi))
+        raise InvalidResult(f"count {count} is impossible for [{lo}, {hi}]")
     if not 0 <= checksum <= MASK64:
         raise InvalidResult("checksum out of range")
     if count == 0:
@@ -263,13 +282,13 @@ def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[in
     if not _is_int(first) or not _is_int(last):
         raise InvalidResult("first and last must be integers")
     if not lo <= first <= last <= hi:
-        raise InvalidResult("first %d / last %d outside [%d, %d]" % (first, last, lo, hi))
+        raise InvalidResult(f"first {first} / last {last} outside [{lo}, {hi}]")
     if count == 1 and (first != last or checksum != first & MASK64):
         raise InvalidResult("one prime but first/last/checksum disagree")
     if count >= 2 and first == last:
-        raise InvalidResult("%d primes but first == last" % count)
+        raise InvalidResult(f"{count} primes but first == last")
     if count * last <= MASK64 and not count * first <= checksum <= count * last:
-        raise InvalidResult("checksum is not a sum of %d numbers in [first, last]" % count)
+        raise InvalidResult(f"checksum is not a sum of {count} numbers in [first, last]")
     return count, checksum, first, last
 
 
@@ -277,7 +296,7 @@ def _spot_check_ends(lo: int, hi: int, first: Optional[int], last: Optional[int]
     """first/last prime, and a few numbers before first / after last composite."""
     for p in {first, last} - {None}:
         if not is_prime(p):
-            raise InvalidResult("%d is not prime" % p)
+            raise InvalidResult(f"{p} is not prime")
     spans = [(lo, hi)] if first is None else [(lo, first - 1), (last + 1, hi)]
     for a, b in spans:
         for _ in range(SPOT_GAPS // 2 if first is not None else SPOT_GAPS):
@@ -285,76 +304,100 @@ def _spot_check_ends(lo: int, hi: int, first: Optional[int], last: Optional[int]
                 break
             n = rng.randint(a, b)
             if is_prime(n):
-                raise InvalidResult("prime %d is missing from the result" % n)
+                raise InvalidResult(f"prime {n} is missing from the result")
+
+
+def _full_check(lo: int, hi: int, count: int, checksum: int) -> list:
+    """A tiny block: every number tested; count and checksum must match exactly.
+    Returns the primes found."""
+    found = [n for n in range(lo, hi + 1) if is_prime(n)]
+    if len(found) != count or sum(found) & MASK64 != checksum:
+        raise InvalidResult(f"[{lo}, {hi}] holds {len(found)} primes; result says {count} with checksum {checksum}")
+    return found
 
 
 def _spot_check_list(primes: np.ndarray, values: np.ndarray, rng) -> None:
-    """Miller-Rabin on sampled primes; sampled numbers inside gaps must be composite."""
+    """Miller-Rabin on sampled primes, small factors in a sampled run, and every odd
+    number inside a few sampled gaps composite."""
     n = int(primes.size)
     picks = range(n) if n <= SPOT_ALL else rng.sample(range(n), SPOT_PRIMES)
     for i in picks:
         p = int(primes[i])
         if not is_prime(p):
-            raise InvalidResult("%d is not prime" % p)
-    if n < 2:
-        return
-    for i in rng.sample(range(n - 1), min(SPOT_GAPS, n - 1)):
-        gap = int(values[i + 1])
-        if gap > 2:
-            x = int(primes[i]) + rng.randint(1, gap - 1)
+            raise InvalidResult(f"{p} is not prime")
+    start = rng.randrange(max(1, n - SPOT_RUN + 1))
+    run = primes[start : start + SPOT_RUN]
+    for q in SMALL_FACTORS:
+        bad = (run % np.uint64(q) == 0) & (run != np.uint64(q))
+        if bad.any():
+            raise InvalidResult(f"{int(run[np.argmax(bad)])} is a multiple of {q}")
+    for i in rng.sample(range(n - 1), min(SPOT_GAPS, max(n - 1, 0))):
+        p, gap = int(primes[i]), int(values[i + 1])
+        for x in range(p + 2 if p > 2 else 3, p + gap, 2):
             if is_prime(x):
-                raise InvalidResult("prime %d is missing from the result" % x)
+                raise InvalidResult(f"prime {x} is missing from the result")
 
 
 def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, Optional[bytes]]:
     """Check a host's result for block [lo, hi]; return (count, payload to store or None).
 
-    Raises InvalidResult with the reason when anything is off: fields, counts,
-    decoding, order, range, checksum, parity, or a Miller-Rabin spot check of
-    sampled primes (first and last always) and of numbers in sampled gaps.
+    Raises InvalidResult with the reason when anything is off: fields, counts
+    (never more than any interval can hold), decoding, order, range, checksum,
+    parity; then spot checks: Miller-Rabin on first, last and sampled primes,
+    small factors in a sampled run of primes, every odd number inside a few
+    sampled gaps and a few outside [first, last] composite. Blocks narrower
+    than FULL_CHECK_WIDTH are checked number by number, in both modes.
     The payload is the raw zlib bytes of the data field (list mode only).
+    A count-mode result can only be checked for plausibility.
     """
+    if mode not in ("list", "count"):
+        raise ValueError("mode must be 'list' or 'count'")
     count, checksum, first, last = _check_fields(lo, hi, result)
     rng = random.Random((lo * 1_000_003) ^ checksum ^ count)
     _spot_check_ends(lo, hi, first, last, rng)
+    found = _full_check(lo, hi, count, checksum) if hi - lo < FULL_CHECK_WIDTH else None
     if mode == "count":
         return count, None
-    if mode != "list":
-        raise ValueError("mode must be 'list' or 'count'")
     payload = _payload_of(result)
     values = decode_varints(_inflate(payload, MAX_VARINT_BYTES * (count + 1)))
     if values.size != count:
-        raise InvalidResult("count says %d, data holds %d primes" % (count, values.size))
+        raise InvalidResult(f"count says {count}, data holds {values.size} primes")
     if not count:
         return 0, payload
     if count > 1 and not values[1:].all():
         raise InvalidResult("primes are not strictly increasing")
     if float(values.sum(dtype=np.float64)) > (hi - lo) * 1.000001 + 1:
         raise InvalidResult("primes run past hi")
-    primes = np.cumsum(values, dtype=np.uint64)
-    primes += np.uint64(lo)
+    primes = _absolute(lo, values)
     if int(primes[0]) != first or int(primes[-1]) != last:
         raise InvalidResult("first/last disagree with the data")
     if int(primes.sum(dtype=np.uint64)) != checksum:
         raise InvalidResult("checksum disagrees with the data")
-    evens = int(np.count_nonzero((primes & np.uint64(1)) == 0))
-    if evens != (1 if first == 2 else 0):
+    # first is prime (checked); every later prime is odd iff the gaps are even,
+    # but for 2 -> 3
+    odd_gaps = int(np.count_nonzero(values[1:] & 1))
+    if first == 2 and count > 1:
+        if int(values[1]) != 1 or odd_gaps != 1:
+            raise InvalidResult("even numbers in the data")
+    elif odd_gaps:
         raise InvalidResult("even numbers in the data")
+    if found is not None and primes.tolist() != found:
+        raise InvalidResult(f"the data are not the primes of [{lo}, {hi}]")
     _spot_check_list(primes, values, rng)
     return count, payload
 
 
 # ---------------------------------------------------------------- export
 
-# "%04d" of 0..9999 as little-endian uint32 words, so a word's bytes are the digits in order.
-_DIGITS4 = np.frombuffer("".join("%04d" % i for i in range(10000)).encode("ascii"), dtype="<u4")
+# The 4-digit texts of 0..9999 as little-endian uint32 words, so a word's bytes are the digits in order.
+_DIGITS4 = np.frombuffer("".join(f"{i:04d}" for i in range(10000)).encode("ascii"), dtype="<u4")
 
 
 def format_lines(primes: np.ndarray) -> bytes:
     """ASCII text of ascending integers (< 10**16), one per line, built with numpy."""
     out = []
     for a in range(0, int(primes.size), TEXT_CHUNK):
-        out.append(_format_chunk(primes[a:a + TEXT_CHUNK]))
+        out.append(_format_chunk(primes[a : a + TEXT_CHUNK]))
     return b"".join(out)
 
 
@@ -391,33 +434,60 @@ def _format_chunk(x: np.ndarray) -> bytes:
     for d, end in enumerate(ends, start=1):
         if end > start:
             rows = np.empty((end - start, d + 1), dtype=np.uint8)
-            rows[:, :d] = text[start:end, 16 - d:]
+            rows[:, :d] = text[start:end, 16 - d :]
             rows[:, d] = 10
             parts.append(rows.tobytes())
             start = end
     return b"".join(parts)
 
 
-def write_text(blocks: Iterable[Tuple[int, bytes]], fileobj: Union[BinaryIO, TextIO]) -> int:
+def _byte_sink(fileobj: Union[BinaryIO, TextIO]):
+    """(write function taking bytes, flush-after or None) for a binary or text file.
+
+    A text file over a binary buffer, with an ASCII-compatible encoding and no
+    newline translation, is written through its buffer: no decode/encode pass.
+    """
+    if not isinstance(fileobj, io.TextIOBase):
+        return fileobj.write, None
+    buffer = getattr(fileobj, "buffer", None)
+    try:
+        codec = codecs.lookup(fileobj.encoding or "").name
+    except (LookupError, TypeError):
+        codec = ""
+    if buffer is not None and os.linesep == "\n" and codec in _ASCII_SUPERSETS:
+        fileobj.flush()
+        return buffer.write, buffer.flush
+    return (lambda data: fileobj.write(data.decode("ascii"))), None
+
+
+_ASCII_SUPERSETS = ("ascii", "utf-8", "latin-1", "iso8859-1", "iso8859-15", "cp1252")
+
+
+def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[BinaryIO, TextIO]) -> int:
     """Write the primes of stored blocks, one per line in ascending order; return how many.
 
     ``blocks`` yields (lo, payload) pairs in ascending lo order (payloads as
-    stored: raw zlib bytes). Streams: one block in memory at a time. Raises
-    ValueError when the blocks are out of order or overlap.
+    stored: raw zlib bytes). Streams: one block in memory at a time. ``fileobj``
+    may be binary (fastest) or text. Raises ValueError when the blocks are out
+    of order, overlap or have no payload (a count-only run), InvalidResult when
+    a payload does not decode.
     """
-    text_mode = isinstance(fileobj, io.TextIOBase)
+    write, flush = _byte_sink(fileobj)
     written = 0
     previous = -1
     for lo, payload in blocks:
+        if payload is None:
+            raise ValueError(f"block at lo={lo} has no stored primes (a count-only run?)")
         primes = payload_to_array(lo, payload)
         if not primes.size:
             continue
         if int(primes[0]) <= previous:
-            raise ValueError("blocks out of order at lo=%d" % lo)
+            raise ValueError(f"blocks out of order at lo={lo}")
         previous = int(primes[-1])
-        data = format_lines(primes)
-        fileobj.write(data.decode("ascii") if text_mode else data)
+        write(format_lines(primes))
         written += int(primes.size)
+    if flush is not None:
+        flush()
     return written
 
 
@@ -437,9 +507,7 @@ class PrimesJob:
         if not (_is_int(start) and _is_int(end)):
             raise UsageError("start and end must be integers")
         if not 0 <= start <= end <= MAX_END:
-            raise UsageError(
-                "need 0 <= start <= end <= 10^15, got start=%d end=%d" % (start, end)
-            )
+            raise UsageError(f"need 0 <= start <= end <= 10^15, got start={start} end={end}")
         self.start = start
         self.end = end
         self.count_only = bool(count_only)
@@ -453,7 +521,7 @@ class PrimesJob:
     def task_args(self, lo: int, hi: int) -> dict:
         """Arguments of the client's run() for the block of numbers [lo, hi] (inclusive)."""
         if not self.start <= lo <= hi <= self.end:
-            raise ValueError("block [%d, %d] is outside [%d, %d]" % (lo, hi, self.start, self.end))
+            raise ValueError(f"block [{lo}, {hi}] is outside [{self.start}, {self.end}]")
         return {"lo": lo, "hi": hi, "mode": self.mode}
 
     def check(self, lo: int, hi: int, result: dict) -> Tuple[int, Optional[bytes]]:

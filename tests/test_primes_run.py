@@ -1,0 +1,328 @@
+"""fab primes end to end: answers, edges, flags, export, resume, and faults on real sshd hosts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from harness import fab_argv, fab_env, pid_alive
+
+from cluster.jobs.primes import is_prime
+from cluster.store import Store
+
+PI = {10: 4, 100: 25, 1000: 168, 10**4: 1229, 10**5: 9592, 10**6: 78498, 10**7: 664579, 10**8: 5761455}
+
+
+def local_inventory(tmp_path: Path) -> Path:
+    path = tmp_path / "local.ini"
+    path.write_text("[this computer]\naddress = local\n")
+    return path
+
+
+def primes(run_fab, inventory, start, end, db, *extra, config=None, timeout=300):
+    return run_fab(["primes", "--inventory", inventory, "--start", start, "--end", end, "--db", db, *extra],
+                   config=config, timeout=timeout)
+
+
+def total_line(stdout: str) -> str:
+    return [line for line in stdout.splitlines() if " primes in [" in line][-1]
+
+
+def count_of(stdout: str) -> int:
+    return int(total_line(stdout).split()[0].replace(",", ""))
+
+
+def assert_blocks_tile(db: Path, start: int, end: int) -> list:
+    """One committed row per block, the blocks tiling [start, end] with no gap and no overlap."""
+    with Store(db) as store:
+        run_id = store.runs()[-1]["id"]
+        blocks = sorted(store.blocks(run_id), key=lambda b: b["lo"])
+        assert store.integrity_ok()
+    assert blocks[0]["lo"] == start and blocks[-1]["hi"] == end
+    for before, after in zip(blocks, blocks[1:]):
+        assert after["lo"] == before["hi"] + 1, (before, after)
+    return blocks
+
+
+@pytest.fixture
+def ssh_env(make_cluster, tmp_path, run_fab):
+    """Three provisioned sshd hosts plus the config to reach them."""
+    cluster = make_cluster(3)
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini")
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    done = run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return cluster, inventory, config
+
+
+def agent_pids(marker: str) -> list[int]:
+    """PIDs of live agent/worker processes whose command line mentions ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if "agent.py" in cmdline and marker in cmdline and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def wait_for_blocks(db: Path, at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    if conn.execute("select count(*) from blocks").fetchone()[0] >= at_least:
+                        return
+            except sqlite3.Error:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {at_least} blocks committed within {timeout}s")
+
+
+# ---------------------------------------------------------------- local host
+
+
+@pytest.mark.parametrize("end", sorted(PI))
+def test_pi_local(run_fab, tmp_path, end):
+    done = primes(run_fab, local_inventory(tmp_path), 1, end, tmp_path / "r.db")
+    assert done.returncode == 0, done.stderr
+    assert count_of(done.stdout) == PI[end]
+
+
+@pytest.mark.parametrize("start, end, expected", [
+    (0, 0, 0), (0, 1, 0), (1, 1, 0), (0, 2, 1), (2, 2, 1), (3, 3, 1), (4, 4, 0), (49, 49, 0), (2, 3, 2),
+    (24, 29, 1), (10**15 - 2000, 10**15, None), (999_999_000, 1_000_001_000, None),
+])
+def test_edges(run_fab, tmp_path, start, end, expected):
+    if expected is None:
+        expected = sum(1 for n in range(start, end + 1) if is_prime(n))
+    db = tmp_path / "r.db"
+    out = tmp_path / "p.txt"
+    done = primes(run_fab, local_inventory(tmp_path), start, end, db, "--export", out)
+    assert done.returncode == 0, done.stderr
+    assert count_of(done.stdout) == expected
+    exported = [int(line) for line in out.read_text().split()]
+    assert exported == [n for n in range(start, end + 1) if is_prime(n)]
+
+
+def test_number_spellings_are_one_run(run_fab, tmp_path):
+    inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
+    first = primes(run_fab, inventory, "1", "1e6", db)
+    assert first.returncode == 0 and count_of(first.stdout) == 78498
+    again = primes(run_fab, inventory, "1", "1_000_000", db)
+    assert "already complete" in again.stdout and count_of(again.stdout) == 78498
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--start", "10", "--end", "1"], "must not be greater than --end"),
+    (["--start", "-5", "--end", "10"], "--start: must be at least 0"),
+    (["--start", "abc", "--end", "10"], "--start: expected a whole number"),
+    (["--start", "1.5", "--end", "10"], "--start: expected a whole number"),
+    (["--start", "1", "--end", "1e16"], "--end: must be at most"),
+    (["--start", "1", "--end", "10", "--block-seconds", "0"], "--block-seconds: must be greater than 0"),
+    (["--start", "1", "--end", "10", "--block-seconds", "x"], "--block-seconds: expected a number"),
+    (["--start", "1", "--end", "10", "--verify", "2"], "--verify: must be at most 1"),
+    (["--start", "1", "--end", "10", "--count-only", "--export", "x.txt"], "cannot be used with --count-only"),
+    (["--end", "10"], "--start and --end are required"),
+    (["--start", "1", "--end", "10", "--hosts", "nope"], "--hosts: nope not in"),
+])
+def test_bad_flags(run_fab, tmp_path, args, words):
+    db = tmp_path / "r.db"
+    done = run_fab(["primes", "--inventory", local_inventory(tmp_path), "--db", db, *args])
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not db.exists()
+
+
+def test_export_streams_in_order_without_recomputing(run_fab, tmp_path):
+    inventory, db, out = local_inventory(tmp_path), tmp_path / "r.db", tmp_path / "primes.txt"
+    done = primes(run_fab, inventory, 1, 10**6, db, "--block-seconds", "0.05")
+    assert done.returncode == 0
+    blocks = assert_blocks_tile(db, 1, 10**6)
+    assert len(blocks) > 3
+    exported = primes(run_fab, inventory, 1, 10**6, db, "--export", out)
+    assert "already complete" in exported.stdout
+    numbers = [int(line) for line in out.read_text().splitlines()]
+    assert len(numbers) == 78498 and numbers[0] == 2 and numbers[-1] == 999983
+    assert all(a < b for a, b in zip(numbers, numbers[1:]))
+
+
+def test_count_only_and_fresh(run_fab, tmp_path):
+    inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
+    done = primes(run_fab, inventory, 1, 10**7, db, "--count-only")
+    assert done.returncode == 0 and count_of(done.stdout) == 664579
+    with Store(db) as store:
+        run_id = store.runs()[-1]["id"]
+        assert all(payload is None for _, _, payload in store.iter_payloads(run_id))
+    fresh = primes(run_fab, inventory, 1, 10**7, db, "--count-only", "--fresh")
+    assert "already complete" not in fresh.stdout and count_of(fresh.stdout) == 664579
+
+
+def test_resume_after_sigkill_of_coordinator(tmp_path, run_fab):
+    inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
+    argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "3e8", "--db", db,
+                     "--block-seconds", "0.2", "--quiet"])
+    child = subprocess.Popen(argv, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        wait_for_blocks(db, 5)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    with Store(db) as store:
+        assert store.integrity_ok()
+        run_id = store.runs()[-1]["id"]
+        partial = len(store.blocks(run_id))
+    assert partial >= 5
+    # The local agent saw its stdin close when the coordinator died, and took its workers with it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and agent_pids("this computer"):
+        time.sleep(0.2)
+    assert agent_pids("this computer") == []
+    resumed = primes(run_fab, inventory, 1, "3e8", db)
+    assert resumed.returncode == 0, resumed.stderr
+    assert count_of(resumed.stdout) == 16252325
+    blocks = assert_blocks_tile(db, 1, 3 * 10**8)
+    assert len(blocks) > partial
+
+
+# ---------------------------------------------------------------- ssh hosts
+
+@pytest.mark.slow
+def test_pi_over_ssh_and_local(ssh_env, run_fab, tmp_path):
+    cluster, _, config = ssh_env
+    inventory = cluster.write_inventory(tmp_path / "mixed.ini", local=True)
+    db = tmp_path / "r.db"
+    done = primes(run_fab, inventory, 1, 10**8, db, config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert count_of(done.stdout) == 5761455
+    blocks = assert_blocks_tile(db, 1, 10**8)
+    assert {b["host"] for b in blocks} == {"h1", "h2", "h3", "local"}
+    small = primes(run_fab, inventory, 1, 10**4, tmp_path / "s.db", config=config)
+    assert count_of(small.stdout) == 1229
+
+
+@pytest.mark.slow
+def test_kill_one_agent_mid_run(ssh_env, run_fab, tmp_path):
+    cluster, inventory, config = ssh_env
+    db = tmp_path / "r.db"
+    argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "4e8", "--db", db,
+                     "--block-seconds", "0.3"], config=config)
+    child = subprocess.Popen(argv, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_blocks(db, 6)
+    victims = agent_pids(str(cluster["h2"].workdir))
+    assert victims, "no agent running on h2"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, out + err
+    assert count_of(out) == 21336326
+    assert_blocks_tile(db, 1, 4 * 10**8)
+
+
+@pytest.mark.slow
+def test_kill_one_sshd_mid_run(ssh_env, run_fab, tmp_path):
+    cluster, inventory, config = ssh_env
+    db = tmp_path / "r.db"
+    argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "4e8", "--db", db,
+                     "--block-seconds", "0.3"], config=config)
+    child = subprocess.Popen(argv, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_blocks(db, 6)
+    cluster["h3"].kill()  # the listener and every session: like the machine dropping off
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, out + err
+    assert count_of(out) == 21336326
+    assert_blocks_tile(db, 1, 4 * 10**8)
+    assert "h3" in err  # the loss is reported
+    assert agent_pids(str(cluster["h3"].workdir)) == []
+
+
+@pytest.mark.slow
+def test_every_host_lost_is_exit_1_and_resumable(make_cluster, run_fab, tmp_path):
+    cluster = make_cluster(1)
+    inventory = cluster.write_inventory(tmp_path / "one.ini")
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    assert run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config).returncode == 0
+    db = tmp_path / "r.db"
+    argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "1e9", "--db", db,
+                     "--block-seconds", "0.3"], config=config)
+    child = subprocess.Popen(argv, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_blocks(db, 3)
+    cluster["h1"].kill()
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 1, out + err
+    assert "every host is lost" in err and "resume" in err
+    cluster["h1"].start()
+    with Store(db) as store:
+        assert store.integrity_ok()
+        assert store.runs()[-1]["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_junk_python_and_stale_bundle_left_out(ssh_env, run_fab, tmp_path):
+    cluster, _, config = ssh_env
+    junk = tmp_path / "junkpython"
+    junk.write_text("#!/bin/sh\necho 'this is not a python'\necho 'garbage {' \nsleep 1\n")
+    junk.chmod(0o755)
+    (cluster["h3"].workdir / "client" / "agent.py").write_text(
+        (cluster["h3"].workdir / "client" / "agent.py").read_text() + "\n# edited\n")
+    inventory = cluster.write_inventory(tmp_path / "junk.ini", extra={"h2": {"python": junk}})
+    done = primes(run_fab, inventory, 1, 10**6, tmp_path / "r.db", config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert count_of(done.stdout) == 78498
+    assert "left out: h2: the agent did not start" in done.stdout
+    assert "left out: h3: client bundle is stale" in done.stdout and "run fab setup" in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_leaves_no_remote_process(ssh_env, run_fab, tmp_path):
+    cluster, inventory, config = ssh_env
+    db = tmp_path / "r.db"
+    argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "1e9", "--db", db,
+                     "--block-seconds", "0.3"], config=config)
+    child = subprocess.Popen(argv, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_blocks(db, 4)
+    assert all(agent_pids(str(h.workdir)) for h in cluster)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, out + err
+    assert "run the same command again to resume" in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(agent_pids(str(h.workdir)) for h in cluster):
+        time.sleep(0.2)
+    assert not any(agent_pids(str(h.workdir)) for h in cluster)
+    with Store(db) as store:
+        assert store.runs()[-1]["state"] == "interrupted" and store.integrity_ok()
+
+
+@pytest.mark.slow
+def test_slow_host_gets_endgame_duplicates_and_no_block_twice(ssh_env, run_fab, tmp_path):
+    cluster, _, config = ssh_env
+    cluster.add_relay("h1", delay=0.4)  # h1's answers arrive late: the endgame duplicates its blocks
+    inventory = cluster.write_inventory(tmp_path / "slow.ini")
+    db = tmp_path / "r.db"
+    done = primes(run_fab, inventory, 1, 10**8, db, "--block-seconds", "0.2", config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert count_of(done.stdout) == 5761455
+    assert_blocks_tile(db, 1, 10**8)
+
+
+@pytest.mark.slow
+def test_verify_reruns_blocks_elsewhere(ssh_env, run_fab, tmp_path):
+    cluster, inventory, config = ssh_env
+    done = primes(run_fab, inventory, 1, 10**7, tmp_path / "r.db", "--verify", "0.5", "--block-seconds", "0.1",
+                  config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = [x for x in done.stdout.splitlines() if x.startswith("--verify:")][0]
+    assert int(line.split()[1]) > 0 and line.endswith(", 0 disagreed")
