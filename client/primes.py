@@ -242,9 +242,10 @@ def decode_primes(lo, data):
 
 
 # ---------------------------------------------------------------- engines
-# Each engine is a generator of "pieces" for the block [lo, hi]. A piece
-# describes consecutive primes in ascending order; the accumulator below turns
-# pieces into count, checksum, first, last and the encoded gaps.
+# An engine is a function (lo, hi, acc) that feeds the primes of [lo, hi] to the
+# accumulator in ascending pieces (one segment or chunk at a time); the
+# accumulator folds them into count, checksum, first, last and the encoded gaps,
+# so memory stays bounded by a piece, not by the block.
 
 
 class _Accumulator(object):

@@ -347,14 +347,19 @@ class Coordinator:
             error = event.invalid or message.get("error") or "failed"
             block = self.schedule.give_back(task_id, failed=True, invalid=bool(event.invalid))
             stats.failures += 1
-            stats.failures_in_row += 1
+            if len(block.failed_on) == 1:
+                stats.failures_in_row += 1  # only this host fails it: count it against the host
             if event.invalid:
                 stats.invalid += 1
             kind = "invalid" if event.invalid else "failure"
             self.writer_event(name, kind, f"[{block.lo}, {block.hi}]: {error}")
             log.warning("%s: block [%d, %d] %s: %s", name, block.lo, block.hi, kind, error)
-            if block.failures >= MAX_BLOCK_FAILURES:
-                raise JobError(f"block [{block.lo}, {block.hi}] failed {block.failures} times; last: {error}")
+            usable = sum(1 for s in self.stats.values() if s.state != "excluded")
+            if block.failures >= MAX_BLOCK_FAILURES or (
+                    block.failures >= 2 and len(block.failed_on) >= min(3, usable)):
+                hosts = ", ".join(sorted(block.failed_on))
+                raise JobError(f"block [{block.lo}, {block.hi}] failed {block.failures} times (on {hosts}); "
+                               f"last: {error}")
             if stats.failures_in_row >= FAILURES_TO_QUARANTINE:
                 self._lose(name, f"{stats.failures_in_row} failures in a row", quarantine=True)
             return

@@ -35,6 +35,7 @@ class Block:
     # host name -> (task id, time handed out, expected seconds)
     copies: dict = field(default_factory=dict)
     avoid: set = field(default_factory=set)  # hosts that returned an invalid result for it
+    failed_on: set = field(default_factory=set)  # hosts on which it failed
     verify_of: Optional[str] = None  # set for a --verify re-run: the host whose result it checks
 
     @property
@@ -148,6 +149,7 @@ class Schedule:
         block.copies.pop(host, None)
         if failed:
             block.failures += 1
+            block.failed_on.add(host)
         if invalid:
             block.avoid.add(host)
         if not block.copies:

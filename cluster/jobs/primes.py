@@ -107,7 +107,7 @@ def _li(x: float) -> float:
     for n in range(1, 400):
         term *= lnx / n / (2.0 if n > 1 else 1.0)
         if (n - 1) % 2 == 0:
-            inner += 1.0 / (n - 1 + 1)
+            inner += 1.0 / n
         sign = -1.0 if n % 2 == 0 else 1.0
         piece = sign * term * inner
         total += piece
@@ -120,7 +120,7 @@ def estimate_count(lo: int, hi: int) -> int:
     """Upper-bound estimate of the number of primes p with lo <= p <= hi.
 
     li(hi + 1) - li(lo), raised by 1% plus a few; never more than the width nor
-    than Montgomery-Vaughan's bound 2W/ln W + 1 (which holds for every interval).
+    than Montgomery-Vaughan's bound 2W/ln W (+2), which holds for every interval.
     """
     if hi < 2 or hi < lo:
         return 0
@@ -209,8 +209,11 @@ def _inflate(payload: bytes, limit: int) -> bytes:
 
 
 def payload_to_array(lo: int, payload: bytes, limit: Optional[int] = None) -> np.ndarray:
-    """The primes (uint64 array) of a stored payload (raw zlib bytes) of a block starting at lo."""
-    raw = _inflate(payload, limit if limit is not None else 64 * len(payload) + 1024)
+    """The primes (uint64 array) of a stored payload (raw zlib bytes) of a block starting at lo.
+
+    ``limit`` caps the decompressed size (default: far above any real payload's).
+    """
+    raw = _inflate(payload, limit if limit is not None else 1024 * (len(payload) + 64))
     return _absolute(lo, decode_varints(raw))
 
 

@@ -1,0 +1,83 @@
+"""The coordinator in-process with real local agents: exactly once, invalid results, failures."""
+
+from __future__ import annotations
+
+import pytest
+from fabric import Config
+
+from cluster.coordinator import Coordinator
+from cluster.errors import JobError
+from cluster.inventory import Host
+from cluster.jobs.primes import InvalidResult
+from cluster.jobs.trivial import TrivialJob
+from cluster.store import Store
+
+
+def local(name: str, nice: int = 10, slots: int = 2) -> Host:
+    return Host(name=name, address="local", slots=slots, nice=nice)
+
+
+def committed(db) -> list[dict]:
+    with Store(db) as store:
+        run_id = store.runs()[-1]["id"]
+        return sorted(store.blocks(run_id), key=lambda b: b["lo"])
+
+
+def test_many_tiny_blocks_each_committed_once(tmp_path):
+    db = tmp_path / "r.db"
+    outcome = Coordinator(TrivialJob(3000, "noop"), [local("a"), local("b")], Config(), str(db)).run()
+    assert outcome.items_total == 3000 and outcome.found_total == 3000
+    blocks = committed(db)
+    assert [b["lo"] for b in blocks] == list(range(3000))
+    assert {b["host"] for b in blocks} == {"a", "b"}
+
+
+class RejectNice(TrivialJob):
+    """Echo blocks; results from workers at niceness 5 (host "liar") are declared invalid."""
+
+    def check(self, lo, hi, result):
+        if result.get("nice") == 5:
+            raise InvalidResult("wrong answer")
+        return super().check(lo, hi, result)
+
+
+def test_invalid_results_are_redone_elsewhere_and_host_flagged(tmp_path):
+    db = tmp_path / "r.db"
+    job = RejectNice(40, "echo", block=1)
+    outcome = Coordinator(job, [local("honest", nice=10), local("liar", nice=5)], Config(), str(db)).run()
+    assert outcome.found_total == 40
+    assert {b["host"] for b in committed(db)} == {"honest"}
+    liar = next(h for h in outcome.hosts if h.name == "liar")
+    assert liar.invalid >= 1
+    with Store(db) as store:
+        kinds = {e["kind"] for e in store.events() if e["host"] == "liar"}
+    assert "invalid" in kinds
+
+
+def test_a_block_that_always_fails_stops_the_run(tmp_path):
+    db = tmp_path / "r.db"
+    job = TrivialJob(5, "fail", args={"message": "disk on fire"})
+    with pytest.raises(JobError, match=r"failed 2 times \(on a, b\); last: RuntimeError: disk on fire"):
+        Coordinator(job, [local("a"), local("b")], Config(), str(db)).run()
+    with Store(db) as store:
+        assert store.runs()[-1]["state"] == "failed"
+
+
+def test_resume_redoes_only_what_is_missing(tmp_path):
+    db = tmp_path / "r.db"
+    hosts = [local("a")]
+    Coordinator(TrivialJob(50, "noop"), hosts, Config(), str(db)).run()
+    again = Coordinator(TrivialJob(50, "noop"), hosts, Config(), str(db)).run()
+    assert again.already_done and again.items_total == 50
+    fresh = Coordinator(TrivialJob(50, "noop"), hosts, Config(), str(db), fresh=True).run()
+    assert not fresh.already_done and fresh.items_total == 50
+
+
+def test_second_coordinator_on_the_same_run_is_refused(tmp_path):
+    db = tmp_path / "r.db"
+    with Store(db) as store:
+        run_id = store.open_run("noop", TrivialJob(10).params(), 10)
+        store.lock_run(run_id)
+        with pytest.raises(Exception, match="already being worked on by PID"):
+            Coordinator(TrivialJob(10, "noop"), [local("a")], Config(), str(db)).run()
+        store.unlock_run(run_id)

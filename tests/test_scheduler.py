@@ -1,0 +1,73 @@
+"""Block bookkeeping (pure): gaps, cutting, redo, endgame duplicates, stale results."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.scheduler import Schedule, _gaps
+
+
+def test_gaps_from_committed_blocks():
+    assert _gaps(1, 100, []) == [[1, 100]]
+    assert _gaps(1, 100, [(1, 10), (11, 20), (50, 60)]) == [[21, 49], [61, 100]]
+    assert _gaps(1, 100, [(1, 100)]) == []
+    assert _gaps(5, 10, [(0, 6), (9, 20)]) == [[7, 8]]
+
+
+def test_cuts_blocks_and_leaves_no_sliver():
+    schedule = Schedule(0, 10_499, [], min_block=1000)
+    _, first = schedule.next_block("a", 5000)
+    assert (first.lo, first.hi) == (0, 4999)
+    _, second = schedule.next_block("a", 5000)
+    assert (second.lo, second.hi) == (5000, 10_499)  # 500 left over would be a sliver: absorbed
+    assert schedule.next_block("a", 5000) is None
+    assert schedule.uncut() == 0 and not schedule.finished()
+
+
+def test_redo_comes_first_and_avoids_hosts_that_lied():
+    schedule = Schedule(0, 99_999, [], min_block=1000)
+    task, block = schedule.next_block("a", 1000)
+    assert schedule.give_back(task, invalid=True) is block
+    assert schedule.next_block("a", 1000)[1] is not block  # a is avoided for that block
+    task_b, again = schedule.next_block("b", 1000)
+    assert again is block and block.attempts == 2
+
+
+def test_complete_returns_copies_to_cancel_and_ignores_stale():
+    schedule = Schedule(0, 1999, [], min_block=1000)
+    slow_task, block = schedule.next_block("slow", 1000)
+    schedule.set_expected(slow_task, 60.0)
+    schedule.next_block("fast", 1000)
+    duplicate = schedule.duplicate_for("idle", now=time.monotonic())
+    assert duplicate is not None and duplicate[1] is block
+    dup_task = duplicate[0]
+    done, others = schedule.complete(dup_task)
+    assert done is block and others == [("slow", slow_task)]
+    assert schedule.complete(slow_task) is None  # the loser's late answer is stale
+    assert schedule.give_back(slow_task) is None
+
+
+def test_lost_host_blocks_are_redone():
+    schedule = Schedule(0, 2999, [], min_block=1000)
+    for _ in range(3):
+        schedule.next_block("a", 1000)
+    for task in schedule.tasks_of("a"):
+        schedule.give_back(task)
+    assert len(schedule.redo) == 3 and not schedule.in_flight
+    los = sorted(schedule.next_block("b", 1000)[1].lo for _ in range(3))
+    assert los == [0, 1000, 2000]
+
+
+def test_no_duplicate_of_block_about_to_finish():
+    schedule = Schedule(0, 999, [], min_block=1000)
+    task, _ = schedule.next_block("a", 1000)
+    schedule.set_expected(task, 0.0)
+    assert schedule.duplicate_for("b") is None
+
+
+def test_finished_after_all_complete():
+    schedule = Schedule(0, 1999, [(0, 999)], min_block=1000)
+    task, block = schedule.next_block("a", 5000)
+    assert (block.lo, block.hi) == (1000, 1999)
+    schedule.complete(task)
+    assert schedule.finished()
