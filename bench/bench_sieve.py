@@ -11,6 +11,9 @@
 3. write_text of the stored payloads of all primes < 10^9 to a file, against
    ``primesieve 1e9 -t1 -p > FILE``; the two files must be identical.
 
+Each row has wall and CPU seconds; the ratios are ours / baseline. CPU ratios
+are steadier than wall ratios on a machine that other work shares.
+
 Run: ``python bench/bench_sieve.py`` (about a minute; best of ``--repeat 3``
 for the baselines and our runs; ``--quick`` scales part 1 to 1..10^7 and
 parts 2-3 to 1..10^8). Prints a table and exits 0. Absolute times on shared
@@ -20,6 +23,7 @@ machines vary by 2x between runs: quote the ratios.
 import argparse
 import filecmp
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,49 +49,80 @@ PI = {10**7: 664579, 10**8: 5761455, 10**9: 50847534}
 
 
 def best_of(repeat, fn):
-    """(best wall seconds, last return value) of ``repeat`` calls of fn."""
-    best = float("inf")
-    value = None
+    """(wall, cpu, value): the run with the best wall time of ``repeat`` calls of fn.
+
+    fn returns (value, extra_cpu) where extra_cpu is CPU seconds spent outside
+    this process (workers); this process's own CPU time is added.
+    """
+    best = (float("inf"), 0.0, None)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        value = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, value
+        t0, c0 = time.perf_counter(), time.process_time()
+        value, extra = fn()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0 + extra
+        if wall < best[0]:
+            best = (wall, cpu, value)
+    return best
 
 
-def primesieve_print(stop, path):
-    """Wall seconds of ``primesieve STOP -t1 -p > path``."""
-    with open(path, "wb") as out:
-        t0 = time.perf_counter()
-        subprocess.run(["primesieve", str(stop), "-t1", "-p"], stdout=out, check=True)
-        return time.perf_counter() - t0
+def _children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def primesieve_print(stop, path, repeat):
+    """(wall, cpu) of the best of ``repeat`` runs of ``primesieve STOP -t1 -p > path``."""
+
+    def go():
+        c0 = _children_cpu()
+        with open(path, "wb") as out:
+            subprocess.run(["primesieve", str(stop), "-t1", "-p"], stdout=out, check=True)
+        return None, _children_cpu() - c0
+
+    wall, cpu, _ = best_of(repeat, go)
+    return wall, cpu
+
+
+def ratio(ours, base):
+    """(ours / base) as 'N.NNx'."""
+    return f"{ours / base:.2f}x"
 
 
 def part1(stop):
     """stdlib engine on 1..stop vs the seed client extrapolated from windows."""
-    t_py, res = best_of(1, lambda: client_primes.run({"lo": 1, "hi": stop, "mode": "list"}, engine="python"))
+
+    def ours():
+        return client_primes.run({"lo": 1, "hi": stop, "mode": "list"}, engine="python"), 0.0
+
+    wall, cpu, res = best_of(1, ours)
     assert res["count"] == PI[stop], res["count"]
     width = seed_client.SEED_BLOCK
-    t0 = time.perf_counter()
-    for k in range(SEED_WINDOWS):
-        centre = (2 * k + 1) * stop // (2 * SEED_WINDOWS)
-        seed_client.run_block(centre - width // 2, centre + width // 2 - 1)
-    per_number = (time.perf_counter() - t0) / (SEED_WINDOWS * width)
-    t_seed = per_number * stop
+
+    def seed():
+        for k in range(SEED_WINDOWS):
+            centre = (2 * k + 1) * stop // (2 * SEED_WINDOWS)
+            seed_client.run_block(centre - width // 2, centre + width // 2 - 1)
+        return None, 0.0
+
+    s_wall, s_cpu, _ = best_of(1, seed)
+    scale = stop / (SEED_WINDOWS * width)
     return [
-        (f"stdlib engine, 1..{stop:.0e}, list", t_py, "", ""),
+        (f"stdlib engine, 1..{stop:.0e}, list", wall, cpu, "", "", ""),
         (
-            f"seed trial division, {SEED_WINDOWS} x {width} numbers, per number x {stop:.0e}",
-            t_seed,
+            f"seed trial division, {SEED_WINDOWS} x {width} numbers, x {scale:.0f}",
+            s_wall * scale,
+            s_cpu * scale,
             "seed / stdlib",
-            f"{t_seed / t_py:.0f}x",
+            f"{s_wall * scale / wall:.0f}x",
+            f"{s_cpu * scale / cpu:.0f}x",
         ),
     ]
 
 
 def _work(job):
     engine, lo, hi = job
-    return lo, hi, client_primes.run({"lo": lo, "hi": hi, "mode": "list"}, engine=engine)
+    c0 = time.process_time()
+    result = client_primes.run({"lo": lo, "hi": hi, "mode": "list"}, engine=engine)
+    return lo, hi, result, time.process_time() - c0
 
 
 def blocks_of(stop):
@@ -95,61 +130,63 @@ def blocks_of(stop):
     return [(lo, min(stop, lo + BLOCK - 1)) for lo in range(1, stop + 1, BLOCK)]
 
 
-def sieve_one_process(engine, stop, repeat):
-    """Seconds (best of ``repeat``) for one process to sieve and encode 1..stop."""
-
-    def go():
-        total = 0
-        for lo, hi in blocks_of(stop):
-            total += _work((engine, lo, hi))[2]["count"]
-        assert total == PI[stop], total
-
-    return best_of(repeat, go)[0]
+def sieve_one_process(engine, stop):
+    """One process sieves and encodes 1..stop, block after block."""
+    total = 0
+    for lo, hi in blocks_of(stop):
+        total += _work((engine, lo, hi))[2]["count"]
+    assert total == PI[stop], total
+    return None, 0.0
 
 
-def sieve_pool(engine, stop, procs):
-    """Seconds for ``procs`` worker processes to sieve 1..stop while this process
-    validates each result; returns (seconds, [(lo, payload)] in order)."""
-    jobs = [(engine, lo, hi) for lo, hi in blocks_of(stop)]
-    with Pool(procs) as pool:
-        pool.map(_work, [(engine, 1, 1000)] * procs)  # workers up and warm
-        t0 = time.perf_counter()
-        stored = []
-        total = 0
-        for lo, hi, result in pool.imap_unordered(_work, jobs):
-            count, payload = job_primes.validate(lo, hi, result, "list")
-            total += count
-            stored.append((lo, payload))
-        seconds = time.perf_counter() - t0
+def sieve_pool(pool, engine, stop):
+    """The pool's workers sieve 1..stop while this process validates each result.
+    Returns ([(lo, payload)] in order, the workers' CPU seconds)."""
+    stored = []
+    total = 0
+    worker_cpu = 0.0
+    for lo, hi, result, cpu in pool.imap_unordered(_work, [(engine, lo, hi) for lo, hi in blocks_of(stop)]):
+        count, payload = job_primes.validate(lo, hi, result, "list")
+        total += count
+        worker_cpu += cpu
+        stored.append((lo, payload))
     assert total == PI[stop], total
     stored.sort()
-    return seconds, stored
+    return stored, worker_cpu
 
 
-def part2(stop, folder, repeat):
+def part2(stop, repeat):
     """numpy (and primesieve) engine on 1..stop vs primesieve -p > /dev/null."""
-    t_base = min(primesieve_print(stop, os.devnull) for _ in range(repeat))
-    rows = [(f"primesieve {stop:.0e} -t1 -p > /dev/null", t_base, "", "")]
+    b_wall, b_cpu = primesieve_print(stop, os.devnull, repeat)
+    rows = [(f"primesieve {stop:.0e} -t1 -p > /dev/null", b_wall, b_cpu, "", "", "")]
     lo = 5 * 10**8
-    for engine in [e for e in ("numpy", "primesieve") if e in client_primes.AVAILABLE]:
-        t_block, _ = best_of(
+    engines = [e for e in ("numpy", "primesieve") if e in client_primes.AVAILABLE]
+    for engine in engines:
+        wall, cpu, _ = best_of(
             5 * repeat,
-            lambda e=engine: client_primes.run({"lo": lo, "hi": lo + BLOCK - 1, "mode": "list"}, e),
+            lambda e=engine: (client_primes.run({"lo": lo, "hi": lo + BLOCK - 1, "mode": "list"}, e), 0.0),
         )
-        rows.append((f"{engine} engine, one 1e7 block at 5e8, list+encode", t_block, "blocks/s", f"{1 / t_block:.0f}"))
-    t1 = sieve_one_process("numpy", stop, repeat)
-    rows.append(("numpy engine, 1 process, blocks of 1e7, list+encode", t1, "/ primesieve", f"{t1 / t_base:.2f}x"))
+        rows.append((f"{engine} engine, one 1e7 block at 5e8", wall, cpu, "blocks/s", f"{1 / wall:.0f}", ""))
+    wall, cpu, _ = best_of(repeat, lambda: sieve_one_process("numpy", stop))
+    rows.append(
+        ("numpy engine, 1 process, blocks of 1e7", wall, cpu, "/ primesieve", ratio(wall, b_wall), ratio(cpu, b_cpu))
+    )
     procs = max(1, min(2, os.cpu_count() or 1))
     stored = None
-    engines = ["numpy"] + (["primesieve"] if "primesieve" in client_primes.AVAILABLE else [])
     for engine in engines:
-        t2 = float("inf")
-        for _ in range(repeat):
-            seconds, got = sieve_pool(engine, stop, procs)
-            t2 = min(t2, seconds)
-            stored = stored or got
+        with Pool(procs) as pool:
+            pool.map(_work, [(engine, 1, 1000)] * procs)  # workers up and warm
+            wall, cpu, got = best_of(repeat, lambda e=engine: sieve_pool(pool, e, stop))
+        stored = stored or got
         rows.append(
-            (f"{engine} engine, {procs} processes + validate in parent", t2, "/ primesieve", f"{t2 / t_base:.2f}x")
+            (
+                f"{engine} engine, {procs} processes + validate in parent",
+                wall,
+                cpu,
+                "/ primesieve",
+                ratio(wall, b_wall),
+                ratio(cpu / procs, b_cpu),
+            )
         )
     return rows, stored
 
@@ -161,34 +198,39 @@ def part3(stop, stored, folder, repeat):
 
     def export():
         with open(ours, "wb") as out:
-            return job_primes.write_text(iter(stored), out)
+            return job_primes.write_text(iter(stored), out), 0.0
 
-    t_base = min(primesieve_print(stop, theirs) for _ in range(repeat))
-    t_ours, written = best_of(repeat, export)
+    b_wall, b_cpu = primesieve_print(stop, theirs, repeat)
+    wall, cpu, written = best_of(repeat, export)
     assert written == PI[stop], written
     same = filecmp.cmp(ours, theirs, shallow=False)
     size = os.path.getsize(ours)
     os.remove(ours)
     os.remove(theirs)
     return [
-        (f"primesieve {stop:.0e} -t1 -p > FILE", t_base, "", ""),
+        (f"primesieve {stop:.0e} -t1 -p > FILE", b_wall, b_cpu, "", "", ""),
         (
             f"write_text, {written} primes, {size // 10**6} MB, " + ("identical" if same else "DIFFERENT"),
-            t_ours,
+            wall,
+            cpu,
             "/ primesieve",
-            f"{t_ours / t_base:.2f}x",
+            ratio(wall, b_wall),
+            ratio(cpu, b_cpu),
         ),
     ]
 
 
 def print_table(rows):
-    """rows: (what, seconds, ratio name, ratio) as a plain text table."""
-    head = ("measurement", "seconds", "ratio", "")
+    """rows: (what, wall, cpu, ratio name, wall ratio, cpu ratio) as a plain text table."""
+    head = ("measurement", "wall s", "cpu s", "ratio", "wall", "cpu")
     width = max(len(r[0]) for r in rows + [head])
-    print(f"{head[0]:<{width}}  {head[1]:>8}  {head[2]:<14} {head[3]}")
-    print("-" * (width + 34))
-    for what, seconds, name, ratio in rows:
-        print(f"{what:<{width}}  {seconds:8.3f}  {name:<14} {ratio}")
+    line = "{:<" + str(width) + "}  {:>9}  {:>9}  {:<14} {:>7} {:>7}"
+    print(line.format(*head))
+    print("-" * (width + 54))
+    for what, wall, cpu, name, r_wall, r_cpu in rows:
+        print(line.format(what, f"{wall:.3f}", f"{cpu:.3f}", name, r_wall, r_cpu))
+    print("cpu ratio of the N-process rows: (CPU seconds of workers and parent) / N against the baseline's;")
+    print("that is the wall time N idle cores would need. Wall ratios suffer from anything else running.")
 
 
 def main(argv=None):
@@ -208,7 +250,7 @@ def main(argv=None):
     folder = tempfile.mkdtemp(prefix="beowulf-bench-")
     try:
         rows = part1(stop1)
-        more, stored = part2(stop2, folder, args.repeat)
+        more, stored = part2(stop2, args.repeat)
         rows += more
         rows += part3(stop2, stored, folder, args.repeat)
     finally:

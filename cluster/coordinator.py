@@ -32,8 +32,9 @@ FAILURES_TO_QUARANTINE = 3
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 # With no host up, give up after this many failed reconnects of every host.
 RECONNECTS_BEFORE_GIVING_UP = 2
-# Weight of the newest measurement in a host's rate (exponential moving average).
-RATE_WEIGHT = 0.5
+# A host's rate is (decayed items) / (decayed seconds): older blocks count this much less each
+# time a block arrives, and a tiny block barely moves it (it carries little work).
+RATE_DECAY = 0.7
 
 
 @dataclass
@@ -47,7 +48,9 @@ class HostStats:
     items: int = 0
     found: int = 0
     busy: float = 0.0
-    rate: float = 0.0  # items per second per slot (moving average)
+    rate: float = 0.0  # items per second per slot (work-weighted moving average)
+    rate_items: float = 0.0
+    rate_seconds: float = 0.0
     retries: int = 0  # blocks given back (host lost, cancelled by a failure)
     failures: int = 0  # tasks that failed or returned an invalid result
     invalid: int = 0
@@ -380,8 +383,9 @@ class Coordinator:
             self._verified(block, found, result)
             return
         if elapsed > 0:
-            measured = block.size / elapsed
-            stats.rate = measured if stats.rate <= 0 else (1 - RATE_WEIGHT) * stats.rate + RATE_WEIGHT * measured
+            stats.rate_items = stats.rate_items * RATE_DECAY + block.size
+            stats.rate_seconds = stats.rate_seconds * RATE_DECAY + elapsed
+            stats.rate = stats.rate_items / stats.rate_seconds
         stats.busy += elapsed
         stats.blocks += 1
         stats.items += block.size

@@ -74,7 +74,7 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
                               accept_new=accept_new, verify=fraction)
     try:
-        with Progress("numbers", enabled=None if not quiet else False) as progress:
+        with Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
             coordinator.progress = progress
             outcome = coordinator.run()
     except KeyboardInterrupt:
@@ -112,7 +112,9 @@ def _print_summary(outcome, job, db_path: Path) -> None:
                          h.failures])
         print(tabulate(rows, headers=["host", "state", "slots", "engine", "blocks", "numbers", "primes",
                                       "numbers/s", "share", "retries", "failures"]))
-        print(f"{outcome.seconds:.1f}s")
+        done_now = sum(h.items for h in outcome.hosts)
+        print(f"{done_now:,} numbers in {outcome.seconds:.1f}s wall time "
+              f"({done_now / max(outcome.seconds, 1e-9):,.0f} numbers/s)")
     for warning in outcome.warnings:
         print(f"warning: {warning}")
     if outcome.verified:

@@ -1,0 +1,193 @@
+"""`fab primes` end to end on the shipped default inventory (this computer), against primesieve.
+
+    python bench/bench_primes.py [--end 1e9] [--rounds 2]
+
+In one run, the baselines interleaved with the measured commands:
+
+a. ``fab primes --start 1 --end 1000000000 --db TMP/x.db --fresh --quiet`` (the
+   shipped hosts.ini: ``address = local``, 2 slots = this machine's 2 cores),
+   wall time of the whole command, against ``primesieve 1e9 -t1 -p > /dev/null``
+   (one thread). Target: at most 1.5x (stretch 1.0x).
+b. ``fab primes ... --export FILE --quiet`` on the run (a) completed: the
+   command finds the run complete and only exports (wall time of the whole
+   command, start-up included), against ``primesieve 1e9 -t1 -p > FILE``.
+   Target: at most 3x. The exported file must have 50,847,534 lines, first 2,
+   last 999,999,937, and be byte-identical to primesieve's.
+c. Peak RSS of the coordinator (the fab process itself: VmHWM from
+   /proc/PID/status, polled every 20 ms) for 1..10^8 and 1..10^9, and of the
+   largest process in its tree (agent, workers; ru_maxrss of the reaped child).
+   Target: flat as E grows, at most 200 MB for 1..10^9.
+
+Each measurement runs ``--rounds`` times (default 2) alternating with its
+baseline; the table shows the best of each and the ratio of the bests, and the
+per-round ratios below it. Takes about a minute (needs ~1.5 GB in the temp
+folder). Absolute times on shared machines vary by 2x: quote the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from harness import fab_argv, fab_env  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+# pi(10^k) for the ranges the checks know.
+PI = {10**7: 664_579, 10**8: 5_761_455, 10**9: 50_847_534}
+LAST_PRIME = {10**7: 9_999_991, 10**8: 99_999_989, 10**9: 999_999_937}
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident set of ``pid`` so far, in kB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_fab(args: list[str], cwd: Path) -> tuple[float, int, int, str]:
+    """Run fab on this repo: (wall seconds, fab's own peak RSS kB, largest in its tree kB, stdout)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        began = time.perf_counter()
+        proc = subprocess.Popen(fab_argv(args), cwd=str(cwd), env=fab_env(), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, start_new_session=True)
+        own = 0
+        while True:  # poll fab's peak RSS until it exits; reap it with its resource usage
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            own = max(own, vm_hwm(proc.pid))
+            time.sleep(0.02)
+        seconds = time.perf_counter() - began
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"fab {' '.join(args)} failed ({proc.returncode}):\n{stdout}\n{stderr}")
+    return seconds, own, usage.ru_maxrss, stdout
+
+
+def primesieve(end: int, target: str) -> float:
+    """Wall seconds of ``primesieve END -t1 -p > target``."""
+    with open(target, "wb") as handle:
+        began = time.perf_counter()
+        subprocess.run(["primesieve", str(end), "-t1", "-p"], stdout=handle, check=True)
+        return time.perf_counter() - began
+
+
+def check_export(path: Path, end: int) -> str:
+    """Line count, first and last line of the exported file; raise if they are wrong."""
+    lines = int(subprocess.run(["wc", "-l", str(path)], capture_output=True, text=True,
+                               check=True).stdout.split()[0])
+    with open(path, "rb") as handle:
+        first = handle.readline().strip().decode()
+        handle.seek(max(0, path.stat().st_size - 64))
+        last = handle.read().splitlines()[-1].decode()
+    summary = f"{lines:,} lines, first {first}, last {last}"
+    if end in PI and (lines, first, last) != (PI[end], "2", str(LAST_PRIME[end])):
+        raise SystemExit(f"export is wrong: {summary}")
+    return summary
+
+
+def count_of(stdout: str) -> int:
+    found = re.search(r"([\d,]+) primes in", stdout)
+    return int(found.group(1).replace(",", "")) if found else -1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--end", default="1e9", help="E of the main range 1..E (default 1e9)")
+    parser.add_argument("--small-end", default="1e8", help="E of the second RSS range (default 1e8)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    end, small_end = int(float(args.end)), int(float(args.small_end))
+    if not shutil.which("primesieve"):
+        raise SystemExit("needs the primesieve command (apt install primesieve)")
+
+    with tempfile.TemporaryDirectory() as temp:
+        base = Path(temp)
+        db = base / "x.db"
+        compute = ["primes", "--start", "1", "--end", str(end), "--db", str(db), "--fresh", "--quiet"]
+        export_file = base / "primes.txt"
+        export = ["primes", "--start", "1", "--end", str(end), "--db", str(db), "--export", str(export_file),
+                  "--quiet"]
+        baseline_file = base / "primesieve.txt"
+
+        # Warm-up: imports, page cache, the local workdir.
+        run_fab(["primes", "--start", "1", "--end", "1e7", "--db", str(base / "warm.db"), "--fresh", "--quiet"],
+                base)
+        primesieve(10**8, os.devnull)
+
+        computes, sieves, rss_big = [], [], []
+        for _ in range(args.rounds):
+            sieves.append(primesieve(end, os.devnull))
+            seconds, own, tree, out = run_fab(compute, base)
+            if end in PI and count_of(out) != PI[end]:
+                raise SystemExit(f"wrong count:\n{out}")
+            computes.append(seconds)
+            rss_big.append((own, tree))
+
+        exports, sieve_files = [], []
+        for _ in range(args.rounds):
+            sieve_files.append(primesieve(end, str(baseline_file)))
+            seconds, _own, _tree, out = run_fab(export, base)
+            if "already complete" not in out:
+                raise SystemExit(f"the export run computed something:\n{out}")
+            exports.append(seconds)
+        summary = check_export(export_file, end)
+        identical = filecmp.cmp(export_file, baseline_file, shallow=False)
+        if not identical:
+            raise SystemExit(f"{export_file} differs from primesieve's output")
+
+        small_db = base / "small.db"
+        _, own_small, tree_small, out = run_fab(["primes", "--start", "1", "--end", str(small_end), "--db",
+                                                 str(small_db), "--fresh", "--quiet"], base)
+        if small_end in PI and count_of(out) != PI[small_end]:
+            raise SystemExit(f"wrong count:\n{out}")
+        db_mb = db.stat().st_size / 1e6
+
+    compute_ratio = min(computes) / min(sieves)
+    export_ratio = min(exports) / min(sieve_files)
+    own_big = max(r[0] for r in rss_big)
+    tree_big = max(r[1] for r in rss_big)
+    rows = [
+        [f"a. fab primes 1..{end:.0e}, local default (2 slots)", f"{min(computes):.2f}",
+         f"primesieve {end:.0e} -t1 -p > /dev/null", f"{min(sieves):.2f}", f"{compute_ratio:.2f}x",
+         "<= 1.5x (stretch 1.0x)", "met" if compute_ratio <= 1.5 else "MISSED"],
+        ["b. fab primes ... --export FILE (run complete)", f"{min(exports):.2f}",
+         f"primesieve {end:.0e} -t1 -p > FILE", f"{min(sieve_files):.2f}", f"{export_ratio:.2f}x", "<= 3x",
+         "met" if export_ratio <= 3 else "MISSED"],
+    ]
+    print(tabulate(rows, headers=["measured", "s", "baseline", "s", "ratio", "target", ""]))
+    print(f"per round: compute {', '.join(f'{c / s:.2f}x' for c, s in zip(computes, sieves))}; "
+          f"export {', '.join(f'{e / s:.2f}x' for e, s in zip(exports, sieve_files))}")
+    print(f"export: {summary}, identical to primesieve's output; store {db_mb:.0f} MB")
+    print()
+    rss_rows = [
+        [f"1..{small_end:.0e}", f"{own_small / 1024:.0f}", f"{tree_small / 1024:.0f}"],
+        [f"1..{end:.0e}", f"{own_big / 1024:.0f}", f"{tree_big / 1024:.0f}"],
+    ]
+    print(tabulate(rss_rows, headers=["c. range", "coordinator (fab) peak RSS MB", "largest in tree MB"]))
+    verdict = "met" if own_big <= 200 * 1024 else "MISSED"
+    print(f"coordinator peak RSS {own_big / 1024:.0f} MB for 1..{end:.0e} vs {own_small / 1024:.0f} MB for "
+          f"1..{small_end:.0e} ({own_big / max(own_small, 1):.2f}x): target <= 200 MB, flat: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
