@@ -53,13 +53,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fabric import Config  # noqa: E402
-from harness import SshCluster, run_fab  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from cluster.coordinator import Coordinator  # noqa: E402
 from cluster.errors import JobError  # noqa: E402
 from cluster.inventory import load_inventory  # noqa: E402
 from cluster.jobs.trivial import TrivialJob  # noqa: E402
+from harness import SshCluster, run_fab  # noqa: E402
 
 HOSTS = 3
 SLOTS = 2  # per host, as in the inventory written below (the machine has 2 cores)

@@ -40,8 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import fab_argv, fab_env  # noqa: E402
 from tabulate import tabulate  # noqa: E402
+
+from harness import fab_argv, fab_env  # noqa: E402
 
 # pi(10^k) for the ranges the checks know.
 PI = {10**7: 664_579, 10**8: 5_761_455, 10**9: 50_847_534}

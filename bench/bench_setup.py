@@ -17,8 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import SshCluster, run_fab  # noqa: E402
 from tabulate import tabulate  # noqa: E402
+
+from harness import SshCluster, run_fab  # noqa: E402
 
 
 def measure(n: int, base: Path) -> list:

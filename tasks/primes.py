@@ -61,9 +61,8 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     if export_path is not None and not export_path.parent.exists():
         raise UsageError(f"--export: folder {export_path.parent} does not exist")
     # Imported here so that `fab --list` stays fast (numpy, the store, the engine).
-    from cluster.jobs.primes import PrimesJob
-
     from cluster.coordinator import Coordinator
+    from cluster.jobs.primes import PrimesJob
     from cluster.progress import Progress
 
     path, selected = load_hosts(c, inventory, hosts)
@@ -124,7 +123,6 @@ def _print_summary(outcome, job, db_path: Path) -> None:
 
 def _export(db_path: Path, run_id: int, export_path: Path) -> None:
     from cluster.jobs.primes import write_text
-
     from cluster.store import Store
 
     temp = export_path.with_name(f".{export_path.name}.part")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, List
 
 import pytest
+
 from harness import REPO_ROOT, SshCluster, require_sshd
 from harness import run_fab as _run_fab
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+
 from harness import Relay, SshCluster, fab_argv, free_port, pid_alive, run_fab
 
 

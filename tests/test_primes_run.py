@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import fab_argv, fab_env, pid_alive
 
 from cluster.jobs.primes import is_prime
 from cluster.store import Store
+from harness import fab_argv, fab_env, pid_alive
 
 PI = {10: 4, 100: 25, 1000: 168, 10**4: 1229, 10**5: 9592, 10**6: 78498, 10**7: 664579, 10**8: 5761455}
 
