@@ -326,3 +326,11 @@ def test_verify_reruns_blocks_elsewhere(ssh_env, run_fab, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     line = [x for x in done.stdout.splitlines() if x.startswith("--verify:")][0]
     assert int(line.split()[1]) > 0 and line.endswith(", 0 disagreed")
+
+
+def test_list_that_cannot_fit_on_disk_is_refused(run_fab, tmp_path):
+    db = tmp_path / "r.db"
+    done = primes(run_fab, local_inventory(tmp_path), 1, "1e15", db)
+    assert done.returncode == 1
+    assert "need about" in done.stderr and "GB free" in done.stderr and "--count-only" in done.stderr
+    assert not db.exists()

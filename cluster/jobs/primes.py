@@ -54,8 +54,8 @@ SMALL_FACTORS = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 FULL_CHECK_WIDTH = 2000
 # Deterministic Miller-Rabin with these bases is correct for every n < 3.3e24.
 MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
-# Primes per chunk when formatting text (bounds write_text's memory).
-TEXT_CHUNK = 1 << 20
+# Primes formatted and written at a time by write_text (bounds its memory).
+TEXT_CHUNK = 1 << 18
 # Longest varint accepted: 8 bytes hold 56 bits, more than any offset below 10**15.
 MAX_VARINT_BYTES = 8
 
@@ -487,7 +487,8 @@ def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[Bin
         if int(primes[0]) <= previous:
             raise ValueError(f"blocks out of order at lo={lo}")
         previous = int(primes[-1])
-        write(format_lines(primes))
+        for a in range(0, int(primes.size), TEXT_CHUNK):
+            write(_format_chunk(primes[a : a + TEXT_CHUNK]))
         written += int(primes.size)
     if flush is not None:
         flush()
