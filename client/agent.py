@@ -852,6 +852,8 @@ def parse_args(argv=None):
     parser.add_argument("--host", default=None, help="this host's name in the inventory")
     parser.add_argument("--slots", type=int, default=None,
                         help="worker processes (default: usable cores)")
+    parser.add_argument("--slot-factor", type=int, default=1,
+                        help="worker processes per slot, for jobs that wait on the network (default 1)")
     parser.add_argument("--nice", type=int, default=DEFAULT_NICE,
                         help="niceness added to workers (default %d)" % DEFAULT_NICE)
     parser.add_argument("--lib", default=None,
@@ -873,8 +875,9 @@ def parse_args(argv=None):
     opts = parser.parse_args(argv)
     if opts.slots is None:
         opts.slots = usable_cores()
-    if opts.slots < 1:
-        parser.error("--slots must be at least 1")
+    if opts.slots < 1 or opts.slot_factor < 1:
+        parser.error("--slots and --slot-factor must be at least 1")
+    opts.slots *= opts.slot_factor
     if opts.beat <= 0:
         parser.error("--beat must be positive")
     try:

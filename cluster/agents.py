@@ -47,7 +47,8 @@ class HostLink:
 
     def __init__(self, host: Host, config, accept_new: bool, events: queue.Queue,
                  check: Callable[[int, int, dict], Any], bundle: str, beat_seconds: float = 2.0,
-                 preload: str = ""):
+                 preload: str = "", prepare: Optional[Callable[[Transport], None]] = None,
+                 slot_factor: int = 1):
         self.host = host
         self.name = host.name
         self.config = config
@@ -57,6 +58,8 @@ class HostLink:
         self.bundle = bundle
         self.beat_seconds = beat_seconds
         self.preload = preload
+        self.prepare = prepare
+        self.slot_factor = slot_factor
         self.generation = 0
         self.transport: Optional[Transport] = None
         self.stream: Optional[Stream] = None
@@ -76,6 +79,8 @@ class HostLink:
             flags += f" --slots {int(host.slots)}"
         if self.preload:
             flags += f" --preload {shlex.quote(self.preload)}"
+        if self.slot_factor > 1:
+            flags += f" --slot-factor {int(self.slot_factor)}"
         if host.is_local:
             agent = shlex.quote(str(CLIENT_DIR / "agent.py"))
             return f"exec {shlex.quote(sys.executable)} {agent} {flags}"
@@ -90,6 +95,12 @@ class HostLink:
             self._sent.clear()
         generation = self.generation
         self.transport = connect(self.host, self.config, accept_new=self.accept_new)
+        if self.prepare is not None:
+            try:
+                self.prepare(self.transport)
+            except BaseException:
+                self.close()
+                raise
         self.stream = self.transport.spawn(self.agent_command())
         hello_box: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, args=(self.stream, generation, hello_box),
@@ -110,7 +121,7 @@ class HostLink:
             raise ConnectError(f"{self.name}: client bundle is stale ({hello.get('bundle')} != {self.bundle}); "
                                "run fab setup")
         self.hello = hello
-        self.slots = int(self.host.slots or hello.get("slots") or hello.get("cores") or 1)
+        self.slots = int(hello.get("slots") or self.host.slots or hello.get("cores") or 1)
         self.last_heard = time.monotonic()
         return hello
 

@@ -123,9 +123,15 @@ class Coordinator:
 
     def _run_locked(self, store: Store, run_id: int, began: float) -> RunOutcome:
         self.run_id = run_id
+        self.store = store
+        self.tail_recorded = False
         done = store.done_ranges(run_id)
         self.min_block = self.job.min_block() if hasattr(self.job, "min_block") else MIN_BLOCK
-        self.schedule = Schedule(self.job.start, self.job.end, done, self.min_block)
+        self.job.run_id = run_id
+        if hasattr(self.job, "make_schedule"):  # a job with its own order (scrape: politeness)
+            self.schedule = self.job.make_schedule(done)
+        else:
+            self.schedule = Schedule(self.job.start, self.job.end, done, self.min_block)
         self.max_block = self.job.max_block()
         totals = store.run_totals(run_id)
         self.done_items = self.job.total - self.schedule.remaining_at_start
@@ -175,7 +181,9 @@ class Coordinator:
         bundle = local_bundle_hash()
         for host in self.hosts:
             self.links[host.name] = HostLink(host, self.config, self.accept_new, self.events, self.job.check,
-                                             bundle, beat_seconds=self.beat_seconds, preload=self.job.name)
+                                             bundle, beat_seconds=self.beat_seconds, preload=self.job.name,
+                                             prepare=getattr(self.job, "prepare_host", None),
+                                             slot_factor=getattr(self.job, "slot_factor", lambda: 1)())
         threads = [threading.Thread(target=self._connect, args=(name,), daemon=True) for name in self.links]
         for thread in threads:
             thread.start()
@@ -229,10 +237,10 @@ class Coordinator:
         self.writer_event(name, "quarantine" if quarantine else "lost", f"{reason}; {given_back} blocks back")
         log.warning("%s: %s (%d blocks given back; retrying in %.0fs)", name, reason, given_back, backoff)
 
-    def writer_event(self, host: str, kind: str, detail: str) -> None:
+    def writer_event(self, host: Optional[str], kind: str, detail: str) -> None:
+        """Record an event for stats (lost, quarantine, failure, invalid, mismatch, tail)."""
         try:
-            with Store(self.store_path) as store:
-                store.add_event(self.run_id, host, kind, detail)
+            self.store.add_event(self.run_id, host, kind, detail)
         except BeowulfError as err:
             log.warning("cannot record event: %s", err)
 
@@ -243,8 +251,13 @@ class Coordinator:
         while not self.schedule.finished():
             for name in list(self.up):
                 self._fill(name)
+            self._note_tail()
+            wait = 0.25
+            ready_in = getattr(self.schedule, "next_ready_in", lambda: None)()
+            if ready_in is not None and self.up:
+                wait = min(wait, ready_in + 0.001)
             try:
-                event = self.events.get(timeout=0.25)
+                event = self.events.get(timeout=wait)
             except queue.Empty:
                 event = None
             if event is not None:
@@ -263,6 +276,13 @@ class Coordinator:
                 self.progress(self.done_items, self.job.total, list(self.stats.values()))
         if self.progress:
             self.progress(self.done_items, self.job.total, list(self.stats.values()))
+
+    def _note_tail(self) -> None:
+        """Record when the last block was handed out for the first time (the tail starts)."""
+        nothing_left = self.schedule.uncut() == 0 and not self.schedule.redo
+        if nothing_left and not self.tail_recorded:
+            self.writer_event(None, "tail", f"{len(self.schedule.in_flight)} blocks in flight")
+        self.tail_recorded = nothing_left
 
     def _check_heartbeats(self, now: float) -> None:
         for name in list(self.up):
@@ -291,7 +311,8 @@ class Coordinator:
 
     def _fill(self, name: str) -> None:
         link, stats = self.links[name], self.stats[name]
-        while name in self.up and self.schedule.load_of(name) < link.slots + 1:
+        capacity = self.job.capacity(link.slots) if hasattr(self.job, "capacity") else link.slots + 1
+        while name in self.up and self.schedule.load_of(name) < capacity:
             got = self.schedule.next_block(name, self._block_size(stats), allow_verify=len(self.up) > 1)
             if got is None and self.schedule.load_of(name) < link.slots:
                 got = self.schedule.duplicate_for(name)
@@ -300,8 +321,12 @@ class Coordinator:
             task_id, block = got
             expected = block.size / stats.rate if stats.rate > 0 else self.block_seconds
             self.schedule.set_expected(task_id, expected)
+            if hasattr(self.job, "task_args_for"):
+                args = self.job.task_args_for(block, link, task_id)
+            else:
+                args = self.job.task_args(block.lo, block.hi)
             try:
-                link.send_task(task_id, self.job.name, block.lo, block.hi, self.job.task_args(block.lo, block.hi))
+                link.send_task(task_id, self.job.name, block.lo, block.hi, args)
             except (ConnectionError, OSError) as err:
                 self._lose(name, f"cannot send: {err}")
                 return
@@ -343,32 +368,23 @@ class Coordinator:
     def _result(self, event: Event, stats: HostStats) -> None:
         message = event.message or {}
         task_id = message.get("id")
-        name = stats.name
         if task_id not in self.schedule.tasks:
             return  # a cancelled copy or a task of a host we gave up on
         if not message.get("ok") or event.invalid:
-            error = event.invalid or message.get("error") or "failed"
-            block = self.schedule.give_back(task_id, failed=True, invalid=bool(event.invalid))
-            stats.failures += 1
-            if len(block.failed_on) == 1:
-                stats.failures_in_row += 1  # only this host fails it: count it against the host
-            if event.invalid:
-                stats.invalid += 1
-            kind = "invalid" if event.invalid else "failure"
-            self.writer_event(name, kind, f"[{block.lo}, {block.hi}]: {error}")
-            log.warning("%s: block [%d, %d] %s: %s", name, block.lo, block.hi, kind, error)
-            usable = sum(1 for s in self.stats.values() if s.state != "excluded")
-            if block.failures >= MAX_BLOCK_FAILURES or (
-                    block.failures >= 2 and len(block.failed_on) >= min(3, usable)):
-                hosts = ", ".join(sorted(block.failed_on))
-                raise JobError(f"block [{block.lo}, {block.hi}] failed {block.failures} times (on {hosts}); "
-                               f"last: {error}")
-            if stats.failures_in_row >= FAILURES_TO_QUARANTINE:
-                self._lose(name, f"{stats.failures_in_row} failures in a row", quarantine=True)
-            return
+            return self._failed(task_id, stats, event.invalid or message.get("error") or "failed",
+                                bool(event.invalid))
         if event.checked is None:
             return
-        elapsed = float(message.get("elapsed") or 0.0)
+        result = message.get("result") or {}
+        block = self.schedule.tasks[task_id][0]
+        if hasattr(self.job, "decide") and block.verify_of is None:
+            decision = self.job.decide(block, stats.name, result, time.monotonic(), len(self.up) - 1)
+            if decision[0] == "retry":
+                self.schedule.give_back(task_id, retry_at=time.monotonic() + decision[1], avoid=decision[2])
+                stats.retries += 1
+                log.info("%s: item %d again in %.1fs (%s)", stats.name, block.lo, decision[1],
+                         result.get("error") or result.get("status"))
+                return
         done = self.schedule.complete(task_id)
         if done is None:
             return
@@ -378,10 +394,40 @@ class Coordinator:
                 self.links[other].cancel(other_id)
         stats.failures_in_row = 0
         found, payload = event.checked[0], event.checked[1]
-        result = message.get("result") or {}
         if block.verify_of is not None:
             self._verified(block, found, result)
             return
+        self._commit(block, stats, found, payload, result, float(message.get("elapsed") or 0.0))
+
+    def _failed(self, task_id: int, stats: HostStats, error: str, invalid: bool) -> None:
+        """A task failed on its host, or its result was invalid: the block goes back."""
+        name = stats.name
+        if error.startswith("ProxyError"):
+            # --tor fails closed: a host whose proxy broke is out until its SOCKS port answers again.
+            self.schedule.give_back(task_id)
+            self._lose(name, f"proxy failed: {error}")
+            return
+        block = self.schedule.give_back(task_id, failed=True, invalid=invalid)
+        stats.failures += 1
+        if len(block.failed_on) == 1:
+            stats.failures_in_row += 1  # only this host fails it: count it against the host
+        if invalid:
+            stats.invalid += 1
+        kind = "invalid" if invalid else "failure"
+        self.writer_event(name, kind, f"[{block.lo}, {block.hi}]: {error}")
+        log.warning("%s: block [%d, %d] %s: %s", name, block.lo, block.hi, kind, error)
+        usable = sum(1 for s in self.stats.values() if s.state != "excluded")
+        if block.failures >= MAX_BLOCK_FAILURES or (
+                block.failures >= 2 and len(block.failed_on) >= min(3, usable)):
+            hosts = ", ".join(sorted(block.failed_on))
+            raise JobError(f"block [{block.lo}, {block.hi}] failed {block.failures} times (on {hosts}); "
+                           f"last: {error}")
+        if stats.failures_in_row >= FAILURES_TO_QUARANTINE:
+            self._lose(name, f"{stats.failures_in_row} failures in a row", quarantine=True)
+
+    def _commit(self, block, stats: HostStats, found: int, payload, result: dict, elapsed: float) -> None:
+        """Hand a valid first result to the writer (which commits it exactly once)."""
+        name = stats.name
         if elapsed > 0:
             stats.rate_items = stats.rate_items * RATE_DECAY + block.size
             stats.rate_seconds = stats.rate_seconds * RATE_DECAY + elapsed
@@ -391,11 +437,12 @@ class Coordinator:
         stats.items += block.size
         stats.found += found
         now_wall = time.time()
+        meta = {key: result.get(key) for key in ("checksum", "engine") if result.get(key) is not None}
+        page = self.job.page_record(block, name, result) if hasattr(self.job, "page_record") else None
         self.writer.put(BlockRow(
             run_id=self.run_id, lo=block.lo, hi=block.hi, host=name, started=now_wall - elapsed,
             finished=now_wall, seconds=elapsed, items=block.size, found=found, attempts=block.attempts,
-            payload=payload,
-            meta={"checksum": result.get("checksum"), "elapsed": elapsed, "engine": result.get("engine")},
+            payload=payload, meta=dict(meta, elapsed=elapsed), page=page,
         ))
         if self.verify > 0 and len(self.links) > 1 and _sampled(block.lo, self.verify):
             self.verify_expect[block.lo] = (found, result.get("checksum"))

@@ -38,8 +38,9 @@ class Progress:
     """Call with (done, total, host stats); use as a context manager around the run."""
 
     def __init__(self, unit: str = "numbers", enabled: Optional[bool] = None, interval: float = 5.0,
-                 label: str = ""):
+                 label: str = "", per_minute: bool = False):
         self.unit = unit
+        self.per_minute = per_minute
         self.label = label or unit
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.interval = interval
@@ -50,6 +51,10 @@ class Progress:
         self._began = time.monotonic()
         self._first_done: Optional[int] = None
         self._last_log = 0.0
+
+    @property
+    def per(self) -> str:
+        return "/min" if self.per_minute else "/s"
 
     def __enter__(self):
         return self
@@ -84,7 +89,8 @@ class Progress:
                 history.popleft()
             then, items_then = history[0]
             if host.state == "up" and now > then:
-                parts.append(f"{host.name}:{_rate((host.items - items_then) / (now - then))}/s")
+                rate = (host.items - items_then) / (now - then) * (60 if self.per_minute else 1)
+                parts.append(f"{host.name}:{_rate(rate)}{self.per}")
         return " ".join(parts)
 
     def __exit__(self, *exc):
@@ -98,15 +104,16 @@ class Progress:
         if self._first_done is None:
             self._first_done, self._began, self._last_log = done, now, now
         elapsed = max(now - self._began, 1e-9)
-        speed = (done - self._first_done) / elapsed
+        speed = (done - self._first_done) / elapsed * (60 if self.per_minute else 1)
         per_host = self._host_rates(now, hosts)
         if self.enabled and self._live is None:
             self._start_live()
         if self._live is not None:
-            self._live.update(self._task, total=total, completed=done, speed=f"{_rate(speed)} {self.unit}/s",
+            self._live.update(self._task, total=total, completed=done, speed=f"{_rate(speed)} {self.unit}{self.per}",
                               hosts=per_host)
         elif now - self._last_log >= self.interval:
             self._last_log = now
-            eta = f"ETA {(total - done) / speed:.0f}s" if speed > 0 else "ETA unknown"
-            log.info("%.1f%% (%s of %s %s), %s %s/s, %s; %s", 100 * done / max(total, 1), f"{done:,}",
-                     f"{total:,}", self.unit, _rate(speed), self.unit, eta, per_host or "starting")
+            per_second = speed / (60 if self.per_minute else 1)
+            eta = f"ETA {(total - done) / per_second:.0f}s" if speed > 0 else "ETA unknown"
+            log.info("%.1f%% (%s of %s %s), %s %s%s, %s; %s", 100 * done / max(total, 1), f"{done:,}",
+                     f"{total:,}", self.unit, _rate(speed), self.unit, self.per, eta, per_host or "starting")

@@ -36,6 +36,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
 
@@ -102,6 +103,27 @@ SCHEMA_V1 = (
         PRIMARY KEY (run_id, lo),
         FOREIGN KEY (run_id, lo) REFERENCES blocks (run_id, lo) ON DELETE CASCADE
     )""",
+    # One row per fetched URL of a scrape run (its body, compressed, is in payloads).
+    """CREATE TABLE pages (
+        run_id       INTEGER NOT NULL,
+        lo           INTEGER NOT NULL,        -- the URL's index in the run
+        url          TEXT    NOT NULL,
+        final_url    TEXT,
+        status       INTEGER,
+        content_type TEXT,
+        size         INTEGER,
+        truncated    INTEGER NOT NULL DEFAULT 0,
+        sha256       TEXT,
+        title        TEXT,
+        elapsed      REAL,
+        host         TEXT    NOT NULL,
+        tor          INTEGER NOT NULL DEFAULT 0,
+        error        TEXT,
+        error_kind   TEXT,
+        attempts     INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (run_id, lo),
+        FOREIGN KEY (run_id, lo) REFERENCES blocks (run_id, lo) ON DELETE CASCADE
+    )""",
     """CREATE TABLE hosts (
         name      TEXT PRIMARY KEY,
         facts     TEXT NOT NULL DEFAULT '{}', -- JSON object
@@ -140,6 +162,11 @@ Migration = Union[Sequence[str], Callable[[sqlite3.Connection], None]]
 MIGRATIONS: dict[int, Migration] = {1: SCHEMA_V1}
 
 
+# Columns of a scrape page record, as BlockRow.page carries them.
+PAGE_COLUMNS = ("url", "final_url", "status", "content_type", "size", "truncated", "sha256", "title",
+                "elapsed", "host", "tor", "error", "error_kind", "attempts")
+
+
 @dataclass
 class BlockRow:
     """One finished block as the coordinator hands it to the store.
@@ -160,6 +187,7 @@ class BlockRow:
     payload: bytes | None = None
     meta: dict | None = None
     seconds: float | None = None
+    page: dict | None = None  # a scrape page record (PAGE_COLUMNS), stored in the same transaction
 
 
 def canonical_json(value) -> str:
@@ -497,7 +525,33 @@ class Store:
                 "INSERT INTO payloads (run_id, lo, data) VALUES (?, ?, ?)",
                 (row.run_id, row.lo, row.payload),
             )
+        if row.page is not None:
+            page = {key: row.page.get(key) for key in PAGE_COLUMNS}
+            conn.execute(
+                f"INSERT INTO pages (run_id, lo, {', '.join(PAGE_COLUMNS)})"
+                f" VALUES (?, ?, {', '.join('?' for _ in PAGE_COLUMNS)})",
+                (row.run_id, row.lo, *(page[key] for key in PAGE_COLUMNS)),
+            )
         return True
+
+    def iter_pages(self, run_id: int) -> Iterator[tuple[dict, bytes | None]]:
+        """Yield (page record, compressed body or None) of a scrape run in URL order, streaming."""
+        columns = ", ".join(f"p.{key}" for key in PAGE_COLUMNS)
+        cur = self._conn.cursor()
+        cur.row_factory = None
+        with self._lock, self._errors("reading pages"):
+            cur.execute(
+                f"SELECT p.lo, {columns}, d.data FROM pages p LEFT JOIN payloads d"
+                " ON d.run_id = p.run_id AND d.lo = p.lo WHERE p.run_id = ? ORDER BY p.lo",
+                (run_id,),
+            )
+        while True:
+            with self._lock, self._errors("reading pages"):
+                row = cur.fetchone()
+            if row is None:
+                return
+            record = dict(zip(("index", *PAGE_COLUMNS), row[:-1]))
+            yield record, row[-1]
 
     def done_ranges(self, run_id: int) -> list[tuple[int, int]]:
         """Committed blocks of a run as (lo, hi), ordered by lo (nothing else is read)."""
@@ -628,6 +682,45 @@ class Store:
             os.path.abspath(self.path)
         )
         return shutil.disk_usage(folder).free
+
+    # -- read-only access (fab stats) -------------------------------------------------
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike) -> Store:
+        """An existing store opened for reading only (SQLite ``mode=ro``): ``fab stats``.
+
+        Nothing is created, migrated or changed (SQLite may create the ``-wal`` and
+        ``-shm`` files WAL readers need). Reads see the last committed state while a
+        run writes. StoreError for a missing, foreign, older, newer, corrupt or locked file.
+        """
+        self = cls.__new__(cls)
+        self.path = os.fspath(path)
+        self._lock = threading.RLock()
+        if not os.path.exists(self.path):
+            raise StoreError(f"{self.path}: no such store")
+        if os.path.isdir(self.path):
+            raise StoreError(f"{self.path}: is a folder, not a beowulf store")
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        try:
+            self._conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_SECONDS,
+                                         isolation_level=None, check_same_thread=False)
+            self._conn.row_factory = sqlite3.Row
+            app_id = self._conn.execute("PRAGMA application_id").fetchone()[0]
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:  # locked, unreadable, ...
+            raise StoreError(f"{self.path}: cannot open ({exc})") from exc
+        except sqlite3.DatabaseError as exc:  # not SQLite, or a damaged header
+            raise StoreError(f"{self.path}: not a beowulf store ({exc})") from exc
+        try:
+            self._check_identity(app_id, version)
+            if version < SCHEMA_VERSION:
+                what = "is empty" if version == 0 else f"has the older schema {version}"
+                raise StoreError(f"{self.path}: {what}; a run (fab primes ...) sets it up")
+        except BaseException:
+            self._conn.close()
+            raise
+        return self
 
 
 def _run_dict(row: dict) -> dict:

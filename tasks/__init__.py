@@ -5,7 +5,7 @@ Each task parses its flags, reads the config, calls ``cluster/`` and prints.
 
 from invoke import Collection
 
-from . import hosts, info, primes
+from . import hosts, info, primes, scrape
 
 ns = Collection()
 ns.add_task(hosts.setup)
@@ -13,4 +13,5 @@ ns.add_task(hosts.hosts_, name="hosts")
 ns.add_task(hosts.teardown)
 ns.add_task(info.version)
 ns.add_task(primes.primes)
+ns.add_task(scrape.scrape)
 ns.configure({"beowulf": {"inventory": None, "known_hosts": None}})

@@ -1,0 +1,814 @@
+"""Fetch one URL politely: robots.txt, bounded time and size, optionally through SOCKS5.
+
+Shipped to every host: standard library only, Python 3.6 syntax. PySocks (``socks``)
+and ``certifi`` are used when they import; PySocks is required only with a proxy.
+
+``run(args) -> dict`` is what the agent calls, one URL a call::
+
+    {"url": "https://a.example/x", "timeout": 30, "max_bytes": 5000000,
+     "user_agent": "...", "insecure": false, "bodies": true,
+     "proxy": "127.0.0.1:9050" or null, "isolation": "slot-3" or null,
+     "robots": null | {"fetch": true} | {"status": 200, "text": "..."},
+     "max_redirects": 10}
+
+Failures of the page (DNS, refused, timeout, TLS, HTTP status, robots.txt, a target
+the proxy cannot reach) come back in the result (``error``, ``error_kind``). A proxy
+that is down or misbehaves raises ``ProxyError``: nothing was fetched, and nothing
+ever leaves the host except through the proxy (no fallback, no local DNS).
+
+Bounds: ``timeout`` covers the whole call (robots.txt, redirects, headers and body;
+every read is given only the time left), the body is cut at ``max_bytes``, headers
+are limited by http.client (65536 bytes a line, 100 lines), and ``Accept-Encoding:
+identity`` is sent and nothing is ever decompressed.
+"""
+import base64
+import email.utils
+import hashlib
+import html
+import http.client
+import io
+import logging
+import math
+import re
+import select
+import socket
+import ssl
+import time
+import zlib
+from urllib.parse import quote, urljoin, urlsplit
+from urllib.robotparser import RobotFileParser
+
+try:
+    import socks
+except ImportError:  # only needed with a proxy: then it is an error (fail closed)
+    socks = None
+
+try:
+    import certifi
+except ImportError:  # the system's CA bundle is used instead
+    certifi = None
+
+logger = logging.getLogger("scrape")
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_BYTES = 5000000
+DEFAULT_MAX_REDIRECTS = 10
+DEFAULT_USER_AGENT = "beowulf/0.1 (polite distributed fetcher)"
+# Statuses whose Location is followed.
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# Statuses whose Retry-After is reported.
+RETRY_AFTER_STATUSES = (429, 503)
+# The part of the body searched for <title>, and the longest title kept.
+TITLE_SCAN_BYTES = 256 * 1024
+MAX_TITLE_CHARS = 300
+# robots.txt: bytes read and kept (RFC 9309 asks parsers for at least 500 KiB),
+# and redirects followed while fetching it (RFC 9309: at least five).
+ROBOTS_MAX_BYTES = 500 * 1024
+ROBOTS_MAX_REDIRECTS = 5
+# Bytes asked of each read of the body.
+READ_CHUNK = 64 * 1024
+# SOCKS password sent with the isolation username (Tor only looks at the pair).
+ISOLATION_PASSWORD = "beowulf"
+# Longest SOCKS username sent as is (PySocks encodes the length as one UTF-8 char).
+MAX_ISOLATION_BYTES = 120
+# SOCKS5 reply codes that are about the target, not the proxy: (error_kind, text).
+SOCKS_TARGET_ERRORS = {
+    0x02: ("connect", "connection not allowed by the proxy's rules"),
+    0x03: ("connect", "network unreachable (via proxy)"),
+    0x04: ("dns", "host unreachable or unknown (via proxy)"),
+    0x05: ("connect", "connection refused (via proxy)"),
+    0x06: ("timeout", "TTL expired: the proxy timed out reaching the host"),
+}
+ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots", "too_big", "other")
+DISALLOWED = "disallowed by robots.txt"
+DISALLOWED_UNREACHABLE = "disallowed by robots.txt (unreachable)"
+_TITLE_RE = re.compile(br"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+_META_CHARSET_RE = re.compile(br"<meta[^>]+charset=[\"']?([A-Za-z0-9_.:-]+)", re.IGNORECASE)
+_SSL_CONTEXTS = {}
+
+
+class ProxyError(Exception):
+    """The SOCKS proxy is missing, down or misbehaving: a host problem, nothing was fetched."""
+
+
+class PageError(Exception):
+    """A page-level failure: ``kind`` is one of ERROR_KINDS, the message is one line."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+
+
+def one_line(text):
+    """``text`` with all whitespace runs collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+def describe(exc):
+    """A one-line description of an exception: its message, or its type name."""
+    text = one_line(exc)
+    return text or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- sockets
+
+
+class Deadline(object):
+    """The moment the whole call must end (time.monotonic based)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self):
+        """Seconds left; raises socket.timeout once none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out after %gs" % self.seconds)
+        return left
+
+
+class _DeadlineRaw(io.RawIOBase):
+    """Raw reader over a socket: each read waits at most for the time left."""
+
+    def __init__(self, sock, deadline):
+        io.RawIOBase.__init__(self)
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self._sock.settimeout(self._deadline.left())
+        return self._sock.recv_into(buffer)
+
+
+class _DeadlineSocket(object):
+    """What http.client sees as its socket: sends and reads bounded by the deadline.
+
+    Closing it does nothing: the fetch closes the real socket itself when it is done.
+    """
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data):
+        self._sock.settimeout(self._deadline.left())
+        return self._sock.sendall(data)
+
+    def makefile(self, mode="rb", *args, **kwargs):
+        return io.BufferedReader(_DeadlineRaw(self._sock, self._deadline), READ_CHUNK)
+
+    def settimeout(self, timeout):
+        pass
+
+    def close(self):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+if socks is not None:
+    class _SocksSocket(socks.socksocket):
+        """A PySocks socket that remembers whether the CONNECT request was sent.
+
+        A timeout before that point means the proxy does not answer (host problem);
+        after it, that the proxy could not reach the target in time (page problem).
+        """
+
+        connect_sent = False
+
+        def _write_SOCKS5_address(self, addr, file):
+            self.connect_sent = True
+            return socks.socksocket._write_SOCKS5_address(self, addr, file)
+else:
+    _SocksSocket = None
+
+
+def parse_proxy(proxy):
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); raises ProxyError when malformed."""
+    text = str(proxy).strip()
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProxyError("bad proxy address %r (want host:port)" % (proxy,))
+    return host, int(port)
+
+
+def ssl_context(insecure):
+    """The TLS context: verified (certifi's bundle when importable) or, if ``insecure``, not."""
+    context = _SSL_CONTEXTS.get(bool(insecure))
+    if context is None:
+        if insecure:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif certifi is not None:
+            context = ssl.create_default_context(cafile=certifi.where())
+        else:
+            context = ssl.create_default_context()
+        _SSL_CONTEXTS[bool(insecure)] = context
+    return context
+
+
+class Route(object):
+    """How sockets to targets are opened: directly, or only through a SOCKS5 proxy."""
+
+    def __init__(self, proxy, isolation, deadline):
+        self.deadline = deadline
+        self.proxy = None
+        self.username = None
+        if proxy:
+            if socks is None:
+                raise ProxyError("a proxy was asked for but PySocks is not installed on this host")
+            self.proxy = parse_proxy(proxy)
+            if isolation:
+                name = str(isolation)
+                if len(name.encode("utf-8")) > MAX_ISOLATION_BYTES:
+                    name = hashlib.sha256(name.encode("utf-8")).hexdigest()[:40]
+                self.username = name
+
+    def open(self, host, port):
+        """A connected socket to (host, port); raises PageError or ProxyError."""
+        if self.proxy is None:
+            return self._open_direct(host, port)
+        return self._open_socks(host, port)
+
+    def _open_direct(self, host, port):
+        try:
+            sock = socket.create_connection((host, port), timeout=self.deadline.left())
+        except socket.gaierror as exc:
+            raise PageError("dns", "cannot resolve %s: %s" % (host, describe(exc))) from None
+        except socket.timeout:
+            raise PageError("timeout", "timed out connecting to %s:%d" % (host, port)) from None
+        except OSError as exc:
+            raise PageError("connect", "cannot connect to %s:%d: %s" % (host, port, describe(exc))) from None
+        _nodelay(sock)
+        return sock
+
+    def _open_socks(self, host, port):
+        proxy_host, proxy_port = self.proxy
+        where = "SOCKS proxy %s:%d" % (proxy_host, proxy_port)
+        try:
+            left = self.deadline.left()
+        except socket.timeout:
+            raise PageError("timeout", "timed out before connecting to %s:%d" % (host, port)) from None
+        try:
+            family = socket.getaddrinfo(proxy_host, proxy_port, 0, socket.SOCK_STREAM)[0][0]
+        except (OSError, IndexError) as exc:
+            raise ProxyError("%s: bad address: %s" % (where, describe(exc))) from exc
+        sock = _SocksSocket(family, socket.SOCK_STREAM)
+        password = ISOLATION_PASSWORD if self.username else None
+        sock.set_proxy(socks.SOCKS5, proxy_host, proxy_port, rdns=True,
+                       username=self.username, password=password)
+        try:
+            sock.settimeout(left)
+            sock.connect((host, port))
+        except socks.ProxyConnectionError as exc:
+            sock.close()
+            raise ProxyError("%s does not answer: %s" % (where, describe(exc))) from exc
+        except socks.SOCKS5Error as exc:
+            sock.close()
+            code = _socks_code(exc)
+            if code in SOCKS_TARGET_ERRORS:
+                kind, text = SOCKS_TARGET_ERRORS[code]
+                raise PageError(kind, "%s:%d: %s" % (host, port, text)) from None
+            raise ProxyError("%s failed: %s" % (where, describe(exc))) from None
+        except socks.ProxyError as exc:
+            sock.close()
+            cause = getattr(exc, "socket_err", None)
+            if isinstance(cause, socket.timeout) and sock.connect_sent:
+                raise PageError("timeout", "timed out reaching %s:%d through the proxy" % (host, port)) from None
+            raise ProxyError("%s failed: %s" % (where, describe(exc))) from None
+        except socket.timeout:
+            sock.close()
+            if sock.connect_sent:
+                raise PageError("timeout", "timed out reaching %s:%d through the proxy" % (host, port)) from None
+            raise ProxyError("%s does not answer (timed out)" % where) from None
+        except OSError as exc:
+            sock.close()
+            raise ProxyError("%s failed: %s" % (where, describe(exc))) from exc
+        _nodelay(sock)
+        return sock
+
+
+def _socks_code(exc):
+    """The reply code of a PySocks SOCKS5Error (its message starts ``0x04: ...``), or None."""
+    match = re.match(r"\s*0x([0-9a-fA-F]{2})", str(exc))
+    return int(match.group(1), 16) if match else None
+
+
+def _nodelay(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def tls_handshake(sock, host, context, deadline):
+    """Wrap ``sock`` in TLS for ``host``, the handshake bounded by the deadline."""
+    try:
+        tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        tls.setblocking(False)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                ready = _wait(tls, False, deadline)
+            except ssl.SSLWantWriteError:
+                ready = _wait(tls, True, deadline)
+            if not ready:
+                raise socket.timeout("TLS handshake timed out")
+        tls.settimeout(deadline.left())
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def _wait(sock, write, deadline):
+    left = deadline.left()
+    if write:
+        return select.select([], [sock], [], left)[1]
+    return select.select([sock], [], [], left)[0]
+
+
+class Connection(http.client.HTTPConnection):
+    """http.client over a Route (direct or SOCKS5), TLS when ``tls``, reads bounded by a deadline.
+
+    One class serves both schemes: ``connect()`` is where sockets are made, so the
+    proxy and TLS are handled there (the socket through the route, then
+    ``context.wrap_socket(sock, server_hostname=host)``).
+    """
+
+    def __init__(self, host, port, route, tls_context=None):
+        http.client.HTTPConnection.__init__(self, host, port, timeout=route.deadline.seconds)
+        self.route = route
+        self.tls_context = tls_context
+        if tls_context is not None:
+            self.default_port = 443  # the Host header omits the port only for 443
+        self.raw_socket = None
+
+    def connect(self):
+        """Open the socket (route, then TLS) and hand http.client a deadline-bounded view."""
+        sock = self.route.open(self.host, self.port)
+        if self.tls_context is not None:
+            try:
+                sock = tls_handshake(sock, self.host, self.tls_context, self.route.deadline)
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                raise PageError("tls", "TLS with %s failed: %s" % (self.host, describe(exc))) from None
+            except socket.timeout:
+                raise PageError("timeout", "timed out in the TLS handshake with %s" % self.host) from None
+            except OSError as exc:
+                raise PageError("tls", "TLS with %s failed: %s" % (self.host, describe(exc))) from None
+        self.raw_socket = sock
+        self.sock = _DeadlineSocket(sock, self.route.deadline)
+
+    def shut(self):
+        """Close everything this connection opened."""
+        try:
+            self.close()
+        finally:
+            if self.raw_socket is not None:
+                try:
+                    self.raw_socket.close()
+                except OSError:
+                    pass
+                self.raw_socket = None
+
+
+# ---------------------------------------------------------------------------- one exchange
+
+
+class Answer(object):
+    """One HTTP exchange: status, headers, the kept body; ``error``/``kind`` if it broke off."""
+
+    def __init__(self, url):
+        self.url = url
+        self.status = None
+        self.headers = None
+        self.body = b""
+        self.truncated = False
+        self.got_body = False
+        self.error = None
+        self.kind = None
+
+    def header(self, name):
+        """A response header's value, or None."""
+        return self.headers.get(name) if self.headers is not None else None
+
+
+def split_url(url):
+    """(scheme, host, port, request target) of an http(s) URL; raises PageError if it is not one."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        port = parts.port
+    except ValueError as exc:
+        raise PageError("other", "bad URL: %s" % describe(exc)) from None
+    if scheme not in ("http", "https") or not host:
+        raise PageError("other", "not an http(s) URL: %s" % one_line(url)[:200])
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise PageError("other", "bad host name in URL: %s" % one_line(url)[:200]) from None
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    path = quote(parts.path or "/", safe="/%!$&'()*+,;=:@-._~")
+    if parts.query:
+        path += "?" + quote(parts.query, safe="/?%!$&'()*+,;=:@-._~")
+    return scheme, host, port, path
+
+
+def origin_of(url):
+    """``scheme://host:port`` (robots.txt scope), or None for a URL that is not http(s)."""
+    try:
+        scheme, host, port, _ = split_url(url)
+    except PageError:
+        return None
+    return "%s://%s:%d" % (scheme, host, port)
+
+
+class Fetcher(object):
+    """Makes HTTP GETs for one call of ``run``: one route, one user agent, one deadline."""
+
+    def __init__(self, route, user_agent, insecure):
+        self.route = route
+        self.user_agent = user_agent
+        self.insecure = insecure
+
+    def get(self, url, max_bytes):
+        """One GET of ``url`` (no redirects followed), the body cut at ``max_bytes``.
+
+        Raises ProxyError; every page-level failure is in the Answer.
+        """
+        answer = Answer(url)
+        try:
+            scheme, host, port, target = split_url(url)
+        except PageError as exc:
+            answer.error, answer.kind = exc.message, exc.kind
+            return answer
+        context = ssl_context(self.insecure) if scheme == "https" else None
+        conn = Connection(host, port, self.route, context)
+        try:
+            conn.connect()
+            conn.putrequest("GET", target, skip_accept_encoding=True)
+            conn.putheader("User-Agent", self.user_agent)
+            conn.putheader("Accept", "*/*")
+            conn.putheader("Accept-Encoding", "identity")
+            conn.putheader("Connection", "close")
+            conn.endheaders()
+            response = conn.getresponse()
+            answer.status = response.status
+            answer.headers = response.msg
+            if response.status not in REDIRECT_STATUSES or not response.getheader("Location"):
+                self._read_body(response, answer, max_bytes)
+        except ProxyError:
+            raise
+        except PageError as exc:
+            answer.error, answer.kind = exc.message, exc.kind
+        except Exception as exc:  # anything else the exchange raises is a page error
+            answer.kind, answer.error = classify(exc, answer)
+        finally:
+            conn.shut()
+        return answer
+
+    def _read_body(self, response, answer, max_bytes):
+        """Read at most ``max_bytes`` of the body into ``answer`` (never the rest)."""
+        answer.got_body = True
+        chunks = []
+        kept = 0
+        try:
+            while kept < max_bytes:
+                chunk = response.read(min(READ_CHUNK, max_bytes - kept))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                kept += len(chunk)
+            if kept >= max_bytes and not response.isclosed():
+                if response.length is not None:
+                    answer.truncated = response.length > 0
+                else:  # chunked or read-until-close: look for one more byte
+                    try:
+                        answer.truncated = bool(response.read(1))
+                    except socket.timeout:
+                        answer.truncated = True
+        except http.client.IncompleteRead as exc:
+            chunks.append(exc.partial)
+            answer.error, answer.kind = "connection closed before the end of the body", "http"
+        finally:
+            answer.body = b"".join(chunks)[:max_bytes]
+
+
+def classify(exc, answer):
+    """(error_kind, one-line error) for an exception raised during an exchange."""
+    where = "reading the body" if answer.got_body else (
+        "waiting for the headers" if answer.status is None else "reading the headers")
+    if isinstance(exc, socket.timeout):
+        return "timeout", "%s while %s" % (describe(exc), where)
+    if isinstance(exc, http.client.LineTooLong):
+        return "too_big", "response header line too long"
+    if isinstance(exc, http.client.HTTPException):
+        text = describe(exc)
+        if "more than" in text and "headers" in text:
+            return "too_big", "too many response headers (%s)" % text
+        if isinstance(exc, http.client.RemoteDisconnected):
+            return "http", "server closed the connection without a response"
+        return "http", "bad HTTP response: %s: %s" % (type(exc).__name__, text[:200])
+    if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
+        return "tls", "TLS error while %s: %s" % (where, describe(exc))
+    if isinstance(exc, OSError):
+        return "connect", "connection lost while %s: %s" % (where, describe(exc))
+    return "other", "%s: %s" % (type(exc).__name__, describe(exc)[:200])
+
+
+def follow(fetcher, url, max_bytes, max_redirects, check=None):
+    """GET ``url`` following redirects; returns (Answer, redirects followed).
+
+    ``check(url)`` is called before every request; a PageError it raises ends the
+    chain (robots.txt) and is recorded in the returned Answer.
+    """
+    redirects = 0
+    while True:
+        if check is not None:
+            try:
+                check(url)
+            except PageError as exc:
+                answer = Answer(url)
+                answer.error, answer.kind = exc.message, exc.kind
+                return answer, redirects
+        answer = fetcher.get(url, max_bytes)
+        location = answer.header("Location")
+        if answer.error or answer.status not in REDIRECT_STATUSES or not location:
+            return answer, redirects
+        if redirects >= max_redirects:
+            answer.error = "more than %d redirects" % max_redirects
+            answer.kind = "redirects"
+            return answer, redirects
+        target = urljoin(url, location.strip())
+        if origin_of(target) is None:
+            answer.error = "redirect to a URL that is not http(s): %s" % one_line(target)[:200]
+            answer.kind = "redirects"
+            return answer, redirects
+        redirects += 1
+        url = target.split("#", 1)[0]
+
+
+# ---------------------------------------------------------------------------- robots.txt
+
+
+class Rules(object):
+    """The robots.txt verdict for one origin, from its status and text (RFC 9309).
+
+    2xx: the text decides (urllib.robotparser, for our user agent); 4xx other than
+    429: no rules, all allowed; anything else (5xx, 429, unreachable: status None):
+    everything disallowed. Only ``status`` and ``text`` count, so rules handed back
+    by the coordinator decide exactly as the fetched ones did.
+    """
+
+    def __init__(self, status, text, user_agent):
+        self.status = status
+        self.user_agent = user_agent
+        self.parser = None
+        if isinstance(status, int) and 200 <= status < 300:
+            self.mode = "parse"
+            self.parser = RobotFileParser()
+            self.parser.parse((text or "").splitlines())
+            self.parser.modified()  # older robotparsers refuse everything until "read"
+            self.crawl_delay = crawl_delay(text or "", user_agent)
+        elif isinstance(status, int) and 400 <= status < 500 and status != 429:
+            self.mode, self.crawl_delay = "allow", None
+        else:
+            self.mode, self.crawl_delay = "unreachable", None
+
+    def check(self, url):
+        """Raise PageError("robots") unless ``url`` may be fetched."""
+        if self.mode == "unreachable":
+            raise PageError("robots", DISALLOWED_UNREACHABLE)
+        if self.mode == "parse" and not self.parser.can_fetch(self.user_agent, url):
+            raise PageError("robots", DISALLOWED)
+
+
+def crawl_delay(text, user_agent):
+    """The Crawl-delay (seconds, float) of the robots.txt group that applies to us, or None.
+
+    Groups are matched like urllib.robotparser does (the first group naming a part of
+    our agent's product token, else the ``*`` group), but the value may be a decimal.
+    """
+    token = user_agent.split("/")[0].strip().lower()
+    groups = []
+    agents, delay, in_rules = [], None, False
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip().lower(), value.strip()
+        if key == "user-agent":
+            if in_rules:
+                groups.append((agents, delay))
+                agents, delay, in_rules = [], None, False
+            agents.append(value.lower())
+        elif key in ("allow", "disallow", "crawl-delay", "request-rate") and agents:
+            in_rules = True
+            if key == "crawl-delay" and delay is None:
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                if math.isfinite(number) and number >= 0:
+                    delay = number
+    if agents:
+        groups.append((agents, delay))
+    for agents, delay in groups:
+        if any(agent != "*" and agent and agent in token for agent in agents):
+            return delay
+    for agents, delay in groups:
+        if "*" in agents:
+            return delay
+    return None
+
+
+def fetch_robots(fetcher, origin):
+    """Fetch ``origin``/robots.txt; returns the report dict {status, text, crawl_delay, error}.
+
+    ``status`` is None when it could not be fetched (then everything is disallowed).
+    """
+    answer, _ = follow(fetcher, origin + "/robots.txt", ROBOTS_MAX_BYTES, ROBOTS_MAX_REDIRECTS)
+    report = {"status": answer.status, "text": None, "crawl_delay": None, "error": None}
+    if answer.error:
+        # A robots.txt that was not read completely decides nothing: treat it as unreachable.
+        report["status"] = None
+        report["error"] = "%s: %s" % (answer.kind, answer.error)
+        return report
+    if 200 <= answer.status < 300:
+        report["text"] = answer.body.decode("utf-8", "replace")
+    elif not 400 <= answer.status < 500 or answer.status == 429:
+        report["error"] = "robots.txt answered HTTP %d" % answer.status
+    return report
+
+
+class RobotsCache(object):
+    """robots.txt rules per origin for one call: given, fetched once, or ignored."""
+
+    def __init__(self, fetcher, user_agent):
+        self.fetcher = fetcher
+        self.user_agent = user_agent
+        self.rules = {}
+        self.reports = {}
+
+    def give(self, origin, status, text):
+        """Rules handed over by the coordinator for ``origin``."""
+        self.rules[origin] = Rules(status, text, self.user_agent)
+
+    def fetch(self, origin):
+        """Fetch and remember the rules of ``origin``; returns the report."""
+        report = fetch_robots(self.fetcher, origin)
+        rules = Rules(report["status"], report["text"], self.user_agent)
+        report["crawl_delay"] = rules.crawl_delay
+        self.rules[origin] = rules
+        self.reports[origin] = report
+        return report
+
+    def check(self, url):
+        """Raise PageError("robots") unless robots.txt allows ``url`` (fetching unseen origins)."""
+        origin = origin_of(url)
+        if origin is None:
+            return
+        if origin not in self.rules:
+            self.fetch(origin)
+        self.rules[origin].check(url)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def retry_after(value, now=None):
+    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date), or None."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    parsed = email.utils.parsedate_tz(text)
+    if parsed is None:
+        return None
+    try:
+        when = email.utils.mktime_tz(parsed)
+    except (OverflowError, ValueError):
+        return None
+    return max(0.0, round(when - (time.time() if now is None else now), 3))
+
+
+def title_of(body, content_type):
+    """The HTML <title> in the first TITLE_SCAN_BYTES of ``body``: unescaped, collapsed, cut."""
+    match = _TITLE_RE.search(body[:TITLE_SCAN_BYTES])
+    if match is None:
+        return None
+    charset = None
+    if content_type:
+        found = re.search(r"charset=[\"']?([A-Za-z0-9_.:-]+)", content_type, re.IGNORECASE)
+        charset = found.group(1) if found else None
+    if charset is None:
+        found = _META_CHARSET_RE.search(body[:TITLE_SCAN_BYTES])
+        charset = found.group(1).decode("ascii") if found else "utf-8"
+    try:
+        text = match.group(1).decode(charset, "replace")
+    except LookupError:
+        text = match.group(1).decode("utf-8", "replace")
+    text = one_line(html.unescape(one_line(text)))
+    return text[:MAX_TITLE_CHARS] or None
+
+
+def _is_html(content_type, encoding):
+    if encoding and encoding.strip().lower() not in ("identity", ""):
+        return False  # compressed or otherwise encoded: never decoded
+    if not content_type:
+        return True
+    content_type = content_type.lower()
+    return "html" in content_type or "xml" in content_type
+
+
+def _number(args, name, default, kind):
+    value = args.get(name)
+    if value is None:
+        return default
+    value = kind(value)
+    if value < 0 or (kind is float and not math.isfinite(value)):
+        raise ValueError("%s must be a non-negative number, not %r" % (name, args.get(name)))
+    return value
+
+
+def run(args):
+    """Fetch ``args["url"]`` (see the module docstring); return the result dict.
+
+    Raises ProxyError when a proxy was asked for and cannot be used (PySocks missing,
+    proxy down or misbehaving), and ValueError for malformed args.
+    """
+    started = time.monotonic()
+    url = str(args["url"])
+    timeout = _number(args, "timeout", DEFAULT_TIMEOUT, float)
+    max_bytes = _number(args, "max_bytes", DEFAULT_MAX_BYTES, int)
+    max_redirects = _number(args, "max_redirects", DEFAULT_MAX_REDIRECTS, int)
+    user_agent = str(args.get("user_agent") or DEFAULT_USER_AGENT)
+    robots = args.get("robots")
+    if robots is True:
+        robots = {"fetch": True}
+    deadline = Deadline(timeout)
+    route = Route(args.get("proxy"), args.get("isolation"), deadline)
+    fetcher = Fetcher(route, user_agent, bool(args.get("insecure", False)))
+    result = {"url": url, "final_url": url, "status": None, "content_type": None, "size": 0,
+              "truncated": False, "sha256": None, "title": None, "elapsed": 0.0, "redirects": 0,
+              "via_proxy": route.proxy is not None, "retry_after": None, "error": None,
+              "error_kind": None}
+    check = None
+    if robots is not None:
+        cache = RobotsCache(fetcher, user_agent)
+        origin = origin_of(url)
+        if origin is not None:
+            if robots.get("fetch"):
+                result["robots"] = cache.fetch(origin)
+            else:
+                cache.give(origin, robots.get("status"), robots.get("text"))
+        elif robots.get("fetch"):
+            result["robots"] = {"status": None, "text": None, "crawl_delay": None,
+                                "error": "not an http(s) URL"}
+        check = cache.check
+    answer, redirects = follow(fetcher, url, max_bytes, max_redirects, check)
+    result["final_url"] = answer.url
+    result["redirects"] = redirects
+    result["status"] = answer.status
+    result["error"] = answer.error
+    result["error_kind"] = answer.kind
+    if answer.status is not None:
+        content_type = answer.header("Content-Type")
+        result["content_type"] = content_type
+        if answer.status in RETRY_AFTER_STATUSES:
+            result["retry_after"] = retry_after(answer.header("Retry-After"))
+        if answer.got_body:
+            body = answer.body
+            result["size"] = len(body)
+            result["truncated"] = answer.truncated
+            result["sha256"] = hashlib.sha256(body).hexdigest()
+            if _is_html(content_type, answer.header("Content-Encoding")):
+                result["title"] = title_of(body, content_type)
+            if body and args.get("bodies", True):
+                result["body"] = base64.b64encode(zlib.compress(body, 6)).decode("ascii")
+    result["elapsed"] = round(time.monotonic() - started, 6)
+    logger.debug("%s: %s %s in %.2fs%s", url, result["status"], result["error_kind"] or "ok",
+                 result["elapsed"], " via proxy" if route.proxy else "")
+    return result

@@ -1,0 +1,184 @@
+"""The scrape job: one URL a block, politely scheduled, retried by the rules of HTTP.
+
+Items are URL indices (the normalised URL set, sorted, so the same set always
+gives the same indices and a run resumes). What a host returns is checked
+(the body's sha256 must match), then ``decide`` says whether the page is final
+(committed: a page record plus the compressed body) or must be retried:
+
+- 429 and 503 honour Retry-After (seconds or HTTP date), else back off exponentially;
+- other 5xx, 408 and timeouts or refused connections retry a bounded number of
+  times, on another host when there is one;
+- any other 4xx, DNS and TLS errors, robots.txt refusals are final.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+from cluster import __version__
+from cluster.errors import BeowulfError, ConnectError
+from cluster.politeness import DomainSchedule
+from cluster.scheduler import Block
+
+DEFAULT_USER_AGENT = f"beowulf/{__version__} (+https://github.com/beowulf-cluster; polite distributed fetcher)"
+# Attempts of one URL before its last answer is recorded as final.
+MAX_ATTEMPTS = 4
+# Back-off after a 429/503 without Retry-After, or a server error: first wait, doubling, cap.
+BACKOFF_FIRST, BACKOFF_CAP = 2.0, 300.0
+# A Retry-After longer than this is capped (and the page retried then).
+RETRY_AFTER_CAP = 600.0
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+RETRY_ERRORS = {"timeout", "connect"}
+
+
+class InvalidPage(BeowulfError):
+    """A host's answer does not hold together (body does not match its sha256)."""
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """What defines the answer of a scrape run (with the URL set)."""
+
+    timeout: float = 30.0
+    max_bytes: int = 5_000_000
+    user_agent: str = DEFAULT_USER_AGENT
+    robots: bool = True
+    insecure: bool = False
+    bodies: bool = True
+    tor: bool = False
+
+
+class ScrapeJob:
+    """Fetch every URL once across the cluster."""
+
+    name = "scrape"
+
+    def __init__(self, urls: list[str], options: FetchOptions, delay: float = 1.0, per_domain: int = 1,
+                 concurrency: int = 4):
+        self.urls = sorted(urls)
+        self.options = options
+        self.delay = delay
+        self.per_domain = per_domain
+        self.concurrency = concurrency
+        self.start, self.end, self.total = 0, len(self.urls) - 1, len(self.urls)
+        self.schedule: Optional[DomainSchedule] = None
+        self.run_id = 0
+
+    # ------------------------------------------------------------ identity and shape
+
+    def params(self) -> dict:
+        digest = hashlib.sha256("\n".join(self.urls).encode("utf-8")).hexdigest()
+        options = dict(self.options.__dict__)
+        return {"urls": digest, "count": self.total, "options": options, "tor": self.options.tor}
+
+    def make_schedule(self, done: list[tuple[int, int]]) -> DomainSchedule:
+        self.schedule = DomainSchedule(self.urls, done, self.delay, self.per_domain, self.options.robots)
+        return self.schedule
+
+    def first_block(self) -> int:
+        return 1
+
+    def max_block(self) -> int:
+        return 1
+
+    def min_block(self) -> int:
+        return 1
+
+    def slot_factor(self) -> int:
+        """Agent workers per slot: fetching waits on the network, so each slot runs several."""
+        return self.concurrency
+
+    def capacity(self, slots: int) -> int:
+        """Tasks in flight per host: exactly its workers, so a request starts when it is sent."""
+        return slots
+
+    # ------------------------------------------------------------ per host
+
+    def prepare_host(self, transport) -> None:
+        """--tor fails closed: a host whose Tor SOCKS port does not answer is left out."""
+        if not self.options.tor:
+            return
+        from cluster.tor import socks_answers
+
+        if not socks_answers(transport):
+            raise ConnectError(f"{transport.host.name}: --tor: Tor's SOCKS port {transport.host.socks} does not "
+                               "answer; left out (fab tor.status, fab setup --tor)")
+
+    def task_args_for(self, block: Block, host, task_id: int) -> dict:
+        options = self.options
+        args = {
+            "url": self.urls[block.lo], "timeout": options.timeout, "max_bytes": options.max_bytes,
+            "user_agent": options.user_agent, "insecure": options.insecure, "bodies": options.bodies,
+        }
+        if options.robots:
+            rules = self.schedule.robots_of(block)
+            args["robots"] = {"fetch": True} if getattr(block, "fetch_robots", False) else rules
+        else:
+            args["robots"] = None
+        if options.tor:
+            slots = max(1, getattr(host, "slots", None) or 1) * self.concurrency
+            args["proxy"] = host.socks
+            # Tor isolates circuits by SOCKS username: one name per worker slot of each host.
+            args["isolation"] = f"beowulf-{self.run_id}-{host.name}-{task_id % slots}"
+        return args
+
+    def task_args(self, lo: int, hi: int) -> dict:
+        return {"url": self.urls[lo]}
+
+    # ------------------------------------------------------------ results
+
+    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Optional[bytes]]:
+        """Decode the body and check it against its sha256 (runs in the host's reader thread)."""
+        data = result.get("body")
+        if data is None:
+            return (1 if _ok_status(result.get("status")) else 0), None
+        try:
+            payload = base64.b64decode(data, validate=True)
+            body = zlib.decompressobj().decompress(payload, self.options.max_bytes + 1)
+        except (binascii.Error, ValueError, zlib.error) as err:
+            raise InvalidPage(f"URL {lo}: body does not decode: {err}") from None
+        if hashlib.sha256(body).hexdigest() != result.get("sha256") or len(body) != result.get("size"):
+            raise InvalidPage(f"URL {lo}: body does not match its sha256/size")
+        return (1 if _ok_status(result.get("status")) else 0), payload
+
+    def decide(self, block: Block, host: str, result: dict, now: float, other_hosts: int) -> tuple:
+        """("final",) to commit, or ("retry", seconds, avoid_this_host) to try again later."""
+        robots = result.get("robots")
+        if robots is not None and self.schedule is not None:
+            rules = {"status": robots.get("status"), "text": robots.get("text")}
+            self.schedule.set_robots(block, rules, robots.get("crawl_delay"))
+        if block.attempts >= MAX_ATTEMPTS:
+            return ("final",)
+        status, kind = result.get("status"), result.get("error_kind")
+        if status in (429, 503):
+            wait = result.get("retry_after")
+            if wait is None:
+                wait = _backoff(block.attempts)
+            return ("retry", min(float(wait), RETRY_AFTER_CAP), False)
+        if status in RETRY_STATUSES or kind in RETRY_ERRORS:
+            return ("retry", _backoff(block.attempts), other_hosts > 0)
+        return ("final",)
+
+    def page_record(self, block: Block, host: str, result: dict) -> dict:
+        """The row of the pages table for this URL."""
+        return {
+            "url": self.urls[block.lo], "final_url": result.get("final_url"), "status": result.get("status"),
+            "content_type": result.get("content_type"), "size": result.get("size"),
+            "truncated": int(bool(result.get("truncated"))), "sha256": result.get("sha256"),
+            "title": result.get("title"), "elapsed": result.get("elapsed"), "host": host,
+            "tor": int(bool(result.get("via_proxy"))), "error": result.get("error"),
+            "error_kind": result.get("error_kind"), "attempts": block.attempts,
+        }
+
+
+def _ok_status(status) -> bool:
+    return isinstance(status, int) and 200 <= status < 400
+
+
+def _backoff(attempts: int) -> float:
+    return min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(0, attempts - 1))

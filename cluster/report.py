@@ -1,0 +1,302 @@
+"""The numbers behind ``fab stats``: pure functions over rows read from the store.
+
+Nothing here touches the store or the clock: the caller passes the rows (as
+``Store.runs()``, ``blocks()``, ``events()``, ``hosts()``, ``calibrations()``
+return them), ``now`` and whether a coordinator is working on the run, so every
+figure can be checked against a hand-built store.
+
+Definitions (the README's "fab stats" section says the same in prose):
+
+- **wall time**: a run can have several sessions (it was interrupted and resumed).
+  A session runs from a ``start``/``resume`` event to the next ``done``,
+  ``interrupted`` or ``failed`` event; the run's wall time is their sum, not
+  finished - started. A session with no end (the coordinator was killed) ends at
+  its last recorded activity, or at ``now`` while a coordinator holds the run.
+- **busy**: the sum of a host's block compute times (``seconds``); its slots run
+  in parallel, so it was working for busy / slots of the wall time.
+- **host rate** (items/s): items / busy x slots, the host's speed with all its
+  slots while it had work; **per slot**: items / busy.
+- **idle**: wall - busy / slots, never below 0.
+- **actual rate**: the run's items / wall time.
+- **sum of parts**: the hosts' standalone rates from ``fab calibrate`` for the
+  job (the ``tor`` variant for a scrape run through Tor); a host without one
+  counts with its in-run rate, and the report says so.
+- **efficiency**: actual rate / sum of parts.
+- **tail**: from the last block handed out (the coordinator's ``tail`` event; the
+  latest block start when there is none) to the end of the run's last session.
+- **ETA** (a run in progress): items left / the rate of the current session.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+SCHEMA = 1
+# Event kinds that open and close a session of a run (written by the store).
+SESSION_OPEN = ("start", "resume")
+SESSION_CLOSE = ("done", "interrupted", "failed")
+# Event kinds (from the coordinator) that count against a host.
+RETRY_KINDS = ("lost", "quarantine")
+FAILURE_KINDS = ("failure", "invalid")
+# How each job's items are named and displayed: (item name, seconds per display unit, unit).
+UNITS = {
+    "primes": ("numbers", 1.0, "s"),
+    "scrape": ("pages", 60.0, "min"),
+}
+_BLOCKS_BACK = re.compile(r"(\d+) blocks? back")
+
+
+def unit_of(job: str) -> dict:
+    """How a job's rates read: {'item', 'scale' (seconds per unit), 'per', 'label'}."""
+    item, scale, per = UNITS.get(job, ("items", 1.0, "s"))
+    return {"item": item, "scale": scale, "per": per, "label": f"{item}/{per}"}
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def sessions(run: dict, events: list[dict], blocks: list[dict], now: float,
+             live: bool) -> list[list[float]]:
+    """The run's sessions as [start, end] pairs in time order (see the module doc).
+
+    ``live``: a coordinator holds the run now, so an open session lasts until ``now``.
+    """
+    activity = sorted([b["finished"] for b in blocks] + [e["time"] for e in events])
+    marks = sorted((e for e in events if e["kind"] in SESSION_OPEN + SESSION_CLOSE),
+                   key=lambda e: (e["time"], e.get("id") or 0))
+    result: list[list[float]] = []
+    opened: Optional[float] = None
+    for event in marks:
+        if event["kind"] in SESSION_OPEN:
+            if opened is not None:  # the previous session never closed: a crash
+                result.append([opened, _last_activity(activity, opened, event["time"])])
+            opened = event["time"]
+        elif opened is not None:
+            result.append([opened, event["time"]])
+            opened = None
+    if opened is not None:
+        end = now if live else _last_activity(activity, opened, math.inf)
+        result.append([opened, max(end, opened)])
+    if not result:  # no events at all (an old or hand-made store): the run's own times
+        end = run.get("finished") or (now if live else (activity[-1] if activity else run["started"]))
+        result.append([run["started"], max(end, run["started"])])
+    return result
+
+
+def _last_activity(times: list[float], after: float, before: float) -> float:
+    inside = [t for t in times if after <= t < before]
+    return inside[-1] if inside else after
+
+
+def wall_seconds(spans: list[list[float]]) -> float:
+    """Sum of the sessions' durations."""
+    return sum(end - start for start, end in spans)
+
+
+# ---------------------------------------------------------------- the list of runs
+
+
+def run_row(run: dict, events: list[dict], blocks: list[dict], now: float, live: bool) -> dict:
+    """One line of the runs table: the run's fields plus wall time, items done and rate."""
+    wall = wall_seconds(sessions(run, events, blocks, now, live))
+    items = run["items"] if "items" in run else sum(b["items"] for b in blocks)
+    return {
+        "id": run["id"], "job": run["job"], "params": run["params"], "state": run["state"],
+        "started": run["started"], "finished": run.get("finished"), "total": run["total"],
+        "blocks": run["blocks"] if "blocks" in run else len(blocks), "items": items,
+        "wall_seconds": wall, "rate": items / wall if wall > 0 else None,
+        "unit": unit_of(run["job"]), "live": live,
+    }
+
+
+# ---------------------------------------------------------------- one run
+
+
+def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[dict],
+               calibrations: list[dict], now: float, live: bool) -> dict:
+    """Every figure ``fab stats --run N`` shows, as plain data (this is also the JSON)."""
+    spans = sessions(run, events, blocks, now, live)
+    wall = wall_seconds(spans)
+    items = sum(b["items"] for b in blocks)
+    notes: list[str] = []
+    unit = unit_of(run["job"])
+    variant = "tor" if (run.get("params") or {}).get("tor") else ""
+    standalone = {c["host"]: c["rate"] for c in calibrations
+                  if c["job"] == run["job"] and c.get("variant", "") == variant}
+    facts = {h["name"]: h for h in hosts}
+    names = sorted({b["host"] for b in blocks} | {e["host"] for e in events if e.get("host")})
+    rows = [_host_row(name, blocks, events, facts.get(name), standalone.get(name), items, wall, notes)
+            for name in names]
+    worked = [r for r in rows if r["items"] > 0]
+    total_standalone = sum(r["standalone_rate"] for r in worked if r["standalone_rate"])
+    sources = {r["standalone_source"] for r in worked}
+    if worked and sources == {"in-run"}:
+        what = f"{run['job']}" + (" through Tor" if variant else "")
+        notes.append(f"no calibration for {what}: the sum of parts uses each host's rate in this run "
+                     "(fab calibrate measures standalone rates)")
+    elif "in-run" in sources:
+        missing = ", ".join(r["host"] for r in worked if r["standalone_source"] == "in-run")
+        notes.append(f"no calibration for {missing}: counted with the rate measured in this run")
+    rate = items / wall if wall > 0 else None
+    tail = _tail(spans, blocks, events, run, live, now, notes)
+    eta = _eta(run, spans, blocks, items, live, now, notes)
+    redone = sum(1 for b in blocks if b.get("attempts", 1) > 1)
+    if redone:
+        notes.append(f"{redone} blocks were sent more than once (retries or endgame copies)")
+    mismatches = sum(1 for e in events if e["kind"] == "mismatch")
+    if mismatches:
+        notes.append(f"{mismatches} blocks disagreed when re-run by --verify")
+    return {
+        "schema": SCHEMA,
+        "kind": "run",
+        "run": {k: run.get(k) for k in ("id", "job", "params", "state", "started", "finished", "total")},
+        "unit": unit,
+        "live": live,
+        "sessions": spans,
+        "wall_seconds": wall,
+        "blocks": len(blocks),
+        "items": items,
+        "found": sum(b.get("found", 0) for b in blocks),
+        "progress": items / run["total"] if run.get("total") else None,
+        "rate": rate,
+        "hosts": rows,
+        "sum_standalone": total_standalone if worked else None,
+        "sum_source": ("calibration" if sources == {"calibration"} else
+                       "in-run" if sources == {"in-run"} else "mixed") if worked else None,
+        "efficiency": rate / total_standalone if rate and total_standalone else None,
+        "tail": tail,
+        "eta_seconds": eta,
+        "redone_blocks": redone,
+        "notes": notes,
+    }
+
+
+def _host_row(name: str, blocks: list[dict], events: list[dict], host: Optional[dict],
+              calibrated: Optional[float], run_items: int, wall: float, notes: list[str]) -> dict:
+    mine = [b for b in blocks if b["host"] == name]
+    happened = [e for e in events if e.get("host") == name]
+    host_facts = (host or {}).get("facts") or {}
+    slots = host_facts.get("slots") or host_facts.get("cores")
+    if not slots:
+        notes.append(f"{name}: slots unknown (no facts in the store): counted as 1")
+    slots = int(slots or 1)
+    items = sum(b["items"] for b in mine)
+    busy = sum(b["seconds"] for b in mine)
+    per_slot = items / busy if busy > 0 else None
+    rate = per_slot * slots if per_slot is not None else None
+    seen = [b["finished"] for b in mine] + [e["time"] for e in happened]
+    engines = sorted({(b.get("meta") or {}).get("engine") for b in mine} - {None, ""})
+    return {
+        "host": name,
+        "slots": slots,
+        "engine": ",".join(engines) or None,
+        "blocks": len(mine),
+        "items": items,
+        "found": sum(b.get("found", 0) for b in mine),
+        "busy_seconds": busy,
+        "rate": rate,
+        "rate_per_slot": per_slot,
+        "share": items / run_items if run_items else 0.0,
+        "standalone_rate": calibrated if calibrated else rate,
+        "standalone_source": "calibration" if calibrated else "in-run",
+        "retries": sum(_blocks_back(e) for e in happened if e["kind"] in RETRY_KINDS),
+        "failures": sum(1 for e in happened if e["kind"] in FAILURE_KINDS),
+        "idle_seconds": max(0.0, wall - busy / slots),
+        "last_seen": max(seen) if seen else (host or {}).get("last_seen"),
+    }
+
+
+def _blocks_back(event: dict) -> int:
+    """Blocks a lost or quarantined host gave back ("...; 3 blocks back"); 1 if not said."""
+    found = _BLOCKS_BACK.search(event.get("detail") or "")
+    return int(found.group(1)) if found else 1
+
+
+def _tail(spans, blocks, events, run, live, now, notes) -> Optional[dict]:
+    """{'seconds', 'start', 'end', 'source', 'ongoing'} of the last session that did work, or None."""
+    ongoing = live and run["state"] == "running"
+    start, end = spans[-1]
+    for span in reversed(spans if not ongoing else []):  # a resume that found nothing to do has no tail
+        if any(span[0] <= b["finished"] <= span[1] for b in blocks):
+            start, end = span
+            break
+    marks = [e["time"] for e in events if e["kind"] == "tail" and start <= e["time"] <= end + 1e-6]
+    if marks:
+        began, source = marks[-1], "event"
+    elif ongoing:
+        return None  # still handing out blocks
+    else:
+        starts = [b["started"] for b in blocks if b["started"] >= start]
+        if not starts:
+            return None
+        began, source = max(starts), "latest block start"
+        notes.append("no tail event in the store: the tail is measured from the latest block start")
+    stop = now if ongoing else end
+    return {"seconds": max(0.0, stop - began), "start": began, "end": stop, "source": source,
+            "ongoing": ongoing}
+
+
+def _eta(run, spans, blocks, items, live, now, notes) -> Optional[float]:
+    """Seconds left for a running run at the current session's rate, or None."""
+    if run["state"] != "running":
+        return None
+    if not live:
+        notes.append("the run is marked running but no coordinator holds it (it was killed): "
+                     "run the same command again to resume")
+        return None
+    start = spans[-1][0]
+    done_now = sum(b["items"] for b in blocks if b["finished"] >= start)
+    left = max(0, run["total"] - items)
+    if left == 0:
+        return 0.0
+    if done_now <= 0 or now <= start:
+        return None
+    return left / (done_now / (now - start))
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def human_seconds(seconds: Optional[float]) -> str:
+    """12.3 s, 4m05s, 2h03m, 3d04h; '' for None."""
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def human_rate(rate: Optional[float], unit: dict) -> str:
+    """A rate (items/s) in the job's display unit: '1,234,567' numbers/s, '12.5' pages/min."""
+    if rate is None:
+        return ""
+    value = rate * unit["scale"]
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def human_params(params: dict, width: int = 60) -> str:
+    """``start=1 end=3,000,000,000 mode=count``, cut at ``width`` characters."""
+    parts = []
+    for key, value in params.items():
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        elif isinstance(value, dict):
+            value = "{" + " ".join(f"{k}={v}" for k, v in value.items()) + "}"
+        elif isinstance(value, str) and len(value) > 16:
+            value = value[:12] + "..."
+        parts.append(f"{key}={value}")
+    text = " ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."

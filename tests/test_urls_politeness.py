@@ -1,0 +1,126 @@
+"""URL file parsing and normalisation; the per-site politeness of the URL schedule (pure)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from cluster.errors import UsageError
+from cluster.jobs.scrape import FetchOptions, ScrapeJob
+from cluster.politeness import DomainSchedule
+from cluster.urls import normalise, origin, read_url_file
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("HTTP://Example.COM", "http://example.com/"),
+    ("http://example.com:80/a?b=1#frag", "http://example.com/a?b=1"),
+    ("https://example.com:443/", "https://example.com/"),
+    ("https://example.com:8443/x", "https://example.com:8443/x"),
+    ("http://[::1]:8080/p", "http://[::1]:8080/p"),
+    ("http://a.test/Path/Keeps/Case?Q=V", "http://a.test/Path/Keeps/Case?Q=V"),
+])
+def test_normalise(raw, expected):
+    assert normalise(raw) == expected
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ("ftp://example.com/", "not an http(s) URL"), ("example.com", "no scheme"), ("http://", "no host"),
+    ("http://exa mple.com/", "spaces"), ("http://example.com:99999/", "bad port"),
+    ("http://user:pw@example.com/", "credentials"),
+])
+def test_normalise_rejects(raw, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        normalise(raw)
+
+
+def test_url_file_lines_comments_duplicates(tmp_path):
+    path = tmp_path / "urls.txt"
+    path.write_text("# my list\n\nhttp://a.test/1\nHTTP://A.TEST:80/1#x\n  http://b.test/2  \n")
+    urls, bad, duplicates = read_url_file(str(path))
+    assert urls == ["http://a.test/1", "http://b.test/2"] and not bad and duplicates == 1
+
+
+def test_url_file_bad_lines_named_by_number(tmp_path):
+    path = tmp_path / "urls.txt"
+    path.write_text("http://a.test/1\nnot a url\nftp://x/\n")
+    with pytest.raises(UsageError) as caught:
+        read_url_file(str(path))
+    message = str(caught.value)
+    assert f"{path}:2:" in message and "and 1 more bad lines" in message and "--skip-bad" in message
+    urls, bad, _ = read_url_file(str(path), skip_bad=True)
+    assert urls == ["http://a.test/1"] and [b.number for b in bad] == [2, 3]
+
+
+def test_url_file_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        read_url_file(str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    with pytest.raises(UsageError, match="no URLs"):
+        read_url_file(str(empty))
+
+
+def schedule(urls, delay=0.0, per_domain=1, robots=False):
+    return DomainSchedule(sorted(urls), [], delay, per_domain, robots)
+
+
+def test_one_request_at_a_time_per_site_and_sites_in_parallel():
+    s = schedule([f"http://a.test/{i}" for i in range(3)] + [f"http://b.test/{i}" for i in range(3)])
+    first = s.next_block("h1")
+    second = s.next_block("h1")
+    assert {origin(s.urls[first[1].lo]), origin(s.urls[second[1].lo])} == {"http://a.test",
+                                                                                   "http://b.test"}
+    assert s.next_block("h2") is None  # both sites busy
+    s.complete(first[0])
+    third = s.next_block("h2")
+    assert third is not None and origin(s.urls[third[1].lo]) == origin(s.urls[first[1].lo])
+
+
+def test_delay_between_starts():
+    s = schedule([f"http://a.test/{i}" for i in range(2)], delay=0.3)
+    task, _ = s.next_block("h1")
+    s.complete(task)
+    assert s.next_block("h1") is None
+    assert 0.2 < s.next_ready_in() <= 0.36
+    time.sleep(s.next_ready_in() + 0.01)
+    assert s.next_block("h1") is not None
+
+
+def test_robots_first_then_the_rest():
+    s = schedule([f"http://a.test/{i}" for i in range(3)], robots=True)
+    task, block = s.next_block("h1")
+    assert block.fetch_robots
+    assert s.next_block("h2") is None  # the site waits for its rules
+    s.set_robots(block, {"status": 200, "text": "User-agent: *\nDisallow:\n"}, crawl_delay=None)
+    s.complete(task)
+    task2, block2 = s.next_block("h2")
+    assert not block2.fetch_robots and s.robots_of(block2)["status"] == 200
+
+
+def test_lost_robots_fetch_is_redone():
+    s = schedule(["http://a.test/1", "http://a.test/2"], robots=True)
+    task, block = s.next_block("h1")
+    s.give_back(task)
+    again = s.next_block("h2")
+    assert again[1] is block and block.fetch_robots
+
+
+def test_retry_after_holds_the_site_back():
+    s = schedule(["http://a.test/1", "http://b.test/1"])
+    task, block = s.next_block("h1")
+    s.give_back(task, retry_at=time.monotonic() + 30)
+    other = s.next_block("h1")
+    assert other is not None and other[1] is not block
+    s.complete(other[0])
+    assert s.next_block("h1") is None and s.uncut() == 1 and not s.finished()
+
+
+def test_scrape_job_params_identify_the_url_set():
+    a = ScrapeJob(["http://b.test/", "http://a.test/"], FetchOptions())
+    b = ScrapeJob(["http://a.test/", "http://b.test/"], FetchOptions())
+    c = ScrapeJob(["http://a.test/", "http://b.test/"], FetchOptions(tor=True))
+    assert a.params() == b.params() != c.params()
+    assert ScrapeJob(["http://a.test/"], FetchOptions(), delay=5).params() == \
+        ScrapeJob(["http://a.test/"], FetchOptions(), delay=0).params()
