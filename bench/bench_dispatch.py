@@ -232,10 +232,13 @@ def run_ssh_loop(cluster: SshCluster, blocks: int, threads: int, clean: bool) ->
                 return
             host = cluster.hosts[index % len(cluster.hosts)]
             try:
-                subprocess.run(ssh_base(cluster) + extra + ["-p", str(host.port), f"{cluster.user}@{host.ip}",
-                                                            "true"], check=True, timeout=60)
+                done = subprocess.run(ssh_base(cluster) + extra + ["-p", str(host.port), f"{cluster.user}@{host.ip}",
+                                                                   "true"], capture_output=True, text=True, timeout=60)
             except BaseException as err:  # report after the run
                 failures.append(err)
+                return
+            if done.returncode != 0:  # stderr is kept quiet: a login shell's own chatter is no failure
+                failures.append(RuntimeError(f"ssh exit {done.returncode}: {done.stderr.strip()[-500:]}"))
                 return
 
     began = time.perf_counter()

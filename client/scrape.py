@@ -271,29 +271,35 @@ class Route(object):
         except socks.ProxyConnectionError as exc:
             sock.close()
             raise ProxyError("%s does not answer: %s" % (where, describe(exc))) from exc
-        except socks.SOCKS5Error as exc:
+        except (socks.ProxyError, OSError) as exc:
             sock.close()
+            raise self._classify(exc, sock.connect_sent or left < 1.0, where, host, port) from None
+        _nodelay(sock)
+        return sock
+
+    @staticmethod
+    def _classify(exc, connect_sent, where, host, port):
+        """PageError for failures about the target, ProxyError for failures of the proxy.
+
+        ``connect_sent``: the CONNECT request had been sent (or the time given was too
+        short to blame the proxy), so a timeout is the target's.
+
+        PySocks wraps its own errors (SOCKS5Error, ...) and socket errors that happen
+        while negotiating in GeneralProxyError("Socket error", cause): unwrap first.
+        """
+        while isinstance(exc, socks.GeneralProxyError) and isinstance(exc.socket_err, OSError):
+            exc = exc.socket_err
+        if isinstance(exc, socks.SOCKS5Error):
             code = _socks_code(exc)
             if code in SOCKS_TARGET_ERRORS:
                 kind, text = SOCKS_TARGET_ERRORS[code]
-                raise PageError(kind, "%s:%d: %s" % (host, port, text)) from None
-            raise ProxyError("%s failed: %s" % (where, describe(exc))) from None
-        except socks.ProxyError as exc:
-            sock.close()
-            cause = getattr(exc, "socket_err", None)
-            if isinstance(cause, socket.timeout) and sock.connect_sent:
-                raise PageError("timeout", "timed out reaching %s:%d through the proxy" % (host, port)) from None
-            raise ProxyError("%s failed: %s" % (where, describe(exc))) from None
-        except socket.timeout:
-            sock.close()
-            if sock.connect_sent:
-                raise PageError("timeout", "timed out reaching %s:%d through the proxy" % (host, port)) from None
-            raise ProxyError("%s does not answer (timed out)" % where) from None
-        except OSError as exc:
-            sock.close()
-            raise ProxyError("%s failed: %s" % (where, describe(exc))) from exc
-        _nodelay(sock)
-        return sock
+                return PageError(kind, "%s:%d: %s" % (host, port, text))
+            return ProxyError("%s failed: %s" % (where, describe(exc)))
+        if isinstance(exc, socket.timeout):
+            if connect_sent:  # the proxy took our request but could not reach the target in time
+                return PageError("timeout", "timed out reaching %s:%d through the proxy" % (host, port))
+            return ProxyError("%s does not answer (timed out)" % where)
+        return ProxyError("%s failed: %s" % (where, describe(exc)))
 
 
 def _socks_code(exc):
@@ -489,19 +495,24 @@ class Fetcher(object):
         chunks = []
         kept = 0
         try:
+            # read1 hands over what has arrived (a drip's bytes are kept at a timeout)
+            read = getattr(response, "read1", response.read)
             while kept < max_bytes:
-                chunk = response.read(min(READ_CHUNK, max_bytes - kept))
+                chunk = read(min(READ_CHUNK, max_bytes - kept))
                 if not chunk:
                     break
                 chunks.append(chunk)
                 kept += len(chunk)
-            if kept >= max_bytes and not response.isclosed():
+            if kept < max_bytes and response.length:  # read1 returns b"" at an early EOF
+                answer.error = "connection closed %d bytes before the end of the body" % response.length
+                answer.kind = "http"
+            elif kept >= max_bytes and not response.isclosed():
                 if response.length is not None:
                     answer.truncated = response.length > 0
                 else:  # chunked or read-until-close: look for one more byte
                     try:
                         answer.truncated = bool(response.read(1))
-                    except socket.timeout:
+                    except (OSError, http.client.HTTPException):  # timeout, broken chunk: unknown
                         answer.truncated = True
         except http.client.IncompleteRead as exc:
             chunks.append(exc.partial)
@@ -512,8 +523,7 @@ class Fetcher(object):
 
 def classify(exc, answer):
     """(error_kind, one-line error) for an exception raised during an exchange."""
-    where = "reading the body" if answer.got_body else (
-        "waiting for the headers" if answer.status is None else "reading the headers")
+    where = "reading the body" if answer.got_body else "waiting for the response"
     if isinstance(exc, socket.timeout):
         return "timeout", "%s while %s" % (describe(exc), where)
     if isinstance(exc, http.client.LineTooLong):
@@ -711,7 +721,7 @@ def retry_after(value, now=None):
         when = email.utils.mktime_tz(parsed)
     except (OverflowError, ValueError):
         return None
-    return max(0.0, round(when - (time.time() if now is None else now), 3))
+    return float(max(0.0, round(when - (time.time() if now is None else now), 3)))
 
 
 def title_of(body, content_type):

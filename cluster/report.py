@@ -144,10 +144,10 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     eta = _eta(run, spans, blocks, items, live, now, notes)
     redone = sum(1 for b in blocks if b.get("attempts", 1) > 1)
     if redone:
-        notes.append(f"{redone} blocks were sent more than once (retries or endgame copies)")
+        notes.append(f"{_plural(redone, 'block')} sent more than once (retries or endgame copies)")
     mismatches = sum(1 for e in events if e["kind"] == "mismatch")
     if mismatches:
-        notes.append(f"{mismatches} blocks disagreed when re-run by --verify")
+        notes.append(f"{_plural(mismatches, 'block')} disagreed when re-run by --verify")
     return {
         "schema": SCHEMA,
         "kind": "run",
@@ -208,6 +208,10 @@ def _host_row(name: str, blocks: list[dict], events: list[dict], host: Optional[
     }
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _blocks_back(event: dict) -> int:
     """Blocks a lost or quarantined host gave back ("...; 3 blocks back"); 1 if not said."""
     found = _BLOCKS_BACK.search(event.get("detail") or "")
@@ -263,6 +267,8 @@ def human_seconds(seconds: Optional[float]) -> str:
     """12.3 s, 4m05s, 2h03m, 3d04h; '' for None."""
     if seconds is None:
         return ""
+    if seconds < 1:
+        return f"{seconds:.2f} s"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, sec = divmod(int(round(seconds)), 60)
@@ -288,7 +294,9 @@ def human_rate(rate: Optional[float], unit: dict) -> str:
 def human_params(params: dict, width: int = 60) -> str:
     """``start=1 end=3,000,000,000 mode=count``, cut at ``width`` characters."""
     parts = []
-    for key, value in params.items():
+    first = [k for k in ("start", "end", "mode", "count", "tor") if k in params]
+    for key in first + sorted(k for k in params if k not in first):
+        value = params[key]
         if isinstance(value, bool):
             value = "yes" if value else "no"
         elif isinstance(value, int):

@@ -35,7 +35,7 @@ import shlex
 from typing import Optional
 
 from .errors import RemoteError, SetupError, UsageError
-from .provision import host_python
+from .provision import MachineOnce, host_python
 from .transport import Transport
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,8 @@ class Control(object):
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line.rstrip(b"\r").decode("utf-8", "replace")
 
-    def reply(self):
+    def one(self):
+        """One complete reply or async event: its lines as (code, text)."""
         lines = []
         while True:
             line = self.line()
@@ -252,11 +253,14 @@ class Control(object):
                 text = text + "\n" + "\n".join(data)
             lines.append((code, text))
             if kind == " ":
-                if code == "650":
-                    self.events.append(lines)
-                    lines = []
-                    continue
                 return lines
+
+    def reply(self):
+        while True:
+            lines = self.one()
+            if lines[-1][0] != "650":
+                return lines
+            self.events.append(lines)
 
     def command(self, text):
         self.sock.sendall(text.encode("utf-8") + b"\r\n")
@@ -275,7 +279,9 @@ class Control(object):
                 return None
             self.sock.settimeout(left)
             try:
-                self.reply()
+                lines = self.one()
+                if lines[-1][0] == "650":
+                    self.events.append(lines)
             except socket.timeout:
                 return None
             finally:
@@ -400,6 +406,21 @@ def open_control(address, prefer):
     return ctl, status
 
 
+def control_answers(address):
+    """True when something at address answers PROTOCOLINFO like tor."""
+    try:
+        ctl = Control(address)
+    except (OSError, ValueError):
+        return False
+    try:
+        protocolinfo(ctl)
+        return True
+    except (OSError, ControlError):
+        return False
+    finally:
+        ctl.close()
+
+
 def control_status(address, prefer, details=True):
     ctl, status = open_control(address, prefer)
     if ctl is None:
@@ -495,7 +516,9 @@ def do_inspect(p):
     comm = (read("/proc/1/comm") or "").strip()
     units = ["/etc/systemd/system/tor.service", "/lib/systemd/system/tor.service",
              "/usr/lib/systemd/system/tor.service"]
+    machine = (read("/etc/machine-id") or read("/var/lib/dbus/machine-id") or "").strip()
     facts = {
+        "machine_id": machine or None,
         "uid": os.geteuid(),
         "systemd": comm == "systemd" or (comm == "init" and os.path.isdir("/run/systemd/system")),
         "pid1": comm,
@@ -614,6 +637,8 @@ def do_respawn(p):
     err.close()
     deadline = time.time() + 1.5
     while time.time() < deadline and child.poll() is None:
+        if control_answers(p["control"]):
+            break
         time.sleep(0.05)
     if child.returncode not in (None, 0):
         return {"error": "tor exited with status %d right after the restart (see its log)" % child.returncode,
@@ -695,9 +720,17 @@ def run_on_host(transport: Transport, action: str, timeout: float = 60, prefer: 
 # ---------------------------------------------------------------- what the tasks call
 
 
+def _hint(text: Optional[str]) -> str:
+    """``text``, with what usually fixes a permission error on Debian's control socket or cookie."""
+    text = text or "?"
+    if "permission denied" in text.lower():
+        return f"{text} (is the user in tor's group? debian-tor on Debian)"
+    return text
+
+
 def _control_line(control: dict) -> str:
     if not control.get("ok"):
-        return f"no: {control.get('error') or '?'}"
+        return f"no: {_hint(control.get('error'))}"
     return "yes"
 
 
@@ -710,7 +743,7 @@ def tor_status(transport: Transport, prefer: str = "safecookie") -> dict:
         "socks": "yes" if socks.get("ok") else f"no: {socks.get('error')}",
         "control_ok": bool(control.get("ok")),
         "control": _control_line(control),
-        "auth": control.get("auth") or (f"no: {control['auth_error']}" if control.get("auth_error") else "-"),
+        "auth": control.get("auth") or (f"no: {_hint(control['auth_error'])}" if control.get("auth_error") else "-"),
         "version": control.get("version") or "?",
         "pid": control.get("pid"),
         "disable_network": control.get("disable_network"),
@@ -731,9 +764,9 @@ def new_identity(transport: Transport, prefer: str = "safecookie") -> dict:
     answer = run_on_host(transport, "newnym", timeout=45, prefer=prefer)
     control = answer["control"]
     if not control.get("ok"):
-        raise RemoteError(f"{host.name}: control {host.tor_control} does not answer: {control.get('error')}")
+        raise RemoteError(f"{host.name}: control {host.tor_control} does not answer: {_hint(control.get('error'))}")
     if not control.get("auth"):
-        raise RemoteError(f"{host.name}: cannot authenticate to tor: {control.get('auth_error')}")
+        raise RemoteError(f"{host.name}: cannot authenticate to tor: {_hint(control.get('auth_error'))}")
     if not control.get("newnym"):
         raise RemoteError(f"{host.name}: tor refused NEWNYM: {control.get('reply')}")
     event = control.get("event") or ""
@@ -767,29 +800,39 @@ def _choose(facts: dict, method: str, host) -> str:
 
 
 def restart_tor(transport: Transport, method: str = "auto", command: Optional[str] = None,
-                wait: float = DEFAULT_RESTART_WAIT, prefer: str = "safecookie") -> dict:
-    """Restart tor on one host (see the module docstring) and wait until it answers again."""
+                wait: float = DEFAULT_RESTART_WAIT, prefer: str = "safecookie",
+                once: Optional[MachineOnce] = None) -> dict:
+    """Restart tor on one host (see the module docstring) and wait until it answers again.
+
+    ``once`` (shared by the host threads of one run) restarts a tor once per machine
+    when several inventory entries reach the same one (same machine-id and pid, or
+    the same system service); the others only wait for it to answer.
+    """
     host = transport.host
     if method not in METHODS:
         raise UsageError(f"--method: expected one of {', '.join(METHODS)}, not {method!r}")
     facts = run_on_host(transport, "inspect", timeout=45, prefer=prefer)
     control = facts.get("control") or {}
     old_pid = control.get("pid")
-    if command:
-        chosen = "command"
-    else:
-        chosen = _choose(facts, method, host)
+    chosen = "command" if command else _choose(facts, method, host)
     log.debug("%s: restarting tor by %s (pid %s)", host.name, chosen, old_pid)
-    if chosen == "process":
-        done = run_on_host(transport, "respawn", timeout=120, prefer=prefer, pid=old_pid,
-                           user_option=control.get("user_option") or "")
-        if done.get("error"):
-            raise RemoteError(f"{host.name}: {done['error']}")
-    else:
-        what = command or SYSTEM_COMMANDS[chosen]
-        done = transport.sudo(what, timeout=180)
-        if not done.ok:
-            raise RemoteError(f"{host.name}: {what}: {done.error_line()}")
+
+    def step() -> str:
+        if chosen == "process":
+            done = run_on_host(transport, "respawn", timeout=120, prefer=prefer, pid=old_pid,
+                               user_option=control.get("user_option") or "")
+            if done.get("error"):
+                raise RemoteError(f"{host.name}: {done['error']}")
+        else:
+            what = command or SYSTEM_COMMANDS[chosen]
+            done = transport.sudo(what, timeout=180)
+            if not done.ok:
+                raise RemoteError(f"{host.name}: {what}: {done.error_line()}")
+        return host.name
+
+    machine = facts.get("machine_id") or f"host:{host.name}"
+    key = (machine, "pid", old_pid) if chosen == "process" else (machine, chosen, command)
+    by = (once or MachineOnce()).run(key, step)
     answer = run_on_host(transport, "wait", timeout=wait + 45, prefer=prefer, old_pid=old_pid, seconds=wait)
     after = answer.get("control") or {}
     socks = answer.get("socks") or {}
@@ -805,4 +848,6 @@ def restart_tor(transport: Transport, method: str = "auto", command: Optional[st
         report["note"] = "SOCKS answers"
     else:
         report["note"] = "control answers; no SOCKS port: tor has DisableNetwork 1"
+    if by != host.name:
+        report["note"] += f" (same tor as {by}, restarted once)"
     return report

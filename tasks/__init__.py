@@ -5,7 +5,8 @@ Each task parses its flags, reads the config, calls ``cluster/`` and prints.
 
 from invoke import Collection
 
-from . import hosts, info, primes, scrape
+from . import hosts, info, primes, scrape, stats
+from . import tor as tor_tasks
 
 ns = Collection()
 ns.add_task(hosts.setup)
@@ -14,4 +15,7 @@ ns.add_task(hosts.teardown)
 ns.add_task(info.version)
 ns.add_task(primes.primes)
 ns.add_task(scrape.scrape)
+ns.add_task(stats.stats)
+ns.add_task(stats.calibrate)
 ns.configure({"beowulf": {"inventory": None, "known_hosts": None}})
+ns.add_collection(tor_tasks.ns, name="tor")

@@ -109,7 +109,8 @@ class ScrapeJob:
             raise ConnectError(f"{transport.host.name}: --tor: Tor's SOCKS port {transport.host.socks} does not "
                                "answer; left out (fab tor.status, fab setup --tor)")
 
-    def task_args_for(self, block: Block, host, task_id: int) -> dict:
+    def task_args_for(self, block: Block, link, task_id: int) -> dict:
+        """The fetch of one URL by the host behind ``link`` (its proxy, one circuit per worker)."""
         options = self.options
         args = {
             "url": self.urls[block.lo], "timeout": options.timeout, "max_bytes": options.max_bytes,
@@ -121,10 +122,9 @@ class ScrapeJob:
         else:
             args["robots"] = None
         if options.tor:
-            slots = max(1, getattr(host, "slots", None) or 1) * self.concurrency
-            args["proxy"] = host.socks
-            # Tor isolates circuits by SOCKS username: one name per worker slot of each host.
-            args["isolation"] = f"beowulf-{self.run_id}-{host.name}-{task_id % slots}"
+            args["proxy"] = link.host.socks
+            # Tor isolates circuits by SOCKS username: one name per worker of each host.
+            args["isolation"] = f"beowulf-{self.run_id}-{link.name}-{task_id % max(1, link.slots)}"
         return args
 
     def task_args(self, lo: int, hi: int) -> dict:

@@ -1,0 +1,257 @@
+"""`fab calibrate`: each host's standalone rate, measured on the host alone.
+
+The seed's "sum of parts" is the sum of what each machine does on its own; a rate
+measured inside a cluster run is not that (the machines share the coordinator,
+the network, here even the CPUs). So hosts are benchmarked one at a time, with
+all their slots busy: the agent is started as for a run (``HostLink``), one
+block keeps each slot busy plus one queued (slots + 1 in flight, as in a run),
+for ``seconds``. The rate is items completed / wall seconds, from the first task
+sent to the last result received before the deadline; tasks still running then
+are cancelled. The caller stores it with ``Store.set_calibration``.
+
+Workloads:
+
+- **primes**: count mode (nothing to transfer) from 10**11 upwards, where a
+  block's sieving costs what it costs in a big run. A first probe block, grown
+  tenfold until it takes a measurable time, sizes the blocks to ~0.5 s a slot.
+- **scrape**: one URL a task from the user's list (never repeated: when the list
+  runs out the measurement ends there); pages that got an HTTP answer count.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .agents import HostLink
+from .errors import BeowulfError, ConnectError
+from .inventory import Host
+
+log = logging.getLogger(__name__)
+
+# Where the primes benchmark sieves: high enough that a block's cost is a big run's.
+PRIMES_START = 10**11
+# Width of the first probe block; it grows tenfold until it takes PROBE_SECONDS.
+PROBE_WIDTH = 100_000
+PROBE_SECONDS = 0.05
+# Seconds a benchmark block should take on one slot.
+BLOCK_SECONDS = 0.5
+# Failed tasks after which a host's calibration is abandoned.
+MAX_FAILURES = 3
+# Extra seconds to wait past the deadline for the first result (a very slow host).
+GRACE_SECONDS = 60.0
+# Default fetch options of the scrape benchmark (the task args of the "scrape" client job).
+SCRAPE_TIMEOUT = 30
+SCRAPE_MAX_BYTES = 5_000_000
+
+
+@dataclass
+class Calibration:
+    """One host's benchmark: what it did and its rate (items/s; None if it failed)."""
+
+    host: str
+    slots: int = 0
+    engine: str = ""
+    tasks: int = 0
+    items: int = 0
+    seconds: float = 0.0
+    rate: Optional[float] = None
+    failures: int = 0
+    error: str = ""
+    hello: Optional[dict] = None
+
+
+class PrimesBench:
+    """Count-mode prime blocks from PRIMES_START upwards."""
+
+    name = "primes"
+
+    def __init__(self):
+        from .jobs.primes import MAX_COUNT_BLOCK, MAX_END, PrimesJob
+
+        self.job = PrimesJob(PRIMES_START, MAX_END, count_only=True)
+        self.max_width = MAX_COUNT_BLOCK
+        self.next_lo = PRIMES_START
+        self.width = PROBE_WIDTH
+
+    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
+        return self.job.check(lo, hi, result)
+
+    def items(self, lo: int, hi: int, checked) -> int:
+        return hi - lo + 1
+
+    def next_task(self) -> Optional[tuple[int, int, dict]]:
+        lo, hi = self.next_lo, self.next_lo + self.width - 1
+        self.next_lo = hi + 1
+        return lo, hi, self.job.task_args(lo, hi)
+
+    def prepare(self, run_one) -> None:
+        """Grow a probe block until it takes PROBE_SECONDS, then size blocks to BLOCK_SECONDS."""
+        self.next_lo, self.width = PRIMES_START, PROBE_WIDTH
+        while True:
+            elapsed = run_one()
+            if elapsed >= PROBE_SECONDS or self.width >= self.max_width:
+                break
+            self.width = min(self.max_width, self.width * 10)
+        per_slot = self.width / max(elapsed, 1e-6)
+        self.width = int(max(PROBE_WIDTH, min(self.max_width, per_slot * BLOCK_SECONDS)))
+        log.debug("primes benchmark: %.3g numbers/s a slot, blocks of %d", per_slot, self.width)
+
+
+class ScrapeBench:
+    """One URL a task; a page counts when it got an HTTP status."""
+
+    name = "scrape"
+
+    def __init__(self, urls: list[str], user_agent: str, proxy: Optional[str] = None):
+        self.urls = list(urls)
+        self.user_agent = user_agent
+        self.proxy = proxy
+        self.index = 0
+
+    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
+        return (1 if isinstance(result.get("status"), int) else 0), None
+
+    def items(self, lo: int, hi: int, checked) -> int:
+        return int(checked[0])
+
+    def next_task(self) -> Optional[tuple[int, int, dict]]:
+        if self.index >= len(self.urls):
+            return None
+        lo = self.index
+        self.index += 1
+        args = {"url": self.urls[lo], "timeout": SCRAPE_TIMEOUT, "max_bytes": SCRAPE_MAX_BYTES,
+                "user_agent": self.user_agent, "bodies": False, "robots": None}
+        if self.proxy:
+            args["proxy"] = self.proxy
+            args["isolation"] = f"beowulf-calibrate-{lo}"
+        return lo, lo, args
+
+    def prepare(self, run_one) -> None:
+        self.index = 0  # every host fetches the same pages, from the first
+
+
+def calibrate_host(host: Host, config, bench, seconds: float, accept_new: bool = False,
+                   bundle: Optional[str] = None) -> Calibration:
+    """Benchmark one host alone (all its slots) for ``seconds``; errors go into ``.error``."""
+    from .provision import local_bundle_hash
+
+    outcome = Calibration(host.name)
+    events: queue.Queue = queue.Queue()
+    link = HostLink(host, config, accept_new, events, bench.check, bundle or local_bundle_hash(),
+                    preload=bench.name)
+    try:
+        outcome.hello = link.start()
+        outcome.slots = link.slots
+        outcome.engine = str((outcome.hello.get("engines") or {}).get(bench.name) or "")
+        _measure(link, events, bench, seconds, outcome)
+    except BeowulfError as err:
+        outcome.error = str(err)
+    except (ConnectionError, OSError) as err:
+        outcome.error = f"{host.name}: connection failed ({err})"
+    finally:
+        link.close()
+    if outcome.rate is not None and outcome.rate <= 0 and not outcome.error:
+        outcome.error = f"{host.name}: nothing completed in {outcome.seconds:.1f}s"
+    return outcome
+
+
+class _Tasks:
+    """Tasks sent to the link and not answered yet, by id."""
+
+    def __init__(self, link: HostLink, bench):
+        self.link, self.bench = link, bench
+        self.open: dict[int, tuple[int, int]] = {}
+        self.next_id = 1
+
+    def send(self) -> bool:
+        task = self.bench.next_task()
+        if task is None:
+            return False
+        lo, hi, args = task
+        self.open[self.next_id] = (lo, hi)
+        self.link.send_task(self.next_id, self.bench.name, lo, hi, args)
+        self.next_id += 1
+        return True
+
+    def cancel_all(self) -> None:
+        for task_id in list(self.open):
+            self.link.cancel(task_id)
+        self.open.clear()
+
+
+def _result(events: queue.Queue, link: HostLink, tasks: _Tasks, timeout: float):
+    """The next result event of this link (None on timeout); a lost link raises ConnectError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            event = events.get(timeout=left)
+        except queue.Empty:
+            return None
+        if event.kind == "lost":
+            raise ConnectError(f"{link.name}: connection lost ({event.reason})")
+        if event.kind == "result" and (event.message or {}).get("id") in tasks.open:
+            return event
+
+
+def _answer(event, tasks: _Tasks, outcome: Calibration) -> Optional[tuple[int, int, Any]]:
+    """(lo, hi, checked) of a good result; counts and raises on repeated failures."""
+    message = event.message or {}
+    lo, hi = tasks.open.pop(message.get("id"))
+    if message.get("ok") and event.checked is not None and not event.invalid:
+        return lo, hi, event.checked
+    outcome.failures += 1
+    error = event.invalid or message.get("error") or "failed"
+    log.warning("%s: benchmark task [%d, %d] failed: %s", outcome.host, lo, hi, error)
+    if outcome.failures >= MAX_FAILURES:
+        raise BeowulfError(f"{outcome.host}: {outcome.failures} benchmark tasks failed (last: {error})")
+    return None
+
+
+def _measure(link: HostLink, events: queue.Queue, bench, seconds: float, outcome: Calibration) -> None:
+    tasks = _Tasks(link, bench)
+
+    def run_one() -> float:
+        """Run one task alone (the probe); its compute time."""
+        while True:
+            if not tasks.send():
+                return 0.0
+            event = _result(events, link, tasks, GRACE_SECONDS)
+            if event is None:
+                raise BeowulfError(f"{link.name}: no answer to a probe task in {GRACE_SECONDS:.0f}s")
+            if _answer(event, tasks, outcome) is not None:
+                return float((event.message or {}).get("elapsed") or 0.0)
+
+    bench.prepare(run_one)
+    began = time.monotonic()
+    deadline = began + seconds
+    last = began
+    while len(tasks.open) < link.slots + 1 and tasks.send():
+        pass
+    while tasks.open:
+        now = time.monotonic()
+        if now >= deadline and outcome.tasks:
+            break
+        wait = deadline - now if outcome.tasks else deadline + GRACE_SECONDS - now
+        event = _result(events, link, tasks, max(wait, 0.0))
+        if event is None:
+            if not outcome.tasks:
+                raise BeowulfError(f"{link.name}: no result within {seconds + GRACE_SECONDS:.0f}s")
+            break
+        got = _answer(event, tasks, outcome)
+        if got is not None:
+            lo, hi, checked = got
+            outcome.tasks += 1
+            outcome.items += bench.items(lo, hi, checked)
+            last = time.monotonic()
+        while time.monotonic() < deadline and len(tasks.open) < link.slots + 1 and tasks.send():
+            pass
+    tasks.cancel_all()
+    outcome.seconds = last - began
+    outcome.rate = outcome.items / outcome.seconds if outcome.seconds > 0 else 0.0

@@ -1,0 +1,308 @@
+"""`fab stats --plot DIR`: the seed's three pictures, from a run's report (cluster/report.py).
+
+- ``run<N>-rates.png``: rate per host (bars; the standalone rate beside the rate
+  in the run when ``fab calibrate`` measured one; for scrape runs pages/min, with
+  and without Tor side by side when both kinds of run exist);
+- ``run<N>-sum.png``: the sum of the hosts' standalone rates against the
+  cluster's actual rate, with the efficiency;
+- ``run<N>-timeline.png``: every block as a bar on its host's slot lane over the
+  run's time (sessions joined), the tail shaded, lost hosts and failures marked.
+
+matplotlib is imported when a plot is drawn (Agg backend: no display needed), so
+``fab --list`` and the tables never pay for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .errors import BeowulfError
+from .report import human_rate, human_seconds
+
+DPI = 110
+WIDTH = 9.0  # inches
+# Events marked on the timeline: kind -> (legend label, marker, colour).
+MARK_KINDS = {"lost": ("host lost", "v", "black"), "quarantine": ("host quarantined", "s", "black"),
+              "failure": ("task failed", "X", "crimson"), "invalid": ("invalid result", "X", "darkorange"),
+              "mismatch": ("--verify mismatch", "D", "purple")}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise BeowulfError("--plot needs matplotlib: pip install -r requirements.txt") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(report: dict, blocks: list[dict], events: list[dict], folder: Path,
+                compare: Optional[dict] = None) -> tuple[list[Path], list[str]]:
+    """Draw the three PNGs of a run into ``folder`` (created); (paths written, messages).
+
+    ``compare``: the report of a scrape run with the other Tor setting, drawn beside.
+    A run without finished blocks gets no plot, and the message says why.
+    """
+    run_id = report["run"]["id"]
+    if not blocks or not report["items"]:
+        return [], [f"run {run_id} has no finished blocks yet: no plots written"]
+    if not report["wall_seconds"] > 0:
+        return [], [f"run {run_id} has no measurable wall time: no plots written"]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BeowulfError(f"--plot: cannot create {folder} ({err.strerror})") from None
+    plt = _pyplot()
+    colors = _host_colors(report, compare)
+    written = []
+    for suffix, draw in (("rates", lambda: rates_figure(plt, report, colors, compare)),
+                         ("sum", lambda: sum_figure(plt, report, colors, compare)),
+                         ("timeline", lambda: timeline_figure(plt, report, blocks, events, colors))):
+        figure = draw()
+        path = folder / f"run{run_id}-{suffix}.png"
+        try:
+            figure.savefig(path, dpi=DPI)
+        except OSError as err:
+            raise BeowulfError(f"--plot: cannot write {path} ({err.strerror})") from None
+        finally:
+            plt.close(figure)
+        written.append(path)
+    return written, []
+
+
+# ---------------------------------------------------------------- shared bits
+
+
+def _host_colors(report: dict, compare: Optional[dict]) -> dict:
+    from matplotlib import colormaps
+
+    names = sorted({h["host"] for r in (report, compare) if r for h in r["hosts"]})
+    palette = colormaps["tab10"].colors
+    return {name: palette[i % len(palette)] for i, name in enumerate(names)}
+
+
+def _per(unit: dict) -> str:
+    return f"{unit['item']} per {'second' if unit['per'] == 's' else 'minute'}"
+
+
+def _title(report: dict, what: str) -> str:
+    run = report["run"]
+    return f"Run {run['id']} ({run['job']}, {run['state']}): {what}"
+
+
+def _subtitle(report: dict) -> str:
+    from .report import human_params
+
+    return human_params(report["run"]["params"] or {}, width=90)
+
+
+def _tor_label(report: dict) -> str:
+    return "with Tor" if (report["run"]["params"] or {}).get("tor") else "without Tor"
+
+
+def _eng(axis) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    axis.set_major_formatter(EngFormatter(sep=""))
+
+
+# ---------------------------------------------------------------- rate per host
+
+
+def rates_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
+    """Horizontal bars, one group per host: its rate (and standalone or other-Tor rate)."""
+    unit = report["unit"]
+    scale = unit["scale"]
+    if compare is not None:
+        pair = sorted((report, compare), key=lambda r: bool((r["run"]["params"] or {}).get("tor")))
+        series = [(f"{_tor_label(r)} (run {r['run']['id']})",
+                   {h["host"]: h["rate"] for h in r["hosts"] if h["rate"]}) for r in pair]
+    else:
+        series = []
+        calibrated = {h["host"]: h["standalone_rate"] for h in report["hosts"]
+                      if h["standalone_source"] == "calibration" and h["standalone_rate"]}
+        if calibrated:
+            series.append(("alone (fab calibrate)", calibrated))
+        series.append(("in this run", {h["host"]: h["rate"] for h in report["hosts"] if h["rate"]}))
+    hosts = {h["host"]: h for r in (report, compare) if r for h in r["hosts"]}
+    names = sorted({n for _, values in series for n in values},
+                   key=lambda n: max(values.get(n, 0) for _, values in series))
+    figure, ax = plt.subplots(figsize=(WIDTH, 1.6 + 0.55 * len(names) * max(1, len(series) * 0.75)),
+                              layout="constrained")
+    height = 0.8 / len(series)
+    top = max((v for _, values in series for v in values.values()), default=1) * scale
+    hatches = ("//", "", "..")
+    for k, (label, values) in enumerate(series):
+        offsets = [i - 0.4 + height * (k + 0.5) for i in range(len(names))]
+        widths = [values.get(n, 0) * scale for n in names]
+        bars = ax.barh(offsets, widths, height=height * 0.92, label=label,
+                       color=[colors[n] for n in names], alpha=1.0 if k == len(series) - 1 else 0.55,
+                       hatch=hatches[k % len(hatches)] if len(series) > 1 else None, edgecolor="white")
+        for bar, name in zip(bars, names):
+            if name in values:
+                ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2,
+                        human_rate(values[name], unit), va="center", fontsize=9)
+    ax.set_yticks(range(len(names)), [_host_label(hosts[n]) for n in names])
+    ax.set_xlim(0, top * 1.18)
+    _eng(ax.xaxis)
+    ax.set_xlabel(f"{_per(unit)} (all of the host's slots)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    if len(series) > 1:
+        from matplotlib.patches import Patch
+
+        keys = [Patch(facecolor="0.4", edgecolor="white", alpha=1.0 if k == len(series) - 1 else 0.55,
+                      hatch=hatches[k % len(hatches)], label=label) for k, (label, _) in enumerate(series)]
+        ax.legend(handles=keys[::-1], loc="upper center", bbox_to_anchor=(0.5, -0.16),  # top bar first
+                  ncol=len(series), fontsize=9, frameon=False)
+    ax.set_title(_title(report, f"{_per(unit)} by host") + "\n" + _subtitle(report),
+                 fontsize=11)
+    return figure
+
+
+def _host_label(host: dict) -> str:
+    slots = host["slots"]
+    label = f"{host['host']}\n{slots} slot{'s' if slots != 1 else ''}"
+    if host.get("engine"):
+        label += f", {host['engine']}"
+    return label
+
+
+# ---------------------------------------------------------------- sum of parts vs actual
+
+
+def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
+    """Per group: a stacked bar of the hosts' standalone rates beside the actual total."""
+    unit = report["unit"]
+    scale = unit["scale"]
+    reports = [report]
+    if compare is not None:
+        reports = sorted((report, compare), key=lambda r: bool((r["run"]["params"] or {}).get("tor")))
+    figure, ax = plt.subplots(figsize=(WIDTH if len(reports) > 1 else 7.0, 5.2), layout="constrained")
+    ticks, labels = [], []
+    top = max(max(r["sum_standalone"] or 0, r["rate"] or 0) for r in reports) * scale or 1
+    legend_done = set()
+    for g, r in enumerate(reports):
+        x_sum, x_actual = g * 2.6, g * 2.6 + 1.0
+        bottom = 0.0
+        for h in sorted(r["hosts"], key=lambda h: -(h["standalone_rate"] or 0)):
+            value = (h["standalone_rate"] or 0) * scale if h["items"] else 0
+            if value <= 0:
+                continue
+            ax.bar(x_sum, value, bottom=bottom, width=0.8, color=colors[h["host"]], edgecolor="white",
+                   label=h["host"] if h["host"] not in legend_done else None)
+            legend_done.add(h["host"])
+            if value > 0.06 * top:
+                ax.text(x_sum, bottom + value / 2, h["host"], ha="center", va="center", fontsize=9,
+                        color="white", fontweight="bold")
+            bottom += value
+        actual = (r["rate"] or 0) * scale
+        ax.bar(x_actual, actual, width=0.8, color="#333333")
+        ax.text(x_sum, bottom + top * 0.015, human_rate(r["sum_standalone"], unit), ha="center", va="bottom",
+                fontsize=9)
+        efficiency = f"\n{r['efficiency']:.0%} of the sum" if r["efficiency"] else ""
+        ax.text(x_actual, actual + top * 0.015, human_rate(r["rate"], unit) + efficiency, ha="center",
+                va="bottom", fontsize=9, fontweight="bold")
+        parts = {"calibration": "sum of the hosts\nalone (fab calibrate)",
+                 "in-run": "sum of the hosts'\nrates in this run"}.get(r["sum_source"],
+                                                                  "sum of the hosts\n(calibrate + in-run)")
+        group = f"\n{_tor_label(r)}" if len(reports) > 1 else ""
+        ticks += [x_sum, x_actual]
+        labels += [parts + group, f"actual\n(whole cluster){group}"]
+    ax.set_xticks(ticks, labels, fontsize=9)
+    ax.set_ylim(0, top * 1.22)
+    _eng(ax.yaxis)
+    ax.set_ylabel(_per(unit))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(title="host", fontsize=8, title_fontsize=9, loc="upper right")
+    ax.set_title(_title(report, "sum of the parts vs actual total") + "\n" + _subtitle(report), fontsize=11)
+    return figure
+
+
+# ---------------------------------------------------------------- timeline
+
+
+def _clock(spans: list[list[float]]):
+    """Wall time -> seconds of run time, the sessions joined end to end."""
+    starts, offset = [], 0.0
+    for start, end in spans:
+        starts.append((start, end, offset))
+        offset += end - start
+
+    def at(t: float) -> float:
+        chosen = starts[0]
+        for item in starts:
+            if t >= item[0]:
+                chosen = item
+        start, end, base = chosen
+        return base + min(max(t - start, 0.0), end - start)
+
+    return at
+
+
+def _lanes(blocks: list[dict], at) -> list[list[tuple[float, float]]]:
+    """Blocks of one host packed into lanes (one per slot busy at once), as (x, width)."""
+    lanes: list[list[tuple[float, float]]] = []
+    ends: list[float] = []
+    for block in sorted(blocks, key=lambda b: b["started"]):
+        x0, x1 = at(block["started"]), at(block["finished"])
+        for i, end in enumerate(ends):
+            if x0 >= end - 1e-3:
+                lanes[i].append((x0, x1 - x0))
+                ends[i] = x1
+                break
+        else:
+            lanes.append([(x0, x1 - x0)])
+            ends.append(x1)
+    return lanes
+
+
+def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], colors: dict):
+    """Gantt chart: a band per host, a lane per slot, a bar per block; tail and faults marked."""
+    spans = report["sessions"]
+    at = _clock(spans)
+    names = [h["host"] for h in report["hosts"]]
+    by_host = {n: [b for b in blocks if b["host"] == n] for n in names}
+    figure, ax = plt.subplots(figsize=(WIDTH, 1.9 + 0.75 * len(names)), layout="constrained")
+    edge = 0.4 if len(blocks) < 400 else 0.0
+    for row, name in enumerate(reversed(names)):
+        lanes = _lanes(by_host[name], at) or [[]]
+        lane_height = 0.8 / len(lanes)
+        for k, lane in enumerate(lanes):
+            if lane:
+                ax.broken_barh(lane, (row - 0.4 + k * lane_height, lane_height * 0.9),
+                               facecolors=colors[name], edgecolor="white", linewidth=edge)
+    rows = {name: row for row, name in enumerate(reversed(names))}
+    tail = report.get("tail")
+    if tail:
+        ax.axvspan(at(tail["start"]), at(tail["end"]), color="0.5", alpha=0.18, zorder=0,
+                   label=f"tail: {human_seconds(tail['seconds'])}"
+                         + (" (approx.)" if tail["source"] != "event" else ""))
+    for start, _end in spans[1:]:
+        ax.axvline(at(start), color="black", linestyle="--", linewidth=1)
+        ax.text(at(start), len(names) - 0.45, " resumed", fontsize=8, va="bottom")
+    marked = set()
+    for event in events:
+        if event["kind"] in MARK_KINDS and event.get("host") in rows:
+            label, marker, color = MARK_KINDS[event["kind"]]
+            ax.plot(at(event["time"]), rows[event["host"]], marker=marker, color=color, markersize=9,
+                    linestyle="none", label=label if label not in marked else None, zorder=3)
+            marked.add(label)
+    wall = report["wall_seconds"]
+    ax.set_xlim(0, wall * 1.01)
+    ax.set_ylim(-0.6, len(names) - 0.4 + (0.3 if len(spans) > 1 else 0))
+    ax.set_yticks(range(len(names)), [_host_label(h) for h in reversed(report["hosts"])])
+    joined = " (sessions joined)" if len(spans) > 1 else ""
+    ax.set_xlabel(f"seconds since the run started{joined}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    if tail or marked:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(names) < 3 else -0.1),
+                  ncol=4, fontsize=9, frameon=False)
+    ax.set_title(_title(report, f"{len(blocks):,} blocks over {human_seconds(wall)}")
+                 + "\none bar per block, one lane per slot; white space is an idle slot", fontsize=11)
+    return figure

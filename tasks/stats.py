@@ -1,0 +1,346 @@
+"""`fab stats` (what the runs did, per host, read-only) and `fab calibrate` (each host alone)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tabulate import tabulate, tabulate_formats
+
+from cluster.errors import StoreError, UsageError
+
+from .common import (
+    EXIT_FAILED,
+    EXIT_PARTIAL,
+    HOST_HELP,
+    beowulf_task,
+    load_hosts,
+    parse_float,
+    parse_int,
+    setup_logging,
+)
+from .primes import store_path
+
+FORMATS = ("table", "json", "csv")
+DB_HELP = "results store (SQLite file; default results.db, or beowulf.db in fabric.yaml)"
+
+
+@beowulf_task(help={
+    "db": DB_HELP + "; opened read-only",
+    "run": "show this run (its id from the runs table) per host",
+    "last": "show the most recent run, of any job",
+    "format": "table (default), json, csv, or any tabulate format: github, grid, simple, ...",
+    "plot": "also write PNG charts of the run into this folder (rates, sum of parts vs actual, timeline)",
+})
+def stats(c, db=None, run=None, last=False, format="table", plot=None):
+    """Show what runs did: a table of runs, or one run per host (rates, efficiency, tail, ETA).
+
+    Without --run/--last: every run in the store. With one: per host slots, blocks, items, rate,
+    share, retries, failures and idle time; the run's actual rate against the sum of the hosts'
+    standalone rates (fab calibrate), the tail, and the ETA of a run in progress. Never writes.
+    """
+    from cluster.store import Store
+
+    if run is not None and last:
+        raise UsageError("--run and --last cannot be used together")
+    run_id = parse_int("run", run, minimum=1) if run is not None else None
+    style = _check_format(format)
+    if plot is not None and run_id is None and not last:
+        raise UsageError("--plot draws one run: add --run N or --last")
+    path = store_path(c, db)
+    with Store.open_readonly(path) as store:
+        runs = store.runs()
+        if not runs:
+            raise StoreError(f"{path}: no runs yet (fab primes ... records one)")
+        if last:
+            run_id = runs[-1]["id"]
+        if run_id is None:
+            _print_runs(store, runs, style, path)
+            return
+        if not any(r["id"] == run_id for r in runs):
+            raise UsageError(f"--run: no run {run_id} in {path} (its runs are {_id_ranges(runs)})")
+        report, blocks, events = _report(store, run_id)
+        compare = _tor_counterpart(store, runs, report) if plot is not None else None
+    _print_run(report, style, path)
+    if plot is not None:
+        from cluster.plots import write_plots
+
+        written, messages = write_plots(report, blocks, events, Path(os.path.expanduser(plot)), compare)
+        for message in messages:
+            print(message, file=sys.stderr)
+        for png in written:
+            print(f"wrote {png}", file=sys.stderr)
+
+
+def _check_format(style: str) -> str:
+    if style in FORMATS or style in tabulate_formats:
+        return style
+    raise UsageError(f"--format: expected table, json, csv or a tabulate format ({', '.join(tabulate_formats)}), "
+                     f"not {style!r}")
+
+
+def _id_ranges(runs: list[dict]) -> str:
+    ids = [r["id"] for r in runs]
+    return f"{ids[0]}..{ids[-1]}" if len(ids) > 1 else str(ids[0])
+
+
+def _report(store, run_id: int) -> tuple[dict, list[dict], list[dict]]:
+    from cluster.report import run_report
+
+    run = store.run(run_id)
+    blocks = store.blocks(run_id)
+    events = store.events(run_id)
+    live = run["state"] == "running" and store.lock_holder(run_id) is not None
+    report = run_report(run, blocks, events, store.hosts(), store.calibrations(run["job"]), time.time(), live)
+    return report, blocks, events
+
+
+def _tor_counterpart(store, runs: list[dict], report: dict):
+    """For a scrape run: the latest scrape run with the other Tor setting and some data, as a report."""
+    run = report["run"]
+    if run["job"] != "scrape":
+        return None
+    tor = bool((run["params"] or {}).get("tor"))
+    others = [r for r in runs if r["job"] == "scrape" and r["id"] != run["id"] and r["state"] != "replaced"
+              and r["items"] > 0 and bool((r["params"] or {}).get("tor")) != tor]
+    if not others:
+        return None
+    return _report(store, others[-1]["id"])[0]
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _when(epoch, now: float | None = None) -> str:
+    if epoch is None:
+        return ""
+    now = now or time.time()
+    moment = time.localtime(epoch)
+    if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d", time.localtime(now)):
+        return time.strftime("%H:%M:%S", moment)
+    return time.strftime("%Y-%m-%d %H:%M:%S", moment)
+
+
+def _print_runs(store, runs: list[dict], style: str, path: Path) -> None:
+    from cluster.report import SCHEMA, human_params, human_seconds, run_row
+
+    now = time.time()
+    rows = []
+    for run in runs:
+        live = run["state"] == "running" and store.lock_holder(run["id"]) is not None
+        rows.append(run_row(run, store.events(run["id"]), store.blocks(run["id"]), now, live))
+    if style == "json":
+        print(json.dumps({"schema": SCHEMA, "kind": "runs", "db": str(path), "runs": rows}, indent=2))
+        return
+    if style == "csv":
+        fields = ["id", "job", "params", "state", "started", "finished", "wall_seconds", "blocks", "items",
+                  "total", "rate"]
+        writer = csv.writer(sys.stdout)
+        writer.writerow(fields[:-1] + ["items_per_second"])
+        for row in rows:
+            writer.writerow([json.dumps(row["params"], sort_keys=True) if f == "params" else row[f]
+                             for f in fields])
+        return
+    table = []
+    for row in rows:
+        done = f"{row['items']:,}"
+        if row["items"] < row["total"] and row["state"] != "replaced":
+            done += f" of {row['total']:,}"
+        state = row["state"] + (" (no coordinator)" if row["state"] == "running" and not row["live"] else "")
+        rate = row["rate"]
+        table.append([row["id"], row["job"], human_params(row["params"]), state, _when(row["started"], now),
+                      human_seconds(row["wall_seconds"]), done,
+                      "" if rate is None else f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"])
+    headers = ["run", "job", "parameters", "state", "started", "wall time", "items", "items/s"]
+    print(tabulate(table, headers=headers, tablefmt="simple" if style == "table" else style,
+                   disable_numparse=True))
+
+
+def _print_run(report: dict, style: str, path: Path) -> None:
+    if style == "json":
+        print(json.dumps(dict(report, db=str(path)), indent=2))
+    elif style == "csv":
+        _run_csv(report)
+    else:
+        _run_table(report, "simple" if style == "table" else style)
+
+
+def _run_csv(report: dict) -> None:
+    """One row per host, then a "(run)" row with the run's figures (rate, sum of parts, efficiency...)."""
+    fields = ["run_id", "host", "slots", "engine", "blocks", "items", "busy_seconds", "items_per_second",
+              "items_per_second_per_slot", "share", "standalone_items_per_second", "standalone_source",
+              "retries", "failures", "idle_seconds", "last_seen", "wall_seconds", "efficiency", "tail_seconds",
+              "eta_seconds", "state"]
+    writer = csv.writer(sys.stdout)
+    writer.writerow(fields)
+    run_id = report["run"]["id"]
+    for h in report["hosts"]:
+        writer.writerow([run_id, h["host"], h["slots"], h["engine"] or "", h["blocks"], h["items"],
+                         h["busy_seconds"], _blank(h["rate"]), _blank(h["rate_per_slot"]), h["share"],
+                         _blank(h["standalone_rate"]), h["standalone_source"], h["retries"], h["failures"],
+                         h["idle_seconds"], _blank(h["last_seen"]), "", "", "", "", ""])
+    tail = report["tail"]
+    writer.writerow([run_id, "(run)", sum(h["slots"] for h in report["hosts"]), "", report["blocks"],
+                     report["items"], sum(h["busy_seconds"] for h in report["hosts"]), _blank(report["rate"]),
+                     "", 1.0 if report["items"] else 0.0, _blank(report["sum_standalone"]),
+                     report["sum_source"] or "", sum(h["retries"] for h in report["hosts"]),
+                     sum(h["failures"] for h in report["hosts"]), "", "", report["wall_seconds"],
+                     _blank(report["efficiency"]), _blank(tail["seconds"] if tail else None),
+                     _blank(report["eta_seconds"]), report["run"]["state"]])
+
+
+def _blank(value):
+    return "" if value is None else value
+
+
+def _run_table(report: dict, style: str) -> None:
+    from cluster.report import human_params, human_rate, human_seconds
+
+    run, unit = report["run"], report["unit"]
+    label = unit["label"]
+    sessions = len(report["sessions"])
+    print(f"run {run['id']}: {run['job']} {human_params(run['params'] or {}, width=100)}")
+    print(f"{run['state']}, started {_when(run['started'])}, wall time {human_seconds(report['wall_seconds'])}"
+          f" in {sessions} session{'s' if sessions != 1 else ''}")
+    now = time.time()
+    rows = []
+    for h in report["hosts"]:
+        rows.append([h["host"], h["slots"], h["engine"] or "", h["blocks"], f"{h['items']:,}",
+                     human_rate(h["rate"], unit), human_rate(h["rate_per_slot"], unit), f"{h['share']:.1%}",
+                     human_rate(h["standalone_rate"], unit) + ("" if h["standalone_source"] == "calibration"
+                                                             or h["standalone_rate"] is None else " *"),
+                     h["retries"], h["failures"], human_seconds(h["idle_seconds"]), _when(h["last_seen"], now)])
+    headers = ["host", "slots", "engine", "blocks", unit["item"], label, f"{label}/slot", "share",
+               f"alone {label}", "retries", "failures", "idle", "last seen"]
+    if not any(h["engine"] for h in report["hosts"]):
+        headers.pop(2)
+        rows = [row[:2] + row[3:] for row in rows]
+    print()
+    print(tabulate(rows, headers=headers, tablefmt=style, disable_numparse=True) if rows else "no host did any work")
+    print()
+    for line in _summary_lines(report, human_rate, human_seconds):
+        print(line)
+
+
+def _summary_lines(report: dict, human_rate, human_seconds) -> list[str]:
+    unit, label = report["unit"], report["unit"]["label"]
+    lines = [f"actual: {report['items']:,} {unit['item']} in {human_seconds(report['wall_seconds'])} = "
+             f"{human_rate(report['rate'], unit) or '?'} {label}"]
+    if report["sum_standalone"] is not None:
+        source = {"calibration": "each host alone, from fab calibrate",
+                  "in-run": "* each host's rate in this run: no calibration",
+                  "mixed": "fab calibrate; * = rate in this run"}[report["sum_source"]]
+        lines.append(f"sum of parts: {human_rate(report['sum_standalone'], unit)} {label} ({source})")
+    if report["efficiency"] is not None:
+        lines.append(f"efficiency: {report['efficiency']:.1%} (actual / sum of parts)")
+    tail = report["tail"]
+    if tail:
+        how = "" if tail["source"] == "event" else ", approximated from the latest block start"
+        what = "in the tail for" if tail["ongoing"] else "tail:"
+        lines.append(f"{what} {human_seconds(tail['seconds'])} (from the last block handed out to the end{how})")
+    if report["run"]["state"] == "running" and report["progress"] is not None:
+        eta = report["eta_seconds"]
+        lines.append(f"progress: {report['progress']:.1%}" + (f", ETA {human_seconds(eta)}" if eta is not None
+                                                              else ""))
+    lines += [f"note: {note}" for note in report["notes"]]
+    return lines
+
+
+# ---------------------------------------------------------------- calibrate
+
+
+@beowulf_task(help={
+    **HOST_HELP,
+    "db": DB_HELP,
+    "job": "what to measure: primes (default) or scrape",
+    "urls": "scrape: file with one URL a line to fetch (required with --job scrape; each host fetches them)",
+    "seconds": "how long to measure each host (default 5)",
+    "tor": "scrape: fetch through each host's Tor SOCKS port (stored as the 'tor' variant)",
+})
+def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, seconds="5", tor=False,
+              accept_new=False, verbose=False, quiet=False):
+    """Measure each host's standalone rate, one host at a time, for fab stats' sum of parts.
+
+    Each host runs a short benchmark alone with all its slots busy (primes: counting primes
+    from 1e11; scrape: fetching --urls); its rate is stored in the results store and shown.
+    Exit status 3 when some hosts could not be measured, 1 when none could.
+    """
+    from invoke import Exit
+
+    if job not in ("primes", "scrape"):
+        raise UsageError(f"--job: expected primes or scrape, not {job!r}")
+    if job == "scrape" and not urls:
+        raise UsageError("--job scrape needs --urls FILE (one URL a line)")
+    if job == "primes" and (urls or tor):
+        raise UsageError("--urls and --tor are for --job scrape")
+    duration = parse_float("seconds", seconds, above=0, maximum=3600)
+    bench = _bench(job, urls, tor)
+    path, selected = load_hosts(c, inventory, hosts)
+    db_path = store_path(c, db)
+    setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
+    results = _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet)
+    _print_calibration(results, bench, tor)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"warning: {r.error}", file=sys.stderr)
+    if failed:
+        code = EXIT_FAILED if len(failed) == len(results) else EXIT_PARTIAL
+        raise Exit(f"{len(failed)} of {len(results)} hosts could not be measured", code=code)
+
+
+def _bench(job: str, urls, tor: bool):
+    from cluster.calibrate import PrimesBench, ScrapeBench
+
+    if job == "primes":
+        return PrimesBench()
+    from cluster.jobs.scrape import DEFAULT_USER_AGENT
+    from cluster.urls import read_url_file
+
+    found, _bad, _duplicates = read_url_file(urls)
+    if not found:
+        raise UsageError(f"--urls: {urls}: no URLs in it")
+    return ScrapeBench(found, DEFAULT_USER_AGENT)
+
+
+def _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet):
+    from cluster.calibrate import calibrate_host
+    from cluster.store import Store
+
+    results = []
+    with Store(db_path) as store:
+        for host in selected:
+            if not quiet:
+                print(f"{host.name}: measuring {bench.name} for {duration:g}s ...", file=sys.stderr)
+            if tor:
+                bench.proxy = host.socks
+            result = calibrate_host(host, c.config, bench, duration, accept_new=accept_new)
+            if result.hello:
+                store.upsert_host(host.name, result.hello)
+            if not result.error:
+                store.set_calibration(host.name, bench.name, result.rate, variant="tor" if tor else "")
+            results.append(result)
+    return results
+
+
+def _print_calibration(results, bench, tor: bool) -> None:
+    from cluster.report import human_rate, unit_of
+
+    unit = unit_of(bench.name)
+    label = unit["label"]
+    rows = []
+    for r in results:
+        per_slot = r.rate / r.slots if r.rate and r.slots else None
+        rows.append([r.host, r.slots or "", r.engine, r.tasks, f"{r.items:,}", f"{r.seconds:.2f}",
+                     human_rate(r.rate, unit), human_rate(per_slot, unit), "stored" if not r.error else "failed"])
+    headers = ["host", "slots", "engine", "tasks", unit["item"], "seconds", f"alone {label}", f"{label}/slot",
+               "result"]
+    print(tabulate(rows, headers=headers, disable_numparse=True))
+    good = [r.rate for r in results if not r.error]
+    if good:
+        variant = " through Tor" if tor else ""
+        hosts = f"{len(good)} host" + ("s" if len(good) != 1 else "")
+        print(f"sum of parts{variant}: {human_rate(sum(good), unit)} {label} ({hosts}, each alone)")

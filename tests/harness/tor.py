@@ -1,0 +1,370 @@
+"""Real ``tor`` processes for tests, one per test host, with no network at all.
+
+Each TorProcess runs Debian's ``tor`` as an ordinary foreground process with its
+own torrc, DataDirectory and log under ``base_dir``: a SocksPort and a
+ControlPort on ``ip`` (or a ControlSocket), ``CookieAuthentication 1`` and
+``DisableNetwork 1``, so it never contacts anything.
+
+``DisableNetwork 1`` has one consequence the tests must know: tor then opens
+*no* listener except its control listeners ("we don't listen for or accept any
+connections other than controller connections", tor(1)), so its SocksPort stays
+closed: the control port answers, cookie authentication and NEWNYM work, SOCKS
+does not. Where a test needs a SOCKS5 server that answers, ``SocksGreeter`` is a
+stand-in that answers the SOCKS5 greeting (and nothing else).
+
+Processes are stopped by PID only: the PID tor writes to its PidFile, checked
+against ``/proc/PID/cmdline`` (it must name this torrc), so a tor restarted by
+``fab tor.restart`` is found and stopped too. ``__OwningControllerProcess`` names
+the test process, so a tor left behind by a crashed test run exits by itself.
+Root is fine: tor runs as root with a warning, no ``User`` option needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .sshd import _check_loopback, free_port, pid_alive
+
+TOR_CANDIDATES = ("/usr/bin/tor", "/usr/sbin/tor")
+START_TIMEOUT = 30.0  # seconds for tor to answer on its control port
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+
+
+def tor_binary() -> Optional[str]:
+    """Path of the ``tor`` program, or None."""
+    found = shutil.which("tor")
+    if found:
+        return found
+    return next((path for path in TOR_CANDIDATES if os.access(path, os.X_OK)), None)
+
+
+def require_tor() -> str:
+    """The tor program's path; skip the calling test without it (fail it under CI=true)."""
+    import pytest
+
+    path = tor_binary()
+    if path is None:
+        msg = "needs Debian's tor (/usr/bin/tor; run tests/system-deps.sh as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+class TorProcess:
+    """One tor on ``ip`` (127.0.0.0/8 only); a context manager.
+
+    ``control="port"`` (default) listens for controllers on ``ip:PORT``;
+    ``control="socket"`` on a Unix socket (in a short private folder under /tmp,
+    since socket paths are limited to 107 bytes). Attributes after start():
+    ``socks_address`` ("ip:port", closed while DisableNetwork is set),
+    ``control_address`` ("ip:port" or a path), ``cookie_path``, ``pid``
+    (the running tor, following restarts), ``torrc``, ``log_path``.
+    """
+
+    def __init__(self, base_dir, ip: str = "127.0.0.1", control: str = "port", name: str = "tor",
+                 extra_config: Optional[List[str]] = None):
+        if control not in ("port", "socket"):
+            raise ValueError(f"control must be 'port' or 'socket', not {control!r}")
+        self.ip = _check_loopback(ip)
+        self.name = name
+        self.control_kind = control
+        self.dir = Path(base_dir).resolve() / name
+        self.data_dir = self.dir / "data"
+        self.torrc = self.dir / "torrc"
+        self.log_path = self.dir / "tor.log"
+        self.pid_file = self.dir / "tor.pid"
+        self.stdout_path = self.dir / "stdout.log"
+        self.cookie_path = self.data_dir / "control_auth_cookie"
+        self.extra_config = list(extra_config or [])
+        self.socks_port = 0
+        self.control_port = 0
+        self._socket_dir: Optional[str] = None
+        self._proc: Optional[subprocess.Popen] = None
+
+    def __repr__(self) -> str:
+        return f"<TorProcess {self.name} socks {self.socks_address} control {self.control_address} pid {self.pid}>"
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def socks_address(self) -> str:
+        return f"{self.ip}:{self.socks_port}"
+
+    @property
+    def control_address(self) -> str:
+        if self.control_kind == "socket":
+            return str(Path(self._socket_dir or "/nonexistent") / "control")
+        return f"{self.ip}:{self.control_port}"
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def config_text(self) -> str:
+        lines = [
+            f"DataDirectory {self.data_dir}",
+            f"SocksPort {self.socks_address}",
+            "CookieAuthentication 1",
+            "DisableNetwork 1",
+            f"Log notice file {self.log_path}",
+            "RunAsDaemon 0",
+            f"PidFile {self.pid_file}",
+            f"__OwningControllerProcess {os.getpid()}",
+            # No GeoIP parsing: tor starts in ~0.1 s instead of ~3 s (it only matters for relays).
+            f"GeoIPFile {self.dir / 'no-geoip'}",
+            f"GeoIPv6File {self.dir / 'no-geoip6'}",
+        ]
+        if self.control_kind == "socket":
+            lines.append(f"ControlSocket {self.control_address}")
+        else:
+            lines.append(f"ControlPort {self.control_address}")
+        return "\n".join(lines + self.extra_config) + "\n"
+
+    def start(self) -> TorProcess:
+        """Write the torrc, start tor, and wait until its control port answers (RuntimeError with its log)."""
+        binary = require_tor()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        if not self.socks_port:
+            self.socks_port = free_port(self.ip)
+        if self.control_kind == "socket":
+            if self._socket_dir is None:
+                self._socket_dir = tempfile.mkdtemp(prefix="tor-ctl-", dir="/tmp")
+        elif not self.control_port:
+            self.control_port = free_port(self.ip)
+        text = self.config_text()
+        assert "DisableNetwork 1" in text  # the network rule: tor never contacts anything
+        self.torrc.write_text(text)
+        argv = [binary, "-f", str(self.torrc), "--defaults-torrc", os.devnull]
+        setpriv = "/usr/bin/setpriv"
+        if os.path.exists(setpriv):
+            argv = [setpriv, "--pdeathsig", "KILL", *argv]
+        out = open(self.stdout_path, "ab")
+        try:
+            from .sshd import _spawner  # the long-lived thread, so pdeathsig outlives the calling thread
+
+            self._proc = _spawner.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        close_fds=True)
+        finally:
+            out.close()
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = START_TIMEOUT, old_pid: Optional[int] = None) -> None:
+        """Block until the control port answers PROTOCOLINFO and the cookie exists; RuntimeError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is not None and self._proc.poll() is not None and old_pid is None:
+                raise RuntimeError(f"{self.name}: tor exited with {self._proc.returncode}:\n{self.log_text()}"
+                                   f"\n{self._stdout_text()}")
+            pid = self.pid
+            if pid and pid != old_pid and self._protocolinfo() and self._cookie_ok():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: tor's control port {self.control_address} did not answer "
+                                   f"within {timeout:.0f}s; log {self.log_path}:\n{self.log_text()}"
+                                   f"\n{self._stdout_text()}")
+            time.sleep(0.05)
+
+    def _cookie_ok(self) -> bool:
+        try:
+            return self.cookie_path.stat().st_size == 32
+        except OSError:
+            return False
+
+    def _connect(self) -> socket.socket:
+        if self.control_kind == "socket":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            try:
+                sock.connect(self.control_address)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        return socket.create_connection((self.ip, self.control_port), timeout=5)
+
+    def _protocolinfo(self) -> bool:
+        try:
+            with self._connect() as sock:
+                sock.sendall(b"PROTOCOLINFO 1\r\n")
+                data = b""
+                while b"250 OK\r\n" not in data:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        return False
+                    data += chunk
+                return True
+        except OSError:
+            return False
+
+    def control(self, *commands: str) -> List[List[str]]:
+        """Authenticate with the cookie and send ``commands``; each reply's lines (for assertions)."""
+        with self._connect() as sock:
+            buffer = b""
+
+            def reply() -> List[str]:
+                nonlocal buffer
+                lines: List[str] = []
+                while True:
+                    while b"\r\n" not in buffer:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("tor closed the control connection")
+                        buffer += chunk
+                    line, buffer = buffer.split(b"\r\n", 1)
+                    text = line.decode()
+                    lines.append(text)
+                    if len(text) >= 4 and text[3] == " ":
+                        return lines
+
+            sock.sendall(b"AUTHENTICATE " + self.cookie_path.read_bytes().hex().encode() + b"\r\n")
+            auth = reply()
+            if auth != ["250 OK"]:
+                raise RuntimeError(f"{self.name}: AUTHENTICATE refused: {auth}")
+            answers = []
+            for command in commands:
+                sock.sendall(command.encode() + b"\r\n")
+                answers.append(reply())
+            return answers
+
+    def getinfo(self, key: str) -> str:
+        """One GETINFO value through the control port."""
+        (lines,) = self.control(f"GETINFO {key}")
+        for line in lines:
+            if line[4:].startswith(f"{key}="):
+                return line[4 + len(key) + 1 :]
+        raise RuntimeError(f"{self.name}: GETINFO {key}: {lines}")
+
+    @property
+    def pid(self) -> Optional[int]:
+        """PID of the running tor of this torrc (from its PidFile, checked in /proc), or None."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if self._is_ours(pid) else None
+
+    def _is_ours(self, pid: int) -> bool:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return str(self.torrc).encode() in argv and pid_alive(pid)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the running tor (by PID, whichever process runs this torrc), SIGKILL after ``timeout``."""
+        pids = {pid for pid in (self.pid, self._proc.pid if self._proc and self._proc.poll() is None else None)
+                if pid}
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            if self._proc is not None:
+                self._proc.poll()
+            time.sleep(0.05)
+        for pid in pids:
+            if pid_alive(pid):
+                _signal(pid, signal.SIGKILL)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def __enter__(self) -> TorProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        """tor's notice log so far ("" when there is none)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _stdout_text(self) -> str:
+        try:
+            return self.stdout_path.read_text(errors="replace")[-4000:]
+        except FileNotFoundError:
+            return ""
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class SocksGreeter:
+    """A stand-in SOCKS5 server on ``ip``: answers the greeting (version 5, no authentication), then closes.
+
+    Tor with ``DisableNetwork 1`` opens no SOCKS port, so tests that need a SOCKS
+    port that answers (``fab tor.status``'s happy row) point ``socks`` here.
+    ``greetings`` counts the greetings answered.
+    """
+
+    def __init__(self, ip: str = "127.0.0.1"):
+        self.ip = _check_loopback(ip)
+        self.greetings = 0
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind((self.ip, 0))
+        self._server.listen(16)
+        self.port = self._server.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name=f"socks-greeter-{self.port}", daemon=True)
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def start(self) -> SocksGreeter:
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    hello = conn.recv(3)
+                    if hello[:1] == b"\x05":
+                        conn.sendall(b"\x05\x00")
+                        self.greetings += 1
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._server.close()
+        self._thread.join(5)
+
+    def __enter__(self) -> SocksGreeter:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

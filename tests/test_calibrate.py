@@ -1,0 +1,130 @@
+"""fab calibrate: each host alone, its standalone rate stored for fab stats' sum of parts."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from cluster.calibrate import PrimesBench, calibrate_host
+from cluster.inventory import Host
+from cluster.store import Store
+from harness import run_fab
+
+
+def local_inventory(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "hosts.ini"
+    path.write_text("[this computer]\naddress = local\nslots = 1\n" + extra)
+    return path
+
+
+def test_calibrate_primes_on_a_local_host(tmp_path):
+    db = tmp_path / "r.db"
+    done = run_fab(["calibrate", "--inventory", local_inventory(tmp_path), "--seconds", "1", "--db", db])
+    assert done.returncode == 0, done.stderr
+    assert "this computer" in done.stdout and "stored" in done.stdout and "numbers/s" in done.stdout
+    with Store(db) as store:
+        (row,) = store.calibrations("primes")
+        assert row["host"] == "this computer" and row["variant"] == ""
+        assert row["rate"] > 0
+        facts = {h["name"]: h["facts"] for h in store.hosts()}
+        assert facts["this computer"]["slots"] == 1
+
+
+def test_calibrate_host_directly():
+    outcome = calibrate_host(Host(name="here", address="local", slots=1), None, PrimesBench(), 1.0)
+    assert not outcome.error, outcome.error
+    assert outcome.slots == 1 and outcome.tasks >= 1
+    assert 0.5 < outcome.seconds < 3.0
+    assert outcome.rate == pytest.approx(outcome.items / outcome.seconds)
+    assert outcome.rate > 1e5  # even the pure-Python sieve does far more than this
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--job", "scrape"], "--job scrape needs --urls FILE"),
+    (["--job", "video"], "--job: expected primes or scrape"),
+    (["--seconds", "0"], "--seconds: must be greater than 0"),
+    (["--seconds", "abc"], "--seconds: expected a number"),
+    (["--urls", "x.txt"], "--urls and --tor are for --job scrape"),
+    (["--job", "scrape", "--urls", "missing.txt"], "--urls: missing.txt: no such file"),
+])
+def test_usage_errors(tmp_path, args, message):
+    done = run_fab(["calibrate", "--inventory", local_inventory(tmp_path), "--db", tmp_path / "r.db", *args],
+                   cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r.db").exists()  # nothing done
+
+
+def test_an_unreachable_host_fails_alone(tmp_path):
+    """Exit 3: the reachable host is measured and stored, the other is reported."""
+    inventory = local_inventory(tmp_path, "[gone]\naddress = root@127.0.0.99\nport = 1\n")
+    db = tmp_path / "r.db"
+    done = run_fab(["calibrate", "--inventory", inventory, "--seconds", "0.5", "--db", db])
+    assert done.returncode == 3, done.stderr
+    assert "1 of 2 hosts could not be measured" in done.stderr
+    assert "gone" in done.stdout and "failed" in done.stdout
+    with Store(db) as store:
+        assert [row["host"] for row in store.calibrations("primes")] == ["this computer"]
+
+
+class _Pages(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        body = b"<html><title>page</title>hello</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pages)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_calibrate_scrape_in_pages_per_minute(tmp_path, web):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("# test pages\n" + "".join(f"{web}/page/{i}\n" for i in range(40)))
+    db = tmp_path / "r.db"
+    done = run_fab(["calibrate", "--inventory", local_inventory(tmp_path), "--job", "scrape", "--urls", urls,
+                    "--seconds", "1", "--db", db])
+    assert done.returncode == 0, done.stderr
+    assert "pages/min" in done.stdout
+    with Store(db) as store:
+        (row,) = store.calibrations("scrape")
+        assert row["rate"] > 0  # pages per second in the store; shown per minute
+    shown = run_fab(["stats", "--db", db, "--format", "json"])
+    assert shown.returncode != 0  # calibration alone is not a run
+    assert "no runs yet" in shown.stderr
+
+
+def test_stats_uses_the_calibration(tmp_path):
+    """calibrate, then a real run on the same host: the sum of parts is the calibrated rate."""
+    inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
+    done = run_fab(["calibrate", "--inventory", inventory, "--seconds", "1", "--db", db])
+    assert done.returncode == 0, done.stderr
+    run = run_fab(["primes", "--inventory", inventory, "--start", "1", "--end", "3e8", "--count-only",
+                   "--db", db], timeout=300)
+    assert run.returncode == 0, run.stderr
+    shown = run_fab(["stats", "--db", db, "--last", "--format", "json"])
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    with Store(db) as store:
+        (calibrated,) = store.calibrations("primes")
+    assert data["sum_source"] == "calibration"
+    assert data["sum_standalone"] == pytest.approx(calibrated["rate"])
+    assert data["efficiency"] == pytest.approx(data["rate"] / calibrated["rate"])
+    assert 0 < data["efficiency"] < 2
+    assert data["tail"] is not None and data["tail"]["source"] == "event"

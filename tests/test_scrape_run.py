@@ -1,0 +1,228 @@
+"""fab scrape end to end against a real local web server and a real SOCKS5 proxy.
+
+URLs without a proxy name hosts by loopback address only (no name is ever looked up);
+``*.test`` names appear only with --tor, where the test SOCKS server resolves them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+from harness import fab_argv, fab_env
+from harness.socks5 import Socks5Server
+from harness.web import WebServer
+
+from cluster.store import Store
+
+NO_ROBOTS_DELAY = "User-agent: *\nDisallow: /private\n"
+
+
+def inventory(tmp_path, names=("this computer",), socks=None, slots=1):
+    path = tmp_path / "hosts.ini"
+    text = ""
+    for name in names:
+        text += f"[{name}]\naddress = local\nslots = {slots}\n"
+        if socks:
+            text += f"socks = {socks}\n"
+    path.write_text(text)
+    return path
+
+
+def url_file(tmp_path, urls, name="urls.txt"):
+    path = tmp_path / name
+    path.write_text("\n".join(urls) + "\n")
+    return path
+
+
+def scrape(run_fab, inv, urls, db, *extra, config=None, timeout=180):
+    return run_fab(["scrape", "--inventory", inv, "--urls", urls, "--db", db, *extra], config=config,
+                   timeout=timeout)
+
+
+def pages(db) -> dict:
+    with Store(db) as store:
+        run_id = store.runs()[-1]["id"]
+        return {record["url"]: record for record, _ in store.iter_pages(run_id)}
+
+
+def test_pages_statuses_robots_and_retries(run_fab, tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY, flaky=1, retry_after=1) as web:
+        urls = [web.url(p) for p in ("/page/1", "/page/2", "/redirect/2", "/404", "/flaky", "/429",
+                                     "/private/secret", "/big?size=3000000")]
+        db = tmp_path / "r.db"
+        done = scrape(run_fab, inventory(tmp_path, slots=2), url_file(tmp_path, urls), db, "--delay", "0",
+                      "--max-bytes", "1000000")
+        assert done.returncode == 0, done.stdout + done.stderr
+        got = pages(db)
+        assert len(got) == len(urls)
+        page1 = got[web.url("/page/1")]
+        assert (page1["status"], page1["title"], page1["tor"]) == (200, "Page 1", 0)
+        assert got[web.url("/redirect/2")]["final_url"] == web.url("/page/1")
+        assert got[web.url("/404")]["status"] == 404
+        assert got[web.url("/flaky")]["status"] == 200 and got[web.url("/flaky")]["attempts"] == 2
+        assert got[web.url("/429")]["status"] == 200
+        big = got[web.url("/big?size=3000000")]
+        assert big["truncated"] == 1 and big["size"] == 1_000_000
+        assert got[web.url("/private/secret")]["error_kind"] == "robots"
+        paths = [r.path for r in web.requests]
+        assert "/private/secret" not in paths
+        assert paths.count("/robots.txt") == 1  # fetched once per site per run
+        throttled = [r.time for r in web.requests if r.path == "/429"]
+        assert len(throttled) == 2 and throttled[1] - throttled[0] >= 0.95  # Retry-After: 1
+        assert all(r.user_agent.startswith("beowulf/") for r in web.requests)
+        assert "8 of 8 URLs fetched" in done.stdout
+
+
+def test_delay_holds_across_hosts_from_the_server_log(run_fab, tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY) as web:
+        urls = [web.url(f"/page/{i}") for i in range(8)]
+        inv = inventory(tmp_path, names=("one", "two"), slots=2)
+        done = scrape(run_fab, inv, url_file(tmp_path, urls), tmp_path / "r.db", "--delay", "0.5")
+        assert done.returncode == 0, done.stdout + done.stderr
+        starts = sorted(r.time for r in web.requests if r.path.startswith("/page/"))
+        assert len(starts) == 8
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert min(gaps) >= 0.5, gaps
+
+
+def test_crawl_delay_from_robots_is_honoured(run_fab, tmp_path):
+    with WebServer(robots="User-agent: *\nCrawl-delay: 0.7\n") as web:
+        urls = [web.url(f"/page/{i}") for i in range(4)]
+        done = scrape(run_fab, inventory(tmp_path, slots=2), url_file(tmp_path, urls), tmp_path / "r.db",
+                      "--delay", "0")
+        assert done.returncode == 0, done.stdout + done.stderr
+        starts = sorted(r.time for r in web.requests if r.path.startswith("/page/"))
+        assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.7
+
+
+def test_many_sites_in_parallel(run_fab, tmp_path):
+    servers = [WebServer(robots=NO_ROBOTS_DELAY, latency=0.3).start() for _ in range(6)]
+    try:
+        urls = [server.url(f"/page/{i}") for server in servers for i in range(3)]
+        began = time.monotonic()
+        done = scrape(run_fab, inventory(tmp_path, slots=2), url_file(tmp_path, urls), tmp_path / "r.db",
+                      "--delay", "0", "--concurrency", "3")
+        assert done.returncode == 0, done.stdout + done.stderr
+        # 18 pages at 0.3 s each, 6 sites fetched side by side: far less than 18 x 0.3 s one by one.
+        assert sum(len(s.requests) for s in servers) == 18 + 6
+        assert time.monotonic() - began < 18 * 0.3 + 3
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_tor_every_request_through_the_proxy_with_names(run_fab, tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY) as web, Socks5Server() as proxy:
+        urls = [web.url(f"/page/{i}", host=f"site{i % 2}.test") for i in range(4)]
+        db = tmp_path / "r.db"
+        done = scrape(run_fab, inventory(tmp_path, socks=proxy.address, slots=2), url_file(tmp_path, urls), db,
+                      "--tor", "--delay", "0")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert all(record["tor"] == 1 and record["status"] == 200 for record in pages(db).values())
+        asked = [entry.host for entry in proxy.log]
+        assert set(asked) == {"site0.test", "site1.test"}  # names, never addresses
+        assert len(proxy.log) == len(web.requests) == 4 + 2  # robots.txt went through it too
+        assert all(entry.username and entry.username.startswith("beowulf-") for entry in proxy.log)
+
+
+def test_tor_fails_closed_when_the_proxy_is_down(run_fab, tmp_path):
+    with WebServer() as web, Socks5Server() as proxy:
+        dead = proxy.address
+    with WebServer() as web:
+        urls = [web.url(f"/page/{i}") for i in range(3)]
+        db = tmp_path / "r.db"
+        done = scrape(run_fab, inventory(tmp_path, socks=dead), url_file(tmp_path, urls), db, "--tor")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "SOCKS port" in done.stderr and "does not answer" in done.stderr
+        assert web.requests == []
+
+
+def test_bad_url_file_lines_and_skip_bad(run_fab, tmp_path):
+    with WebServer(robots=404) as web:
+        urls = url_file(tmp_path, ["# list", web.url("/page/1"), "not-a-url", "ftp://x/y", web.url("/page/1")])
+        db = tmp_path / "r.db"
+        refused = scrape(run_fab, inventory(tmp_path), urls, db)
+        assert refused.returncode == 2
+        assert f"{urls}:3: no scheme" in refused.stderr and "--skip-bad" in refused.stderr
+        assert not db.exists() and web.requests == []
+        done = scrape(run_fab, inventory(tmp_path), urls, db, "--skip-bad")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"skipped: {urls}:3:" in done.stdout and f"skipped: {urls}:4:" in done.stdout
+        assert "1 duplicate URLs fetched once" in done.stdout
+        assert [r.path for r in web.requests] == ["/robots.txt", "/page/1"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--delay", "-1"], "--delay: must be at least 0"),
+    (["--per-domain", "0"], "--per-domain: must be at least 1"),
+    (["--concurrency", "x"], "--concurrency: expected a whole number"),
+    (["--timeout", "0"], "--timeout: must be greater than 0"),
+])
+def test_bad_flags(run_fab, tmp_path, args, words):
+    urls = url_file(tmp_path, ["http://127.0.0.1:9/"])
+    done = scrape(run_fab, inventory(tmp_path), urls, tmp_path / "r.db", *args)
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resume_fetches_only_the_rest_and_export(run_fab, tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY) as web:
+        urls = [web.url(f"/page/{i}") for i in range(12)]
+        listing = url_file(tmp_path, urls)
+        db = tmp_path / "r.db"
+        argv = fab_argv(["scrape", "--inventory", inventory(tmp_path), "--urls", listing, "--db", db,
+                         "--delay", "0.3", "--quiet"])
+        child = subprocess.Popen(argv, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    if conn.execute("select count(*) from pages").fetchone()[0] >= 4:
+                        break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        before = {r.path for r in web.requests if r.path.startswith("/page/")}
+        web.clear()
+        done = scrape(run_fab, inventory(tmp_path), listing, db, "--delay", "0")
+        assert done.returncode == 0, done.stdout + done.stderr
+        after = [r.path for r in web.requests if r.path.startswith("/page/")]
+        assert len(after) <= 12 - 4 + 1  # at most the one in flight is fetched again
+        assert before | set(after) == {f"/page/{i}" for i in range(12)}
+        assert len(pages(db)) == 12
+        out = tmp_path / "pages.jsonl"
+        again = scrape(run_fab, inventory(tmp_path), listing, db, "--export", out)
+        assert "already complete" in again.stdout
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(records) == 12 and all(r["status"] == 200 for r in records)
+        folder = tmp_path / "export"
+        scrape(run_fab, inventory(tmp_path), listing, db, "--export", folder)
+        first = json.loads((folder / "index.jsonl").read_text().splitlines()[0])
+        assert b"<title>Page" in (folder / first["body"]).read_bytes()
+
+
+@pytest.mark.slow
+def test_scrape_over_ssh_hosts_through_tor(make_cluster, run_fab, tmp_path):
+    cluster = make_cluster(2)
+    with WebServer(robots=NO_ROBOTS_DELAY) as web, Socks5Server() as proxy:
+        inv = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={
+            "h1": {"socks": proxy.address, "slots": 1}, "h2": {"socks": proxy.address, "slots": 1},
+            "local": {"socks": proxy.address, "slots": 1}})
+        config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+        assert run_fab(["setup", "--inventory", inv, "--no-numpy"], config=config).returncode == 0
+        urls = [web.url(f"/page/{i}", host=f"s{i % 6}.test") for i in range(18)]
+        db = tmp_path / "r.db"
+        done = scrape(run_fab, inv, url_file(tmp_path, urls), db, "--tor", "--delay", "0", config=config)
+        assert done.returncode == 0, done.stdout + done.stderr
+        got = pages(db)
+        assert len(got) == 18 and all(r["status"] == 200 and r["tor"] == 1 for r in got.values())
+        assert len(proxy.log) == len(web.requests)
+        assert {r["host"] for r in got.values()} <= {"h1", "h2", "local"}
