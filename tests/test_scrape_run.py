@@ -14,11 +14,11 @@ import subprocess
 import time
 
 import pytest
+
+from cluster.store import Store
 from harness import fab_argv, fab_env
 from harness.socks5 import Socks5Server
 from harness.web import WebServer
-
-from cluster.store import Store
 
 NO_ROBOTS_DELAY = "User-agent: *\nDisallow: /private\n"
 
