@@ -458,6 +458,7 @@ class Agent(object):
         self.probe = None
         self.selector = None
         self.stdin_lines = LineSplitter()
+        self.last_heard = time.monotonic()
         self.out_fd = None
         self.out_flags = None
         self.pending = collections.deque()
@@ -710,6 +711,7 @@ class Agent(object):
         if not data:
             logger.info("%s: stdin closed", self.host)
             return False
+        self.last_heard = time.monotonic()
         for line in self.stdin_lines.feed(data):
             try:
                 if not self.handle(line):
@@ -793,6 +795,10 @@ class Agent(object):
             if now >= next_beat:
                 if os.getppid() != self.parent:
                     raise _Stop(0, "parent process %d is gone" % self.parent)
+                if self.opts.idle_timeout and now - self.last_heard > self.opts.idle_timeout:
+                    # A link that dropped without closing (Wi-Fi gone, partition): stdin never
+                    # reaches EOF, so silence from the coordinator is the only sign.
+                    raise _Stop(0, "nothing from the coordinator for %.0f s" % (now - self.last_heard))
                 self.send(self.beat())
                 next_beat = now + self.opts.beat
             timeout = next_beat - now
@@ -858,6 +864,9 @@ def parse_args(argv=None):
                         help="niceness added to workers (default %d)" % DEFAULT_NICE)
     parser.add_argument("--lib", default=None,
                         help="private site dir for job modules (default ../lib if it exists)")
+    parser.add_argument("--idle-timeout", type=float, default=0,
+                        help="exit after this many seconds without a message from the coordinator "
+                             "(0: never; the coordinator pings every few seconds)")
     parser.add_argument("--beat", type=float, default=DEFAULT_BEAT,
                         help="seconds between heartbeats (default %g)" % DEFAULT_BEAT)
     parser.add_argument("--job", action="append", default=[], metavar="NAME=MODULE[:FUNC]",

@@ -88,6 +88,28 @@ def has_module(name):
         return False
 
 
+def installed_bundle(workdir):
+    """Hash of the client files actually in WORKDIR/client (None when there are none).
+
+    Hashing the files, not trusting bundle.sha256, means an edited or damaged client
+    is seen as stale by `fab hosts` and re-uploaded by `fab setup`.
+    """
+    if not workdir:
+        return None
+    folder = os.path.join(workdir, "client")
+    if not os.path.isfile(os.path.join(folder, "bundle.py")):
+        return None
+    try:
+        sys.path.insert(0, folder)
+        try:
+            import bundle
+        finally:
+            sys.path.remove(folder)
+        return bundle.bundle_hash(folder)
+    except Exception:
+        return read_first_line(os.path.join(workdir, BUNDLE_FILE))
+
+
 def installed_packages(workdir):
     """Wheels `fab setup` unpacked into WORKDIR/lib (one file name a line in lib/.installed)."""
     if not workdir:
@@ -118,7 +140,7 @@ def facts(workdir):
             "/var/lib/dbus/machine-id"),
         "home": os.path.expanduser("~"),
         "workdir": workdir,
-        "bundle": read_first_line(os.path.join(workdir, BUNDLE_FILE)) if workdir else None,
+        "bundle": installed_bundle(workdir),
         "numpy": has_module("numpy"),
         "installed": installed_packages(workdir),
     }

@@ -27,6 +27,12 @@ from .transport import Stream, Transport, connect
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 60.0
+# The coordinator pings each agent this often; an agent that hears nothing for
+# AGENT_IDLE_TIMEOUT seconds assumes the link dropped and exits with its workers.
+PING_SECONDS = 5.0
+AGENT_IDLE_TIMEOUT = 45.0
+# Longest line accepted from an agent (the largest result is a few MB); longer is a protocol error.
+MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -74,7 +80,8 @@ class HostLink:
 
     def agent_command(self) -> str:
         host = self.host
-        flags = f"--host {shlex.quote(host.name)} --nice {int(host.nice)} --beat {self.beat_seconds:g}"
+        flags = (f"--host {shlex.quote(host.name)} --nice {int(host.nice)} --beat {self.beat_seconds:g}"
+                 f" --idle-timeout {AGENT_IDLE_TIMEOUT:g}")
         if host.slots:
             flags += f" --slots {int(host.slots)}"
         if self.preload:
@@ -153,6 +160,13 @@ class HostLink:
             self._sent[task_id] = (lo, hi)
         self.send({"type": "task", "id": task_id, "job": job, "args": args})
 
+    def ping(self) -> None:
+        """Keep the agent's idle timer from firing (and the link's NAT/keepalive state warm)."""
+        try:
+            self.send({"type": "ping", "id": int(time.monotonic())})
+        except (ConnectionError, OSError):
+            pass
+
     def cancel(self, task_id: int) -> None:
         with self._lock:
             self._sent.pop(task_id, None)
@@ -168,13 +182,19 @@ class HostLink:
         reason = "connection closed"
         try:
             while True:
-                line = stream.readline()
+                line = stream.readline(MAX_LINE_BYTES + 1)
                 if not line:
+                    break
+                if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
+                    reason = f"protocol error: a line of over {MAX_LINE_BYTES // 2**20} MB (or cut short)"
+                    if self.stream is stream:  # not just the tail of a stream we closed ourselves
+                        log.warning("%s: %s", self.name, reason)
                     break
                 try:
                     message = json.loads(line)
-                except ValueError:
-                    log.warning("%s: not protocol: %r", self.name, line[:120])
+                except (ValueError, UnicodeDecodeError):
+                    if self.stream is stream:
+                        log.warning("%s: not protocol: %r", self.name, line[:120])
                     continue
                 if not isinstance(message, dict):
                     continue

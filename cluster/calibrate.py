@@ -11,9 +11,10 @@ are cancelled. The caller stores it with ``Store.set_calibration``.
 
 Workloads:
 
-- **primes**: count mode (nothing to transfer) from 10**11 upwards, where a
-  block's sieving costs what it costs in a big run. A first probe block, grown
-  tenfold until it takes a measurable time, sizes the blocks to ~0.5 s a slot.
+- **primes**: count mode (nothing to transfer) from 10**11 upwards (``start``),
+  where a block's sieving costs what it costs in a big run; a block's cost
+  depends on where it lies, so calibrate near the numbers your runs cover. A
+  probe block, grown fourfold until it takes 0.2 s, sizes the blocks to ~0.5 s a slot.
 - **scrape**: one URL a task from the user's list (never repeated: when the list
   runs out the measurement ends there); pages that got an HTTP answer count.
 """
@@ -34,9 +35,11 @@ log = logging.getLogger(__name__)
 
 # Where the primes benchmark sieves: high enough that a block's cost is a big run's.
 PRIMES_START = 10**11
-# Width of the first probe block; it grows tenfold until it takes PROBE_SECONDS.
+# Width of the first probe block; it grows PROBE_GROWTH-fold until it takes PROBE_SECONDS
+# (long enough that a host throttled in time slices shows its average speed).
 PROBE_WIDTH = 100_000
-PROBE_SECONDS = 0.05
+PROBE_GROWTH = 4
+PROBE_SECONDS = 0.2
 # Seconds a benchmark block should take on one slot.
 BLOCK_SECONDS = 0.5
 # Failed tasks after which a host's calibration is abandoned.
@@ -69,12 +72,13 @@ class PrimesBench:
 
     name = "primes"
 
-    def __init__(self):
+    def __init__(self, start: int = PRIMES_START):
         from .jobs.primes import MAX_COUNT_BLOCK, MAX_END, PrimesJob
 
-        self.job = PrimesJob(PRIMES_START, MAX_END, count_only=True)
+        self.start = start
+        self.job = PrimesJob(start, MAX_END, count_only=True)
         self.max_width = MAX_COUNT_BLOCK
-        self.next_lo = PRIMES_START
+        self.next_lo = start
         self.width = PROBE_WIDTH
 
     def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
@@ -90,12 +94,12 @@ class PrimesBench:
 
     def prepare(self, run_one) -> None:
         """Grow a probe block until it takes PROBE_SECONDS, then size blocks to BLOCK_SECONDS."""
-        self.next_lo, self.width = PRIMES_START, PROBE_WIDTH
+        self.next_lo, self.width = self.start, PROBE_WIDTH
         while True:
             elapsed = run_one()
             if elapsed >= PROBE_SECONDS or self.width >= self.max_width:
                 break
-            self.width = min(self.max_width, self.width * 10)
+            self.width = min(self.max_width, self.width * PROBE_GROWTH)
         per_slot = self.width / max(elapsed, 1e-6)
         self.width = int(max(PROBE_WIDTH, min(self.max_width, per_slot * BLOCK_SECONDS)))
         log.debug("primes benchmark: %.3g numbers/s a slot, blocks of %d", per_slot, self.width)

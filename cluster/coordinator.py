@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .agents import Event, HostLink
+from .agents import PING_SECONDS, Event, HostLink
 from .errors import BeowulfError, JobError
 from .inventory import Host
 from .provision import local_bundle_hash
@@ -247,7 +247,7 @@ class Coordinator:
     # ------------------------------------------------------------ loop
 
     def _loop(self) -> None:
-        last_progress = 0.0
+        last_progress = last_ping = 0.0
         while not self.schedule.finished():
             for name in list(self.up):
                 self._fill(name)
@@ -268,6 +268,10 @@ class Coordinator:
                     except queue.Empty:
                         break
             now = time.monotonic()
+            if now - last_ping >= PING_SECONDS:
+                last_ping = now
+                for name in self.up:
+                    self.links[name].ping()
             self._check_heartbeats(now)
             self._reconnect_due(now)
             self._check_all_lost()

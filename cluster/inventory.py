@@ -7,6 +7,7 @@ comments, also after a value. Interpolation is off: ``%`` is just a character.
 
 from __future__ import annotations
 
+import ast
 import configparser
 import os
 import re
@@ -131,7 +132,11 @@ def parse_inventory(text: str, path: Path) -> list[Host]:
         ) from None
     except configparser.ParsingError as err:
         lineno, line = err.errors[0]
-        raise InventoryError(f"{path}:{lineno}: cannot parse {line.strip()!r} (expected key = value)") from None
+        try:
+            line = ast.literal_eval(line)  # configparser keeps the line as its repr
+        except (ValueError, SyntaxError):
+            pass
+        raise InventoryError(f"{path}:{lineno}: cannot parse {str(line).strip()!r} (expected key = value)") from None
     lines = _LineTracker(text)
     for key in parser.defaults():
         if key not in KEYS:
@@ -187,6 +192,8 @@ def _host(parser: configparser.ConfigParser, name: str, path: Path, lines: _Line
         identity = Path(os.path.expanduser(section["identity"].strip()))
         if not identity.is_absolute():
             identity = path.resolve().parent / identity
+        if not identity.is_file():
+            fail(f"identity file {identity} does not exist", "identity")
         values["identity"] = str(identity)
     if address == LOCAL and "port" in values:
         fail("a local host has no port", "port")
@@ -198,6 +205,8 @@ def select_hosts(hosts: list[Host], names: Optional[str], path: str | os.PathLik
     if not names:
         return list(hosts)
     wanted = [name.strip() for name in names.split(",") if name.strip()]
+    if not wanted:
+        raise UsageError(f"--hosts: no host names in {names!r} (expected NAME,NAME from {path})")
     known = {host.name for host in hosts}
     unknown = [name for name in wanted if name not in known]
     if unknown:

@@ -244,20 +244,29 @@ def _clock(spans: list[list[float]]):
     return at
 
 
-def _lanes(blocks: list[dict], at) -> list[list[tuple[float, float]]]:
-    """Blocks of one host packed into lanes (one per slot busy at once), as (x, width)."""
+def _lanes(blocks: list[dict], at, slots: int) -> list[list[tuple[float, float]]]:
+    """Blocks of one host packed into at most ``slots`` lanes, as (x, width) bars.
+
+    A block goes to a lane that is free when it starts, else to a new lane while
+    there are fewer than ``slots``, else to the lane that frees first: the recorded
+    start (finish minus compute time) can overlap the previous block by the few
+    milliseconds the result took to arrive, which must not look like another slot.
+    """
     lanes: list[list[tuple[float, float]]] = []
     ends: list[float] = []
     for block in sorted(blocks, key=lambda b: b["started"]):
         x0, x1 = at(block["started"]), at(block["finished"])
-        for i, end in enumerate(ends):
-            if x0 >= end - 1e-3:
-                lanes[i].append((x0, x1 - x0))
-                ends[i] = x1
-                break
-        else:
-            lanes.append([(x0, x1 - x0)])
+        free = [i for i, end in enumerate(ends) if x0 >= end - 1e-3]
+        if free:
+            lane = free[0]
+        elif len(lanes) < max(1, slots):
+            lanes.append([])
             ends.append(x1)
+            lane = len(lanes) - 1
+        else:
+            lane = min(range(len(ends)), key=ends.__getitem__)
+        lanes[lane].append((x0, x1 - x0))
+        ends[lane] = max(ends[lane], x1)
     return lanes
 
 
@@ -269,8 +278,9 @@ def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], c
     by_host = {n: [b for b in blocks if b["host"] == n] for n in names}
     figure, ax = plt.subplots(figsize=(WIDTH, 1.9 + 0.75 * len(names)), layout="constrained")
     edge = 0.4 if len(blocks) < 400 else 0.0
+    slots = {h["host"]: h["slots"] for h in report["hosts"]}
     for row, name in enumerate(reversed(names)):
-        lanes = _lanes(by_host[name], at) or [[]]
+        lanes = _lanes(by_host[name], at, slots[name]) or [[]]
         lane_height = 0.8 / len(lanes)
         for k, lane in enumerate(lanes):
             if lane:
@@ -282,6 +292,9 @@ def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], c
         ax.axvspan(at(tail["start"]), at(tail["end"]), color="0.5", alpha=0.18, zorder=0,
                    label=f"tail: {human_seconds(tail['seconds'])}"
                          + (" (approx.)" if tail["source"] != "event" else ""))
+    for k, (begin, end) in enumerate(report.get("startup") or []):
+        ax.axvspan(at(begin), at(end), color="gold", alpha=0.25, zorder=0,
+                   label=f"start-up: {human_seconds(report['startup_seconds'])}" if k == 0 else None)
     for start, _end in spans[1:]:
         ax.axvline(at(start), color="black", linestyle="--", linewidth=1)
         ax.text(at(start), len(names) - 0.45, " resumed", fontsize=8, va="bottom")
@@ -300,7 +313,7 @@ def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], c
     ax.set_xlabel(f"seconds since the run started{joined}")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    if tail or marked:
+    if tail or marked or report.get("startup"):
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(names) < 3 else -0.1),
                   ncol=4, fontsize=9, frameon=False)
     ax.set_title(_title(report, f"{len(blocks):,} blocks over {human_seconds(wall)}")

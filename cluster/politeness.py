@@ -135,7 +135,7 @@ class DomainSchedule(Schedule):
     def give_back(self, task_id: int, failed: bool = False, invalid: bool = False,
                   retry_at: Optional[float] = None, avoid: bool = False):
         """The URL goes back to the front of its origin's queue; ``retry_at`` holds the whole origin back."""
-        entry = self.tasks.pop(task_id, None)
+        entry = self._pop_task(task_id)
         if entry is None:
             return None
         block, host = entry

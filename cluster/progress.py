@@ -66,8 +66,9 @@ class Progress:
         from rich.progress import Progress as RichProgress
 
         self._live = RichProgress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-            TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), TextColumn("{task.fields[hosts]}"),
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), TaskProgressColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(compact=True, elapsed_when_finished=True),
+            TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[hosts]}"),
             console=Console(stderr=True), transient=False, refresh_per_second=4,
         )
         self._live.__enter__()

@@ -24,6 +24,8 @@ Definitions (the README's "fab stats" section says the same in prose):
 - **efficiency**: actual rate / sum of parts.
 - **tail**: from the last block handed out (the coordinator's ``tail`` event; the
   latest block start when there is none) to the end of the run's last session.
+- **start-up**: per session, from its start to the first block's start
+  (connecting to hosts, starting agents): time no host computes.
 - **ETA** (a run in progress): items left / the rate of the current session.
 """
 
@@ -140,6 +142,7 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
         missing = ", ".join(r["host"] for r in worked if r["standalone_source"] == "in-run")
         notes.append(f"no calibration for {missing}: counted with the rate measured in this run")
     rate = items / wall if wall > 0 else None
+    startup = _startup(spans, blocks)
     tail = _tail(spans, blocks, events, run, live, now, notes)
     eta = _eta(run, spans, blocks, items, live, now, notes)
     redone = sum(1 for b in blocks if b.get("attempts", 1) > 1)
@@ -166,6 +169,8 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
         "sum_source": ("calibration" if sources == {"calibration"} else
                        "in-run" if sources == {"in-run"} else "mixed") if worked else None,
         "efficiency": rate / total_standalone if rate and total_standalone else None,
+        "startup": startup,
+        "startup_seconds": sum(end - start for start, end in startup),
         "tail": tail,
         "eta_seconds": eta,
         "redone_blocks": redone,
@@ -216,6 +221,16 @@ def _blocks_back(event: dict) -> int:
     """Blocks a lost or quarantined host gave back ("...; 3 blocks back"); 1 if not said."""
     found = _BLOCKS_BACK.search(event.get("detail") or "")
     return int(found.group(1)) if found else 1
+
+
+def _startup(spans: list[list[float]], blocks: list[dict]) -> list[list[float]]:
+    """Per session that did work: [session start, first block start] (connecting, agents starting)."""
+    result = []
+    for start, end in spans:
+        first = [b["started"] for b in blocks if start <= b["finished"] <= end]
+        if first:
+            result.append([start, max(start, min(first))])
+    return result
 
 
 def _tail(spans, blocks, events, run, live, now, notes) -> Optional[dict]:

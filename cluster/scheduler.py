@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -59,6 +59,7 @@ class Schedule:
         self.in_flight: dict[int, Block] = {}  # keyed by lo
         self.tasks: dict[int, tuple[Block, str]] = {}  # task id -> (block, host)
         self._ids = itertools.count(1)
+        self._load: Counter = Counter()  # host -> tasks in flight
         self.total = end - start + 1
         self.remaining_at_start = sum(hi - lo + 1 for lo, hi in self.gaps)
 
@@ -73,7 +74,7 @@ class Schedule:
 
     def load_of(self, host: str) -> int:
         """How many tasks ``host`` has in flight."""
-        return sum(1 for _, name in self.tasks.values() if name == host)
+        return self._load[host]
 
     # ------------------------------------------------------------ handing out
 
@@ -118,7 +119,15 @@ class Schedule:
         block.copies[host] = (task_id, time.monotonic(), 0.0)
         self.in_flight[block.lo] = block
         self.tasks[task_id] = (block, host)
+        self._load[host] += 1
         return task_id, block
+
+    def _pop_task(self, task_id: int) -> Optional[tuple[Block, str]]:
+        """Forget a task (it ended, or its copy lost the race); None if it was not in flight."""
+        entry = self.tasks.pop(task_id, None)
+        if entry is not None:
+            self._load[entry[1]] -= 1
+        return entry
 
     def set_expected(self, task_id: int, seconds: float) -> None:
         block, host = self.tasks[task_id]
@@ -129,20 +138,20 @@ class Schedule:
 
     def complete(self, task_id: int) -> Optional[tuple[Block, list[tuple[str, int]]]]:
         """A valid result arrived: the block and the other copies to cancel; None if it is stale."""
-        entry = self.tasks.pop(task_id, None)
+        entry = self._pop_task(task_id)
         if entry is None:
             return None
         block, host = entry
         others = [(name, copy[0]) for name, copy in block.copies.items() if name != host]
         for _, other_id in others:
-            self.tasks.pop(other_id, None)
+            self._pop_task(other_id)
         block.copies.clear()
         self.in_flight.pop(block.lo, None)
         return block, others
 
     def give_back(self, task_id: int, failed: bool = False, invalid: bool = False) -> Optional[Block]:
         """A copy ended without a valid result (host lost, error, invalid): redo the block if no copy is left."""
-        entry = self.tasks.pop(task_id, None)
+        entry = self._pop_task(task_id)
         if entry is None:
             return None
         block, host = entry

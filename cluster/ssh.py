@@ -76,10 +76,14 @@ class AcceptNewKey(paramiko.MissingHostKeyPolicy):
         line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
         with _known_hosts_lock:
             self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.known_hosts, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                os.write(fd, line.encode("ascii"))
+                # Several inventory entries can be one host: record its key once.
+                with open(self.known_hosts, encoding="ascii", errors="replace") as current:
+                    present = line in current.read().splitlines(keepends=True)
+                if not present:
+                    os.write(fd, line.encode("ascii"))
             finally:
                 os.close(fd)
         client.get_host_keys().add(hostname, key.get_name(), key)
@@ -135,17 +139,20 @@ def open_connection(host: Host, config: Config, accept_new: bool = False,
     except HostKeyError:
         raise
     except paramiko.BadHostKeyException as err:
+        entry = shlex.quote(known_hosts_entry_name(connection.host, connection.port))
         raise HostKeyError(
             f"{host.name}: host key for {err.hostname} has CHANGED (got {fingerprint(err.key)}, "
             f"expected {fingerprint(err.expected_key)}); refusing to connect. If the host was "
-            f"reinstalled, remove its old entry: ssh-keygen -R {shlex.quote(err.hostname)} -f {known_hosts}"
+            f"reinstalled, remove its old entry: ssh-keygen -R {entry} -f {known_hosts}"
         ) from None
     except paramiko.AuthenticationException as err:
         raise ConnectError(f"{host.name}: authentication failed for {target}: {err}") from None
     except (socket.timeout, TimeoutError):
         raise ConnectError(f"{host.name}: timed out connecting to {target}") from None
     except (OSError, paramiko.SSHException, EOFError) as err:
-        raise ConnectError(f"{host.name}: cannot connect to {target}: {err or type(err).__name__}") from None
+        reason = (getattr(err, "strerror", None) if isinstance(err, OSError) else None) or str(err)
+        reason = reason.replace("[Errno None] ", "") or type(err).__name__
+        raise ConnectError(f"{host.name}: cannot connect to {target}: {reason}") from None
     transport = connection.client.get_transport()
     transport.set_keepalive(KEEPALIVE_SECONDS)
     sock = transport.sock

@@ -57,8 +57,8 @@ class Stream:
     def write(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def readline(self) -> bytes:
-        """One line of stdout, b"" at end of stream."""
+    def readline(self, limit: int = -1) -> bytes:
+        """One line of stdout (at most ``limit`` bytes), b"" at end of stream."""
         raise NotImplementedError
 
     def close_stdin(self) -> None:
@@ -140,9 +140,9 @@ class LocalStream(Stream):
         except (BrokenPipeError, ValueError, OSError) as err:
             raise ConnectionError(str(err)) from None
 
-    def readline(self) -> bytes:
+    def readline(self, limit: int = -1) -> bytes:
         try:
-            return self.process.stdout.readline()
+            return self.process.stdout.readline(limit)
         except (ValueError, OSError):
             return b""
 
@@ -214,9 +214,9 @@ class ChannelStream(Stream):
         except (OSError, EOFError, paramiko.SSHException) as err:
             raise ConnectionError(str(err) or "channel closed") from None
 
-    def readline(self) -> bytes:
+    def readline(self, limit: int = -1) -> bytes:
         try:
-            return self._stdout.readline()
+            return self._stdout.readline(limit if limit > 0 else None)
         except (OSError, EOFError, socket.timeout, paramiko.SSHException):
             return b""
 

@@ -44,7 +44,7 @@ def beowulf_task(*args, **kwargs):
         @functools.wraps(body)
         def wrapper(c, *a, **kw):
             if isinstance(c, Connection):
-                raise Exit("fab -H is not supported: beowulf drives all hosts itself; "
+                raise Exit("error: fab -H is not supported: beowulf drives all hosts itself; "
                            "put them in hosts.ini and use --inventory PATH / --hosts NAME,NAME",
                            code=EXIT_USAGE)
             try:

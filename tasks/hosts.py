@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from tabulate import tabulate
@@ -31,6 +32,16 @@ def _exit_for(outcomes) -> int:
     if failed == 0:
         return 0
     return EXIT_FAILED if failed == len(outcomes) else EXIT_PARTIAL
+
+
+def _hosts(count: int) -> str:
+    return f"{count} host" if count == 1 else f"{count} hosts"
+
+
+def _error_cell(outcome) -> str:
+    """The error without the host name in front (the row already names the host)."""
+    prefix = f"{outcome.host.name}: "
+    return outcome.error[len(prefix):] if outcome.error.startswith(prefix) else outcome.error
 
 
 def _memory(facts: dict) -> str:
@@ -89,10 +100,17 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
             rows.append([host.name, host.address, facts.get("python"), facts.get("cores"), _slots(host, facts),
                          facts.get("arch"), report.bundle, report.packages, report.tor, "ok"])
         else:
-            rows.append([host.name, host.address, "", "", "", "", "", "", "", outcome.error])
+            rows.append([host.name, host.address, "", "", "", "", "", "", "", _error_cell(outcome)])
     headers = ["host", "address", "python", "cores", "slots", "arch", "bundle", "packages", "tor", "result"]
-    what = f"uploaded {uploaded / 1e6:.2f} MB" if uploaded else "nothing uploaded: every host was up to date"
-    _finish(outcomes, rows, headers, f"{len(selected)} hosts from {path} in {time.monotonic() - began:.1f}s; {what}")
+    ok = sum(o.ok for o in outcomes)
+    if uploaded:
+        what = f"uploaded {uploaded / 1e6:.2f} MB"
+    elif ok == len(outcomes):
+        what = "nothing uploaded: every host was up to date"
+    else:
+        what = "nothing uploaded"
+    _finish(outcomes, rows, headers,
+            f"{ok} of {_hosts(len(selected))} from {path} provisioned in {time.monotonic() - began:.1f}s; {what}")
 
 
 @beowulf_task(name="hosts", help=dict(HOST_HELP))
@@ -122,11 +140,11 @@ def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
                          f"{load[0]:.2f}" if load else "?", f"{temp:.0f}°C" if temp is not None else "?",
                          facts.get("os")])
         else:
-            rows.append([host.name, host.address, "no", "", "", "", "", "", "", "", "", outcome.error])
+            rows.append([host.name, host.address, "no", "", "", "", "", "", "", "", "", _error_cell(outcome)])
     headers = ["host", "address", "reachable", "latency", "bundle", "python", "cores", "slots", "memory",
                "load", "temp", "os / error"]
     up = sum(o.ok for o in outcomes)
-    _finish(outcomes, rows, headers, f"{up} of {len(outcomes)} hosts reachable ({path})")
+    _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})")
 
 
 @beowulf_task(help={**HOST_HELP, "yes": "do not ask for confirmation"})
@@ -135,13 +153,17 @@ def teardown(c, inventory=None, hosts=None, accept_new=False, yes=False, verbose
     setup_logging(verbose, quiet)
     path, selected = load_hosts(c, inventory, hosts)
     names = ", ".join(host.name for host in selected)
-    if not yes and not confirm(f"Remove the beowulf workdir from {names}?"):
-        raise UsageError("teardown: not confirmed (answer y, or pass --yes)")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("teardown: no terminal to ask for confirmation; pass --yes")
+        if not confirm(f"Remove the beowulf workdir from {names}?"):
+            print("nothing removed")
+            return
 
     def work(host, outcome):
         with connect(host, c.config, accept_new=accept_new) as transport:
             return remove_workdir(transport)
 
     outcomes = fan_out(selected, work, PROBE_DEADLINE_SECONDS)
-    rows = [[o.host.name, o.host.address, o.value if o.ok else o.error] for o in outcomes]
-    _finish(outcomes, rows, ["host", "address", "result"], f"{len(selected)} hosts from {path}")
+    rows = [[o.host.name, o.host.address, o.value if o.ok else _error_cell(o)] for o in outcomes]
+    _finish(outcomes, rows, ["host", "address", "result"], f"{_hosts(len(selected))} from {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,12 +22,35 @@ from .common import (
     setup_logging,
 )
 
+log = logging.getLogger(__name__)
 MAX_END = 10**15
 
 
 def store_path(c, db) -> Path:
-    """--db, else beowulf.db in fabric.yaml, else results.db in the current folder."""
-    return Path(os.path.expanduser(db or beowulf_config(c).get("db") or "results.db"))
+    """--db, else beowulf.db in fabric.yaml, else results.db in the current folder; its folder must exist."""
+    path = Path(os.path.expanduser(db or beowulf_config(c).get("db") or "results.db"))
+    if not path.parent.is_dir():
+        raise UsageError(f"--db: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"--db: {path} is a folder, not a store file")
+    return path
+
+
+def check_output_file(flag: str, path: Path) -> None:
+    """An output file we can create: its folder exists and is writable, and it is not a folder."""
+    if path.is_dir():
+        raise UsageError(f"--{flag}: {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"--{flag}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--{flag}: cannot write to {path}")
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count / 1e3:,.1f} kB"
 
 
 @beowulf_task(help={
@@ -58,8 +82,8 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     if export and count_only:
         raise UsageError("--export needs the primes themselves: it cannot be used with --count-only")
     export_path = Path(os.path.expanduser(export)) if export else None
-    if export_path is not None and not export_path.parent.exists():
-        raise UsageError(f"--export: folder {export_path.parent} does not exist")
+    if export_path is not None:
+        check_output_file("export", export_path)
     # Imported here so that `fab --list` stays fast (numpy, the store, the engine).
     from cluster.coordinator import Coordinator
     from cluster.jobs.primes import PrimesJob
@@ -68,6 +92,9 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     path, selected = load_hosts(c, inventory, hosts)
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
+    if fraction > 0 and len(selected) < 2:
+        log.warning("warning: --verify needs two hosts or more (a block is re-run on a different host); "
+                    "nothing will be verified")
     job = PrimesJob(first, last, count_only=count_only)
     _check_disk(db_path, job)
     coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
@@ -93,8 +120,8 @@ def _check_disk(db_path: Path, job) -> None:
     need = estimate_bytes(job.start, job.end, "list")
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
     if need > free:
-        raise JobError(f"the primes in [{job.start:,}, {job.end:,}] need about {need / 1e9:.1f} GB "
-                       f"but {folder} has {free / 1e9:.1f} GB free; use --count-only or a smaller range")
+        raise JobError(f"the primes in [{job.start:,}, {job.end:,}] need about {_size(need)} "
+                       f"but {folder} has {_size(free)} free; use --count-only or a smaller range")
 
 
 def _print_summary(outcome, job, db_path: Path) -> None:
@@ -103,17 +130,19 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     else:
         busy = [h for h in outcome.hosts if h.blocks or h.state != "excluded"]
         total_items = sum(h.items for h in busy) or 1
+        wall = max(outcome.seconds, 1e-9)
         rows = []
         for h in busy:
-            rate = h.items / h.busy if h.busy else 0
+            # numbers/s: what the host added to the run per second of wall time (its worth here).
             rows.append([h.name, h.state, h.slots, h.engine, h.blocks, f"{h.items:,}", f"{h.found:,}",
-                         f"{rate * max(h.slots, 1):,.0f}", f"{100 * h.items / total_items:.1f}%", h.retries,
+                         f"{h.items / wall:,.0f}", f"{100 * h.items / total_items:.1f}%", h.retries,
                          h.failures])
         print(tabulate(rows, headers=["host", "state", "slots", "engine", "blocks", "numbers", "primes",
                                       "numbers/s", "share", "retries", "failures"]))
         done_now = sum(h.items for h in outcome.hosts)
+        resumed = " (this session; the run resumed)" if done_now < job.total else ""
         print(f"{done_now:,} numbers in {outcome.seconds:.1f}s wall time "
-              f"({done_now / max(outcome.seconds, 1e-9):,.0f} numbers/s)")
+              f"({done_now / wall:,.0f} numbers/s){resumed}")
     for warning in outcome.warnings:
         print(f"warning: {warning}")
     if outcome.verified:
@@ -130,6 +159,9 @@ def _export(db_path: Path, run_id: int, export_path: Path) -> None:
         with Store(str(db_path)) as store, open(temp, "w", encoding="ascii") as handle:
             write_text(((lo, payload) for lo, _hi, payload in store.iter_payloads(run_id)), handle)
         os.replace(temp, export_path)
+    except OSError as err:
+        raise JobError(f"--export: cannot write {export_path}: {err.strerror or err}; the primes are kept in "
+                       f"{db_path}: run the command again to export") from None
     finally:
         if temp.exists():
             temp.unlink()

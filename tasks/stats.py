@@ -26,6 +26,8 @@ from .common import (
 from .primes import store_path
 
 FORMATS = ("table", "json", "csv")
+# calibrate --start: room above it for the benchmark's blocks (primes go up to 10**15).
+MAX_START = 10**15 - 10**13
 DB_HELP = "results store (SQLite file; default results.db, or beowulf.db in fabric.yaml)"
 
 
@@ -173,8 +175,8 @@ def _run_csv(report: dict) -> None:
     """One row per host, then a "(run)" row with the run's figures (rate, sum of parts, efficiency...)."""
     fields = ["run_id", "host", "slots", "engine", "blocks", "items", "busy_seconds", "items_per_second",
               "items_per_second_per_slot", "share", "standalone_items_per_second", "standalone_source",
-              "retries", "failures", "idle_seconds", "last_seen", "wall_seconds", "efficiency", "tail_seconds",
-              "eta_seconds", "state"]
+              "retries", "failures", "idle_seconds", "last_seen", "wall_seconds", "startup_seconds", "efficiency",
+              "tail_seconds", "eta_seconds", "state"]
     writer = csv.writer(sys.stdout)
     writer.writerow(fields)
     run_id = report["run"]["id"]
@@ -182,14 +184,14 @@ def _run_csv(report: dict) -> None:
         writer.writerow([run_id, h["host"], h["slots"], h["engine"] or "", h["blocks"], h["items"],
                          h["busy_seconds"], _blank(h["rate"]), _blank(h["rate_per_slot"]), h["share"],
                          _blank(h["standalone_rate"]), h["standalone_source"], h["retries"], h["failures"],
-                         h["idle_seconds"], _blank(h["last_seen"]), "", "", "", "", ""])
+                         h["idle_seconds"], _blank(h["last_seen"]), "", "", "", "", "", ""])
     tail = report["tail"]
     writer.writerow([run_id, "(run)", sum(h["slots"] for h in report["hosts"]), "", report["blocks"],
                      report["items"], sum(h["busy_seconds"] for h in report["hosts"]), _blank(report["rate"]),
                      "", 1.0 if report["items"] else 0.0, _blank(report["sum_standalone"]),
                      report["sum_source"] or "", sum(h["retries"] for h in report["hosts"]),
                      sum(h["failures"] for h in report["hosts"]), "", "", report["wall_seconds"],
-                     _blank(report["efficiency"]), _blank(tail["seconds"] if tail else None),
+                     report["startup_seconds"], _blank(report["efficiency"]), _blank(tail["seconds"] if tail else None),
                      _blank(report["eta_seconds"]), report["run"]["state"]])
 
 
@@ -237,6 +239,9 @@ def _summary_lines(report: dict, human_rate, human_seconds) -> list[str]:
         lines.append(f"sum of parts: {human_rate(report['sum_standalone'], unit)} {label} ({source})")
     if report["efficiency"] is not None:
         lines.append(f"efficiency: {report['efficiency']:.1%} (actual / sum of parts)")
+    if report["startup_seconds"] > 0:
+        lines.append(f"start-up: {human_seconds(report['startup_seconds'])} (from the start to the first block: "
+                     "connecting, starting agents)")
     tail = report["tail"]
     if tail:
         how = "" if tail["source"] == "event" else ", approximated from the latest block start"
@@ -260,9 +265,10 @@ def _summary_lines(report: dict, human_rate, human_seconds) -> list[str]:
     "urls": "scrape: file with one URL a line to fetch (required with --job scrape; each host fetches them)",
     "seconds": "how long to measure each host (default 5)",
     "tor": "scrape: fetch through each host's Tor SOCKS port (stored as the 'tor' variant)",
+    "start": "primes: count primes from this number up (default 1e11); pick the region your runs cover",
 })
 def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, seconds="5", tor=False,
-              accept_new=False, verbose=False, quiet=False):
+              start=None, accept_new=False, verbose=False, quiet=False):
     """Measure each host's standalone rate, one host at a time, for fab stats' sum of parts.
 
     Each host runs a short benchmark alone with all its slots busy (primes: counting primes
@@ -277,8 +283,11 @@ def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, s
         raise UsageError("--job scrape needs --urls FILE (one URL a line)")
     if job == "primes" and (urls or tor):
         raise UsageError("--urls and --tor are for --job scrape")
+    if job == "scrape" and start is not None:
+        raise UsageError("--start is for --job primes")
     duration = parse_float("seconds", seconds, above=0, maximum=3600)
-    bench = _bench(job, urls, tor)
+    first = None if start is None else parse_int("start", start, minimum=0, maximum=MAX_START)
+    bench = _bench(job, urls, tor, first)
     path, selected = load_hosts(c, inventory, hosts)
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
@@ -292,11 +301,11 @@ def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, s
         raise Exit(f"{len(failed)} of {len(results)} hosts could not be measured", code=code)
 
 
-def _bench(job: str, urls, tor: bool):
-    from cluster.calibrate import PrimesBench, ScrapeBench
+def _bench(job: str, urls, tor: bool, start):
+    from cluster.calibrate import PRIMES_START, PrimesBench, ScrapeBench
 
     if job == "primes":
-        return PrimesBench()
+        return PrimesBench(PRIMES_START if start is None else start)
     from cluster.jobs.scrape import DEFAULT_USER_AGENT
     from cluster.urls import read_url_file
 

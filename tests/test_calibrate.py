@@ -35,8 +35,10 @@ def test_calibrate_primes_on_a_local_host(tmp_path):
 
 
 def test_calibrate_host_directly():
-    outcome = calibrate_host(Host(name="here", address="local", slots=1), None, PrimesBench(), 1.0)
+    bench = PrimesBench(start=10**9)
+    outcome = calibrate_host(Host(name="here", address="local", slots=1), None, bench, 1.0)
     assert not outcome.error, outcome.error
+    assert bench.next_lo > 10**9 and bench.width >= 100_000
     assert outcome.slots == 1 and outcome.tasks >= 1
     assert 0.5 < outcome.seconds < 3.0
     assert outcome.rate == pytest.approx(outcome.items / outcome.seconds)
@@ -50,6 +52,8 @@ def test_calibrate_host_directly():
     (["--seconds", "abc"], "--seconds: expected a number"),
     (["--urls", "x.txt"], "--urls and --tor are for --job scrape"),
     (["--job", "scrape", "--urls", "missing.txt"], "--urls: missing.txt: no such file"),
+    (["--job", "scrape", "--urls", "x.txt", "--start", "1e9"], "--start is for --job primes"),
+    (["--start", "-5"], "--start: must be at least 0"),
 ])
 def test_usage_errors(tmp_path, args, message):
     done = run_fab(["calibrate", "--inventory", local_inventory(tmp_path), "--db", tmp_path / "r.db", *args],

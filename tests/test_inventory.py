@@ -15,6 +15,8 @@ def write(tmp_path, text, name="hosts.ini"):
 
 
 def test_every_key_and_defaults(tmp_path):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id_ed25519").write_text("key")
     path = write(tmp_path, """
 ; a comment
 [DEFAULT]
@@ -76,6 +78,7 @@ def test_percent_is_not_interpolation(tmp_path):
     ("address = u@h\n", 1, "expected a [host name] section"),
     ("[DEFAULT]\nbogus = 1\n[a]\naddress = local\n", 2, "unknown key 'bogus' in [DEFAULT]"),
     ("[a]\naddress = u@h\nthis line is junk\n", 3, "cannot parse"),
+    ("[a]\naddress = u@h\nidentity = no/such/key\n", 3, "identity file"),
 ])
 def test_errors_name_file_and_line(tmp_path, text, line, words):
     path = write(tmp_path, text)
@@ -109,6 +112,8 @@ def test_select_hosts(tmp_path):
     assert [h.name for h in select_hosts(hosts, "c, a", path)] == ["a", "c"]
     with pytest.raises(UsageError, match="--hosts: x not in"):
         select_hosts(hosts, "a,x", path)
+    with pytest.raises(UsageError, match="--hosts: no host names"):
+        select_hosts(hosts, " , ", path)
 
 
 def test_parse_address():

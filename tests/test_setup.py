@@ -189,7 +189,7 @@ def test_teardown_asks_first(env, run_fab):
     cluster, inventory, config = env
     run_fab(["setup", "--inventory", inventory, "--hosts", "h1", "--no-numpy"], config=config)
     refused = run_fab(["teardown", "--inventory", inventory, "--hosts", "h1"], config=config, input="")
-    assert refused.returncode == 2 and "not confirmed" in refused.stderr
+    assert refused.returncode == 2 and "no terminal to ask for confirmation; pass --yes" in refused.stderr
     assert (cluster["h1"].workdir / "client").exists()
     done = run_fab(["teardown", "--inventory", inventory, "--hosts", "h1", "--yes"], config=config)
     assert done.returncode == 0 and "removed" in done.stdout

@@ -245,6 +245,39 @@ def test_a_killed_coordinator_ends_its_session_at_the_last_activity(tmp_path, cl
     assert any("no coordinator holds it" in note for note in report["notes"])
 
 
+def test_start_up_is_the_time_before_the_first_block_of_each_session(tmp_path, clock):
+    db = tmp_path / "r.db"
+    with Store(db) as store:
+        clock.at(0)
+        run_id = store.open_run("primes", PARAMS, 1000)
+        store.commit_blocks([block(run_id, 1, 500, "a", 2.5, 6, 3.5)])
+        clock.at(8)
+        store.finish_run(run_id, "interrupted")
+        clock.at(20)
+        store.open_run("primes", PARAMS, 1000)
+        store.commit_blocks([block(run_id, 501, 1000, "a", 21, 25, 4)])
+        clock.at(26)
+        store.finish_run(run_id, "done")
+    report = report_of(db, run_id, now=T0 + 100)
+    assert report["startup"] == [[T0, T0 + 2.5], [T0 + 20, T0 + 21]]
+    assert report["startup_seconds"] == pytest.approx(3.5)
+    assert report["wall_seconds"] == pytest.approx(14.0)
+
+
+def test_timeline_lanes_never_exceed_the_slots():
+    """A block recorded as starting a few ms before the previous one ended stays on its slot's lane."""
+    from cluster.plots import _lanes
+
+    def b(start, end):
+        return {"started": start, "finished": end}
+
+    blocks = [b(0, 1.0), b(0.98, 2.0), b(1.99, 3.0), b(0, 3.0)]
+    one = _lanes(blocks[:3], lambda t: t, 1)
+    assert len(one) == 1 and len(one[0]) == 3
+    two = _lanes(blocks, lambda t: t, 2)
+    assert sorted(len(lane) for lane in two) == [1, 3]
+
+
 def test_sessions_without_events_fall_back_to_the_run_times():
     run = {"started": 10.0, "finished": 25.0}
     assert sessions(run, [], [], now=100.0, live=False) == [[10.0, 25.0]]
@@ -323,6 +356,7 @@ def test_json_and_csv(tmp_path, clock):
     assert float(total["efficiency"]) == pytest.approx(50 / 120)
     assert float(total["tail_seconds"]) == pytest.approx(6.0)
     assert float(total["wall_seconds"]) == pytest.approx(20.0)
+    assert float(total["startup_seconds"]) == 0.0  # both sessions had a block at once
     listing = stats("--db", db, "--format", "csv")
     assert next(csv.DictReader(io.StringIO(listing.stdout)))["items_per_second"] == "50.0"
 
