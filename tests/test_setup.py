@@ -60,8 +60,12 @@ def test_hosts_subset_and_stale_bundle(env, run_fab):
     health = run_fab(["hosts", "--inventory", inventory], config=config)
     table = rows(health.stdout)
     assert "missing: run fab setup" in table["h1"] and " fresh " in table["h2"]
-    (cluster["h2"].workdir / "bundle.sha256").write_text("0000\n")
+    agent = cluster["h2"].workdir / "client" / "agent.py"
+    agent.write_text(agent.read_text() + "\n# edited on the host\n")
     assert "stale: run fab setup" in rows(run_fab(["hosts", "--inventory", inventory], config=config).stdout)["h2"]
+    repaired = run_fab(["setup", "--inventory", inventory, "--hosts", "h2"], config=config)
+    assert "uploaded" in rows(repaired.stdout)["h2"] and "# edited" not in agent.read_text()
+    assert " fresh " in rows(run_fab(["hosts", "--inventory", inventory], config=config).stdout)["h2"]
 
 
 def test_unknown_key_refused_then_accept_new(env, run_fab, tmp_path):
