@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import BeowulfError
-from .report import human_rate, human_seconds
+from .report import human_seconds
 
 DPI = 110
 WIDTH = 9.0  # inches
@@ -103,6 +103,17 @@ def _tor_label(report: dict) -> str:
     return "with Tor" if (report["run"]["params"] or {}).get("tor") else "without Tor"
 
 
+def _short(rate: Optional[float], unit: dict) -> str:
+    """A rate in the job's display unit with 3 significant digits: 183M, 7.17M, 12.5."""
+    if rate is None:
+        return ""
+    value = rate * unit["scale"]
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
 def _eng(axis) -> None:
     from matplotlib.ticker import EngFormatter
 
@@ -144,7 +155,7 @@ def rates_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None
         for bar, name in zip(bars, names):
             if name in values:
                 ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2,
-                        human_rate(values[name], unit), va="center", fontsize=9)
+                        _short(values[name], unit), va="center", fontsize=9)
     ax.set_yticks(range(len(names)), [_host_label(hosts[n]) for n in names])
     ax.set_xlim(0, top * 1.18)
     _eng(ax.xaxis)
@@ -201,10 +212,10 @@ def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
             bottom += value
         actual = (r["rate"] or 0) * scale
         ax.bar(x_actual, actual, width=0.8, color="#333333")
-        ax.text(x_sum, bottom + top * 0.015, human_rate(r["sum_standalone"], unit), ha="center", va="bottom",
+        ax.text(x_sum, bottom + top * 0.015, _short(r["sum_standalone"], unit), ha="center", va="bottom",
                 fontsize=9)
-        efficiency = f"\n{r['efficiency']:.0%} of the sum" if r["efficiency"] else ""
-        ax.text(x_actual, actual + top * 0.015, human_rate(r["rate"], unit) + efficiency, ha="center",
+        efficiency = f"\n= {r['efficiency']:.0%} of the sum" if r["efficiency"] else ""
+        ax.text(x_actual, actual + top * 0.015, _short(r["rate"], unit) + efficiency, ha="center",
                 va="bottom", fontsize=9, fontweight="bold")
         parts = {"calibration": "sum of the hosts\nalone (fab calibrate)",
                  "in-run": "sum of the hosts'\nrates in this run"}.get(r["sum_source"],
@@ -218,7 +229,8 @@ def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
     ax.set_ylabel(_per(unit))
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(title="host", fontsize=8, title_fontsize=9, loc="upper right")
+    handles, labels = ax.get_legend_handles_labels()  # top of the stack first, as drawn
+    ax.legend(handles[::-1], labels[::-1], title="host", fontsize=8, title_fontsize=9, loc="upper right")
     ax.set_title(_title(report, "sum of the parts vs actual total") + "\n" + _subtitle(report), fontsize=11)
     return figure
 
