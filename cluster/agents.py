@@ -33,6 +33,9 @@ PING_SECONDS = 5.0
 AGENT_IDLE_TIMEOUT = 45.0
 # Longest line accepted from an agent (the largest result is a few MB); longer is a protocol error.
 MAX_LINE_BYTES = 64 * 1024 * 1024
+# Results checked at once across all hosts: checking a full primes block builds a ~60 MB array,
+# so a few hosts finishing together must not multiply that (coordinator RSS stays flat).
+_checks = threading.BoundedSemaphore(2)
 
 
 @dataclass
@@ -222,7 +225,8 @@ class HostLink:
         if bounds is None or not message.get("ok"):
             return event
         try:
-            event.checked = self.check(bounds[0], bounds[1], message.get("result") or {})
+            with _checks:
+                event.checked = self.check(bounds[0], bounds[1], message.get("result") or {})
         except BeowulfError as err:
             event.invalid = str(err)
         except Exception as err:  # garbage from a host must never kill the reader
