@@ -33,9 +33,11 @@ CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
 BUNDLE_FILE = "bundle.sha256"
 # Runs on the host (Python 3.6+): unpack WORKDIR/.setup.tar; client/ replaces the old bundle as a
 # whole, lib/ files are added; then record new packages and, last, the bundle hash.
+# What it creates is private (umask 077), like the workdir itself (0700).
 _UNPACK = """
 import os, shutil, sys, tarfile
 workdir, tar, bundle, packages = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+os.umask(0o077)
 os.chdir(workdir)
 shutil.rmtree(".new", True)
 with tarfile.open(tar) as archive:
@@ -105,14 +107,15 @@ def probe(transport: Transport, workdir_word: Optional[str] = None, timeout: flo
           create: bool = False) -> dict:
     """Run client/probe.py on the host (sent on stdin); raise SetupError when it is not Python 3.6+.
 
-    ``create`` makes the workdir (and its lib/) first, in the same command.
+    ``create`` makes the workdir (and its lib/) first, in the same command, and makes
+    it (new or not) readable by the login user only: 0700.
     """
     host = transport.host
     python = host_python(host)
     script = (CLIENT_DIR / "probe.py").read_bytes()
     command = f"{python} - {workdir_word}" if workdir_word else f"{python} -"
     if create and workdir_word:
-        command = f"mkdir -p {workdir_word}/lib && {command}"
+        command = f"umask 077 && mkdir -p -- {workdir_word}/lib && chmod 700 -- {workdir_word} && {command}"
     result = transport.run(command, stdin=script, timeout=timeout)
     facts = None
     if result.ok:

@@ -226,6 +226,14 @@ class Store:
                 raise StoreError(f"{self.path}: cannot create its folder ({exc.strerror})") from exc
             if os.path.isdir(self.path):
                 raise StoreError(f"{self.path}: is a folder, not a beowulf store")
+            # A new store is private (0600); SQLite gives its -wal and -shm the file's mode.
+            # O_EXCL: an existing file keeps its mode.
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"{self.path}: cannot create ({exc.strerror})") from exc
         try:
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,

@@ -139,6 +139,14 @@ def load_hosts(c, inventory: Optional[str], hosts: Optional[str]) -> tuple[Path,
     return path, select_hosts(load_inventory(path), hosts, path)
 
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotated log whose new files are readable by their owner only (0600)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False, log_file: Optional[Path] = None) -> None:
     """Warnings (or everything with --verbose) to stderr; everything to a rotated log file."""
     root = logging.getLogger()
@@ -155,7 +163,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False, log_file: Optional
     if log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            rotating = logging.handlers.RotatingFileHandler(log_file, maxBytes=5_000_000, backupCount=3)
+            rotating = _PrivateRotatingFileHandler(log_file, maxBytes=5_000_000, backupCount=3)
         except OSError:
             return
         rotating.setLevel(logging.DEBUG)

@@ -226,3 +226,54 @@ def test_scrape_over_ssh_hosts_through_tor(make_cluster, run_fab, tmp_path):
         assert len(got) == 18 and all(r["status"] == 200 and r["tor"] == 1 for r in got.values())
         assert len(proxy.log) == len(web.requests)
         assert {r["host"] for r in got.values()} <= {"h1", "h2", "local"}
+
+
+def run_in_background(argv):
+    return subprocess.Popen(argv, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.05)
+    assert condition()
+
+
+def test_proxy_dying_mid_run_sends_its_urls_elsewhere(tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY, latency=0.2) as web, Socks5Server() as doomed, \
+            Socks5Server() as steady:
+        inv = tmp_path / "two.ini"
+        inv.write_text(f"[a]\naddress = local\nslots = 1\nsocks = {doomed.address}\n"
+                       f"[b]\naddress = local\nslots = 1\nsocks = {steady.address}\n")
+        urls = [web.url(f"/page/{i}", host=f"s{i % 4}.test") for i in range(24)]
+        db = tmp_path / "r.db"
+        child = run_in_background(fab_argv(["scrape", "--inventory", inv, "--urls", url_file(tmp_path, urls),
+                                            "--db", db, "--tor", "--delay", "0", "--concurrency", "2"]))
+        wait_for(lambda: len(doomed.log) >= 3)
+        doomed.stop()
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, out + err
+        got = pages(db)
+        assert len(got) == 24 and all(r["status"] == 200 and r["tor"] == 1 for r in got.values())
+        assert "a: proxy failed" in err
+        # Every request the site saw came through one of the two proxies.
+        assert len(web.requests) == len(doomed.log) + len(steady.log)
+
+
+def test_last_proxy_dying_stops_the_run_with_nothing_sent_directly(tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY, latency=0.2) as web, Socks5Server() as proxy:
+        inv = tmp_path / "one.ini"
+        inv.write_text(f"[only]\naddress = local\nslots = 1\nsocks = {proxy.address}\n")
+        urls = [web.url(f"/page/{i}", host=f"s{i % 3}.test") for i in range(30)]
+        db = tmp_path / "r.db"
+        child = run_in_background(fab_argv(["scrape", "--inventory", inv, "--urls", url_file(tmp_path, urls),
+                                            "--db", db, "--tor", "--delay", "0", "--concurrency", "2"]))
+        wait_for(lambda: len(proxy.log) >= 3)
+        proxy.stop()
+        seen = len(proxy.log)
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 1, out + err
+        assert "every host is lost" in err and "does not answer" in err
+        assert len(web.requests) == seen  # nothing reached the site after the proxy died
+        with Store(db) as store:
+            assert store.runs()[-1]["state"] == "failed" and store.integrity_ok()

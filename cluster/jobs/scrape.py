@@ -6,8 +6,8 @@ gives the same indices and a run resumes). What a host returns is checked
 (committed: a page record plus the compressed body) or must be retried:
 
 - 429 and 503 honour Retry-After (seconds or HTTP date), else back off exponentially;
-- other 5xx, 408 and timeouts or refused connections retry a bounded number of
-  times, on another host when there is one;
+- other 5xx, 408, timeouts, refused connections and connections dropped before
+  any response retry a bounded number of times, on another host when there is one;
 - any other 4xx, DNS and TLS errors, robots.txt refusals are final.
 """
 
@@ -160,7 +160,8 @@ class ScrapeJob:
             if wait is None:
                 wait = _backoff(block.attempts)
             return ("retry", min(float(wait), RETRY_AFTER_CAP), False)
-        if status in RETRY_STATUSES or kind in RETRY_ERRORS:
+        # A connection that dropped before any response (status None, "http") is transient too.
+        if status in RETRY_STATUSES or kind in RETRY_ERRORS or (kind == "http" and status is None):
             return ("retry", _backoff(block.attempts), other_hosts > 0)
         return ("final",)
 
