@@ -75,6 +75,7 @@ class HostLink:
         self.hello: dict = {}
         self.slots = host.slots or 1
         self.last_heard = time.monotonic()
+        self.retired = False
         self._sent: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -104,14 +105,15 @@ class HostLink:
             self.generation += 1
             self._sent.clear()
         generation = self.generation
-        self.transport = connect(self.host, self.config, accept_new=self.accept_new)
+        transport = self.transport = connect(self.host, self.config, accept_new=self.accept_new)
+        self._check_retired()
         if self.prepare is not None:
             try:
-                self.prepare(self.transport)
+                self.prepare(transport)
             except BaseException:
                 self.close()
                 raise
-        self.stream = self.transport.spawn(self.agent_command())
+        self.stream = transport.spawn(self.agent_command())
         hello_box: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, args=(self.stream, generation, hello_box),
                          name=f"agent-{self.name}", daemon=True).start()
@@ -133,7 +135,19 @@ class HostLink:
         self.hello = hello
         self.slots = int(hello.get("slots") or self.host.slots or hello.get("cores") or 1)
         self.last_heard = time.monotonic()
+        self._check_retired()
         return hello
+
+    def _check_retired(self) -> None:
+        if self.retired:
+            self.close()
+            raise ConnectError(f"{self.name}: the run is over")
+
+    def retire(self) -> None:
+        """close() for good (the run is over): a start() still connecting, e.g. through a
+        partition that just healed, then gives up instead of leaving an agent nobody stops."""
+        self.retired = True
+        self.close()
 
     def close(self) -> None:
         """Stop the agent (its stdin closes, it kills its workers) and drop the connection."""
@@ -147,6 +161,12 @@ class HostLink:
     def close_in_background(self) -> None:
         """close() without blocking the caller (a partitioned link can hang on close)."""
         threading.Thread(target=self.close, name=f"close-{self.name}", daemon=True).start()
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the agent last sent anything: a whole line, or part of a long one."""
+        stream = self.stream
+        heard = max(self.last_heard, stream.last_received()) if stream is not None else self.last_heard
+        return now - heard
 
     # ------------------------------------------------------------ messages
 

@@ -14,7 +14,8 @@ Workloads:
 - **primes**: count mode (nothing to transfer) from 10**11 upwards (``start``),
   where a block's sieving costs what it costs in a big run; a block's cost
   depends on where it lies, so calibrate near the numbers your runs cover. A
-  probe block, grown fourfold until it takes 0.2 s, sizes the blocks to ~0.5 s a slot.
+  probe block, grown fourfold until it takes 0.2 s (twice), sizes the blocks to
+  ~0.5 s a slot, and every result resizes them.
 - **scrape**: one URL a task from the user's list (never repeated: when the list
   runs out the measurement ends there); pages that got an HTTP answer count.
 """
@@ -93,16 +94,25 @@ class PrimesBench:
         return lo, hi, self.job.task_args(lo, hi)
 
     def prepare(self, run_one) -> None:
-        """Grow a probe block until it takes PROBE_SECONDS, then size blocks to BLOCK_SECONDS."""
+        """Grow a probe block until it takes PROBE_SECONDS twice in a row (the first call of a
+        fresh worker can be slow: imports, caches), then size blocks to BLOCK_SECONDS."""
         self.next_lo, self.width = self.start, PROBE_WIDTH
+        long_enough = 0
         while True:
             elapsed = run_one()
-            if elapsed >= PROBE_SECONDS or self.width >= self.max_width:
+            long_enough = long_enough + 1 if elapsed >= PROBE_SECONDS else 0
+            if long_enough >= 2 or self.width >= self.max_width:
                 break
-            self.width = min(self.max_width, self.width * PROBE_GROWTH)
-        per_slot = self.width / max(elapsed, 1e-6)
-        self.width = int(max(PROBE_WIDTH, min(self.max_width, per_slot * BLOCK_SECONDS)))
-        log.debug("primes benchmark: %.3g numbers/s a slot, blocks of %d", per_slot, self.width)
+            if not long_enough:
+                self.width = min(self.max_width, self.width * PROBE_GROWTH)
+        self.adapt(self.width, elapsed)
+        log.debug("primes benchmark: blocks of %d numbers", self.width)
+
+    def adapt(self, items: int, elapsed: float) -> None:
+        """Resize blocks from a finished one so that they keep taking about BLOCK_SECONDS."""
+        if elapsed > 0:
+            target = items / elapsed * BLOCK_SECONDS
+            self.width = int(max(PROBE_WIDTH, min(self.max_width, target)))
 
 
 class ScrapeBench:
@@ -136,6 +146,9 @@ class ScrapeBench:
 
     def prepare(self, run_one) -> None:
         self.index = 0  # every host fetches the same pages, from the first
+
+    def adapt(self, items: int, elapsed: float) -> None:
+        pass  # one URL a task
 
 
 def calibrate_host(host: Host, config, bench, seconds: float, accept_new: bool = False,
@@ -254,6 +267,7 @@ def _measure(link: HostLink, events: queue.Queue, bench, seconds: float, outcome
             outcome.tasks += 1
             outcome.items += bench.items(lo, hi, checked)
             last = time.monotonic()
+            bench.adapt(hi - lo + 1, float((event.message or {}).get("elapsed") or 0.0))
         while time.monotonic() < deadline and len(tasks.open) < link.slots + 1 and tasks.send():
             pass
     tasks.cancel_all()

@@ -35,6 +35,10 @@ RECONNECTS_BEFORE_GIVING_UP = 2
 # A host's rate is (decayed items) / (decayed seconds): older blocks count this much less each
 # time a block arrives, and a tiny block barely moves it (it carries little work).
 RATE_DECAY = 0.7
+# As the range runs out blocks shrink so that hosts finish together, but not below this
+# fraction of --block-seconds of a slot's work: tinier blocks leave a host behind a slow
+# link waiting on round trips (the endgame's duplicates take care of stragglers).
+TAIL_FLOOR = 1 / 8
 
 
 @dataclass
@@ -163,7 +167,7 @@ class Coordinator:
 
     def _close_links(self, timeout: float = 5.0) -> None:
         """Stop every agent (each closes its workers), waiting a little so none is left behind."""
-        threads = [threading.Thread(target=link.close, daemon=True) for link in self.links.values()]
+        threads = [threading.Thread(target=link.retire, daemon=True) for link in self.links.values()]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + timeout
@@ -184,20 +188,11 @@ class Coordinator:
                                              bundle, beat_seconds=self.beat_seconds, preload=self.job.name,
                                              prepare=getattr(self.job, "prepare_host", None),
                                              slot_factor=getattr(self.job, "slot_factor", lambda: 1)())
-        threads = [threading.Thread(target=self._connect, args=(name,), daemon=True) for name in self.links]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        # Drain the connection outcomes (they arrive as events).
-        while not self.events.empty():
-            self._handle(self.events.get_nowait())
+        # Each host starts working as soon as it has said hello: a slow host (or one
+        # that never answers) must not hold the others back.
         for name in self.links:
-            if name in self.up:
-                store.upsert_host(name, self.links[name].hello)
-        if not self.up:
-            reasons = "; ".join(self.stats[n].reason for n in self.links)
-            raise JobError(f"no host could start: {reasons}")
+            self.reconnecting.add(name)
+            threading.Thread(target=self._connect, args=(name,), name=f"connect-{name}", daemon=True).start()
 
     def _connect(self, name: str) -> None:
         link = self.links[name]
@@ -290,7 +285,7 @@ class Coordinator:
 
     def _check_heartbeats(self, now: float) -> None:
         for name in list(self.up):
-            silent = now - self.links[name].last_heard
+            silent = self.links[name].silent_for(now)
             if silent > self.beat_timeout:
                 self._lose(name, f"no heartbeat for {silent:.0f}s")
 
@@ -298,6 +293,9 @@ class Coordinator:
         if self.up or self.reconnecting:
             return
         candidates = [s for s in self.stats.values() if s.state != "excluded"]
+        if not candidates:
+            reasons = "; ".join(s.reason for s in self.stats.values())
+            raise JobError(f"no host could start: {reasons}")
         if all(s.reconnects_failed >= RECONNECTS_BEFORE_GIVING_UP for s in candidates):
             reasons = "; ".join(f"{s.reason}" for s in self.stats.values())
             raise JobError(f"every host is lost ({reasons}); finished blocks are kept: run the same "
@@ -311,7 +309,12 @@ class Coordinator:
         size = min(size, self.max_block)
         slots = sum(self.stats[name].slots for name in self.up) or 1
         tail = self.schedule.uncut() // (2 * slots)
-        return max(self.min_block, min(size, max(tail, self.min_block)))
+        floor = min(size, int(stats.rate * self.block_seconds * TAIL_FLOOR))
+        return max(self.min_block, min(size, max(tail, floor, self.min_block)))
+
+    def _seconds_on(self, stats: HostStats, items: int) -> float:
+        """How long ``items`` should take on one slot of that host (from its measured rate)."""
+        return items / stats.rate if stats.rate > 0 else self.block_seconds
 
     def _fill(self, name: str) -> None:
         link, stats = self.links[name], self.stats[name]
@@ -319,11 +322,13 @@ class Coordinator:
         while name in self.up and self.schedule.load_of(name) < capacity:
             got = self.schedule.next_block(name, self._block_size(stats), allow_verify=len(self.up) > 1)
             if got is None and self.schedule.load_of(name) < link.slots:
-                got = self.schedule.duplicate_for(name)
+                got = self.schedule.duplicate_for(name, own_seconds=lambda b: self._seconds_on(stats, b.size))
             if got is None:
                 return
             task_id, block = got
-            expected = block.size / stats.rate if stats.rate > 0 else self.block_seconds
+            expected = self._seconds_on(stats, block.size)
+            if self.schedule.load_of(name) > link.slots:
+                expected *= 2  # queued behind a running block on that host: it starts about one block later
             self.schedule.set_expected(task_id, expected)
             if hasattr(self.job, "task_args_for"):
                 args = self.job.task_args_for(block, link, task_id)
@@ -347,6 +352,11 @@ class Coordinator:
         if event.kind == "up":
             self.reconnecting.discard(name)
             self.up.add(name)
+            self.writer_event(name, "up", f"{event.link.slots} slots")
+            try:
+                self.store.upsert_host(name, event.link.hello)
+            except BeowulfError as err:
+                log.warning("cannot record host %s: %s", name, err)
             stats.state = "up"
             stats.slots = event.link.slots
             stats.reconnects_failed = 0

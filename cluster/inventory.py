@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import configparser
+import io
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,7 +21,10 @@ from .constants import DEFAULT_NICE, DEFAULT_SOCKS, DEFAULT_TOR_CONTROL, DEFAULT
 from .errors import InventoryError, UsageError
 
 LOCAL = "local"
+COMMENT_PREFIXES = (";", "#")
 KEYS = ("address", "port", "slots", "python", "workdir", "identity", "nice", "socks", "tor_control")
+# Most worker processes a host may be given (a typo such as slots = 80000 would fork-bomb it).
+MAX_SLOTS = 1024
 _ADDRESS = re.compile(r"^(?:(?P<user>[^@\s\[\]]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^@\s\[\]:]+))$")
 
 
@@ -54,20 +59,37 @@ class Host:
 
 
 class _LineTracker:
-    """Finds the line of a section or key, since configparser does not keep them."""
+    """Finds the line of a section or key, since configparser does not keep them.
 
-    def __init__(self, text: str):
+    Walks the text exactly as configparser's reader does (lines split on newlines
+    only; its comment, continuation and header rules), so the numbers agree with
+    the ones configparser puts in its own errors.
+    """
+
+    def __init__(self, text: str, parser: configparser.ConfigParser):
         self.sections: dict[str, int] = {}
         self.keys: dict[tuple[str, str], int] = {}
-        section = None
-        for number, line in enumerate(text.splitlines(), start=1):
-            stripped = line.strip()
-            if stripped.startswith("[") and "]" in stripped:
-                section = stripped[1 : stripped.index("]")].strip()
+        section: Optional[str] = None
+        key: Optional[str] = None
+        indent = sys.maxsize
+        for number, line in enumerate(io.StringIO(text), start=1):
+            value = line[:_comment_start(line)].strip()
+            if not value:
+                indent = sys.maxsize  # an empty line ends a value (empty_lines_in_values=False)
+                continue
+            level = parser.NONSPACECRE.search(line).start()
+            if section is not None and key and level > indent:
+                continue  # the value of ``key`` goes on
+            indent = level
+            header = parser.SECTCRE.match(value)
+            if header:
+                section, key = header.group("header"), None
                 self.sections.setdefault(section, number)
-            elif section is not None and stripped and stripped[0] not in "#;" and not line[0].isspace():
-                key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
-                self.keys.setdefault((section, key), number)
+            elif section is not None:
+                option = parser._optcre.match(value)
+                if option:
+                    key = parser.optionxform(option.group("option").rstrip())
+                    self.keys.setdefault((section, key), number)
 
     def where(self, section: str, key: Optional[str] = None) -> int:
         if key is not None and (section, key) in self.keys:
@@ -77,11 +99,35 @@ class _LineTracker:
         return self.sections.get(section, 1)
 
 
+def _comment_start(line: str) -> Optional[int]:
+    """Where configparser's reader cuts ``line`` for a comment (None: no comment); same algorithm."""
+    if line.strip().startswith(COMMENT_PREFIXES):
+        return 0
+    start = sys.maxsize
+    found = {prefix: -1 for prefix in COMMENT_PREFIXES}
+    while start == sys.maxsize and found:
+        following = {}
+        for prefix, index in found.items():
+            index = line.find(prefix, index + 1)
+            if index == -1:
+                continue
+            following[prefix] = index
+            if index == 0 or (index > 0 and line[index - 1].isspace()):
+                start = min(start, index)
+        found = following
+    return None if start == sys.maxsize else start
+
+
+def _shown(text: str) -> str:
+    """``text`` for a one-line message: characters that are not printable (newlines, controls) escaped."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _parser() -> configparser.ConfigParser:
     return configparser.ConfigParser(
         interpolation=None,
-        inline_comment_prefixes=(";", "#"),
-        comment_prefixes=(";", "#"),
+        inline_comment_prefixes=COMMENT_PREFIXES,
+        comment_prefixes=COMMENT_PREFIXES,
         strict=True,
         empty_lines_in_values=False,
     )
@@ -109,12 +155,26 @@ def load_inventory(path: str | os.PathLike) -> list[Host]:
     """Read and check an inventory file; raise InventoryError naming file and line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = decode_text(path.read_bytes())
     except FileNotFoundError:
         raise InventoryError(f"{path}: no such inventory file") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise InventoryError(f"{path}:{line_of(err)}: cannot read inventory: not UTF-8 text "
+                             f"(byte {err.object[err.start]:#04x})") from None
+    except OSError as err:
         raise InventoryError(f"{path}: cannot read inventory: {getattr(err, 'strerror', None) or err}") from None
     return parse_inventory(text, path)
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 text with universal newlines, as ``read_text`` gives it; a BOM (Windows editors) is dropped."""
+    return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def line_of(err: UnicodeDecodeError) -> int:
+    """The line (universal newlines) holding the byte that did not decode."""
+    before = err.object[: err.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return before.count(b"\n") + 1
 
 
 def parse_inventory(text: str, path: Path) -> list[Host]:
@@ -123,9 +183,10 @@ def parse_inventory(text: str, path: Path) -> list[Host]:
     try:
         parser.read_string(text, source=str(path))
     except configparser.DuplicateSectionError as err:
-        raise InventoryError(f"{path}:{err.lineno}: duplicate host [{err.section}]") from None
+        raise InventoryError(f"{path}:{err.lineno}: duplicate host [{_shown(err.section)}]") from None
     except configparser.DuplicateOptionError as err:
-        raise InventoryError(f"{path}:{err.lineno}: key {err.option!r} given twice in [{err.section}]") from None
+        raise InventoryError(
+            f"{path}:{err.lineno}: key {err.option!r} given twice in [{_shown(err.section)}]") from None
     except configparser.MissingSectionHeaderError as err:
         raise InventoryError(
             f"{path}:{err.lineno}: expected a [host name] section before {err.line.strip()!r}"
@@ -137,7 +198,7 @@ def parse_inventory(text: str, path: Path) -> list[Host]:
         except (ValueError, SyntaxError):
             pass
         raise InventoryError(f"{path}:{lineno}: cannot parse {str(line).strip()!r} (expected key = value)") from None
-    lines = _LineTracker(text)
+    lines = _LineTracker(text, parser)
     for key in parser.defaults():
         if key not in KEYS:
             raise InventoryError(
@@ -153,7 +214,7 @@ def _host(parser: configparser.ConfigParser, name: str, path: Path, lines: _Line
     section = parser[name]
 
     def fail(message: str, key: Optional[str] = None):
-        raise InventoryError(f"{path}:{lines.where(name, key)}: [{name}] {message}")
+        raise InventoryError(f"{path}:{lines.where(name, key)}: [{_shown(name)}] {message}")
 
     if not name.strip():
         fail("host name is empty")
@@ -176,7 +237,10 @@ def _host(parser: configparser.ConfigParser, name: str, path: Path, lines: _Line
             fail(f"port must be 1..65535, not {section['port']!r}", "port")
         values["port"] = port
     if "slots" in section:
-        values["slots"] = _positive_int(section["slots"], "slots", lambda m: fail(m, "slots"))
+        slots = _positive_int(section["slots"], "slots", lambda m: fail(m, "slots"))
+        if slots > MAX_SLOTS:
+            fail(f"slots must be at most {MAX_SLOTS}, not {section['slots']!r}", "slots")
+        values["slots"] = slots
     if "nice" in section:
         try:
             nice = int(section["nice"])
@@ -192,8 +256,12 @@ def _host(parser: configparser.ConfigParser, name: str, path: Path, lines: _Line
         identity = Path(os.path.expanduser(section["identity"].strip()))
         if not identity.is_absolute():
             identity = path.resolve().parent / identity
-        if not identity.is_file():
-            fail(f"identity file {identity} does not exist", "identity")
+        try:
+            exists = identity.is_file()
+        except OSError:  # a name too long for the file system, a loop of links
+            exists = False
+        if not exists:
+            fail(f"identity file {_shown(str(identity))} does not exist", "identity")
         values["identity"] = str(identity)
     if address == LOCAL and "port" in values:
         fail("a local host has no port", "port")

@@ -14,7 +14,7 @@ import itertools
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 # A block is duplicated at most this many times in the endgame (copies in flight).
 MAX_COPIES = 2
@@ -99,18 +99,28 @@ class Schedule:
             gap[0] = hi + 1
         return self._assign(Block(lo, hi), host)
 
-    def duplicate_for(self, host: str, now: Optional[float] = None) -> Optional[tuple[int, Block]]:
-        """Endgame: a copy of the in-flight block expected to finish last that ``host`` is not running."""
+    def duplicate_for(self, host: str, now: Optional[float] = None,
+                      own_seconds: Optional[Callable[[Block], float]] = None) -> Optional[tuple[int, Block]]:
+        """Endgame: a copy of the in-flight block that will finish last, for an idle ``host``.
+
+        An overdue block (past its expected finish: a straggler, a host that slowed down
+        or went quiet) is copied first, the most overdue of all. Otherwise the block expected
+        to finish last is copied, unless ``host`` would not finish it sooner
+        (``own_seconds(block)``: how long it would take there).
+        """
         now = now or time.monotonic()
         candidates = [b for b in self.in_flight.values()
                       if host not in b.copies and host not in b.avoid and len(b.copies) < MAX_COPIES
                       and b.verify_of is None]
         if not candidates:
             return None
+        overdue = [b for b in candidates if b.expected_finish() <= now]
+        if overdue:
+            return self._assign(min(overdue, key=lambda b: b.expected_finish()), host)
         block = max(candidates, key=lambda b: b.expected_finish())
-        if block.expected_finish() <= now + 0.05:
-            # About to finish anyway; a duplicate would only waste a slot.
-            return None
+        mine = own_seconds(block) if own_seconds else 0.0
+        if block.expected_finish() - now <= max(0.05, mine):
+            return None  # it will be done before a copy here would be: a copy only wastes a slot
         return self._assign(block, host)
 
     def _assign(self, block: Block, host: str) -> tuple[int, Block]:

@@ -68,6 +68,10 @@ class Stream:
         """Stop the command and release the stream; safe to call twice."""
         raise NotImplementedError
 
+    def last_received(self) -> float:
+        """``time.monotonic()`` when stdout bytes last arrived (0.0 where not tracked)."""
+        return 0.0
+
     def stderr_tail(self) -> str:
         """The last lines the command wrote to stderr (for error messages)."""
         return "\n".join(self._stderr_lines[-20:])
@@ -200,11 +204,27 @@ class LocalTransport(Transport):
 # ---------------------------------------------------------------- ssh
 
 
+class _TimedChannelFile(paramiko.ChannelFile):
+    """A channel's stdout that notes when bytes last arrived.
+
+    Over a slow link one result line can take longer than the heartbeat timeout to
+    arrive (4 MB at 100 kB/s: 40 s); bytes still flowing mean the host is alive.
+    """
+
+    last_data = 0.0
+
+    def _read(self, size):
+        data = super()._read(size)
+        if data:
+            self.last_data = time.monotonic()
+        return data
+
+
 class ChannelStream(Stream):
     def __init__(self, channel: paramiko.Channel, label: str):
         self._stderr_lines: list[str] = []
         self.channel = channel
-        self._stdout = channel.makefile("rb")
+        self._stdout = _TimedChannelFile(channel, "rb")
         stderr = channel.makefile_stderr("rb")
         threading.Thread(target=self._drain_stderr, args=(stderr.readline, label), daemon=True).start()
 
@@ -219,6 +239,9 @@ class ChannelStream(Stream):
             return self._stdout.readline(limit if limit > 0 else None)
         except (OSError, EOFError, socket.timeout, paramiko.SSHException):
             return b""
+
+    def last_received(self) -> float:
+        return self._stdout.last_data
 
     def close_stdin(self) -> None:
         try:

@@ -14,6 +14,7 @@ from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
+from .inventory import decode_text, line_of
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_URL_LENGTH = 8192
@@ -66,15 +67,19 @@ def read_url_file(path: str, skip_bad: bool = False) -> tuple[list[str], list[Ba
     label = "stdin" if path == "-" else path
     try:
         if path == "-":
-            text = sys.stdin.read()
+            buffer = getattr(sys.stdin, "buffer", None)
+            text = decode_text(buffer.read()) if buffer is not None else sys.stdin.read()
         else:
-            text = Path(path).read_text(encoding="utf-8")
+            text = decode_text(Path(path).read_bytes())
     except FileNotFoundError:
         raise UsageError(f"--urls: {label}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--urls: {label}:{line_of(err)}: not UTF-8 text (byte {err.object[err.start]:#04x})") \
+            from None
+    except OSError as err:
         raise UsageError(f"--urls: {label}: cannot read: {getattr(err, 'strerror', None) or err}") from None
     urls, bad, seen, duplicates = [], [], set(), 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # numbered as editors number them
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

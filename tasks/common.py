@@ -7,6 +7,7 @@ become ``invoke.Exit(message, code)``; Ctrl-C is exit 130; ``fab -H`` is refused
 
 from __future__ import annotations
 
+import decimal
 import functools
 import logging
 import logging.handlers
@@ -27,6 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _INTEGER = re.compile(r"^[+-]?\d[\d_]*$")
 _FLOATISH = re.compile(r"^[+-]?(\d[\d_]*)?(\.\d*)?([eE][+-]?\d+)?$")
+# Whole-number flags are refused at or beyond this magnitude (no flag needs more).
+_INT_LIMIT = 2**63
+# Longest flag value quoted as is in an error message.
+MAX_SHOWN = 60
 
 HOST_HELP = {
     "inventory": "hosts.ini to use (default: beowulf.inventory in fabric.yaml, else hosts.ini beside the fabfile)",
@@ -53,6 +58,11 @@ def beowulf_task(*args, **kwargs):
                 raise Exit(f"error: {err}", code=err.exit_code) from None
             except KeyboardInterrupt:
                 raise Exit("interrupted", code=EXIT_INTERRUPTED) from None
+            except BrokenPipeError:
+                # The reader went away (`fab stats | head`): stop quietly, like any Unix tool.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                raise Exit(code=0) from None
 
         kwargs.setdefault("auto_shortflags", False)
         return task(wrapper, **kwargs)
@@ -65,38 +75,29 @@ def beowulf_task(*args, **kwargs):
 def parse_int(flag: str, value, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     """``10000000``, ``10_000_000`` or ``1e7`` -> int; UsageError naming the flag otherwise."""
     text = str(value).strip()
-    number: Optional[int] = None
-    if _INTEGER.match(text):
-        number = int(text.replace("_", ""))
-    elif text and _FLOATISH.match(text) and any(ch.isdigit() for ch in text):
-        try:
-            as_float = float(text.replace("_", ""))
-        except ValueError:
-            as_float = math.nan
-        if math.isfinite(as_float) and as_float == int(as_float) and abs(as_float) < 2**63:
-            mantissa, _, exponent = text.lower().replace("_", "").partition("e")
-            number = _exact_scientific(mantissa, int(exponent or 0))
-    if number is None:
-        raise UsageError(f"--{flag}: expected a whole number such as 10000000, 10_000_000 or 1e7, not {text!r}")
-    if minimum is not None and number < minimum:
-        raise UsageError(f"--{flag}: must be at least {minimum:,}, not {number:,}")
-    if maximum is not None and number > maximum:
-        raise UsageError(f"--{flag}: must be at most {maximum:,} , not {number:,}".replace(" ,", ","))
-    return number
+    exact: Optional[decimal.Decimal] = None
+    if (_INTEGER.match(text) or _FLOATISH.match(text)) and any(ch.isdigit() for ch in text):
+        try:  # exact, whatever the exponent ("0e999999999" or "1e-999999999" cost nothing)
+            exact = decimal.Decimal(text.replace("_", ""))
+        except decimal.InvalidOperation:
+            exact = None
+    huge = exact is not None and exact.copy_abs() >= _INT_LIMIT
+    if exact is None or (not huge and exact != exact.to_integral_value()):
+        raise UsageError(f"--{flag}: expected a whole number such as 10000000, 10_000_000 or 1e7, "
+                         f"not {_shown(text)}")
+    shown = _shown(text) if huge else f"{int(exact):,}"
+    if minimum is not None and exact < minimum:
+        raise UsageError(f"--{flag}: must be at least {minimum:,}, not {shown}")
+    if maximum is not None and exact > maximum:
+        raise UsageError(f"--{flag}: must be at most {maximum:,}, not {shown}")
+    if huge:
+        raise UsageError(f"--{flag}: {shown} is too large")
+    return int(exact)
 
 
-def _exact_scientific(mantissa: str, exponent: int) -> Optional[int]:
-    """Exact integer value of ``mantissa`` x 10^exponent, or None when it is not whole."""
-    whole, _, fraction = mantissa.lstrip("+").partition(".")
-    sign = -1 if whole.startswith("-") else 1
-    digits = (whole.lstrip("-") or "0") + fraction
-    shift = exponent - len(fraction)
-    if shift >= 0:
-        return sign * int(digits) * 10**shift
-    divisor = 10 ** (-shift)
-    if int(digits) % divisor:
-        return None
-    return sign * int(digits) // divisor
+def _shown(text: str) -> str:
+    """A flag's value quoted for an error message, cut short when it is long."""
+    return repr(text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "...")
 
 
 def parse_float(flag: str, value, minimum: Optional[float] = None, above: Optional[float] = None,
@@ -105,9 +106,9 @@ def parse_float(flag: str, value, minimum: Optional[float] = None, above: Option
     try:
         number = float(str(value).strip().replace("_", ""))
     except ValueError:
-        raise UsageError(f"--{flag}: expected a number, not {str(value)!r}") from None
+        raise UsageError(f"--{flag}: expected a number, not {_shown(str(value))}") from None
     if not math.isfinite(number):
-        raise UsageError(f"--{flag}: expected a finite number, not {str(value)!r}")
+        raise UsageError(f"--{flag}: expected a finite number, not {_shown(str(value))}")
     if above is not None and number <= above:
         raise UsageError(f"--{flag}: must be greater than {above:g}, not {number:g}")
     if minimum is not None and number < minimum:
@@ -160,6 +161,9 @@ def setup_logging(verbose: bool = False, quiet: bool = False, log_file: Optional
     console._beowulf = True  # type: ignore[attr-defined]
     root.addHandler(console)
     logging.getLogger("paramiko").setLevel(logging.WARNING)
+    # invoke's debug lines dump whole configs, prompted secrets included (sudo.password,
+    # connect_kwargs' passphrase and password): keep them out of the console and the log file.
+    logging.getLogger("invoke").setLevel(logging.INFO)
     if log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -132,3 +132,29 @@ def test_stats_uses_the_calibration(tmp_path):
     assert data["efficiency"] == pytest.approx(data["rate"] / calibrated["rate"])
     assert 0 < data["efficiency"] < 2
     assert data["tail"] is not None and data["tail"]["source"] == "event"
+
+
+@pytest.mark.slow
+def test_calibrate_run_and_plot_on_sshd_hosts(make_cluster, tmp_path):
+    """Two real sshd hosts plus this computer: calibrate each alone, run, and fab stats --plot."""
+    cluster = make_cluster(2)
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={"local": {"slots": 1}})
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    db = tmp_path / "r.db"
+    done = run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_fab(["calibrate", "--inventory", inventory, "--seconds", "1", "--start", "1e9", "--db", db],
+                   config=config)
+    assert done.returncode == 0, done.stderr
+    with Store(db) as store:
+        assert sorted(row["host"] for row in store.calibrations("primes")) == ["h1", "h2", "local"]
+    done = run_fab(["primes", "--inventory", inventory, "--start", "1", "--end", "1e9", "--count-only",
+                    "--db", db], config=config, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shown = run_fab(["stats", "--db", db, "--last", "--format", "json", "--plot", tmp_path / "img"])
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["sum_source"] == "calibration" and data["items"] == 10**9
+    assert sorted(h["host"] for h in data["hosts"]) == ["h1", "h2", "local"]
+    assert sum(h["share"] for h in data["hosts"]) == pytest.approx(1.0)
+    assert len(list((tmp_path / "img").glob("run1-*.png"))) == 3

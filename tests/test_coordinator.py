@@ -43,7 +43,7 @@ class RejectNice(TrivialJob):
 
 def test_invalid_results_are_redone_elsewhere_and_host_flagged(tmp_path):
     db = tmp_path / "r.db"
-    job = RejectNice(40, "echo", block=1)
+    job = RejectNice(40, "echo", args={"sleep": 0.05}, block=1)  # long enough for both hosts to start
     outcome = Coordinator(job, [local("honest", nice=10), local("liar", nice=5)], Config(), str(db)).run()
     assert outcome.found_total == 40
     assert {b["host"] for b in committed(db)} == {"honest"}

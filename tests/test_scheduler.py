@@ -37,7 +37,8 @@ def test_complete_returns_copies_to_cancel_and_ignores_stale():
     schedule = Schedule(0, 1999, [], min_block=1000)
     slow_task, block = schedule.next_block("slow", 1000)
     schedule.set_expected(slow_task, 60.0)
-    schedule.next_block("fast", 1000)
+    fast_task, _ = schedule.next_block("fast", 1000)
+    schedule.set_expected(fast_task, 10.0)
     duplicate = schedule.duplicate_for("idle", now=time.monotonic())
     assert duplicate is not None and duplicate[1] is block
     dup_task = duplicate[0]
@@ -61,8 +62,18 @@ def test_lost_host_blocks_are_redone():
 def test_no_duplicate_of_block_about_to_finish():
     schedule = Schedule(0, 999, [], min_block=1000)
     task, _ = schedule.next_block("a", 1000)
-    schedule.set_expected(task, 0.0)
-    assert schedule.duplicate_for("b") is None
+    schedule.set_expected(task, 5.0)
+    assert schedule.duplicate_for("b", own_seconds=lambda block: 10.0) is None  # b would be later
+    assert schedule.duplicate_for("b", own_seconds=lambda block: 1.0) is not None
+
+
+def test_overdue_block_is_duplicated_first():
+    schedule = Schedule(0, 2999, [], min_block=1000)
+    late, late_block = schedule.next_block("a", 1000)
+    schedule.set_expected(late, 0.0)  # already past its expected finish: a straggler
+    other, _ = schedule.next_block("b", 1000)
+    schedule.set_expected(other, 60.0)
+    assert schedule.duplicate_for("c", own_seconds=lambda block: 100.0)[1] is late_block
 
 
 def test_finished_after_all_complete():

@@ -404,11 +404,12 @@ def test_store_errors(tmp_path):
     Store(empty).close()
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"this is not a database" * 500)
-    cases = [(tmp_path / "missing.db", "no such store"), (empty, "no runs yet"),
-             (corrupt, "not a beowulf store"), (tmp_path, "is a folder")]
-    for path, message in cases:
+    cases = [(tmp_path / "missing.db", 1, "no such store"), (empty, 1, "no runs yet"),
+             (corrupt, 1, "not a beowulf store"), (tmp_path, 2, "is a folder"),
+             (tmp_path / "nowhere" / "r.db", 2, "does not exist")]
+    for path, code, message in cases:
         done = stats("--db", path)
-        assert done.returncode == 1, (path, done.stderr)
+        assert done.returncode == code, (path, done.stderr)
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "missing.db").exists()
 

@@ -1,0 +1,286 @@
+"""Scale: `fab setup`, `fab hosts` and one coordinator on 10, 30 and 100 loopback sshd hosts.
+
+    python bench/bench_scale.py [--hosts 10,30,100] [--blocks 6000] [--login-shell] [--profile]
+
+For each host count N, N sshd hosts of the test harness (127.0.0.2 ...), one
+slot each, are started and measured:
+
+- ``fab setup --no-numpy`` wall time, first run (everything uploaded) and second
+  run (nothing to upload: the cost of checking), whole command (Python start-up
+  included);
+- ``fab hosts`` wall time (only at the largest N: it costs what a second setup
+  does);
+- a trivial-block run: cluster.coordinator.Coordinator in this process running a
+  TrivialJob of BLOCKS one-item ``noop`` blocks; blocks/s and the
+  coordinator's CPU per block (user + system time of this process, from
+  getrusage), both from the moment every agent has said hello to the moment the
+  last block is committed, and that CPU by thread (main loop, HostLink readers,
+  Paramiko transports, store writer); also the most SSH connections this process
+  held to any one host during the run (/proc/net/tcp), which must be 1.
+
+Every host runs on this machine, so N hosts share its cores with the
+coordinator: the figures show what one coordinator process costs per host and
+per block, not what N real machines would compute. By default the hosts'
+sessions get a clean shell (sshd ``SetEnv SHLVL=1``: bash then skips root's
+~/.bashrc, which runs ``pyenv init``, ~170 ms of CPU a session here) and the
+inventory names the real interpreter (not pyenv's ``python3`` shim, another
+~140 ms a command), so the remote side costs what a plain Debian host would;
+``--login-shell`` measures with both as they are. ``--profile`` adds a cProfile
+(CPU time, every thread) of the run on the largest N.
+
+Needs root and /usr/sbin/sshd (tests/system-deps.sh). Takes ~3-4 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import resource
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from fabric import Config  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from cluster.coordinator import Coordinator  # noqa: E402
+from cluster.errors import JobError  # noqa: E402
+from cluster.inventory import load_inventory  # noqa: E402
+from cluster.jobs.trivial import TrivialJob  # noqa: E402
+from harness import SshCluster, run_fab  # noqa: E402
+
+
+def clean_shell(cluster: SshCluster) -> None:
+    """Every session on the hosts gets SHLVL=1 from sshd itself (bash then skips ~/.bashrc)."""
+    for host in cluster.hosts:
+        original = host._config_text
+        host._config_text = lambda original=original: original() + "AcceptEnv SHLVL\nSetEnv SHLVL=1\n"
+
+
+def real_python() -> str:
+    """This interpreter's real binary (no venv, no pyenv shim): what the hosts run."""
+    return os.path.realpath(sys.executable)
+
+
+def connections(cluster: SshCluster) -> Counter:
+    """Established TCP connections from this process to each host's sshd, by host name."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    wanted = {(host.ip, host.port): host.name for host in cluster.hosts}
+    counts: Counter = Counter()
+    with open("/proc/net/tcp") as handle:
+        next(handle)
+        for line in handle:
+            fields = line.split()
+            if fields[3] != "01" or int(fields[9]) not in inodes:  # 01: ESTABLISHED
+                continue
+            address, port = fields[2].split(":")
+            ip = socket.inet_ntoa(struct.pack("<I", int(address, 16)))
+            name = wanted.get((ip, int(port, 16)))
+            if name:
+                counts[name] += 1
+    return counts
+
+
+SAMPLER = "bench-sampler"  # this script's connection counter: its CPU is not the coordinator's
+
+
+class ScaleCoordinator(Coordinator):
+    """A Coordinator noting, from the moment every agent is up to the end of its loop, the wall time,
+    this process's CPU (getrusage) and the CPU of each of its threads (/proc/self/task)."""
+
+    def _start_links(self, store) -> None:
+        super()._start_links(store)
+        self.threads_up = threading.active_count()
+        self.cpu_up, self.rusage_up = thread_cpu(), cpu_seconds()
+        self.agents_up = time.perf_counter()
+
+    def _loop(self) -> None:
+        super()._loop()
+        self.loop_done = time.perf_counter()
+        rusage, used = cpu_seconds(), thread_cpu()
+        names = {thread.native_id: thread.name for thread in threading.enumerate()}
+        self.cpu: dict[str, float] = {}
+        for tid, seconds in used.items():
+            name = names.get(tid, "")
+            group = ("main loop" if name == "MainThread" else "readers (agent-*)" if name.startswith("agent-")
+                     else "store writer" if name == "store-writer" else SAMPLER if name == SAMPLER
+                     else "paramiko transports, other")
+            self.cpu[group] = self.cpu.get(group, 0.0) + seconds - self.cpu_up.get(tid, 0.0)
+        self.coordinator_cpu = rusage - self.rusage_up - self.cpu.pop(SAMPLER, 0.0)
+
+
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system, in clock ticks) of each thread of this process, by native thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
+def fabric_config(path: Path) -> Config:
+    """The Fabric config ``fab -f PATH`` would use (the harness cluster's known_hosts and key)."""
+    config = Config(runtime_path=str(path))
+    config.load_runtime()
+    return config
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this whole process (every thread, live or ended)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profile: bool) -> dict:
+    """One coordinator run of ``blocks`` noop blocks; rates from all agents up to the last block."""
+    coordinator = ScaleCoordinator(TrivialJob(blocks, "noop"), hosts, config, str(db), fresh=True)
+    most: Counter = Counter()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            for name, count in connections(cluster).items():
+                most[name] = max(most[name], count)
+
+    sampler = threading.Thread(target=sample, name=SAMPLER, daemon=True)
+    sampler.start()
+    profiler = None
+    if profile:
+        profiler = cProfile.Profile(timer=time.thread_time)  # main thread only: the loop
+        profiler.enable()
+    began = time.perf_counter()
+    try:
+        outcome = coordinator.run()
+    finally:
+        if profiler:
+            profiler.disable()
+        stop.set()
+        sampler.join()
+    ran = sum(h.blocks for h in outcome.hosts)
+    if outcome.items_total != blocks or ran != blocks:
+        raise SystemExit(f"{len(hosts)} hosts: ran {ran} of {blocks} blocks")
+    seconds = coordinator.loop_done - coordinator.agents_up
+    report = ""
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        report = text.getvalue()
+    return {
+        "up": sum(1 for h in outcome.hosts if h.state == "up"),
+        "start": coordinator.agents_up - began,
+        "blocks/s": blocks / seconds,
+        "cpu/block": coordinator.coordinator_cpu / blocks,
+        "wall/block": seconds / blocks,
+        "by thread": {group: s / blocks for group, s in coordinator.cpu.items()},
+        "threads": coordinator.threads_up,
+        "most connections": max(most.values(), default=0),
+        "hosts seen": len(most),
+        "warnings": outcome.warnings,
+        "profile": report,
+    }
+
+
+def timed_fab(args: list, config: Path, expect: str) -> float:
+    began = time.perf_counter()
+    done = run_fab(args, config=config, timeout=900)
+    seconds = time.perf_counter() - began
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode != 0 or expect not in done.stdout:
+        raise SystemExit(f"fab {' '.join(map(str, args))}: exit {done.returncode}, expected {expect!r}:\n"
+                         f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    print(f"  fab {args[0]}: {seconds:.1f} s ({last})", flush=True)
+    return seconds
+
+
+def measure(n: int, base: Path, args) -> dict:
+    cluster = SshCluster(base / f"c{n}", n)
+    if not args.login_shell:
+        clean_shell(cluster)
+    with cluster:
+        keys = {"slots": 1} if args.login_shell else {"slots": 1, "python": real_python()}
+        inventory = cluster.write_inventory(base / f"hosts{n}.ini", extra={h.name: dict(keys) for h in cluster})
+        config_path = cluster.write_fabric_config(base / f"fabric{n}.yaml")
+        setup = ["setup", "--inventory", inventory, "--no-numpy"]
+        row = {"hosts": n}
+        row["setup 1"] = timed_fab(setup, config_path, f"{n} of {n} hosts")
+        row["setup 2"] = timed_fab(setup, config_path, "nothing uploaded: every host was up to date")
+        if n == max(args.hosts):
+            row["hosts s"] = timed_fab(["hosts", "--inventory", inventory], config_path,
+                                       f"{n} of {n} hosts reachable")
+        hosts = load_inventory(inventory)
+        config = fabric_config(config_path)
+        blocks = args.blocks
+        try:
+            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, args.profile and n == max(args.hosts))
+        except JobError as err:  # client/ was edited since setup (others work in this tree)
+            if "stale" not in str(err):
+                raise
+            run_fab(setup, config=config_path, timeout=900)
+            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, False)
+        print(f"  run: {run['up']} of {n} agents up in {run['start']:.1f} s; {blocks} blocks at "
+              f"{run['blocks/s']:,.0f}/s; {run['cpu/block'] * 1e3:.3f} ms CPU per block; {run['threads']} threads; "
+              f"at most {run['most connections']} connection(s) to a host ({run['hosts seen']} hosts seen)",
+              flush=True)
+        row.update(run, blocks=blocks)
+        return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", default="10,30,100", type=lambda text: [int(n) for n in text.split(",")])
+    parser.add_argument("--blocks", type=int, default=6000, help="trivial blocks per run (default 6000)")
+    parser.add_argument("--login-shell", action="store_true",
+                        help="leave root's ~/.bashrc and the python3 shim in every session")
+    parser.add_argument("--profile", action="store_true", help="cProfile the main loop on the largest N")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as temp:
+        for n in args.hosts:
+            print(f"{n} hosts:", flush=True)
+            rows.append(measure(n, Path(temp), args))
+    table = [[r["hosts"], f"{r['setup 1']:.1f}", f"{r['setup 2']:.1f}",
+              f"{r['hosts s']:.1f}" if "hosts s" in r else "", f"{r['start']:.1f}", r["blocks"],
+              f"{r['blocks/s']:,.0f}", f"{r['wall/block'] * 1e3:.3f}", f"{r['cpu/block'] * 1e3:.3f}",
+              r["threads"], r["most connections"]] for r in rows]
+    print()
+    print(tabulate(table, headers=["hosts", "setup 1st s", "setup 2nd s", "fab hosts s", "agents up s", "blocks",
+                                   "blocks/s", "wall ms/block", "CPU ms/block", "threads", "conns/host"],
+                   colalign=("right",) * 11))
+    print()
+    for r in rows:
+        parts = ", ".join(f"{group} {seconds * 1e3:.3f}"
+                          for group, seconds in sorted(r["by thread"].items(), key=lambda g: -g[1]))
+        print(f"{r['hosts']} hosts, coordinator CPU ms per block by thread: {parts}")
+    for r in rows:
+        if r["profile"]:
+            print(f"\ncProfile of the main thread, {r['hosts']} hosts (CPU time, by own time):")
+            print(r["profile"])
+    print(f"shell: {'login shell as it is' if args.login_shell else 'clean (SetEnv SHLVL=1), real interpreter'}; "
+          f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
