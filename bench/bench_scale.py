@@ -47,6 +47,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -102,18 +103,33 @@ def connections(cluster: SshCluster) -> Counter:
 SAMPLER = "bench-sampler"  # this script's connection counter: its CPU is not the coordinator's
 
 
-class ScaleCoordinator(Coordinator):
-    """A Coordinator noting, from the moment every agent is up to the end of its loop, the wall time,
-    this process's CPU (getrusage) and the CPU of each of its threads (/proc/self/task)."""
+class GatedJob(TrivialJob):
+    """A TrivialJob whose blocks are held back until every host's agent is up (each host starts working as
+    it says hello; here the rate is measured with all of them working). The moment the gate opens, it notes
+    the wall time, this process's CPU (getrusage) and the CPU of each of its threads."""
 
-    def _start_links(self, store) -> None:
-        super()._start_links(store)
-        self.threads_up = threading.active_count()
-        self.cpu_up, self.rusage_up = thread_cpu(), cpu_seconds()
-        self.agents_up = time.perf_counter()
+    def __init__(self, count: int, hosts: int):
+        super().__init__(count, "noop")
+        self.hosts = hosts
+        self.coordinator: Optional[Coordinator] = None
+        self.opened = 0.0
+
+    def capacity(self, slots: int) -> int:
+        if not self.opened:
+            if self.coordinator is None or len(self.coordinator.up) < self.hosts:
+                return 0
+            self.threads_up = threading.active_count()
+            self.cpu_up, self.rusage_up = thread_cpu(), cpu_seconds()
+            self.opened = time.perf_counter()
+        return slots + 1  # the coordinator's default: slots + 1 in flight
+
+
+class ScaleCoordinator(Coordinator):
+    """A Coordinator noting, at the end of its loop, the wall time and the CPU since the job's gate opened."""
 
     def _loop(self) -> None:
         super()._loop()
+        job = self.job
         self.loop_done = time.perf_counter()
         rusage, used = cpu_seconds(), thread_cpu()
         names = {thread.native_id: thread.name for thread in threading.enumerate()}
@@ -123,8 +139,8 @@ class ScaleCoordinator(Coordinator):
             group = ("main loop" if name == "MainThread" else "readers (agent-*)" if name.startswith("agent-")
                      else "store writer" if name == "store-writer" else SAMPLER if name == SAMPLER
                      else "paramiko transports, other")
-            self.cpu[group] = self.cpu.get(group, 0.0) + seconds - self.cpu_up.get(tid, 0.0)
-        self.coordinator_cpu = rusage - self.rusage_up - self.cpu.pop(SAMPLER, 0.0)
+            self.cpu[group] = self.cpu.get(group, 0.0) + seconds - job.cpu_up.get(tid, 0.0)
+        self.coordinator_cpu = rusage - job.rusage_up - self.cpu.pop(SAMPLER, 0.0)
 
 
 def thread_cpu() -> dict[int, float]:
@@ -156,22 +172,25 @@ def cpu_seconds() -> float:
 
 def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profile: bool) -> dict:
     """One coordinator run of ``blocks`` noop blocks; rates from all agents up to the last block."""
-    coordinator = ScaleCoordinator(TrivialJob(blocks, "noop"), hosts, config, str(db), fresh=True)
+    job = GatedJob(blocks, len(hosts))
+    coordinator = job.coordinator = ScaleCoordinator(job, hosts, config, str(db), fresh=True)
     most: Counter = Counter()
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.5):
             for name, count in connections(cluster).items():
+                if count > 1 and count > most[name]:
+                    print(f"  {name}: {count} connections at {time.perf_counter() - began:.1f} s", flush=True)
                 most[name] = max(most[name], count)
 
     sampler = threading.Thread(target=sample, name=SAMPLER, daemon=True)
+    began = time.perf_counter()
     sampler.start()
     profiler = None
     if profile:
         profiler = cProfile.Profile(timer=time.thread_time)  # main thread only: the loop
         profiler.enable()
-    began = time.perf_counter()
     try:
         outcome = coordinator.run()
     finally:
@@ -182,7 +201,7 @@ def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profi
     ran = sum(h.blocks for h in outcome.hosts)
     if outcome.items_total != blocks or ran != blocks:
         raise SystemExit(f"{len(hosts)} hosts: ran {ran} of {blocks} blocks")
-    seconds = coordinator.loop_done - coordinator.agents_up
+    seconds = coordinator.loop_done - job.opened
     report = ""
     if profiler:
         text = io.StringIO()
@@ -190,12 +209,12 @@ def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profi
         report = text.getvalue()
     return {
         "up": sum(1 for h in outcome.hosts if h.state == "up"),
-        "start": coordinator.agents_up - began,
+        "start": job.opened - began,
         "blocks/s": blocks / seconds,
         "cpu/block": coordinator.coordinator_cpu / blocks,
         "wall/block": seconds / blocks,
         "by thread": {group: s / blocks for group, s in coordinator.cpu.items()},
-        "threads": coordinator.threads_up,
+        "threads": job.threads_up,
         "most connections": max(most.values(), default=0),
         "hosts seen": len(most),
         "warnings": outcome.warnings,

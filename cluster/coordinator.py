@@ -382,8 +382,8 @@ class Coordinator:
     def _result(self, event: Event, stats: HostStats) -> None:
         message = event.message or {}
         task_id = message.get("id")
-        if task_id not in self.schedule.tasks:
-            return  # a cancelled copy or a task of a host we gave up on
+        if task_id not in self.schedule.tasks or self.schedule.tasks[task_id][1] != stats.name:
+            return  # a cancelled copy, a task of a host we gave up on, or another host's task id
         if not message.get("ok") or event.invalid:
             return self._failed(task_id, stats, event.invalid or message.get("error") or "failed",
                                 bool(event.invalid))

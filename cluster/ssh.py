@@ -98,6 +98,12 @@ def _secure(connection: Connection, known_hosts: Path, accept_new: bool, label: 
     if known_hosts.exists():
         try:
             connection.client.load_system_host_keys(str(known_hosts))
+        except paramiko.hostkeys.InvalidHostKey as err:
+            # e.g. OpenSSH's @revoked / @cert-authority marker lines, which Paramiko cannot use:
+            # refuse (safe) rather than guess which keys the file meant to trust or revoke.
+            raise HostKeyError(f"{label}: cannot use {known_hosts}: a line Paramiko does not understand "
+                               f"({str(err.line).strip()[:60]!r}; @revoked/@cert-authority lines are not "
+                               "supported); refusing to connect") from None
         except (OSError, paramiko.SSHException) as err:
             raise HostKeyError(f"{label}: cannot read {known_hosts}: {err}") from None
     if isinstance(connection.gateway, Connection):
@@ -139,7 +145,7 @@ def open_connection(host: Host, config: Config, accept_new: bool = False,
     except HostKeyError:
         raise
     except paramiko.BadHostKeyException as err:
-        entry = shlex.quote(known_hosts_entry_name(connection.host, connection.port))
+        entry = shlex.quote(_changed_entry(connection, err.hostname))
         raise HostKeyError(
             f"{host.name}: host key for {err.hostname} has CHANGED (got {fingerprint(err.key)}, "
             f"expected {fingerprint(err.expected_key)}); refusing to connect. If the host was "
@@ -160,6 +166,16 @@ def open_connection(host: Host, config: Config, accept_new: bool = False,
         # Paramiko without TCP_NODELAY adds ~40 ms (Nagle + delayed ACK) to every exchange.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return connection
+
+
+def _changed_entry(connection: Connection, hostname: str) -> str:
+    """The known_hosts entry of the hop whose key changed: the target or a ProxyJump gateway."""
+    hop = connection
+    while isinstance(hop, Connection):
+        if hop.host == hostname or hostname in (f"[{hop.host}]:{hop.port}",):
+            return known_hosts_entry_name(hop.host, hop.port)
+        hop = hop.gateway
+    return known_hosts_entry_name(connection.host, connection.port)
 
 
 def remote_path(path: str) -> str:

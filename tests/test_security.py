@@ -147,8 +147,6 @@ def test_hashed_known_hosts_changed_key_refused_and_nothing_appended(two_hosts, 
 
 
 @SLOW
-@pytest.mark.xfail(strict=True, reason="cluster/ssh.py: the ssh-keygen -R hint names the target's entry, "
-                                       "not the ProxyJump hop whose key changed")
 def test_changed_hop_key_hint_names_the_hop(two_hosts, run_fab, tmp_path):
     cluster, _, config = two_hosts
     inner, jump = cluster["h1"], cluster["h2"]
@@ -162,8 +160,6 @@ def test_changed_hop_key_hint_names_the_hop(two_hosts, run_fab, tmp_path):
 
 
 @SLOW
-@pytest.mark.xfail(strict=True, reason="cluster/ssh.py: paramiko's InvalidHostKey for an OpenSSH marker line "
-                                       "(@revoked, @cert-authority) escapes as a traceback")
 def test_known_hosts_marker_lines_fail_cleanly_and_revoked_is_never_accepted(two_hosts, run_fab):
     cluster, inventory, config = two_hosts
     h1, h2 = cluster["h1"], cluster["h2"]
