@@ -11,12 +11,15 @@ slot each, are started and measured:
 - ``fab hosts`` wall time (only at the largest N: it costs what a second setup
   does);
 - a trivial-block run: cluster.coordinator.Coordinator in this process running a
-  TrivialJob of BLOCKS one-item ``noop`` blocks; blocks/s and the
-  coordinator's CPU per block (user + system time of this process, from
-  getrusage), both from the moment every agent has said hello to the moment the
-  last block is committed, and that CPU by thread (main loop, HostLink readers,
-  Paramiko transports, store writer); also the most SSH connections this process
-  held to any one host during the run (/proc/net/tcp), which must be 1.
+  TrivialJob of BLOCKS one-item ``noop`` blocks, held back (through the job's
+  ``capacity``) until every agent has said hello, so that all N hosts work; the
+  time until then ("agents up"); blocks/s and the coordinator's CPU per block
+  (user + system time of this process from getrusage, less this script's
+  connection sampler), both from that moment to the end of the coordinator's
+  loop (the last result handed to the store writer), and that CPU by thread
+  (main loop, HostLink readers, Paramiko transports, store writer); the threads
+  of the process; the most SSH connections it held to any one host during the
+  run (/proc/net/tcp, by socket), which must be 1.
 
 Every host runs on this machine, so N hosts share its cores with the
 coordinator: the figures show what one coordinator process costs per host and
@@ -25,8 +28,9 @@ sessions get a clean shell (sshd ``SetEnv SHLVL=1``: bash then skips root's
 ~/.bashrc, which runs ``pyenv init``, ~170 ms of CPU a session here) and the
 inventory names the real interpreter (not pyenv's ``python3`` shim, another
 ~140 ms a command), so the remote side costs what a plain Debian host would;
-``--login-shell`` measures with both as they are. ``--profile`` adds a cProfile
-(CPU time, every thread) of the run on the largest N.
+``--login-shell`` measures with both as they are. ``--profile`` adds a run on the
+largest N with the main thread under cProfile (CPU time; it inflates many small
+calls, so that run is not in the table).
 
 Needs root and /usr/sbin/sshd (tests/system-deps.sh). Takes ~3-4 minutes.
 """
@@ -75,7 +79,11 @@ def real_python() -> str:
 
 
 def connections(cluster: SshCluster) -> Counter:
-    """Established TCP connections from this process to each host's sshd, by host name."""
+    """Established TCP connections from this process to each host's sshd, by host name.
+
+    Counted by socket inode: /proc/net/tcp is read in chunks while sockets come and go,
+    so one connection can appear on two lines of one read.
+    """
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -85,19 +93,20 @@ def connections(cluster: SshCluster) -> Counter:
         if link.startswith("socket:["):
             inodes.add(int(link[8:-1]))
     wanted = {(host.ip, host.port): host.name for host in cluster.hosts}
-    counts: Counter = Counter()
+    seen: dict[str, set] = {}
     with open("/proc/net/tcp") as handle:
         next(handle)
         for line in handle:
             fields = line.split()
-            if fields[3] != "01" or int(fields[9]) not in inodes:  # 01: ESTABLISHED
+            inode = int(fields[9])
+            if fields[3] != "01" or inode not in inodes:  # 01: ESTABLISHED
                 continue
             address, port = fields[2].split(":")
             ip = socket.inet_ntoa(struct.pack("<I", int(address, 16)))
             name = wanted.get((ip, int(port, 16)))
             if name:
-                counts[name] += 1
-    return counts
+                seen.setdefault(name, set()).add(inode)
+    return Counter({name: len(sockets) for name, sockets in seen.items()})
 
 
 SAMPLER = "bench-sampler"  # this script's connection counter: its CPU is not the coordinator's
@@ -116,7 +125,10 @@ class GatedJob(TrivialJob):
 
     def capacity(self, slots: int) -> int:
         if not self.opened:
-            if self.coordinator is None or len(self.coordinator.up) < self.hosts:
+            if self.coordinator is None:
+                return 0
+            up, starting = self.coordinator.up, self.coordinator.reconnecting
+            if len(up) < self.hosts and (starting or not up):  # some still starting (or none up yet)
                 return 0
             self.threads_up = threading.active_count()
             self.cpu_up, self.rusage_up = thread_cpu(), cpu_seconds()
@@ -144,11 +156,23 @@ class ScaleCoordinator(Coordinator):
 
 
 def thread_cpu() -> dict[int, float]:
-    """CPU seconds (user + system, in clock ticks) of each thread of this process, by native thread id."""
+    """CPU seconds of each thread of this process, by native thread id.
+
+    From the scheduler's ``se.sum_exec_runtime`` (nanoseconds) where the kernel shows it:
+    /proc's utime + stime count whole clock ticks (10 ms) per thread, and with 100 hosts
+    most threads use less than a tick per run.
+    """
     ticks = os.sysconf("SC_CLK_TCK")
     used = {}
     for tid in os.listdir("/proc/self/task"):
         try:
+            with open(f"/proc/self/task/{tid}/sched") as handle:
+                for line in handle:
+                    if line.startswith("se.sum_exec_runtime"):
+                        used[int(tid)] = float(line.split(":")[1]) / 1e3  # milliseconds
+                        break
+            if int(tid) in used:
+                continue
             with open(f"/proc/self/task/{tid}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
@@ -253,7 +277,7 @@ def measure(n: int, base: Path, args) -> dict:
         config = fabric_config(config_path)
         blocks = args.blocks
         try:
-            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, args.profile and n == max(args.hosts))
+            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, False)
         except JobError as err:  # client/ was edited since setup (others work in this tree)
             if "stale" not in str(err):
                 raise
@@ -264,6 +288,8 @@ def measure(n: int, base: Path, args) -> dict:
               f"at most {run['most connections']} connection(s) to a host ({run['hosts seen']} hosts seen)",
               flush=True)
         row.update(run, blocks=blocks)
+        if args.profile and n == max(args.hosts):  # a separate run: cProfile inflates small calls
+            row["profile"] = trivial_run(cluster, hosts, config, base / f"p{n}.db", blocks, True)["profile"]
         return row
 
 
@@ -273,7 +299,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=6000, help="trivial blocks per run (default 6000)")
     parser.add_argument("--login-shell", action="store_true",
                         help="leave root's ~/.bashrc and the python3 shim in every session")
-    parser.add_argument("--profile", action="store_true", help="cProfile the main loop on the largest N")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more run on the largest N with the main thread under cProfile")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as temp:
@@ -281,11 +308,11 @@ def main() -> None:
             print(f"{n} hosts:", flush=True)
             rows.append(measure(n, Path(temp), args))
     table = [[r["hosts"], f"{r['setup 1']:.1f}", f"{r['setup 2']:.1f}",
-              f"{r['hosts s']:.1f}" if "hosts s" in r else "", f"{r['start']:.1f}", r["blocks"],
+              f"{r['hosts s']:.1f}" if "hosts s" in r else "", f"{r['up']} in {r['start']:.1f}", r["blocks"],
               f"{r['blocks/s']:,.0f}", f"{r['wall/block'] * 1e3:.3f}", f"{r['cpu/block'] * 1e3:.3f}",
               r["threads"], r["most connections"]] for r in rows]
     print()
-    print(tabulate(table, headers=["hosts", "setup 1st s", "setup 2nd s", "fab hosts s", "agents up s", "blocks",
+    print(tabulate(table, headers=["hosts", "setup 1st s", "setup 2nd s", "fab hosts s", "agents up, s", "blocks",
                                    "blocks/s", "wall ms/block", "CPU ms/block", "threads", "conns/host"],
                    colalign=("right",) * 11))
     print()

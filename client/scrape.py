@@ -9,6 +9,7 @@ and ``certifi`` are used when they import; PySocks is required only with a proxy
      "user_agent": "...", "insecure": false, "bodies": true,
      "proxy": "127.0.0.1:9050" or null, "isolation": "slot-3" or null,
      "robots": null | {"fetch": true} | {"status": 200, "text": "..."},
+     "gap": seconds between request starts at one site (waited after robots.txt),
      "max_redirects": 10}
 
 Failures of the page (DNS, refused, timeout, TLS, HTTP status, robots.txt, a target
@@ -791,7 +792,14 @@ def run(args):
         origin = origin_of(url)
         if origin is not None:
             if robots.get("fetch"):
+                fetched_at = time.monotonic()
                 result["robots"] = cache.fetch(origin)
+                # robots.txt was a request to the same site: keep the site's gap (--delay, or its
+                # Crawl-delay when longer) before the page's own request.
+                gap = max(_number(args, "gap", 0.0, float), result["robots"].get("crawl_delay") or 0.0)
+                pause = min(fetched_at + gap - time.monotonic(), deadline.left())
+                if pause > 0:
+                    time.sleep(pause)
             else:
                 cache.give(origin, robots.get("status"), robots.get("text"))
         elif robots.get("fetch"):

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
+import re
 import shlex
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import BeowulfError, ConnectError
-from .inventory import Host
+from .inventory import MAX_SLOTS, Host
 from .provision import CLIENT_DIR, host_python, host_workdir
 from .transport import Stream, Transport, connect
 
@@ -33,6 +36,21 @@ PING_SECONDS = 5.0
 AGENT_IDLE_TIMEOUT = 45.0
 # Longest line accepted from an agent (the largest result is a few MB); longer is a protocol error.
 MAX_LINE_BYTES = 64 * 1024 * 1024
+# A line is read in pieces of at most this many bytes: paramiko's readline copies the whole
+# line so far for every packet, which for a 64 MB line is minutes of CPU (and the GIL).
+READ_PIECE = 256 * 1024
+# Lines that are not protocol tolerated on one connection (a shell startup file's chatter before
+# the hello); one more is a protocol error: the link is dropped (and retried with back-off).
+MAX_JUNK_LINES = 10
+# Largest hello accepted (its facts are stored in the hosts table).
+MAX_HELLO_BYTES = 64 * 1024
+# Longest error text of a failed result kept (one line).
+MAX_ERROR_CHARS = 500
+# Task ids whose result came (or that were cancelled) remembered per link, so that a late or
+# repeated answer is ignored quietly while a result for a task never sent is a protocol error.
+REMEMBERED_IDS = 4096
+# A JSON escape of a UTF-16 surrogate: only then can a decoded line hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # Results checked at once across all hosts: checking a full primes block builds a ~60 MB array,
 # so a few hosts finishing together must not multiply that (coordinator RSS stays flat).
 _checks = threading.BoundedSemaphore(2)
@@ -77,6 +95,8 @@ class HostLink:
         self.last_heard = time.monotonic()
         self.retired = False
         self._sent: dict[int, tuple[int, int]] = {}
+        self._finished: OrderedDict[int, None] = OrderedDict()  # answered or cancelled, newest last
+        self.protocol_error = ""  # why the last connection's agent was cut off, if it was
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
 
@@ -104,6 +124,8 @@ class HostLink:
         with self._lock:
             self.generation += 1
             self._sent.clear()
+            self._finished.clear()
+        self.protocol_error = ""
         generation = self.generation
         transport = self.transport = connect(self.host, self.config, accept_new=self.accept_new)
         self._check_retired()
@@ -125,13 +147,17 @@ class HostLink:
         if hello is None:
             tail = self.stream.stderr_tail().strip().splitlines() if self.stream else []
             self.close()
-            detail = tail[-1] if tail else "no output"
+            detail = self.protocol_error or (tail[-1] if tail else "no output")
             hint = "" if self.host.is_local else "; run fab setup"
             raise ConnectError(f"{self.name}: the agent did not start ({detail}){hint}")
         if hello.get("bundle") != self.bundle and not self.host.is_local:
             self.close()
             raise ConnectError(f"{self.name}: client bundle is stale ({hello.get('bundle')} != {self.bundle}); "
                                "run fab setup")
+        problem = _hello_problem(hello)
+        if problem:
+            self.close()
+            raise ConnectError(f"{self.name}: the agent's hello is not valid ({problem}); run fab setup")
         self.hello = hello
         self.slots = int(hello.get("slots") or self.host.slots or hello.get("cores") or 1)
         self.last_heard = time.monotonic()
@@ -193,6 +219,7 @@ class HostLink:
     def cancel(self, task_id: int) -> None:
         with self._lock:
             self._sent.pop(task_id, None)
+            self._remember(task_id)
         try:
             self.send({"type": "cancel", "id": task_id})
         except (ConnectionError, OSError):
@@ -203,31 +230,39 @@ class HostLink:
     def _read(self, stream: Stream, generation: int, hello_box: queue.Queue) -> None:
         said_hello = False
         reason = "connection closed"
+        junk = 0
         try:
             while True:
-                line = stream.readline(MAX_LINE_BYTES + 1)
+                line = _read_line(stream)
                 if not line:
                     break
-                if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
-                    reason = f"protocol error: a line of over {MAX_LINE_BYTES // 2**20} MB (or cut short)"
-                    if self.stream is stream:  # not just the tail of a stream we closed ourselves
-                        log.warning("%s: %s", self.name, reason)
+                if line is _TOO_LONG or not line.endswith(b"\n"):
+                    reason = self._cut_off(stream, f"a line of over {MAX_LINE_BYTES // 2**20} MB (or cut short)")
                     break
-                try:
-                    message = json.loads(line)
-                except (ValueError, UnicodeDecodeError):
-                    if self.stream is stream:
+                message = _parse(line)
+                if message is None:
+                    junk += 1
+                    if self.stream is stream and junk <= 3:
                         log.warning("%s: not protocol: %r", self.name, line[:120])
-                    continue
-                if not isinstance(message, dict):
+                    if junk > MAX_JUNK_LINES:
+                        reason = self._cut_off(stream, f"more than {MAX_JUNK_LINES} lines that are not protocol")
+                        break
                     continue
                 self.last_heard = time.monotonic()
                 kind = message.get("type")
                 if kind == "hello" and not said_hello:
+                    if len(line) > MAX_HELLO_BYTES:
+                        reason = self._cut_off(stream, f"a hello of over {MAX_HELLO_BYTES // 1024} kB")
+                        break
                     said_hello = True
                     hello_box.put(message)
                 elif kind == "result":
-                    self.events.put(self._result_event(message, generation))
+                    event = self._result_event(message, generation)
+                    if event is None:
+                        reason = self._cut_off(stream, f"a result for task {_short(message.get('id'))}, "
+                                                       "which was never sent to it")
+                        break
+                    self.events.put(event)
                 elif kind == "beat":
                     self.events.put(Event("beat", self, generation, message))
         except Exception as err:  # the reader must always report the link as lost
@@ -238,11 +273,45 @@ class HostLink:
         else:
             self.events.put(Event("lost", self, generation, reason=reason))
 
-    def _result_event(self, message: dict, generation: int) -> Event:
-        event = Event("result", self, generation, message)
+    def _cut_off(self, stream: Stream, what: str) -> str:
+        """Stop reading an agent that broke the protocol; the reason, for the lost event and the logs."""
+        reason = f"protocol error: {what}"
+        if self.stream is stream:  # not just the tail of a stream we closed ourselves
+            self.protocol_error = reason
+            log.warning("%s: %s", self.name, reason)
+        return reason
+
+    def _remember(self, task_id: int) -> None:
+        """Note an answered or cancelled task (the caller holds the lock)."""
+        self._finished[task_id] = None
+        while len(self._finished) > REMEMBERED_IDS:
+            self._finished.popitem(last=False)
+
+    def _result_event(self, message: dict, generation: int) -> Optional[Event]:
+        """The event for a result line; None for a result of a task never sent on this link."""
+        task_id = message.get("id")
+        if not isinstance(task_id, int) or isinstance(task_id, bool):
+            return None
         with self._lock:
-            bounds = self._sent.pop(message.get("id"), None)
-        if bounds is None or not message.get("ok"):
+            bounds = self._sent.pop(task_id, None)
+            if bounds is None and task_id not in self._finished:
+                return None
+            self._remember(task_id)
+        event = Event("result", self, generation, message)
+        if not message.get("ok"):
+            error = message.get("error")
+            error = " ".join(error.split())[:MAX_ERROR_CHARS] if isinstance(error, str) else ""
+            message["error"] = error or "failed (no error message)"
+            return event
+        if bounds is None:
+            return event  # a late copy (cancelled) or a repeated answer: the coordinator ignores it
+        elapsed = message.get("elapsed", 0.0)
+        if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not math.isfinite(elapsed) \
+                or elapsed < 0:
+            event.invalid = f"elapsed is not a number of seconds: {_short(elapsed)}"
+            return event
+        if not isinstance(message.get("result") or {}, dict):
+            event.invalid = "result is not an object"
             return event
         try:
             with _checks:
@@ -252,6 +321,71 @@ class HostLink:
         except Exception as err:  # garbage from a host must never kill the reader
             event.invalid = f"{type(err).__name__}: {err}"
         return event
+
+
+_TOO_LONG = b"(a line over MAX_LINE_BYTES)"
+
+
+def _read_line(stream: Stream) -> bytes:
+    """The next line (b"" at the end of the stream, a last one may lack its newline), or
+    _TOO_LONG once more than MAX_LINE_BYTES arrived without a newline (what came is dropped)."""
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        piece = stream.readline(READ_PIECE)
+        if not piece:
+            break
+        pieces.append(piece)
+        size += len(piece)
+        if piece.endswith(b"\n"):
+            break
+        if size > MAX_LINE_BYTES:
+            return _TOO_LONG
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _parse(line: bytes) -> Optional[dict]:
+    """A protocol line as a dict; None for anything else (not JSON, not UTF-8, not an object,
+    nested too deep). Lone surrogates (JSON escapes that are no text) become U+FFFD, so every
+    string can be stored."""
+    try:
+        message = json.loads(line)
+        if _SURROGATE_ESCAPE.search(line):
+            message = _text_only(message)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _text_only(value):
+    """``value`` with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_text_only(item) for item in value]
+    if isinstance(value, dict):
+        return {_text_only(key): _text_only(item) for key, item in value.items()}
+    return value
+
+
+def _hello_problem(hello: dict) -> str:
+    """What is wrong with a hello's fields (the coordinator relies on them), or ""."""
+    if not isinstance(hello.get("bundle"), str):
+        return "no bundle hash"
+    for key in ("slots", "cores"):
+        value = hello.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 1 <= value <= MAX_SLOTS):
+            return f"{key} is {_short(value)}, not 1..{MAX_SLOTS}"
+    if not isinstance(hello.get("engines") or {}, dict):
+        return "engines is not an object"
+    return ""
+
+
+def _short(value, limit: int = 40) -> str:
+    """repr(value) cut to ``limit`` characters, for messages about junk."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["Event", "HostLink", "Path"]

@@ -92,6 +92,9 @@ class DomainSchedule(Schedule):
             entry = heapq.heappop(self._heap)
             site = self.origins[entry[2]]
             site.scheduled = False
+            if site.next_start > now:
+                self._push(site)  # held back since it was queued (Retry-After, robots.txt): requeue
+                continue
             if not site.queue or site.in_flight >= self.per_domain or site.robots == FETCHING:
                 continue  # put back when one of its requests ends
             index = next((i for i in site.queue if host not in self._block(i, site).avoid), None)
@@ -114,7 +117,7 @@ class DomainSchedule(Schedule):
             self._push(site)
         return chosen
 
-    def duplicate_for(self, host: str, now: Optional[float] = None):
+    def duplicate_for(self, host: str, now: Optional[float] = None, own_seconds=None):
         """Never: a second copy of a request would be one request too many for the site."""
         return None
 
@@ -176,6 +179,12 @@ class DomainSchedule(Schedule):
 
     def _ended(self, site: Origin, block: Block) -> None:
         site.in_flight = max(0, site.in_flight - 1)
+        if getattr(block, "fetch_robots", False):
+            # That task made two requests (robots.txt, then the page a gap later); the page's
+            # start is known only to have been before now: count the next gap from now.
+            gap = max(self.delay, site.crawl_delay)
+            if gap > 0:
+                site.next_start = max(site.next_start, time.monotonic() + gap + START_MARGIN)
         if getattr(block, "fetch_robots", False) and site.robots == FETCHING:
             site.robots = UNKNOWN  # the robots fetch did not come back: the next URL fetches it
         block.fetch_robots = False

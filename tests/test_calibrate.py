@@ -40,7 +40,7 @@ def test_calibrate_host_directly():
     assert not outcome.error, outcome.error
     assert bench.next_lo > 10**9 and bench.width >= 100_000
     assert outcome.slots == 1 and outcome.tasks >= 1
-    assert 0.5 < outcome.seconds < 3.0
+    assert 0.5 < outcome.seconds < 60  # --seconds 1, plus start-up on a loaded machine
     assert outcome.rate == pytest.approx(outcome.items / outcome.seconds)
     assert outcome.rate > 1e5  # even the pure-Python sieve does far more than this
 

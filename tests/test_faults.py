@@ -266,6 +266,7 @@ def test_partition_blocks_redone_elsewhere_late_results_ignored_host_rejoins(fau
                  "h1's old agent to exit once the partition healed")
         # The coordinator reconnects (with back-off) and h1 works again.
         wait_for(lambda: blocks_of(db, "h1", "started > ?", (lift,)) >= 1, 2 * BOUND, "h1 to rejoin")
+        assert query(db, "SELECT count(*) FROM events WHERE host = 'h1' AND kind = 'up' AND time > ?", (lift,))[0][0]
         outcome = run.result(240)
     finally:
         relay.set_blackhole(False)

@@ -9,16 +9,28 @@ another exception, never a traceback: the last tests run ``fab`` with nasty valu
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import math
+import queue
 import re
 import string
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import cluster.agents as cluster_agents
+from client import primes as client_primes
+from cluster.agents import HostLink
 from cluster.errors import InventoryError, UsageError
 from cluster.inventory import KEYS, MAX_SLOTS, Host, parse_inventory
+from cluster.jobs.primes import PrimesJob
+from cluster.jobs.scrape import FetchOptions, InvalidPage, ScrapeJob
+from cluster.transport import Stream
 from cluster.urls import normalise, read_url_file
 from tasks.common import parse_float, parse_int
 from tasks.primes import MAX_END
@@ -224,7 +236,8 @@ FLOAT_FLAGS = [
 _numberish = st.builds(
     lambda sign, whole, dot, fraction, exponent, pad: f"{pad}{sign}{whole}{dot}{fraction}{exponent}{pad}",
     st.sampled_from(["", "+", "-", "--"]),
-    st.one_of(st.from_regex(r"[0-9][0-9_]{0,25}", fullmatch=True), st.sampled_from(["", "٣", "１２", "0x1f", "9" * 5000])),
+    st.one_of(st.from_regex(r"[0-9][0-9_]{0,25}", fullmatch=True),
+              st.sampled_from(["", "٣", "１２", "0x1f", "9" * 5000])),
     st.sampled_from(["", ".", ","]), st.from_regex(r"[0-9]{0,6}", fullmatch=True),
     st.one_of(st.just(""), st.builds(lambda e, n: f"{e}{n}", st.sampled_from(["e", "E", "e-", "e+"]),
                                      st.sampled_from(["0", "3", "7", "15", "16", "19", "308", "400", "999999999",
@@ -232,8 +245,9 @@ _numberish = st.builds(
     st.sampled_from(["", " ", "\t"]),
 )
 _flag_values = st.one_of(_numberish, st.text(max_size=20),
-                         st.sampled_from(["inf", "-inf", "nan", "NaN", "Infinity", "1e", "e5", ".", "_1", "1__0", "None",
-                                          "0e999999999999", "1e-999999999", "1" * 400 + "e-399", "\n5", "5\n"]))
+                         st.sampled_from(["inf", "-inf", "nan", "NaN", "Infinity", "1e", "e5", ".", "_1", "1__0",
+                                          "None", "0e999999999999", "1e-999999999", "1" * 400 + "e-399", "\n5",
+                                          "5\n"]))
 
 
 def _flag_error(err: UsageError, flag: str) -> None:
@@ -334,3 +348,121 @@ def test_fab_junk_inventory_and_url_file(run_fab, tmp_path, local_ini):
                    cwd=tmp_path, timeout=60)
     _refused(done, db)
     assert done.stderr.startswith("error: --max-bytes: must be at most")
+
+
+# ---------------------------------------------------------------- what agents say
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+_PRIMES = PrimesJob(1, 10**6)
+_SENT = {7: (1, 1000), 8: (1001, 3000)}  # task id -> block, as the coordinator sent them
+# A genuine answer for task 7, for the reader to accept among the junk.
+_GOOD = {"type": "result", "id": 7, "ok": True, "elapsed": 0.01,
+         "result": client_primes.run({"lo": 1, "hi": 1000, "mode": "list"})}
+_message = st.fixed_dictionaries(
+    {"type": st.sampled_from(["hello", "result", "beat", "pong", "bye", 5])},
+    optional={"id": st.one_of(st.sampled_from([7, 8, 9, True, 7.0, "7", [7], 10**30]), _json), "ok": _json,
+              "result": _json, "elapsed": _json, "error": _json, "bundle": _json, "slots": _json, "cores": _json,
+              "engines": _json},
+)
+_agent_line = st.one_of(
+    _message.map(lambda m: json.dumps(m).encode() + b"\n"),
+    st.binary(max_size=80).map(lambda b: b + b"\n"),
+    st.sampled_from([b"\xff\xfe\n", b"[" * 5000 + b"]" * 5000 + b"\n", b"null\n", b'{"type": "beat", "x": "\\ud800"}\n',
+                     b'{"type": "result", "id": 8, "ok": false, "error": "a\\nb\\u2028c"}\n', b"no newline at the end",
+                     json.dumps(_GOOD).encode() + b"\n"]),
+)
+
+
+class _Lines(Stream):
+    """A stream whose stdout is the given bytes."""
+
+    def __init__(self, data: bytes):
+        self._stderr_lines = []
+        self._data = io.BytesIO(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._data.readline(limit)
+
+    def kill(self) -> None:
+        pass
+
+
+@JUNK
+@given(st.lists(_agent_line, max_size=25))
+@example([b"\xff\n"] * 20)
+@example([json.dumps({"type": "hello", "bundle": "b", "slots": 10**9}).encode() + b"\n"])
+@example([json.dumps({"type": "hello", "bundle": "b"}).encode() + b"\n", json.dumps(_GOOD).encode() + b"\n",
+          json.dumps(_GOOD).encode() + b"\n", json.dumps(dict(_GOOD, id=9)).encode() + b"\n"])
+def test_agent_reader_survives_any_lines(caplog, lines):
+    """Whatever an agent sends, the reader ends with a hello (or none) and a lost event, never a
+    traceback; every event it passes on is one the coordinator can act on without surprises."""
+    events: queue.Queue = queue.Queue()
+    link = HostLink(Host("h", "u@h", user="u", hostname="h"), None, False, events, _PRIMES.check, "b")
+    link._sent = dict(_SENT)
+    link.stream = stream = _Lines(b"".join(lines))
+    hello_box: queue.Queue = queue.Queue()
+    with caplog.at_level(logging.WARNING, logger="cluster.agents"):
+        link._read(stream, link.generation, hello_box)
+    assert not [r for r in caplog.records if r.exc_info], "the reader logged a traceback"
+    assert all(one_line(r.getMessage()) for r in caplog.records)
+    hello = hello_box.get_nowait()
+    got = []
+    while not events.empty():
+        got.append(events.get_nowait())
+    if hello is not None:  # then the reader ends with a lost event (else start() gives up on the host)
+        assert got and got[-1].kind == "lost" and one_line(got[-1].reason)
+        got.pop()
+        if not cluster_agents._hello_problem(hello):  # what start() and the coordinator then rely on
+            assert 1 <= int(hello.get("slots") or hello.get("cores") or 1) <= MAX_SLOTS
+            (hello.get("engines") or {}).get("primes")
+    for event in got:
+        assert event.kind in ("result", "beat")
+        if event.kind != "result":
+            continue
+        message = event.message
+        assert type(message["id"]) is int and message["id"] in _SENT
+        if not message.get("ok"):
+            assert isinstance(message["error"], str) and one_line(message["error"])
+        elif event.checked is not None:
+            assert event.invalid is None and event.checked[0] == 168
+            assert math.isfinite(float(message.get("elapsed") or 0.0))
+            assert isinstance(message.get("result") or {}, dict)
+        json.dumps(message, ensure_ascii=False).encode("utf-8")  # storable: no lone surrogates
+
+
+_page = st.fixed_dictionaries(
+    {},
+    optional={key: st.one_of(_json, st.sampled_from([200, 404, 429, 503, "x", 1e308, -1, float("nan")]))
+              for key in ("status", "size", "error_kind", "retry_after", "elapsed", "title", "error", "final_url",
+                          "content_type", "sha256", "truncated", "via_proxy")}
+    | {"robots": st.one_of(_json, st.fixed_dictionaries({}, optional={
+        "status": _json, "text": _json, "crawl_delay": st.one_of(_json, st.sampled_from([0.5, float("inf")]))}))},
+)
+
+
+@JUNK
+@given(_page)
+@example({"status": {"a": 1}})
+@example({"status": 429, "retry_after": float("nan")})
+@example({"robots": {"status": 200, "text": ["not", "text"]}})
+@example({"robots": {"status": 200, "crawl_delay": "soon"}})
+def test_scrape_check_lets_through_only_what_decide_and_store_can_use(page):
+    """A page result from a host is InvalidPage, or safe to decide on and to store."""
+    job = ScrapeJob(["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"], FetchOptions())
+    job.make_schedule([])
+    _, block = job.schedule.next_block("h")
+    try:
+        job.check(block.lo, block.hi, page)
+    except InvalidPage as err:
+        assert one_line(str(err))
+        return
+    decision = job.decide(block, "h", page, time.monotonic(), 1)
+    assert decision[0] in ("final", "retry")
+    if decision[0] == "retry":
+        assert math.isfinite(decision[1]) and decision[1] >= 0
+    record = job.page_record(block, "h", page)
+    assert all(value is None or type(value) in (int, float, str) for value in record.values()), record

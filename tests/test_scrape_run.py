@@ -105,13 +105,14 @@ def test_many_sites_in_parallel(run_fab, tmp_path):
     servers = [WebServer(robots=NO_ROBOTS_DELAY, latency=0.3).start() for _ in range(6)]
     try:
         urls = [server.url(f"/page/{i}") for server in servers for i in range(3)]
-        began = time.monotonic()
         done = scrape(run_fab, inventory(tmp_path, slots=2), url_file(tmp_path, urls), tmp_path / "r.db",
                       "--delay", "0", "--concurrency", "3")
         assert done.returncode == 0, done.stdout + done.stderr
-        # 18 pages at 0.3 s each, 6 sites fetched side by side: far less than 18 x 0.3 s one by one.
         assert sum(len(s.requests) for s in servers) == 18 + 6
-        assert time.monotonic() - began < 18 * 0.3 + 3
+        # Sites are fetched side by side: several page requests arrive while one takes its 0.3 s.
+        arrivals = sorted(r.time for s in servers for r in s.requests if r.path.startswith("/page/"))
+        together = max(sum(1 for t in arrivals if start <= t < start + 0.3) for start in arrivals)
+        assert together >= 3, arrivals
     finally:
         for server in servers:
             server.stop()

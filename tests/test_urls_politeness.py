@@ -124,3 +124,10 @@ def test_scrape_job_params_identify_the_url_set():
     assert a.params() == b.params() != c.params()
     assert ScrapeJob(["http://a.test/"], FetchOptions(), delay=5).params() == \
         ScrapeJob(["http://a.test/"], FetchOptions(), delay=0).params()
+
+
+def test_hold_back_applies_to_a_site_already_waiting_in_line():
+    s = schedule(["http://a.test/1", "http://a.test/2", "http://a.test/3"], delay=0.0, per_domain=2)
+    first, _ = s.next_block("h1")
+    s.give_back(first, retry_at=time.monotonic() + 30)  # a 429 while the site is queued to go again
+    assert s.next_block("h2") is None

@@ -56,6 +56,8 @@ FULL_CHECK_WIDTH = 2000
 MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
 # Primes formatted and written at a time by write_text (bounds its memory).
 TEXT_CHUNK = 1 << 18
+# Longest engine name accepted in a result (it is stored with every block).
+MAX_ENGINE_CHARS = 64
 # Longest varint accepted: 8 bytes hold 56 bits, more than any offset below 10**15.
 MAX_VARINT_BYTES = 8
 
@@ -270,6 +272,9 @@ def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[in
     for key, want in (("lo", lo), ("hi", hi)):
         if key in result and result[key] != want:
             raise InvalidResult(f"result is for {key}={result[key]!r}, not {want}")
+    engine = result.get("engine")
+    if engine is not None and not (isinstance(engine, str) and len(engine) <= MAX_ENGINE_CHARS):
+        raise InvalidResult(f"engine must be a short name, not {type(engine).__name__} of {len(str(engine))}")
     count, checksum = result.get("count"), result.get("checksum")
     first, last = result.get("first"), result.get("last")
     if not _is_int(count) or not _is_int(checksum):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -119,6 +120,7 @@ class ScrapeJob:
         if options.robots:
             rules = self.schedule.robots_of(block)
             args["robots"] = {"fetch": True} if getattr(block, "fetch_robots", False) else rules
+            args["gap"] = self.delay
         else:
             args["robots"] = None
         if options.tor:
@@ -133,7 +135,11 @@ class ScrapeJob:
     # ------------------------------------------------------------ results
 
     def check(self, lo: int, hi: int, result: dict) -> tuple[int, Optional[bytes]]:
-        """Decode the body and check it against its sha256 (runs in the host's reader thread)."""
+        """Check the fields' types, decode the body and check it against its sha256 (runs in the
+        host's reader thread): what passes can be decided on and stored without surprises."""
+        problem = _shape_problem(result)
+        if problem:
+            raise InvalidPage(f"URL {lo}: {problem}")
         data = result.get("body")
         if data is None:
             return (1 if _ok_status(result.get("status")) else 0), None
@@ -175,6 +181,50 @@ class ScrapeJob:
             "tor": int(bool(result.get("via_proxy"))), "error": result.get("error"),
             "error_kind": result.get("error_kind"), "attempts": block.attempts,
         }
+
+
+# Result fields that are text (or null), and the error kinds a client reports.
+TEXT_FIELDS = ("url", "final_url", "content_type", "sha256", "title", "error")
+ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots", "too_big", "other")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_seconds(value) -> bool:
+    """A finite, non-negative number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _shape_problem(result) -> str:
+    """What is wrong with the types of a fetch result's fields (a broken or hostile host), or ""."""
+    if not isinstance(result, dict):
+        return "result is not an object"
+    for key in TEXT_FIELDS:
+        if result.get(key) is not None and not isinstance(result[key], str):
+            return f"{key} is not text"
+    status, size = result.get("status"), result.get("size", 0)
+    if status is not None and not (_is_int(status) and 100 <= status <= 999):
+        return "status is not an HTTP status"
+    if not _is_int(size) or size < 0:
+        return "size is not a byte count"
+    if result.get("error_kind") not in (None, *ERROR_KINDS):
+        return "unknown error_kind"
+    for key in ("retry_after", "elapsed"):
+        if result.get(key) is not None and not _is_seconds(result[key]):
+            return f"{key} is not a number of seconds"
+    robots = result.get("robots")
+    if robots is not None:
+        if not isinstance(robots, dict):
+            return "robots is not an object"
+        if robots.get("status") is not None and not _is_int(robots["status"]):
+            return "robots status is not a number"
+        if robots.get("text") is not None and not isinstance(robots["text"], str):
+            return "robots text is not text"
+        if robots.get("crawl_delay") is not None and not _is_seconds(robots["crawl_delay"]):
+            return "robots crawl_delay is not a number of seconds"
+    return ""
 
 
 def _ok_status(status) -> bool:

@@ -1,0 +1,243 @@
+"""Hostile hosts and hostile web servers, with real processes: the run goes on and stays exact.
+
+Agents: an sshd host whose ``python`` is a wrapper that speaks a corrupted protocol
+(random bytes, invalid UTF-8, a 100 MB line, a result for a task never sent, wrong
+checksums, a wrong bundle hash) beside an honest host. ``fab primes`` still exits 0
+with pi(10^7), the hostile host is flagged (left out, lost, invalid, quarantined) and
+the coordinator's memory stays bounded (peak RSS of the fab process tree).
+
+Web: ``fab scrape`` against a gzip bomb, an endless redirect loop, a one-byte-a-second
+drip (body and headers), huge headers, a binary body and a 50 MB body: every URL gets
+a record (an error where the fetch failed), the honest pages are fetched, time and
+memory stay bounded.
+
+Traffic stays on 127.0.0.0/8 and no name is ever resolved.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.agents import MAX_JUNK_LINES, MAX_LINE_BYTES
+from cluster.store import Store
+from harness import SshCluster, fab_argv, fab_env, require_sshd, run_fab
+from harness.web import BINARY_BODY, WebServer, gzip_bomb
+
+pytestmark = pytest.mark.slow
+
+PI_1E7 = 664579
+# Peak resident memory allowed to the fab process tree (coordinator, local agent, workers).
+RSS_LIMIT_MB = 400
+FAB_TIMEOUT = 240
+
+# Runs fab, then writes the largest peak RSS (kB) among fab and every descendant it reaped.
+_RSS_SHIM = ("import resource, subprocess, sys\n"
+             "code = subprocess.call(sys.argv[2:])\n"
+             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+             "sys.exit(code)\n")
+
+
+def fab_measured(args, tmp_path: Path, config=None, timeout: float = FAB_TIMEOUT):
+    """run ``fab ARGS``; (CompletedProcess, peak RSS of the fab process tree in MB, seconds)."""
+    rss_file = tmp_path / f"rss-{time.monotonic_ns()}"
+    argv = [sys.executable, "-c", _RSS_SHIM, str(rss_file), *fab_argv(args, config)]
+    began = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=fab_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"fab did not finish within {timeout}s:\n{out}\n{err}") from None
+    seconds = time.monotonic() - began
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return done, int(rss_file.read_text()) / 1024, seconds
+
+
+def primes_total(stdout: str) -> int:
+    line = [line for line in stdout.splitlines() if " primes in [" in line][-1]
+    return int(line.split()[0].replace(",", ""))
+
+
+# ---------------------------------------------------------------- hostile agents
+
+# The "python" of a host: ignores what it is asked to run except to hand it to the real
+# interpreter (python3 on the host), and corrupts what the agent says, per MODE.
+FAKE_PYTHON = r'''#!/usr/bin/env python3
+import json, os, subprocess, sys, time
+MODE = %(mode)r
+out = sys.stdout.buffer
+
+
+def write(data):
+    out.write(data)
+    out.flush()
+
+
+def dump(message):
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+
+
+if MODE == "slow":  # an honest machine that takes a while to start
+    time.sleep(3)
+    os.execvp("python3", ["python3"] + sys.argv[1:])
+if MODE == "random":  # no hello, only noise
+    write(os.urandom(1 << 20))
+    sys.stdin.buffer.read()  # until the coordinator hangs up
+    sys.exit(0)
+JUNK = [b"\xff\xfe\xfd not utf-8\n", b'{"type": "beat", "load": "\xc3\x28"}\n', b"[" * 100000 + b"]" * 100000 + b"\n",
+        b"\x00" * 100 + b"\n", b'{"type": "result", \n', b"null\n",
+        b'{"type": "beat", "load": "\\ud800 a lone surrogate is not junk"}\n']
+agent = subprocess.Popen(["python3"] + sys.argv[1:], stdin=sys.stdin, stdout=subprocess.PIPE)
+results = 0
+try:
+    for line in agent.stdout:
+        message = json.loads(line)
+        kind = message.get("type")
+        if kind == "hello" and MODE == "bundle":
+            message["bundle"] = "0" * 64
+            line = dump(message)
+        if kind == "result" and message.get("ok"):
+            results += 1
+            if MODE == "checksum":
+                message["result"]["checksum"] ^= 2
+                line = dump(message)
+            elif MODE == "stray":
+                write(dump(dict(message, id=987654321)))
+        write(line)
+        if kind == "result" and MODE == "utf8":
+            for junk in JUNK:
+                write(junk)
+        if kind == "result" and MODE == "huge" and results == 1:
+            chunk = b"x" * (1 << 20)
+            for _ in range(100):
+                write(chunk)
+            write(b"\n")
+except OSError:  # the coordinator hung up
+    pass
+finally:
+    agent.kill()
+'''
+
+# mode -> what the coordinator must say about the hostile host (in its output or the store's events)
+MODES = {
+    "random": rf"left out: h2: the agent did not start \(protocol error: more than {MAX_JUNK_LINES} lines",
+    "utf8": rf"h2.*protocol error: more than {MAX_JUNK_LINES} lines that are not protocol",
+    "huge": rf"h2.*protocol error: a line of over {MAX_LINE_BYTES // 2**20} MB",
+    "stray": r"h2.*protocol error: a result for task 987654321, which was never sent to it",
+    "checksum": r"h2.*(invalid|quarantine).*checksum",
+    "bundle": r"left out: h2: client bundle is stale \(0{64} != ",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_cluster(tmp_path_factory):
+    """Two provisioned sshd hosts: h1 (honest, slow to start) and h2 (made hostile per test)."""
+    require_sshd()
+    base = tmp_path_factory.mktemp("hostile")
+    with SshCluster(base / "cluster", 2) as cluster:
+        config = cluster.write_fabric_config(base / "fabric.yaml")
+        done = run_fab(["setup", "--inventory", cluster.write_inventory(base / "setup.ini"), "--no-numpy"],
+                       config=config, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        yield cluster, config
+
+
+def fake_python(folder: Path, mode: str) -> Path:
+    path = folder / f"python-{mode}"
+    path.write_text(FAKE_PYTHON % {"mode": mode})
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_hostile_agent_cannot_break_the_run(hostile_cluster, tmp_path, mode):
+    cluster, config = hostile_cluster
+    # h1 is honest but starts 3 s late, so the hostile h2 gets the first blocks (or says its junk first).
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={
+        "h1": {"python": fake_python(tmp_path, "slow"), "slots": 1},
+        "h2": {"python": fake_python(tmp_path, mode), "slots": 1},
+    })
+    db = tmp_path / "r.db"
+    done, rss_mb, seconds = fab_measured(["primes", "--inventory", inventory, "--start", "1", "--end", "1e7",
+                                          "--db", db], tmp_path, config=config)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Traceback" not in output
+    assert primes_total(done.stdout) == PI_1E7
+    with Store(db) as store:
+        run_id = store.runs()[-1]["id"]
+        events = store.events(run_id)
+        assert store.integrity_ok()
+        blocks = sorted(store.blocks(run_id), key=lambda b: b["lo"])
+    assert blocks[0]["lo"] == 1 and blocks[-1]["hi"] == 10**7
+    assert all(b["lo"] == a["hi"] + 1 for a, b in zip(blocks, blocks[1:]))  # one row per block
+    flagged = output + "\n" + "\n".join(f"{e['host']} {e['kind']} {e['detail']}" for e in events)
+    assert re.search(MODES[mode], flagged), flagged
+    if mode == "checksum":  # nothing it computed was kept
+        assert all(b["host"] != "h2" for b in blocks)
+    assert rss_mb < RSS_LIMIT_MB, f"fab process tree peaked at {rss_mb:.0f} MB"
+    print(f"{mode}: {seconds:.1f}s, peak RSS {rss_mb:.0f} MB, "
+          f"h2 committed {sum(1 for b in blocks if b['host'] == 'h2')} of {len(blocks)} blocks")
+
+
+# ---------------------------------------------------------------- hostile web servers
+
+NO_ROBOTS_DELAY = "User-agent: *\nDisallow: /private\n"
+HOSTILE_PATHS = ["/gzipbomb", "/loop", "/slowdrip", "/slowdrip?headers=1", "/hugeheader", "/hugeheader?count=200",
+                 "/binary", "/big?size=50000000"]
+
+
+def test_hostile_web_servers_bounded_and_recorded(tmp_path):
+    """Each hostile endpoint on a site of its own (sites are fetched side by side), plus honest pages."""
+    servers = [WebServer(robots=NO_ROBOTS_DELAY).start() for _ in HOSTILE_PATHS + ["honest"]]
+    try:
+        honest = servers[-1]
+        hostile = {path: server.url(path) for path, server in zip(HOSTILE_PATHS, servers)}
+        pages = [honest.url(f"/page/{n}") for n in range(1, 6)]
+        urls = tmp_path / "urls.txt"
+        urls.write_text("\n".join(list(hostile.values()) + pages) + "\n")
+        inventory = tmp_path / "local.ini"
+        inventory.write_text("[this computer]\naddress = local\nslots = 1\n")
+        db = tmp_path / "r.db"
+        done, rss_mb, seconds = fab_measured(["scrape", "--urls", urls, "--db", db, "--inventory", inventory,
+                                              "--delay", "0", "--timeout", "5"], tmp_path)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert "Traceback" not in output
+        with Store(db) as store:
+            run_id = store.runs()[-1]["id"]
+            got = {record["url"]: record for record, _ in store.iter_pages(run_id)}
+    finally:
+        for server in servers:
+            server.stop()
+    assert len(got) == len(hostile) + len(pages)
+    for n, url in enumerate(pages, start=1):  # the honest pages of the same run
+        assert (got[url]["status"], got[url]["title"], got[url]["error_kind"]) == (200, f"Page {n}", None)
+    kinds = {path: got[url]["error_kind"] for path, url in hostile.items()}
+    assert kinds == {"/gzipbomb": None, "/loop": "redirects", "/slowdrip": "timeout", "/slowdrip?headers=1": "timeout",
+                     "/hugeheader": "too_big", "/hugeheader?count=200": "too_big", "/binary": None,
+                     "/big?size=50000000": None}, kinds
+    bomb = got[hostile["/gzipbomb"]]  # kept as sent (a few hundred kB), never inflated to 256 MB
+    assert bomb["status"] == 200 and bomb["size"] == len(gzip_bomb(256 << 20)) < 1 << 20 and bomb["title"] is None
+    binary = got[hostile["/binary"]]
+    assert (binary["status"], binary["size"], binary["title"]) == (200, len(BINARY_BODY), None)
+    assert binary["content_type"] == "application/octet-stream"
+    big = got[hostile["/big?size=50000000"]]
+    assert (big["status"], big["size"], big["truncated"]) == (200, 5_000_000, 1)  # cut at --max-bytes' default
+    assert got[hostile["/slowdrip"]]["status"] == 200 and got[hostile["/slowdrip"]]["size"] <= 10
+    assert got[hostile["/loop"]]["status"] == 302
+    # The timeouts are retried (4 attempts, 2+4+8 s of back-off): about 34 s for the drips, all sites in parallel.
+    assert seconds < 120, seconds
+    assert rss_mb < RSS_LIMIT_MB, f"fab process tree peaked at {rss_mb:.0f} MB"
+    print(f"scrape: {seconds:.1f}s, peak RSS {rss_mb:.0f} MB")
