@@ -1,6 +1,6 @@
 """Scale: `fab setup`, `fab hosts` and one coordinator on 10, 30 and 100 loopback sshd hosts.
 
-    python bench/bench_scale.py [--hosts 10,30,100] [--blocks 6000] [--login-shell] [--profile]
+    python bench/bench_scale.py [--hosts 10,30,100] [--blocks 6000] [--idle 10] [--login-shell] [--profile]
 
 For each host count N, N sshd hosts of the test harness (127.0.0.2 ...), one
 slot each, are started and measured:
@@ -19,7 +19,10 @@ slot each, are started and measured:
   loop (the last result handed to the store writer), and that CPU by thread
   (main loop, HostLink readers, Paramiko transports, store writer); the threads
   of the process; the most SSH connections it held to any one host during the
-  run (/proc/net/tcp, by socket), which must be 1.
+  run (/proc/net/tcp, by socket), which must be 1;
+- at the largest N, before that run: the coordinator's CPU (share of one core,
+  by thread) while every host is connected and there is nothing to do for
+  ``--idle`` seconds (heartbeats, pings and Paramiko's own wake-ups).
 
 Every host runs on this machine, so N hosts share its cores with the
 coordinator: the figures show what one coordinator process costs per host and
@@ -114,14 +117,17 @@ SAMPLER = "bench-sampler"  # this script's connection counter: its CPU is not th
 
 class GatedJob(TrivialJob):
     """A TrivialJob whose blocks are held back until every host's agent is up (each host starts working as
-    it says hello; here the rate is measured with all of them working). The moment the gate opens, it notes
-    the wall time, this process's CPU (getrusage) and the CPU of each of its threads."""
+    it says hello; here the rate is measured with all of them working), and then ``idle`` seconds more,
+    measuring what the coordinator costs with every host connected and nothing to do. The moment the gate
+    opens, it notes the wall time, this process's CPU (getrusage) and the CPU of each of its threads."""
 
-    def __init__(self, count: int, hosts: int):
+    def __init__(self, count: int, hosts: int, idle: float = 0.0):
         super().__init__(count, "noop")
         self.hosts = hosts
+        self.idle = idle
         self.coordinator: Optional[Coordinator] = None
-        self.opened = 0.0
+        self.all_up = self.opened = 0.0
+        self.idle_cpu: dict[str, float] = {}  # thread group -> share of one core while idle
 
     def capacity(self, slots: int) -> int:
         if not self.opened:
@@ -130,6 +136,16 @@ class GatedJob(TrivialJob):
             up, starting = self.coordinator.up, self.coordinator.reconnecting
             if len(up) < self.hosts and (starting or not up):  # some still starting (or none up yet)
                 return 0
+            now = time.perf_counter()
+            if not self.all_up:
+                self.all_up = now
+                self.cpu_up, self.rusage_up = thread_cpu(), cpu_seconds()
+            if now - self.all_up < self.idle:
+                return 0
+            if self.idle:
+                used = group_cpu(self.cpu_up)
+                used.pop(SAMPLER, None)
+                self.idle_cpu = {group: seconds / (now - self.all_up) for group, seconds in used.items()}
             self.threads_up = threading.active_count()
             self.cpu_up, self.rusage_up = thread_cpu(), cpu_seconds()
             self.opened = time.perf_counter()
@@ -143,16 +159,23 @@ class ScaleCoordinator(Coordinator):
         super()._loop()
         job = self.job
         self.loop_done = time.perf_counter()
-        rusage, used = cpu_seconds(), thread_cpu()
-        names = {thread.native_id: thread.name for thread in threading.enumerate()}
-        self.cpu: dict[str, float] = {}
-        for tid, seconds in used.items():
-            name = names.get(tid, "")
-            group = ("main loop" if name == "MainThread" else "readers (agent-*)" if name.startswith("agent-")
-                     else "store writer" if name == "store-writer" else SAMPLER if name == SAMPLER
-                     else "paramiko transports, other")
-            self.cpu[group] = self.cpu.get(group, 0.0) + seconds - job.cpu_up.get(tid, 0.0)
+        rusage = cpu_seconds()
+        self.cpu = group_cpu(job.cpu_up)
         self.coordinator_cpu = rusage - job.rusage_up - self.cpu.pop(SAMPLER, 0.0)
+
+
+def group_cpu(since: dict[int, float]) -> dict[str, float]:
+    """CPU seconds of this process's threads since the snapshot ``since``, by kind of thread."""
+    used = thread_cpu()
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    groups: dict[str, float] = {}
+    for tid, seconds in used.items():
+        name = names.get(tid, "")
+        group = ("main loop" if name == "MainThread" else "readers (agent-*)" if name.startswith("agent-")
+                 else "store writer" if name == "store-writer" else SAMPLER if name == SAMPLER
+                 else "paramiko transports, other")
+        groups[group] = groups.get(group, 0.0) + seconds - since.get(tid, 0.0)
+    return groups
 
 
 def thread_cpu() -> dict[int, float]:
@@ -194,9 +217,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profile: bool) -> dict:
+def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profile: bool, idle: float = 0.0) -> dict:
     """One coordinator run of ``blocks`` noop blocks; rates from all agents up to the last block."""
-    job = GatedJob(blocks, len(hosts))
+    job = GatedJob(blocks, len(hosts), idle)
     coordinator = job.coordinator = ScaleCoordinator(job, hosts, config, str(db), fresh=True)
     most: Counter = Counter()
     stop = threading.Event()
@@ -233,7 +256,7 @@ def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profi
         report = text.getvalue()
     return {
         "up": sum(1 for h in outcome.hosts if h.state == "up"),
-        "start": job.opened - began,
+        "start": job.all_up - began,
         "blocks/s": blocks / seconds,
         "cpu/block": coordinator.coordinator_cpu / blocks,
         "wall/block": seconds / blocks,
@@ -243,6 +266,7 @@ def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profi
         "hosts seen": len(most),
         "warnings": outcome.warnings,
         "profile": report,
+        "idle": job.idle_cpu,
     }
 
 
@@ -276,13 +300,14 @@ def measure(n: int, base: Path, args) -> dict:
         hosts = load_inventory(inventory)
         config = fabric_config(config_path)
         blocks = args.blocks
+        idle = args.idle if n == max(args.hosts) else 0.0
         try:
-            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, False)
+            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, False, idle)
         except JobError as err:  # client/ was edited since setup (others work in this tree)
             if "stale" not in str(err):
                 raise
             run_fab(setup, config=config_path, timeout=900)
-            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, False)
+            run = trivial_run(cluster, hosts, config, base / f"r{n}.db", blocks, False, idle)
         print(f"  run: {run['up']} of {n} agents up in {run['start']:.1f} s; {blocks} blocks at "
               f"{run['blocks/s']:,.0f}/s; {run['cpu/block'] * 1e3:.3f} ms CPU per block; {run['threads']} threads; "
               f"at most {run['most connections']} connection(s) to a host ({run['hosts seen']} hosts seen)",
@@ -299,6 +324,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=6000, help="trivial blocks per run (default 6000)")
     parser.add_argument("--login-shell", action="store_true",
                         help="leave root's ~/.bashrc and the python3 shim in every session")
+    parser.add_argument("--idle", type=float, default=10.0,
+                        help="seconds every host stays connected with nothing to do before the run on the "
+                             "largest N, to measure the idle cost (default 10)")
     parser.add_argument("--profile", action="store_true",
                         help="one more run on the largest N with the main thread under cProfile")
     args = parser.parse_args()
@@ -321,7 +349,12 @@ def main() -> None:
                           for group, seconds in sorted(r["by thread"].items(), key=lambda g: -g[1]))
         print(f"{r['hosts']} hosts, coordinator CPU ms per block by thread: {parts}")
     for r in rows:
-        if r["profile"]:
+        if r["idle"]:
+            parts = ", ".join(f"{group} {share * 100:.1f}%"
+                              for group, share in sorted(r["idle"].items(), key=lambda g: -g[1]))
+            print(f"{r['hosts']} hosts connected and idle: {sum(r['idle'].values()) * 100:.1f}% of one core ({parts})")
+    for r in rows:
+        if r.get("profile"):
             print(f"\ncProfile of the main thread, {r['hosts']} hosts (CPU time, by own time):")
             print(r["profile"])
     print(f"shell: {'login shell as it is' if args.login_shell else 'clean (SetEnv SHLVL=1), real interpreter'}; "

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from .agents import PING_SECONDS, Event, HostLink
 from .errors import BeowulfError, JobError
+from .fanout import MAX_CONCURRENT_HOSTS
 from .inventory import Host
 from .provision import local_bundle_hash
 from .scheduler import MAX_BLOCK_FAILURES, MIN_BLOCK, Schedule
@@ -99,6 +100,7 @@ class Coordinator:
         self.beat_seconds = beat_seconds
         self.beat_timeout = max(beat_timeout, 5 * beat_seconds)
         self.events: queue.Queue = queue.Queue()
+        self._starting = threading.BoundedSemaphore(MAX_CONCURRENT_HOSTS)
         self.stats = {host.name: HostStats(host.name) for host in hosts}
         self.links: dict[str, HostLink] = {}
         self.up: set[str] = set()
@@ -197,7 +199,10 @@ class Coordinator:
     def _connect(self, name: str) -> None:
         link = self.links[name]
         try:
-            link.start()
+            # Starting an agent costs the host (and us) a second or so of CPU: a hundred at once
+            # would push the last ones past the hello timeout. The first ones work meanwhile.
+            with self._starting:
+                link.start()
             self.events.put(Event("up", link, link.generation))
         except BeowulfError as err:
             self.events.put(Event("down", link, link.generation, reason=str(err)))

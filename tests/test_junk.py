@@ -4,7 +4,11 @@ Any text given to the inventory parser is a list of hosts or an InventoryError w
 message is one line naming the file and a line; any bytes in a URL file are URLs or a
 one-line UsageError naming the file (and the line); any string given to a numeric flag
 is a value within the flag's bounds or a one-line UsageError naming the flag. Never
-another exception, never a traceback: the last tests run ``fab`` with nasty values.
+another exception, never a traceback: a few tests run ``fab`` with nasty values.
+
+Then what hosts send: any lines read from an agent end the reader cleanly (no traceback)
+and pass on only events the coordinator can act on, and a page result is either refused
+or safe to decide on and store. tests/test_hostile.py does the same with real processes.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from tasks.primes import MAX_END
 from tasks.stats import MAX_START
 from tasks.tor import MAX_RESTART_WAIT
 
-JUNK = settings(max_examples=150, deadline=None,
+JUNK = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 INVENTORY = Path("/nonexistent/beowulf-junk/hosts.ini")  # only named in messages and to resolve identity
 

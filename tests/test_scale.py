@@ -171,7 +171,8 @@ def test_one_coordinator_drives_all_hosts_over_one_connection_each(provisioned, 
         sampler.join()
     print(f"coordinator, {BLOCKS} noop blocks on {HOSTS} hosts: {time.monotonic() - began:.1f}s")
 
-    assert not outcome.warnings
+    # (On 2 shared cores, 100 agents starting at once can miss the coordinator's 60 s hello timeout.)
+    assert not outcome.warnings, f"{len(outcome.warnings)} warnings, e.g. {outcome.warnings[:3]}"
     assert all(stats.state == "up" and stats.blocks >= 1 for stats in outcome.hosts), \
         [(s.name, s.state, s.blocks, s.reason) for s in outcome.hosts if s.state != "up" or not s.blocks]
     # Every block committed once: one row per block, and no block was handed to the store twice.
