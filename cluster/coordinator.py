@@ -248,7 +248,7 @@ class Coordinator:
 
     def _loop(self) -> None:
         last_progress = last_ping = 0.0
-        while not self.schedule.finished():
+        while self._work_left():
             for name in list(self.up):
                 self._fill(name)
             self._note_tail()
@@ -280,6 +280,15 @@ class Coordinator:
                 self.progress(self.done_items, self.job.total, list(self.stats.values()))
         if self.progress:
             self.progress(self.done_items, self.job.total, list(self.stats.values()))
+
+    def _work_left(self) -> bool:
+        """Blocks to compute, or --verify re-runs that a second host (up or still starting) can do."""
+        if not self.schedule.finished():
+            return True
+        if not self.schedule.verify:
+            return False
+        starting = any(self.stats[n].state == "starting" for n in self.reconnecting)
+        return len(self.up) > 1 or starting
 
     def _note_tail(self) -> None:
         """Record when the last block was handed out for the first time (the tail starts)."""

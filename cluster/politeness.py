@@ -26,6 +26,8 @@ from .urls import origin
 # request's start there (one more hop), and the gap must hold at the server.
 START_MARGIN = 0.05
 UNKNOWN, FETCHING = "unknown", "fetching"
+# Longest Crawl-delay honoured (seconds).
+MAX_CRAWL_DELAY = 120.0
 
 
 @dataclass
@@ -162,7 +164,9 @@ class DomainSchedule(Schedule):
         site = self.origins[block.origin]
         site.robots = rules
         if crawl_delay:
-            site.crawl_delay = float(crawl_delay)
+            # A site asking for more than MAX_CRAWL_DELAY still gets it, capped: otherwise one
+            # robots.txt line (or a lying host) could stall its URLs, and the run, for ever.
+            site.crawl_delay = min(float(crawl_delay), MAX_CRAWL_DELAY)
             site.next_start = max(site.next_start, time.monotonic() + site.crawl_delay)
 
     def robots_of(self, block: Block) -> object:

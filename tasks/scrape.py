@@ -51,7 +51,8 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
         raise UsageError("--urls FILE is required (one URL per line; - reads stdin)")
     options = FetchOptions(
         timeout=parse_float("timeout", timeout, above=0, maximum=3600),
-        max_bytes=parse_int("max-bytes", max_bytes, minimum=1, maximum=2**31),
+        # A result travels as one protocol line (base64 of the compressed body), capped at 64 MB.
+        max_bytes=parse_int("max-bytes", max_bytes, minimum=1, maximum=32_000_000),
         user_agent=user_agent or DEFAULT_USER_AGENT, robots=not ignore_robots, insecure=insecure,
         bodies=not no_bodies, tor=tor,
     )
