@@ -34,7 +34,7 @@ from cluster.coordinator import Coordinator
 from cluster.inventory import load_inventory
 from cluster.jobs.trivial import TrivialJob
 from cluster.store import Store
-from harness import SshCluster, fab_argv, fab_env, pid_alive, require_sshd, run_fab
+from harness import SshCluster, agent_pids, fab_argv, fab_env, pid_alive, require_sshd, run_fab
 
 PI_1E8 = 5_761_455
 # The in-process coordinators' heartbeat: agents beat every BEAT s, silence for BEAT_TIMEOUT s is a loss.
@@ -104,20 +104,6 @@ def faulty(provisioned, monkeypatch):
     yield provisioned
     provisioned.cluster.ensure_running()
 
-
-def agent_pids(marker: str) -> list:
-    """Live agent, worker and engine-probe processes whose command line mentions ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        if "agent.py" in cmdline and marker in cmdline and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
 
 
 def any_agents(provisioned: Provisioned) -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from cluster.jobs.primes import is_prime
 from cluster.store import Store
-from harness import fab_argv, fab_env, pid_alive
+from harness import agent_pids, fab_argv, fab_env
 
 PI = {10: 4, 100: 25, 1000: 168, 10**4: 1229, 10**5: 9592, 10**6: 78498, 10**7: 664579, 10**8: 5761455}
 
@@ -59,20 +59,6 @@ def ssh_env(make_cluster, tmp_path, run_fab):
     assert done.returncode == 0, done.stdout + done.stderr
     return cluster, inventory, config
 
-
-def agent_pids(marker: str) -> list[int]:
-    """PIDs of live agent/worker processes whose command line mentions ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        if "agent.py" in cmdline and marker in cmdline and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
 
 
 def wait_for_blocks(db: Path, at_least: int, timeout: float = 60) -> None:

@@ -25,6 +25,7 @@ from .sshd import (
 )
 
 __all__ = [
+    "agent_pids",
     "REPO_ROOT",
     "Relay",
     "SshCluster",
@@ -130,3 +131,18 @@ def _kill_group(proc: subprocess.Popen) -> tuple:
         return proc.communicate(timeout=10)
     except subprocess.TimeoutExpired:  # a grandchild left the group and holds the pipes
         return "", ""
+
+
+def agent_pids(marker: str) -> list:
+    """PIDs of live agent/worker processes whose command line mentions ``marker`` (a host's workdir)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if "agent.py" in cmdline and marker in cmdline and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
