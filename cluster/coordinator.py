@@ -177,6 +177,9 @@ class Coordinator:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _outcome(self, began: float, already_done: bool = False) -> RunOutcome:
+        for stats in self.stats.values():
+            if stats.state == "starting" and not already_done:
+                self.warnings.append(f"not used: {stats.name} was still starting when the run ended")
         return RunOutcome(self.run_id, list(self.stats.values()), self.done_items, self.found_committed,
                           time.monotonic() - began, already_done, self.warnings,
                           self.verify_mismatches, self.verified)

@@ -257,8 +257,9 @@ def test_proxy_dying_mid_run_sends_its_urls_elsewhere(tmp_path):
         got = pages(db)
         assert len(got) == 24 and all(r["status"] == 200 and r["tor"] == 1 for r in got.values())
         # (Whether host a saw its proxy fail before b fetched the rest depends on timing.)
-        # Every request the site saw came through one of the two proxies.
-        assert len(web.requests) == len(doomed.log) + len(steady.log)
+        # Every request the site saw came through one of the two proxies (the dying one
+        # may have logged a CONNECT it never got to forward).
+        assert len(steady.log) <= len(web.requests) <= len(doomed.log) + len(steady.log)
 
 
 def test_last_proxy_dying_stops_the_run_with_nothing_sent_directly(tmp_path):
