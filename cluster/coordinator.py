@@ -337,7 +337,8 @@ class Coordinator:
         link, stats = self.links[name], self.stats[name]
         capacity = self.job.capacity(link.slots) if hasattr(self.job, "capacity") else link.slots + 1
         while name in self.up and self.schedule.load_of(name) < capacity:
-            got = self.schedule.next_block(name, self._block_size(stats), allow_verify=len(self.up) > 1)
+            got = self.schedule.next_block(name, self._block_size(stats), allow_verify=len(self.up) > 1,
+                                           queued=self.schedule.load_of(name) >= link.slots)
             if got is None and self.schedule.load_of(name) < link.slots:
                 got = self.schedule.duplicate_for(name, own_seconds=lambda b: self._seconds_on(stats, b.size))
             if got is None:

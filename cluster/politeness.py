@@ -86,7 +86,15 @@ class DomainSchedule(Schedule):
 
     # ------------------------------------------------------------ handing out
 
-    def next_block(self, host: str, size: int = 1, allow_verify: bool = True):
+    def next_block(self, host: str, size: int = 1, allow_verify: bool = True, queued: bool = False):
+        """The next URL ``host`` may fetch now, or None.
+
+        ``queued``: every worker of the host is busy, so the request would start later
+        than now, when a worker frees up. Only an origin with no gap between starts
+        (no --delay, no Crawl-delay) may be fetched that way: an origin with a gap
+        needs its request to start when it is handed out."""
+        if queued and self.delay > 0:
+            return None
         now = time.monotonic()
         skipped = []
         chosen = None
@@ -99,6 +107,9 @@ class DomainSchedule(Schedule):
                 continue
             if not site.queue or site.in_flight >= self.per_domain or site.robots == FETCHING:
                 continue  # put back when one of its requests ends
+            if queued and site.crawl_delay > 0:
+                skipped.append(site)  # must start when handed out: wait for an idle worker
+                continue
             index = next((i for i in site.queue if host not in self._block(i, site).avoid), None)
             if index is None:
                 skipped.append(site)

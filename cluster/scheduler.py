@@ -78,8 +78,12 @@ class Schedule:
 
     # ------------------------------------------------------------ handing out
 
-    def next_block(self, host: str, size: int, allow_verify: bool = True) -> Optional[tuple[int, Block]]:
-        """A (task id, block) for ``host``: a block to redo, else a new one of about ``size`` items."""
+    def next_block(self, host: str, size: int, allow_verify: bool = True,
+                   queued: bool = False) -> Optional[tuple[int, Block]]:
+        """A (task id, block) for ``host``: a block to redo, else a new one of about ``size`` items.
+
+        ``queued``: the host has no idle slot, so the block waits there behind another
+        (blocks of a range do not mind when they start)."""
         for queue in (self.redo, self.verify) if allow_verify else (self.redo,):
             for block in list(queue):
                 if host in block.avoid or host == block.verify_of:

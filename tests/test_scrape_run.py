@@ -101,6 +101,25 @@ def test_crawl_delay_from_robots_is_honoured(run_fab, tmp_path):
         assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.7
 
 
+def test_crawl_delay_holds_while_busy_hosts_queue_other_sites(run_fab, tmp_path):
+    # Two workers, many quick sites: the host is always busy, so it holds a queue of the
+    # quick sites' URLs; the Crawl-delay site's requests must still start 0.6 s apart.
+    polite = WebServer(robots="User-agent: *\nCrawl-delay: 0.6\n").start()
+    quick = [WebServer(robots=NO_ROBOTS_DELAY, latency=0.15).start() for _ in range(5)]
+    try:
+        urls = [polite.url(f"/page/{i}") for i in range(4)]
+        urls += [server.url(f"/page/{i}") for server in quick for i in range(6)]
+        done = scrape(run_fab, inventory(tmp_path, slots=1), url_file(tmp_path, urls), tmp_path / "r.db",
+                      "--delay", "0", "--concurrency", "2")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert len(pages(tmp_path / "r.db")) == 34
+        starts = sorted(r.time for r in polite.requests if r.path.startswith("/page/"))
+        assert len(starts) == 4 and min(b - a for a, b in zip(starts, starts[1:])) >= 0.6
+    finally:
+        for server in [polite, *quick]:
+            server.stop()
+
+
 def test_many_sites_in_parallel(run_fab, tmp_path):
     servers = [WebServer(robots=NO_ROBOTS_DELAY, latency=0.3).start() for _ in range(6)]
     try:

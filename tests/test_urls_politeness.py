@@ -131,3 +131,29 @@ def test_hold_back_applies_to_a_site_already_waiting_in_line():
     first, _ = s.next_block("h1")
     s.give_back(first, retry_at=time.monotonic() + 30)  # a 429 while the site is queued to go again
     assert s.next_block("h2") is None
+
+
+def test_a_busy_host_queues_only_urls_of_sites_without_a_gap():
+    s = schedule(["http://a.test/1", "http://a.test/2", "http://b.test/1", "http://b.test/2"], robots=True)
+    for _ in range(2):  # both sites learn their rules; b asks for a Crawl-delay
+        task, block = s.next_block("h1")
+        slow = origin(s.urls[block.lo]) == "http://b.test"
+        s.set_robots(block, {"status": 200, "text": ""}, crawl_delay=0.2 if slow else None)
+        s.complete(task)
+    time.sleep(0.25)
+    queued = s.next_block("h1", queued=True)
+    assert queued is not None and origin(s.urls[queued[1].lo]) == "http://a.test"
+    assert s.next_block("h1", queued=True) is None  # b must start when handed out
+    idle = s.next_block("h1")
+    assert idle is not None and origin(s.urls[idle[1].lo]) == "http://b.test"
+
+
+def test_a_busy_host_queues_nothing_when_every_site_has_a_delay():
+    s = schedule([f"http://{name}.test/1" for name in "abc"], delay=0.5)
+    assert s.next_block("h1", queued=True) is None
+    assert s.next_block("h1") is not None
+
+
+def test_scrape_hosts_hold_a_short_queue_beyond_their_workers():
+    job = ScrapeJob(["http://a.test/"], FetchOptions(), concurrency=4)
+    assert job.capacity(8) == 12 and job.capacity(1) == 3
