@@ -20,7 +20,8 @@ ever leaves the host except through the proxy (no fallback, no local DNS).
 Bounds: ``timeout`` covers the whole call (robots.txt, redirects, headers and body;
 every read is given only the time left), the body is cut at ``max_bytes``, headers
 are limited by http.client (65536 bytes a line, 100 lines), and ``Accept-Encoding:
-identity`` is sent and nothing is ever decompressed.
+identity`` is sent and nothing is ever decompressed (a server that encodes the body
+anyway: its ``Content-Encoding`` comes back in ``content_encoding``).
 """
 import base64
 import email.utils
@@ -62,6 +63,7 @@ RETRY_AFTER_STATUSES = (429, 503)
 # The part of the body searched for <title>, and the longest title kept.
 TITLE_SCAN_BYTES = 256 * 1024
 MAX_TITLE_CHARS = 300
+MAX_ENCODING_CHARS = 100
 # robots.txt: bytes read and kept (RFC 9309 asks parsers for at least 500 KiB),
 # and redirects followed while fetching it (RFC 9309: at least five).
 ROBOTS_MAX_BYTES = 500 * 1024
@@ -782,7 +784,8 @@ def run(args):
     deadline = Deadline(timeout)
     route = Route(args.get("proxy"), args.get("isolation"), deadline)
     fetcher = Fetcher(route, user_agent, bool(args.get("insecure", False)))
-    result = {"url": url, "final_url": url, "status": None, "content_type": None, "size": 0,
+    result = {"url": url, "final_url": url, "status": None, "content_type": None, "content_encoding": None,
+              "size": 0,
               "truncated": False, "sha256": None, "title": None, "elapsed": 0.0, "redirects": 0,
               "via_proxy": route.proxy is not None, "retry_after": None, "error": None,
               "error_kind": None}
@@ -815,6 +818,9 @@ def run(args):
     if answer.status is not None:
         content_type = answer.header("Content-Type")
         result["content_type"] = content_type
+        encoding = answer.header("Content-Encoding")
+        if encoding and encoding.strip().lower() != "identity":
+            result["content_encoding"] = one_line(encoding)[:MAX_ENCODING_CHARS]
         if answer.status in RETRY_AFTER_STATUSES:
             result["retry_after"] = retry_after(answer.header("Retry-After"))
         if answer.got_body:

@@ -97,6 +97,7 @@ class HostLink:
         self._sent: dict[int, tuple[int, int]] = {}
         self._finished: OrderedDict[int, None] = OrderedDict()  # answered or cancelled, newest last
         self.protocol_error = ""  # why the last connection's agent was cut off, if it was
+        self.ended: tuple[int, str] = (0, "")  # (generation, reason) of the last reader that stopped
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
 
@@ -271,6 +272,8 @@ class HostLink:
         if not said_hello:
             hello_box.put(None)
         else:
+            # Noted on the link too: the lost event can overtake the "up" of the same start.
+            self.ended = (generation, reason)
             self.events.put(Event("lost", self, generation, reason=reason))
 
     def _cut_off(self, stream: Stream, what: str) -> str:

@@ -33,6 +33,9 @@ FAILURES_TO_QUARANTINE = 3
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 # With no host up, give up after this many failed reconnects of every host.
 RECONNECTS_BEFORE_GIVING_UP = 2
+# A host lost this many times without a valid result in between counts as gone for good
+# when deciding whether every host is lost.
+LOSSES_BEFORE_GIVING_UP = 4
 # A host's rate is (decayed items) / (decayed seconds): older blocks count this much less each
 # time a block arrives, and a tiny block barely moves it (it carries little work).
 RATE_DECAY = 0.7
@@ -61,6 +64,9 @@ class HostStats:
     invalid: int = 0
     failures_in_row: int = 0
     reconnects_failed: int = 0
+    # Losses since its last valid result: a host that connects fine and then fails
+    # (sends junk, dies) must back off too, not be reconnected every second.
+    losses_in_row: int = 0
     next_attempt: float = 0.0
     reason: str = ""
     engine: str = ""
@@ -232,7 +238,8 @@ class Coordinator:
         stats.retries += given_back
         stats.state = "quarantined" if quarantine else "lost"
         stats.reason = reason
-        backoff = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(stats.reconnects_failed, 10))
+        stats.losses_in_row += 1
+        backoff = _backoff(stats)
         if quarantine:
             backoff = max(backoff, 10.0)
         stats.next_attempt = time.monotonic() + backoff
@@ -313,7 +320,8 @@ class Coordinator:
         if not candidates:
             reasons = "; ".join(s.reason for s in self.stats.values())
             raise JobError(f"no host could start: {reasons}")
-        if all(s.reconnects_failed >= RECONNECTS_BEFORE_GIVING_UP for s in candidates):
+        if all(s.reconnects_failed >= RECONNECTS_BEFORE_GIVING_UP or s.losses_in_row >= LOSSES_BEFORE_GIVING_UP
+               for s in candidates):
             reasons = "; ".join(f"{s.reason}" for s in self.stats.values())
             raise JobError(f"every host is lost ({reasons}); finished blocks are kept: run the same "
                            "command again to resume")
@@ -380,6 +388,9 @@ class Coordinator:
             stats.reconnects_failed = 0
             stats.failures_in_row = 0
             stats.engine = str((event.link.hello.get("engines") or {}).get(self.job.name) or "")
+            ended, reason = event.link.ended
+            if ended == event.generation:  # its lost event came first, while it was not up yet
+                self._lose(name, f"connection lost ({reason})")
         elif event.kind == "down":
             self.reconnecting.discard(name)
             stats.reason = event.reason
@@ -389,8 +400,7 @@ class Coordinator:
                 log.warning("left out: %s", event.reason)
             else:
                 stats.reconnects_failed += 1
-                stats.next_attempt = time.monotonic() + min(
-                    BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(stats.reconnects_failed, 10))
+                stats.next_attempt = time.monotonic() + _backoff(stats)
         elif event.kind == "lost":
             if name in self.up:
                 self._lose(name, f"connection lost ({event.reason})")
@@ -425,6 +435,7 @@ class Coordinator:
             if other in self.links:
                 self.links[other].cancel(other_id)
         stats.failures_in_row = 0
+        stats.losses_in_row = 0
         found, payload = event.checked[0], event.checked[1]
         if block.verify_of is not None:
             self._verified(block, found, result)
@@ -515,3 +526,10 @@ def _sampled(lo: int, fraction: float) -> bool:
     """Deterministically pick about ``fraction`` of blocks for --verify."""
     digest = hashlib.sha256(str(lo).encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def _backoff(stats: HostStats) -> float:
+    """Seconds before the next attempt to start a host: doubling with each failed
+    reconnect and each loss since its last valid result, up to BACKOFF_CAP."""
+    failures = stats.reconnects_failed + max(0, stats.losses_in_row - 1)
+    return min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** min(failures, 10))

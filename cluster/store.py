@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # Marks a SQLite file as a beowulf store (PRAGMA application_id): "beow" in ASCII.
 APPLICATION_ID = 0x62656F77
 # The schema this code writes; stores with a smaller user_version are migrated.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Seconds a connection waits for another one's write lock before giving up.
 BUSY_TIMEOUT_SECONDS = 5.0
 # The WAL file is truncated back to this size after a checkpoint.
@@ -159,12 +159,16 @@ SCHEMA_V1 = (
 # migrating transaction. MIGRATIONS[n] takes a store from version n-1 to n; v1
 # creates everything. To change the schema: add MIGRATIONS[2] and bump SCHEMA_VERSION.
 Migration = Union[Sequence[str], Callable[[sqlite3.Connection], None]]
-MIGRATIONS: dict[int, Migration] = {1: SCHEMA_V1}
+MIGRATIONS: dict[int, Migration] = {
+    1: SCHEMA_V1,
+    # v2: the Content-Encoding a page came with (bodies are kept as sent, never inflated).
+    2: ["ALTER TABLE pages ADD COLUMN content_encoding TEXT"],
+}
 
 
 # Columns of a scrape page record, as BlockRow.page carries them.
-PAGE_COLUMNS = ("url", "final_url", "status", "content_type", "size", "truncated", "sha256", "title",
-                "elapsed", "host", "tor", "error", "error_kind", "attempts")
+PAGE_COLUMNS = ("url", "final_url", "status", "content_type", "content_encoding", "size", "truncated", "sha256",
+                "title", "elapsed", "host", "tor", "error", "error_kind", "attempts")
 
 
 @dataclass

@@ -115,6 +115,8 @@ try:
             elif MODE == "stray":
                 write(dump(dict(message, id=987654321)))
         write(line)
+        if kind == "hello" and MODE == "junkonly":  # a fine hello, then only junk, every time
+            write(b"junk\n" * 100)
         if kind == "result" and MODE == "utf8":
             for junk in JUNK:
                 write(junk)
@@ -192,6 +194,29 @@ def test_hostile_agent_cannot_break_the_run(hostile_cluster, tmp_path, mode):
           f"h2 committed {sum(1 for b in blocks if b['host'] == 'h2')} of {len(blocks)} blocks")
 
 
+def test_hosts_that_only_send_junk_after_hello_back_off_and_end_the_run(hostile_cluster, tmp_path):
+    # Each host starts fine and then talks junk: it is lost, reconnected with a growing
+    # back-off (not every second), and when no host ever gives a valid result the run
+    # stops with "every host is lost" instead of looping for ever.
+    cluster, config = hostile_cluster
+    junk = fake_python(tmp_path, "junkonly")
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini",
+                                        extra={"h1": {"python": junk}, "h2": {"python": junk}})
+    db = tmp_path / "r.db"
+    done, _, seconds = fab_measured(["primes", "--inventory", inventory, "--start", "1", "--end", "1e7",
+                                     "--db", db], tmp_path, config=config, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "every host is lost" in output and "Traceback" not in output
+    with Store(db) as store:
+        events = store.events(store.runs()[-1]["id"])
+    for host in ("h1", "h2"):
+        losses = [e["time"] for e in events if e["host"] == host and e["kind"] == "lost"]
+        assert len(losses) == 4, "\n".join(f"{e['time']:.1f} {e['host']} {e['kind']} {e['detail']}" for e in events)
+        waits = [b - a for a, b in zip(losses, losses[1:])]
+        assert waits[-1] > waits[0] + 1.5, waits  # back-off of 1, 2, 4 s (plus each start)
+
+
 # ---------------------------------------------------------------- hostile web servers
 
 NO_ROBOTS_DELAY = "User-agent: *\nDisallow: /private\n"
@@ -231,6 +256,8 @@ def test_hostile_web_servers_bounded_and_recorded(tmp_path):
                      "/big?size=50000000": None}, kinds
     bomb = got[hostile["/gzipbomb"]]  # kept as sent (a few hundred kB), never inflated to 256 MB
     assert bomb["status"] == 200 and bomb["size"] == len(gzip_bomb(256 << 20)) < 1 << 20 and bomb["title"] is None
+    assert bomb["content_encoding"] == "gzip"  # so whoever reads the body knows to inflate it
+    assert {r["content_encoding"] for url, r in got.items() if url != hostile["/gzipbomb"]} == {None}
     binary = got[hostile["/binary"]]
     assert (binary["status"], binary["size"], binary["title"]) == (200, len(BINARY_BODY), None)
     assert binary["content_type"] == "application/octet-stream"

@@ -114,22 +114,36 @@ def test_folder_in_place_of_the_file_is_refused(tmp_path):
 def test_newer_schema_is_refused(db):
     Store(db).close()
     conn = sqlite3.connect(db)
-    conn.execute("PRAGMA user_version = 3")
+    known = store_module.SCHEMA_VERSION
+    conn.execute(f"PRAGMA user_version = {known + 1}")
     conn.close()
     with pytest.raises(StoreError) as caught:
         Store(db)
-    known = store_module.SCHEMA_VERSION
-    assert str(caught.value) == f"{db}: made by a newer beowulf (schema 3, this one knows {known})"
+    assert str(caught.value) == f"{db}: made by a newer beowulf (schema {known + 1}, this one knows {known})"
 
 
 def test_older_schema_is_migrated(db, monkeypatch):
     with Store(db) as store:
         run = store.open_run("primes", PRIMES, 1000)
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_module.MIGRATIONS, 2, ["ALTER TABLE runs ADD COLUMN note TEXT"])
+    nxt = store_module.SCHEMA_VERSION + 1
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt)
+    monkeypatch.setitem(store_module.MIGRATIONS, nxt, ["ALTER TABLE runs ADD COLUMN note TEXT"])
     with Store(db) as store:
-        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == nxt
         assert [tuple(r) for r in store._conn.execute("SELECT note FROM runs")] == [(None,)]
+        assert store.find_run("primes", PRIMES) == run
+
+
+def test_version_1_store_gains_the_content_encoding_column(db):
+    with Store(db) as store:
+        run = store.open_run("primes", PRIMES, 1000)
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE pages DROP COLUMN content_encoding")  # as schema 1 made it
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Store(db) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+        assert "content_encoding" in [r[1] for r in store._conn.execute("PRAGMA table_info(pages)")]
         assert store.find_run("primes", PRIMES) == run
 
 
@@ -140,13 +154,14 @@ def test_failed_migration_leaves_the_store_as_it_was(db, monkeypatch):
         conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_module.MIGRATIONS, 2, broken)
+    now = store_module.SCHEMA_VERSION
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", now + 1)
+    monkeypatch.setitem(store_module.MIGRATIONS, now + 1, broken)
     with pytest.raises(RuntimeError):
         Store(db)
     monkeypatch.undo()
     with Store(db) as store:
-        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == now
         columns = [r[1] for r in store._conn.execute("PRAGMA table_info(runs)")]
         assert "note" not in columns
 

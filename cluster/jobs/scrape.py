@@ -179,7 +179,8 @@ class ScrapeJob:
         """The row of the pages table for this URL."""
         return {
             "url": self.urls[block.lo], "final_url": result.get("final_url"), "status": result.get("status"),
-            "content_type": result.get("content_type"), "size": result.get("size"),
+            "content_type": result.get("content_type"), "content_encoding": result.get("content_encoding"),
+            "size": result.get("size"),
             "truncated": int(bool(result.get("truncated"))), "sha256": result.get("sha256"),
             "title": result.get("title"), "elapsed": result.get("elapsed"), "host": host,
             "tor": int(bool(result.get("via_proxy"))), "error": result.get("error"),
@@ -188,7 +189,7 @@ class ScrapeJob:
 
 
 # Result fields that are text (or null), and the error kinds a client reports.
-TEXT_FIELDS = ("url", "final_url", "content_type", "sha256", "title", "error")
+TEXT_FIELDS = ("url", "final_url", "content_type", "content_encoding", "sha256", "title", "error")
 ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots", "too_big", "other")
 
 
