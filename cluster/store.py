@@ -157,7 +157,7 @@ SCHEMA_V1 = (
 
 # A migration is SQL statements or a function of the connection, run inside the
 # migrating transaction. MIGRATIONS[n] takes a store from version n-1 to n; v1
-# creates everything. To change the schema: add MIGRATIONS[2] and bump SCHEMA_VERSION.
+# creates everything. To change the schema: add MIGRATIONS[SCHEMA_VERSION + 1] and bump SCHEMA_VERSION.
 Migration = Union[Sequence[str], Callable[[sqlite3.Connection], None]]
 MIGRATIONS: dict[int, Migration] = {
     1: SCHEMA_V1,

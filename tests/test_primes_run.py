@@ -277,6 +277,24 @@ def test_junk_python_and_stale_bundle_left_out(ssh_env, run_fab, tmp_path):
     assert "left out: h3: client bundle is stale" in done.stdout and "run fab setup" in done.stdout
 
 
+def test_host_still_starting_at_the_end_is_named(ssh_env, run_fab, tmp_path):
+    cluster, _, config = ssh_env
+    slow = tmp_path / "slowpython"
+    slow.write_text('#!/bin/sh\nsleep 8\nexec python3 "$@"\n')  # a machine slow to start Python
+    slow.chmod(0o755)
+    inventory = cluster.write_inventory(tmp_path / "slow.ini", hosts=["h1"], extra={"h1": {"python": slow}},
+                                        local=True)
+    done = primes(run_fab, inventory, 1, 10**6, tmp_path / "r.db", config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert count_of(done.stdout) == 78498
+    assert "not used: h1 was still starting when the run ended" in done.stdout
+    # Its agent, once Python is up, finds the coordinator gone (stdin closed) and exits.
+    deadline = time.monotonic() + 30
+    while agent_pids(str(cluster["h1"].workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not agent_pids(str(cluster["h1"].workdir))
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_leaves_no_remote_process(ssh_env, run_fab, tmp_path):
     cluster, inventory, config = ssh_env
