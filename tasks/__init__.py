@@ -7,6 +7,9 @@ from invoke import Collection
 
 from . import hosts, info, primes, scrape, stats
 from . import tor as tor_tasks
+from .common import usage_errors_exit_2
+
+usage_errors_exit_2()
 
 ns = Collection()
 ns.add_task(hosts.setup)

@@ -42,6 +42,30 @@ HOST_HELP = {
 }
 
 
+def usage_errors_exit_2() -> None:
+    """Make fab's own parse errors (an unknown flag such as a typo ``--strat``, a flag
+    missing its value, an unknown task) exit with status 2 like every other usage error.
+
+    invoke exits 1 for them, and parses the task flags only after it has imported this
+    fabfile, so the one place to change that is its Program.parse_tasks."""
+    from invoke.exceptions import ParseError
+    from invoke.program import Program
+
+    parse_tasks = Program.parse_tasks
+    if getattr(parse_tasks, "beowulf", False):
+        return
+
+    @functools.wraps(parse_tasks)
+    def parse_tasks_exit_2(self) -> None:
+        try:
+            parse_tasks(self)
+        except ParseError as err:
+            raise Exit(f"{err} (fab --list shows the tasks, fab --help TASK a task's flags)", code=2) from None
+
+    parse_tasks_exit_2.beowulf = True
+    Program.parse_tasks = parse_tasks_exit_2
+
+
 def beowulf_task(*args, **kwargs):
     """``@task`` without automatic short flags, with our error, Ctrl-C and ``-H`` handling."""
 

@@ -121,6 +121,9 @@ def test_number_spellings_are_one_run(run_fab, tmp_path):
     (["--start", "1", "--end", "10", "--count-only", "--export", "x.txt"], "cannot be used with --count-only"),
     (["--end", "10"], "--start and --end are required"),
     (["--start", "1", "--end", "10", "--hosts", "nope"], "--hosts: nope not in"),
+    # Caught by fab's own parser before the task runs: exit 2 all the same.
+    (["--strat", "1", "--end", "10"], "No idea what '--strat' is!"),
+    (["--start", "1", "--end"], "needed value and was not given one"),
 ])
 def test_bad_flags(run_fab, tmp_path, args, words):
     db = tmp_path / "r.db"
@@ -129,6 +132,12 @@ def test_bad_flags(run_fab, tmp_path, args, words):
     assert words in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not db.exists()
+
+
+def test_unknown_task_is_a_usage_error(run_fab):
+    done = run_fab(["primez"])
+    assert done.returncode == 2 and "No idea what 'primez' is!" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_export_streams_in_order_without_recomputing(run_fab, tmp_path):
