@@ -259,6 +259,11 @@ class Coordinator:
     def _loop(self) -> None:
         last_progress = last_ping = 0.0
         while self._work_left():
+            # Every host's idle slots first, then the queues behind busy ones: a block (a
+            # site's URL) held in one host's queue while another host has an idle slot would
+            # wait for nothing.
+            for name in list(self.up):
+                self._fill(name, queue=False)
             for name in list(self.up):
                 self._fill(name)
             self._note_tail()
@@ -341,9 +346,12 @@ class Coordinator:
         """How long ``items`` should take on one slot of that host (from its measured rate)."""
         return items / stats.rate if stats.rate > 0 else self.block_seconds
 
-    def _fill(self, name: str) -> None:
+    def _fill(self, name: str, queue: bool = True) -> None:
+        """Send ``name`` tasks up to its capacity (``queue``) or only up to its slots."""
         link, stats = self.links[name], self.stats[name]
         capacity = self.job.capacity(link.slots) if hasattr(self.job, "capacity") else link.slots + 1
+        if not queue:
+            capacity = min(capacity, link.slots)
         while name in self.up and self.schedule.load_of(name) < capacity:
             got = self.schedule.next_block(name, self._block_size(stats), allow_verify=len(self.up) > 1,
                                            queued=self.schedule.load_of(name) >= link.slots)
