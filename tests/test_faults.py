@@ -311,7 +311,7 @@ def test_result_lines_slower_than_the_heartbeat_timeout_are_not_a_lost_host(faul
     cluster = faulty.cluster
     cluster.add_relay("h1", delay=0.1, bandwidth=25_000)
     hosts = faulty.hosts(tmp_path / "hosts.ini", ["h1"], slots={"h1": 1})
-    db, n = tmp_path / "r.db", 3
+    db, n = tmp_path / "r.db", 2
     job = TrivialJob(n, "blob", args={"bytes": 150_000})
     outcome = Coordinator(job, hosts, faulty.config(), str(db), beat_seconds=BEAT,
                           beat_timeout=BEAT_TIMEOUT).run()
