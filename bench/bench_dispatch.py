@@ -79,10 +79,15 @@ class TimedCoordinator(Coordinator):
     agents_up = 0.0
     cpu: dict[str, float] = {}
 
-    def _start_links(self, store) -> None:
-        super()._start_links(store)
-        self._cpu_up = thread_cpu()
-        self.agents_up = time.perf_counter()
+    def _fill(self, name: str, queue: bool = True) -> None:
+        # Hosts start one by one, each working as soon as it says hello: hold every block
+        # back until all agents are up, so the timing covers dispatch only.
+        if len(self.up) < len(self.links):
+            return
+        if not self.agents_up:
+            self._cpu_up = thread_cpu()
+            self.agents_up = time.perf_counter()
+        super()._fill(name, queue)
 
     def _loop(self) -> None:
         super()._loop()
