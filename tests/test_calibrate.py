@@ -40,7 +40,8 @@ def test_calibrate_host_directly():
     assert not outcome.error, outcome.error
     assert bench.next_lo > 10**9 and bench.width >= 100_000
     assert outcome.slots == 1 and outcome.tasks >= 1
-    assert 0.5 < outcome.seconds < 60  # --seconds 1, plus start-up on a loaded machine
+    # First task to last result: up to --seconds 1 (a task still running then is not counted).
+    assert 0 < outcome.seconds < 60
     assert outcome.rate == pytest.approx(outcome.items / outcome.seconds)
     assert outcome.rate > 1e5  # even the pure-Python sieve does far more than this
 

@@ -277,11 +277,14 @@ def test_junk_python_and_stale_bundle_left_out(ssh_env, run_fab, tmp_path):
     junk.chmod(0o755)
     (cluster["h3"].workdir / "client" / "agent.py").write_text(
         (cluster["h3"].workdir / "client" / "agent.py").read_text() + "\n# edited\n")
-    inventory = cluster.write_inventory(tmp_path / "junk.ini", extra={"h2": {"python": junk}})
-    # A range long enough that h2's failure is seen before h1 has finished.
-    done = primes(run_fab, inventory, 1, 10**7, tmp_path / "r.db", config=config)
+    # h1, the one good host, starts 5 s late: h2 and h3 are judged before the run can end.
+    late = tmp_path / "latepython"
+    late.write_text('#!/bin/sh\nsleep 5\nexec python3 "$@"\n')
+    late.chmod(0o755)
+    inventory = cluster.write_inventory(tmp_path / "junk.ini", extra={"h1": {"python": late}, "h2": {"python": junk}})
+    done = primes(run_fab, inventory, 1, 10**6, tmp_path / "r.db", config=config)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert count_of(done.stdout) == 664579
+    assert count_of(done.stdout) == 78498
     assert "left out: h2: the agent did not start" in done.stdout
     assert "left out: h3: client bundle is stale" in done.stdout and "run fab setup" in done.stdout
 
