@@ -66,7 +66,7 @@ from cluster.coordinator import Coordinator  # noqa: E402
 from cluster.errors import JobError  # noqa: E402
 from cluster.inventory import load_inventory  # noqa: E402
 from cluster.jobs.trivial import TrivialJob  # noqa: E402
-from harness import SshCluster, run_fab  # noqa: E402
+from harness import SshCluster, load_fabric_config, run_fab  # noqa: E402
 
 HOSTS = 3
 SLOTS = 2  # per host, as in the inventory written below (the machine has 2 cores)
@@ -115,11 +115,6 @@ def thread_cpu() -> dict[int, float]:
     return used
 
 
-def fabric_config(path: Path) -> Config:
-    """The Fabric config ``fab -f PATH`` would use (known_hosts and key of the harness cluster)."""
-    config = Config(runtime_path=str(path))
-    config.load_runtime()
-    return config
 
 
 def run_beowulf(blocks: int, hosts, config: Config, db: Path, profile: bool = False) -> tuple[float, dict, str]:
@@ -296,7 +291,7 @@ def main() -> None:
 
             setup()
             hosts = load_inventory(inventory)
-            config = fabric_config(config_path)
+            config = load_fabric_config(config_path)
 
             def beowulf_run(blocks: int, db: str, profile: bool = False) -> tuple[float, dict, str]:
                 try:

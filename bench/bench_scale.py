@@ -46,8 +46,6 @@ import io
 import os
 import pstats
 import resource
-import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -59,14 +57,13 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fabric import Config  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from cluster.coordinator import Coordinator  # noqa: E402
 from cluster.errors import JobError  # noqa: E402
 from cluster.inventory import load_inventory  # noqa: E402
 from cluster.jobs.trivial import TrivialJob  # noqa: E402
-from harness import SshCluster, run_fab  # noqa: E402
+from harness import SshCluster, load_fabric_config, run_fab  # noqa: E402
 
 
 def clean_shell(cluster: SshCluster) -> None:
@@ -81,35 +78,6 @@ def real_python() -> str:
     return os.path.realpath(sys.executable)
 
 
-def connections(cluster: SshCluster) -> Counter:
-    """Established TCP connections from this process to each host's sshd, by host name.
-
-    Counted by socket inode: /proc/net/tcp is read in chunks while sockets come and go,
-    so one connection can appear on two lines of one read.
-    """
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[8:-1]))
-    wanted = {(host.ip, host.port): host.name for host in cluster.hosts}
-    seen: dict[str, set] = {}
-    with open("/proc/net/tcp") as handle:
-        next(handle)
-        for line in handle:
-            fields = line.split()
-            inode = int(fields[9])
-            if fields[3] != "01" or inode not in inodes:  # 01: ESTABLISHED
-                continue
-            address, port = fields[2].split(":")
-            ip = socket.inet_ntoa(struct.pack("<I", int(address, 16)))
-            name = wanted.get((ip, int(port, 16)))
-            if name:
-                seen.setdefault(name, set()).add(inode)
-    return Counter({name: len(sockets) for name, sockets in seen.items()})
 
 
 SAMPLER = "bench-sampler"  # this script's connection counter: its CPU is not the coordinator's
@@ -204,11 +172,6 @@ def thread_cpu() -> dict[int, float]:
     return used
 
 
-def fabric_config(path: Path) -> Config:
-    """The Fabric config ``fab -f PATH`` would use (the harness cluster's known_hosts and key)."""
-    config = Config(runtime_path=str(path))
-    config.load_runtime()
-    return config
 
 
 def cpu_seconds() -> float:
@@ -226,7 +189,7 @@ def trivial_run(cluster: SshCluster, hosts, config, db: Path, blocks: int, profi
 
     def sample() -> None:
         while not stop.wait(0.5):
-            for name, count in connections(cluster).items():
+            for name, count in cluster.connections_from_this_process().items():
                 if count > 1 and count > most[name]:
                     print(f"  {name}: {count} connections at {time.perf_counter() - began:.1f} s", flush=True)
                 most[name] = max(most[name], count)
@@ -298,7 +261,7 @@ def measure(n: int, base: Path, args) -> dict:
             row["hosts s"] = timed_fab(["hosts", "--inventory", inventory], config_path,
                                        f"{n} of {n} hosts reachable")
         hosts = load_inventory(inventory)
-        config = fabric_config(config_path)
+        config = load_fabric_config(config_path)
         blocks = args.blocks
         idle = args.idle if n == max(args.hosts) else 0.0
         try:

@@ -15,8 +15,6 @@ interpreter instead of the ``python3`` pyenv shim (another ~140 ms a command): a
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import sys
 import threading
 import time
@@ -48,35 +46,6 @@ def table_rows(stdout: str) -> dict:
     return rows
 
 
-def connections(cluster: SshCluster) -> Counter:
-    """Established TCP connections from this process to each host's sshd, by host name.
-
-    Counted by socket inode: /proc/net/tcp is read in chunks while sockets come and go,
-    so one connection can appear on two lines of one read.
-    """
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(int(link[8:-1]))
-    wanted = {(host.ip, host.port): host.name for host in cluster.hosts}
-    seen: dict = {}
-    with open("/proc/net/tcp") as handle:
-        next(handle)
-        for line in handle:
-            fields = line.split()
-            inode = int(fields[9])
-            if fields[3] != "01" or inode not in inodes:  # 01: ESTABLISHED
-                continue
-            address, port = fields[2].split(":")
-            ip = socket.inet_ntoa(struct.pack("<I", int(address, 16)))
-            name = wanted.get((ip, int(port, 16)))
-            if name:
-                seen.setdefault(name, set()).add(inode)
-    return Counter({name: len(sockets) for name, sockets in seen.items()})
 
 
 class AllAtOnce(TrivialJob):
@@ -159,7 +128,7 @@ def test_one_coordinator_drives_all_hosts_over_one_connection_each(provisioned, 
 
     def sample() -> None:
         while not stop.wait(0.1):
-            samples.append((job.opened, connections(cluster)))
+            samples.append((job.opened, cluster.connections_from_this_process()))
 
     sampler = threading.Thread(target=sample, daemon=True)
     began = time.monotonic()

@@ -35,6 +35,7 @@ __all__ = [
     "fab_env",
     "free_port",
     "keygen",
+    "load_fabric_config",
     "pid_alive",
     "require_sshd",
     "run_fab",
@@ -146,3 +147,12 @@ def agent_pids(marker: str) -> list:
         if "agent.py" in cmdline and marker in cmdline and pid_alive(int(entry)):
             found.append(int(entry))
     return found
+
+
+def load_fabric_config(path: PathLike):
+    """The Fabric Config ``fab -f PATH`` would use (e.g. SshCluster.write_fabric_config's file)."""
+    from fabric import Config
+
+    config = Config(runtime_path=str(path))
+    config.load_runtime()
+    return config

@@ -22,9 +22,11 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
@@ -543,6 +545,36 @@ class SshCluster:
         path = Path(path)
         path.write_text("\n".join(out))
         return path
+
+    def connections_from_this_process(self) -> Counter[str]:
+        """Established TCP connections from this process to each host's sshd, by host name.
+
+        Counted by socket inode: /proc/net/tcp is read in chunks while sockets come and go,
+        so one connection can appear on two lines of one read.
+        """
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+        wanted = {(host.ip, host.port): host.name for host in self.hosts}
+        seen: Dict[str, set] = {}
+        with open("/proc/net/tcp") as handle:
+            next(handle)
+            for line in handle:
+                fields = line.split()
+                inode = int(fields[9])
+                if fields[3] != "01" or inode not in inodes:  # 01: ESTABLISHED
+                    continue
+                address, port = fields[2].split(":")
+                ip = socket.inet_ntoa(struct.pack("<I", int(address, 16)))
+                name = wanted.get((ip, int(port, 16)))
+                if name:
+                    seen.setdefault(name, set()).add(inode)
+        return Counter({name: len(sockets) for name, sockets in seen.items()})
 
     def write_fabric_config(self, path: Path) -> Path:
         """Write a Fabric runtime config (for ``fab -f PATH``) trusting only this cluster.
