@@ -178,7 +178,9 @@ def test_resume_after_sigkill_of_coordinator(tmp_path, run_fab):
     with Store(db) as store:
         assert store.integrity_ok()
         run_id = store.runs()[-1]["id"]
-        partial = len(store.blocks(run_id))
+        partial_blocks = store.blocks(run_id)
+    partial = len(partial_blocks)
+    covered = sum(b["hi"] - b["lo"] + 1 for b in partial_blocks)
     assert partial >= 5
     # The local agent saw its stdin close when the coordinator died, and took its workers with it.
     deadline = time.monotonic() + 10
@@ -189,7 +191,11 @@ def test_resume_after_sigkill_of_coordinator(tmp_path, run_fab):
     assert resumed.returncode == 0, resumed.stderr
     assert count_of(resumed.stdout) == 16252325
     blocks = assert_blocks_tile(db, 1, 3 * 10**8)
-    assert len(blocks) > partial
+    # On a loaded machine the kill can land after the last commit: then the resumed run has nothing to do.
+    if covered < 3 * 10**8:
+        assert len(blocks) > partial
+    else:
+        assert len(blocks) == partial
 
 
 # ---------------------------------------------------------------- ssh hosts
