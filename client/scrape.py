@@ -550,6 +550,8 @@ class PrivateRedirect(PageError):
     """A redirect led from a public address to a private one (see the module docstring)."""
 
     def __init__(self, url, address):
+        self.url = url
+        self.address = address
         where = "connected to %s" % address if address else "through the proxy"
         PageError.__init__(self, "redirects", "redirect to a private address refused: %s (%s; "
                            "--allow-private-redirects allows it)" % (shown(url), where))
@@ -681,15 +683,15 @@ def classify(exc, answer):
     if isinstance(exc, http.client.HTTPException):
         text = describe(exc)
         if "more than" in text and "headers" in text:
-            return "too_big", "too many response headers (%s)" % text
+            return "too_big", "too many response headers (%s)" % shown(text)
         if isinstance(exc, http.client.RemoteDisconnected):
             return "http", "server closed the connection without a response"
-        return "http", "bad HTTP response: %s: %s" % (type(exc).__name__, text[:200])
+        return "http", "bad HTTP response: %s: %s" % (type(exc).__name__, shown(text))
     if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
-        return "tls", "TLS error while %s: %s" % (where, describe(exc))
+        return "tls", "TLS error while %s: %s" % (where, shown(describe(exc)))
     if isinstance(exc, OSError):
         return "connect", "connection lost while %s: %s" % (where, describe(exc))
-    return "other", "%s: %s" % (type(exc).__name__, describe(exc)[:200])
+    return "other", "%s: %s" % (type(exc).__name__, shown(describe(exc)))
 
 
 def redirect_target(url, location):
@@ -892,8 +894,11 @@ class RobotsCache(object):
             return
         if origin not in self.rules:
             self.fetch(origin)
-        if origin in self.refusals:
-            raise self.refusals[origin]
+        refusal = self.refusals.get(origin)
+        if refusal is not None:
+            if origin_of(refusal.url) == origin:  # the site itself is private: name the page
+                raise PrivateRedirect(url, refusal.address)
+            raise refusal  # its robots.txt redirected to a private address: name that
         self.rules[origin].check(url)
 
 

@@ -193,8 +193,11 @@ class ScrapeJob:
         if problem:
             raise InvalidPage(f"URL {lo}: {problem}")
         found = 1 if _ok_status(result.get("status")) else 0
-        data = result.pop("body", None) if not self.options.bodies else result.get("body")
-        if data is None:  # --no-bodies: a body sent anyway is dropped unread
+        if not self.options.bodies:  # --no-bodies: a body sent anyway is dropped unread
+            result.pop("body", None)
+            return found, None
+        data = result.get("body")
+        if data is None:
             return found, None
         limit = compressed_bound(self.options.max_bytes)
         if not isinstance(data, str) or len(data) > 4 * (limit // 3 + 1):
