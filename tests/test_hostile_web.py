@@ -230,6 +230,8 @@ def test_fuzz_any_answer_is_a_result(raw, status, headers, body, newline):
 @FUZZ
 @given(location=_text.map(lambda t: t.encode("latin-1")), code=st.sampled_from([301, 302, 303, 307, 308]))
 @example(location="http://\u00e9x\u00e4.test/".encode(), code=302)
+@example(location=b"http://[foo/", code=301)
+@example(location=b"http://a b.test/", code=307)
 def test_fuzz_any_location_through_the_proxy(raw, location, code):
     """Any Location value (names included: only the test SOCKS server resolves them)."""
     raw.response = b"HTTP/1.1 %d X\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (code, location)
