@@ -132,7 +132,7 @@ def test_non_ascii_and_long_hosts_through_the_proxy(web):
 _IP_HOSTS = ["127.0.0.1:{port}", "127.0.0.1", "[::1]:{port}", "127.0.0.2:{free}", "127.0.0.1:0", "127.0.0.1:",
              "[::ffff:127.0.0.1]:{port}", "2130706433:{port}", "127.1:{port}", "0x7f.1:{port}"]
 _BAD_HOSTS = ["[foo", "a b", "a\x00b", "\u00e9\x00", "[::1", "x" * 300, "a" * 64 + ".b", "%", "[]", "@", ":80",
-              "user@", "a:b@[x", "\x1b]0;title\x07", "a\tb", "\u2028"]
+              "user@", "a:b@[x", "\x1b]0;title\x07", "a\tb", "\x85"]
 _SCHEMES = ["http://", "https://", "HTTP://", "ftp://", "", "//", "javascript:", "http:", "http:/", "data:,"]
 _text = st.text(alphabet=st.characters(max_codepoint=255, blacklist_characters="\r\n"), max_size=40)
 
@@ -154,7 +154,8 @@ _statuses = st.one_of(
                      b"HTTP/1.1 303 See", b"HTTP/1.1 200 OK", b"HTTP/1.1 404 No", b"HTTP/1.1 999 X",
                      b"HTTP/1.1 1000 X", b"HTTP/1.1 -1 X", b"HTTP/2 302 X", b"ICY 200 OK", b"", b"HTTP/1.1",
                      b"HTTP/1.1 302 \x1b[31mred\x1b[0m", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 302 X",
-                     b"HTTP/1.1 302 " + b"r" * 70000, b"HTTP/9.9 302 X", b"http/1.1 302 x"]),
+                     b"HTTP/9.9 302 X", b"http/1.1 302 x"]),
+    st.builds(lambda n: b"HTTP/1.1 302 " + b"r" * n, st.just(70000)),
     st.builds(lambda code, reason: b"HTTP/1.1 %d %s" % (code, reason), st.integers(0, 1100),
               st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))),
     st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
@@ -166,7 +167,8 @@ _header_values = st.one_of(
     locations(),
     st.sampled_from([b"0", b"5", b"-1", b"99999999999999999999", b"chunked", b"gzip", b"text/html; charset=idna",
                      b"text/html; charset=rot13", b"text/html; charset=utf-32", b"nan", b"1e400", b"Tue, 99 Foo",
-                     b"0 0 0 0 0", b"x" * 70000, b"\x00\x01\x7f\xff"]),
+                     b"0 0 0 0 0", b"\x00\x01\x7f\xff"]),
+    st.builds(lambda n: b"x" * n, st.just(70000)),
     st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
 )
 _headers = st.lists(st.tuples(_header_names, st.sampled_from([b": ", b":", b" : ", b""]), _header_values), max_size=6)
