@@ -576,3 +576,25 @@ def test_export_reports_a_damaged_body_in_one_line(run_fab, tmp_path):
         index = [json.loads(line) for line in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
         assert len(index) == 3 and sum("body_error" in r for r in index) == 2
         assert sum(p.stat().st_size for p in (tmp_path / "out" / "bodies").iterdir()) < 10_000
+
+
+@pytest.mark.parametrize("args, config, words", [
+    (["--user-agent", "bot\x1b[31m"], "", "--user-agent: must be printable ASCII"),
+    (["--user-agent", "b\u00f6t/1"], "", "--user-agent: must be printable ASCII"),
+    ([], "beowulf:\n  user_agent: \"a\\nb\"\n", "beowulf.user_agent in fabric.yaml: must be printable ASCII"),
+    ([], "beowulf:\n  contact: \"https://x y\"\n", "beowulf.contact in fabric.yaml: must be printable ASCII"),
+    ([], "beowulf:\n  private_networks: [10.0.0.0/8, nonsense]\n",
+     "beowulf.private_networks in fabric.yaml: not an address range: 'nonsense'"),
+])
+def test_bad_user_agent_and_config_are_usage_errors(run_fab, tmp_path, args, config, words):
+    path = tmp_path / "fabric.yaml"
+    path.write_text(config or "beowulf: {}\n")
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[this computer]\naddress = local\n")
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/\n")
+    done = run_fab(["scrape", "--inventory", inventory, "--urls", urls, "--db", tmp_path / "r.db", *args],
+                   config=path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert words in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
