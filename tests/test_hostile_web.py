@@ -211,7 +211,13 @@ def raw():
         yield server
 
 
-@FUZZ
+@pytest.fixture(scope="module")
+def socks():
+    with Socks5Server() as server:
+        yield server
+
+
+@settings(FUZZ, max_examples=300)
 @given(status=_statuses, headers=_headers, body=_bodies, newline=st.sampled_from([b"\r\n", b"\n"]))
 @example(status=b"HTTP/1.1 302 Found", headers=[(b"Location", b": ", b"http://[foo/")], body=b"", newline=b"\r\n")
 @example(status=b"HTTP/1.1 301 X", headers=[(b"Location", b": ", b"http://a b.test/")], body=b"", newline=b"\r\n")
@@ -234,12 +240,11 @@ def test_fuzz_any_answer_is_a_result(raw, status, headers, body, newline):
 @example(location="http://\u00e9x\u00e4.test/".encode(), code=302)
 @example(location=b"http://[foo/", code=301)
 @example(location=b"http://a b.test/", code=307)
-def test_fuzz_any_location_through_the_proxy(raw, location, code):
+def test_fuzz_any_location_through_the_proxy(raw, socks, location, code):
     """Any Location value (names included: only the test SOCKS server resolves them)."""
     raw.response = b"HTTP/1.1 %d X\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (code, location)
-    with Socks5Server() as proxy:
-        result = scrape.run({"url": raw.url("/start", host="raw.test"), "user_agent": UA, "timeout": 5,
-                             "max_redirects": 2, "proxy": proxy.address})
+    result = scrape.run({"url": raw.url("/start", host="raw.test"), "user_agent": UA, "timeout": 5,
+                         "max_redirects": 2, "proxy": socks.address})
     check_result(result)
 
 
