@@ -217,7 +217,7 @@ def socks():
         yield server
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=200)
 @given(status=_statuses, headers=_headers, body=_bodies, newline=st.sampled_from([b"\r\n", b"\n"]))
 @example(status=b"HTTP/1.1 302 Found", headers=[(b"Location", b": ", b"http://[foo/")], body=b"", newline=b"\r\n")
 @example(status=b"HTTP/1.1 301 X", headers=[(b"Location", b": ", b"http://a b.test/")], body=b"", newline=b"\r\n")
@@ -524,6 +524,7 @@ def test_bad_redirects_over_sshd_hosts_are_page_errors_and_the_run_ends(web_clus
     assert f"redirects {len(bad)}" in done.stdout
 
 
+@pytest.mark.slow
 def test_private_redirect_end_to_end_and_allowed_with_the_flag(run_fab, tmp_path):
     """fab scrape: beowulf.private_networks says only 127.0.0.1 is private; a public page's redirect
     to it is refused (the internal site sees nothing), and followed with --allow-private-redirects."""
@@ -555,6 +556,7 @@ def test_private_redirect_end_to_end_and_allowed_with_the_flag(run_fab, tmp_path
         assert {r.user_agent for r in internal.requests} == {"mybot/2"}
 
 
+@pytest.mark.slow
 def test_export_reports_a_damaged_body_in_one_line(run_fab, tmp_path):
     """A store damaged some other way (an older version, a disk): export writes its index and says which body."""
     inventory = tmp_path / "hosts.ini"
