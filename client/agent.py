@@ -300,6 +300,7 @@ def worker_main(opts):
             os.nice(opts.nice)
         except (AttributeError, OSError) as exc:
             logger.info("slot %d: cannot renice by %d: %s", opts.slot, opts.nice, exc)
+    os.environ["BEOWULF_WORKER_SLOT"] = str(opts.slot)  # scrape: one Tor circuit per worker slot
     runner = JobRunner(job_table(opts.job), opts.slot)
     for job in filter(None, (opts.preload or "").split(",")):
         try:

@@ -10,7 +10,19 @@ and ``certifi`` are used when they import; PySocks is required only with a proxy
      "proxy": "127.0.0.1:9050" or null, "isolation": "slot-3" or null,
      "robots": null | {"fetch": true} | {"status": 200, "text": "..."},
      "gap": seconds between request starts at one site (waited after robots.txt),
-     "max_redirects": 10}
+     "max_redirects": 10,
+     "private_networks": ["127.0.0.0/8", ...] or null (PRIVATE_NETWORKS),
+     "allow_private_redirects": false}
+
+A redirect may not move from a public address to one in ``private_networks``
+(loopback, private, link-local, multicast...), unless the URL's own address was
+already one or ``allow_private_redirects``: the address judged is the one the
+socket is connected to, so no DNS answer can dodge it. Through a proxy the socket
+is connected to the proxy: then only a literal address (or ``localhost``) in a
+redirect is judged here and the proxy must refuse the rest (SECURITY.md, "Scrape").
+
+The SOCKS username (``isolation``) gets the worker's slot appended when the agent
+runs us (BEOWULF_WORKER_SLOT): one Tor circuit per worker slot.
 
 Failures of the page (DNS, refused, timeout, TLS, HTTP status, robots.txt, a target
 the proxy cannot reach) come back in the result (``error``, ``error_kind``). A proxy
@@ -29,8 +41,10 @@ import hashlib
 import html
 import http.client
 import io
+import ipaddress
 import logging
 import math
+import os
 import re
 import select
 import socket
@@ -55,7 +69,8 @@ logger = logging.getLogger("scrape")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BYTES = 5000000
 DEFAULT_MAX_REDIRECTS = 10
-DEFAULT_USER_AGENT = "beowulf/0.1 (polite distributed fetcher)"
+# The coordinator always sends its own (``--user-agent``, README.md "Scrape").
+DEFAULT_USER_AGENT = "beowulf"
 # Statuses whose Location is followed.
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 # Statuses whose Retry-After is reported.
@@ -64,12 +79,27 @@ RETRY_AFTER_STATUSES = (429, 503)
 TITLE_SCAN_BYTES = 256 * 1024
 MAX_TITLE_CHARS = 300
 MAX_ENCODING_CHARS = 100
-# robots.txt: bytes read and kept (RFC 9309 asks parsers for at least 500 KiB),
-# and redirects followed while fetching it (RFC 9309: at least five).
-ROBOTS_MAX_BYTES = 500 * 1024
+# robots.txt: bytes read and kept, and the longest text (UTF-8 bytes) reported (RFC 9309
+# asks parsers for at least 500 KiB; the coordinator refuses more), and redirects followed
+# while fetching it (RFC 9309: at least five).
+ROBOTS_MAX_BYTES = 512 * 1024
 ROBOTS_MAX_REDIRECTS = 5
 # Bytes asked of each read of the body.
 READ_CHUNK = 64 * 1024
+# The longest redirect target followed, and the most characters of a bad one shown in an error.
+MAX_URL_CHARS = 8192
+MAX_SHOWN_CHARS = 200
+# Addresses a redirect may not move to from a public one (loopback, private, shared,
+# link-local, multicast, unspecified, reserved); the coordinator sends its own list.
+PRIVATE_NETWORKS = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+)
+# IPv6 prefix of NAT64 (RFC 6052): the IPv4 address it embeds is the one judged.
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+# Set by the agent in each worker process: the worker's slot number.
+WORKER_SLOT_ENV = "BEOWULF_WORKER_SLOT"
 # SOCKS password sent with the isolation username (Tor only looks at the pair).
 ISOLATION_PASSWORD = "beowulf"
 # Longest SOCKS username sent as is (PySocks encodes the length as one UTF-8 char).
@@ -86,6 +116,8 @@ ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots"
 DISALLOWED = "disallowed by robots.txt"
 DISALLOWED_UNREACHABLE = "disallowed by robots.txt (unreachable)"
 _TITLE_RE = re.compile(br"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+# A host name (after IDNA) or an IP address, as http.client will put it in a request.
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+)$")
 _META_CHARSET_RE = re.compile(br"<meta[^>]+charset=[\"']?([A-Za-z0-9_.:-]+)", re.IGNORECASE)
 _SSL_CONTEXTS = {}
 
@@ -112,6 +144,60 @@ def describe(exc):
     """A one-line description of an exception: its message, or its type name."""
     text = one_line(exc)
     return text or type(exc).__name__
+
+
+def shown(text, limit=MAX_SHOWN_CHARS):
+    """``text`` (from a server) safe to show: only printable ASCII, other characters as
+    ``\\xNN``/``\\uNNNN`` escapes, backslashes doubled; cut at ``limit`` characters."""
+    text = str(text)
+    cut = len(text) > limit
+    out = []
+    for char in text[:limit]:
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif 32 <= code < 127:
+            out.append(char)
+        elif code < 256:
+            out.append("\\x%02x" % code)
+        elif code < 65536:
+            out.append("\\u%04x" % code)
+        else:
+            out.append("\\U%08x" % code)
+    if cut:
+        out.append("... (%d characters)" % len(text))
+    return "".join(out)
+
+
+class Networks(object):
+    """A set of address ranges; ``contains(address)`` for a textual IPv4/IPv6 address."""
+
+    def __init__(self, specs):
+        self.networks = [ipaddress.ip_network(str(spec), strict=False) for spec in specs]
+
+    def contains(self, address):
+        """True when ``address`` is in one of the ranges, or is not an address at all (fail closed)."""
+        try:
+            ip = ipaddress.ip_address(str(address).split("%", 1)[0])
+        except ValueError:
+            return True
+        if ip.version == 6:
+            if ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            elif ip in NAT64_PREFIX:
+                ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        return any(ip in network for network in self.networks if network.version == ip.version)
+
+    def literal(self, host):
+        """True when ``host`` (from a URL) is an address in the ranges, or a ``localhost`` name."""
+        name = host.lower().rstrip(".")
+        if name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name.split("%", 1)[0])
+        except ValueError:
+            return False
+        return self.contains(name)
 
 
 # ---------------------------------------------------------------------------- sockets
@@ -231,6 +317,9 @@ class Route(object):
             self.proxy = parse_proxy(proxy)
             if isolation:
                 name = str(isolation)
+                slot = os.environ.get(WORKER_SLOT_ENV, "")
+                if slot.isdigit():  # one circuit per worker slot, whichever task it runs
+                    name = "%s-%s" % (name, slot)
                 if len(name.encode("utf-8")) > MAX_ISOLATION_BYTES:
                     name = hashlib.sha256(name.encode("utf-8")).hexdigest()[:40]
                 self.username = name
@@ -359,9 +448,10 @@ class Connection(http.client.HTTPConnection):
     ``context.wrap_socket(sock, server_hostname=host)``).
     """
 
-    def __init__(self, host, port, route, tls_context=None):
+    def __init__(self, host, port, route, tls_context=None, on_connect=None):
         http.client.HTTPConnection.__init__(self, host, port, timeout=route.deadline.seconds)
         self.route = route
+        self.on_connect = on_connect
         self.tls_context = tls_context
         if tls_context is not None:
             self.default_port = 443  # the Host header omits the port only for 443
@@ -370,6 +460,12 @@ class Connection(http.client.HTTPConnection):
     def connect(self):
         """Open the socket (route, then TLS) and hand http.client a deadline-bounded view."""
         sock = self.route.open(self.host, self.port)
+        if self.on_connect is not None:
+            try:
+                self.on_connect(sock)  # before a byte is sent
+            except BaseException:
+                sock.close()
+                raise
         if self.tls_context is not None:
             try:
                 sock = tls_handshake(sock, self.host, self.tls_context, self.route.deadline)
@@ -426,11 +522,13 @@ def split_url(url):
     except ValueError as exc:
         raise PageError("other", "bad URL: %s" % describe(exc)) from None
     if scheme not in ("http", "https") or not host:
-        raise PageError("other", "not an http(s) URL: %s" % one_line(url)[:200])
+        raise PageError("other", "not an http(s) URL: %s" % shown(url))
     try:
         host = host.encode("idna").decode("ascii")
     except UnicodeError:
-        raise PageError("other", "bad host name in URL: %s" % one_line(url)[:200]) from None
+        raise PageError("other", "bad host name in URL: %s" % shown(url)) from None
+    if not _HOST_RE.match(host):
+        raise PageError("other", "bad host name in URL: %s" % shown(url))
     if port is None:
         port = 443 if scheme == "https" else 80
     path = quote(parts.path or "/", safe="/%!$&'()*+,;=:@-._~")
@@ -448,13 +546,60 @@ def origin_of(url):
     return "%s://%s:%d" % (scheme, host, port)
 
 
-class Fetcher(object):
-    """Makes HTTP GETs for one call of ``run``: one route, one user agent, one deadline."""
+class PrivateRedirect(PageError):
+    """A redirect led from a public address to a private one (see the module docstring)."""
 
-    def __init__(self, route, user_agent, insecure):
+    def __init__(self, url, address):
+        self.url = url
+        self.address = address
+        where = "connected to %s" % address if address else "through the proxy"
+        PageError.__init__(self, "redirects", "redirect to a private address refused: %s (%s; "
+                           "--allow-private-redirects allows it)" % (shown(url), where))
+
+
+class Fetcher(object):
+    """Makes HTTP GETs for one call of ``run``: one route, one user agent, one deadline.
+
+    ``redirected`` is set (by ``follow``) while the requests made are due to a redirect;
+    ``private`` (Networks, or None: no check) judges the addresses connected to.
+    ``start_private``: a request not due to a redirect (the URL's own, or its robots.txt)
+    connected to a private address. ``refused``: the last PrivateRedirect raised.
+    """
+
+    def __init__(self, route, user_agent, insecure, private=None):
         self.route = route
         self.user_agent = user_agent
         self.insecure = insecure
+        self.private = private
+        self.redirected = False
+        self.start_private = False
+        self.refused = None
+
+    def _admit(self, url, host):
+        """The connection check for ``url``: None, or a function of the connected socket."""
+        if self.private is None:
+            return None
+        if self.route.proxy is not None:  # connected to the proxy: only literal addresses can be judged
+            if not self.private.literal(host):
+                return None
+            if not self.redirected:
+                self.start_private = True
+            elif not self.start_private:
+                raise PrivateRedirect(url, None)
+            return None
+
+        def admit(sock):
+            try:
+                address = sock.getpeername()[0]
+            except (OSError, IndexError, TypeError):
+                address = "?"
+            if not self.private.contains(address):
+                return
+            if not self.redirected:
+                self.start_private = True
+            elif not self.start_private:
+                raise PrivateRedirect(url, address)
+        return admit
 
     def get(self, url, max_bytes):
         """One GET of ``url`` (no redirects followed), the body cut at ``max_bytes``.
@@ -467,9 +612,10 @@ class Fetcher(object):
         except PageError as exc:
             answer.error, answer.kind = exc.message, exc.kind
             return answer
-        context = ssl_context(self.insecure) if scheme == "https" else None
-        conn = Connection(host, port, self.route, context)
+        conn = None
         try:
+            context = ssl_context(self.insecure) if scheme == "https" else None
+            conn = Connection(host, port, self.route, context, self._admit(url, host))
             conn.connect()
             conn.putrequest("GET", target, skip_accept_encoding=True)
             conn.putheader("User-Agent", self.user_agent)
@@ -486,10 +632,13 @@ class Fetcher(object):
             raise
         except PageError as exc:
             answer.error, answer.kind = exc.message, exc.kind
+            if isinstance(exc, PrivateRedirect):
+                self.refused = exc
         except Exception as exc:  # anything else the exchange raises is a page error
             answer.kind, answer.error = classify(exc, answer)
         finally:
-            conn.shut()
+            if conn is not None:
+                conn.shut()
         return answer
 
     def _read_body(self, response, answer, max_bytes):
@@ -534,47 +683,74 @@ def classify(exc, answer):
     if isinstance(exc, http.client.HTTPException):
         text = describe(exc)
         if "more than" in text and "headers" in text:
-            return "too_big", "too many response headers (%s)" % text
+            return "too_big", "too many response headers (%s)" % shown(text)
         if isinstance(exc, http.client.RemoteDisconnected):
             return "http", "server closed the connection without a response"
-        return "http", "bad HTTP response: %s: %s" % (type(exc).__name__, text[:200])
+        return "http", "bad HTTP response: %s: %s" % (type(exc).__name__, shown(text))
     if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
-        return "tls", "TLS error while %s: %s" % (where, describe(exc))
+        return "tls", "TLS error while %s: %s" % (where, shown(describe(exc)))
     if isinstance(exc, OSError):
         return "connect", "connection lost while %s: %s" % (where, describe(exc))
-    return "other", "%s: %s" % (type(exc).__name__, describe(exc)[:200])
+    return "other", "%s: %s" % (type(exc).__name__, shown(describe(exc)))
+
+
+def redirect_target(url, location):
+    """The URL a Location header value sends ``url`` to; PageError("redirects") when the value
+    is not a usable http(s) URL (whatever its bytes: it is shown escaped and cut)."""
+    text = location.strip()
+    if len(text) > MAX_URL_CHARS:
+        raise PageError("redirects", "bad redirect: a Location of %d characters: %s" % (len(text), shown(text)))
+    try:
+        target = urljoin(url, text).split("#", 1)[0]
+        scheme = urlsplit(target).scheme.lower()
+    except Exception as exc:  # urljoin/urlsplit raise ValueError and more on malformed values
+        raise PageError("redirects", "bad redirect: %s (%s)" % (shown(text), shown(describe(exc), 80))) from None
+    if scheme not in ("http", "https"):
+        raise PageError("redirects", "redirect to a URL that is not http(s): %s" % shown(text))
+    try:
+        split_url(target)
+    except PageError as exc:
+        raise PageError("redirects", "bad redirect: %s (%s)" % (shown(text), exc.message.split(":", 1)[0])) \
+            from None
+    return target
 
 
 def follow(fetcher, url, max_bytes, max_redirects, check=None):
     """GET ``url`` following redirects; returns (Answer, redirects followed).
 
     ``check(url)`` is called before every request; a PageError it raises ends the
-    chain (robots.txt) and is recorded in the returned Answer.
+    chain (robots.txt) and is recorded in the returned Answer. A Location that is not
+    a usable URL ends it as a page error (``bad redirect``). Requests after the first
+    are marked as due to a redirect on the fetcher (and so are those ``check`` makes).
     """
     redirects = 0
-    while True:
-        if check is not None:
+    outer = fetcher.redirected
+    try:
+        while True:
+            fetcher.redirected = outer or redirects > 0
+            if check is not None:
+                try:
+                    check(url)
+                except PageError as exc:
+                    answer = Answer(url)
+                    answer.error, answer.kind = exc.message, exc.kind
+                    return answer, redirects
+            answer = fetcher.get(url, max_bytes)
+            location = answer.header("Location")
+            if answer.error or answer.status not in REDIRECT_STATUSES or not location:
+                return answer, redirects
+            if redirects >= max_redirects:
+                answer.error = "more than %d redirects" % max_redirects
+                answer.kind = "redirects"
+                return answer, redirects
             try:
-                check(url)
+                url = redirect_target(url, location)
             except PageError as exc:
-                answer = Answer(url)
                 answer.error, answer.kind = exc.message, exc.kind
                 return answer, redirects
-        answer = fetcher.get(url, max_bytes)
-        location = answer.header("Location")
-        if answer.error or answer.status not in REDIRECT_STATUSES or not location:
-            return answer, redirects
-        if redirects >= max_redirects:
-            answer.error = "more than %d redirects" % max_redirects
-            answer.kind = "redirects"
-            return answer, redirects
-        target = urljoin(url, location.strip())
-        if origin_of(target) is None:
-            answer.error = "redirect to a URL that is not http(s): %s" % one_line(target)[:200]
-            answer.kind = "redirects"
-            return answer, redirects
-        redirects += 1
-        url = target.split("#", 1)[0]
+            redirects += 1
+    finally:
+        fetcher.redirected = outer
 
 
 # ---------------------------------------------------------------------------- robots.txt
@@ -665,20 +841,35 @@ def fetch_robots(fetcher, origin):
         report["error"] = "%s: %s" % (answer.kind, answer.error)
         return report
     if 200 <= answer.status < 300:
-        report["text"] = answer.body.decode("utf-8", "replace")
+        report["text"] = robots_text(answer.body)
     elif not 400 <= answer.status < 500 or answer.status == 429:
         report["error"] = "robots.txt answered HTTP %d" % answer.status
     return report
 
 
+def robots_text(body):
+    """The text of a robots.txt body: decoded, at most ROBOTS_MAX_BYTES in UTF-8 (replacement
+    characters are longer than the bytes they replace), never a broken character."""
+    text = body[:ROBOTS_MAX_BYTES].decode("utf-8", "replace")
+    encoded = text.encode("utf-8")
+    if len(encoded) > ROBOTS_MAX_BYTES:
+        text = encoded[:ROBOTS_MAX_BYTES].decode("utf-8", "ignore")
+    return text
+
+
 class RobotsCache(object):
-    """robots.txt rules per origin for one call: given, fetched once, or ignored."""
+    """robots.txt rules per origin for one call: given, fetched once, or ignored.
+
+    An origin whose robots.txt fetch was a refused private redirect keeps that refusal:
+    it is the error of every page it would have decided.
+    """
 
     def __init__(self, fetcher, user_agent):
         self.fetcher = fetcher
         self.user_agent = user_agent
         self.rules = {}
         self.reports = {}
+        self.refusals = {}
 
     def give(self, origin, status, text):
         """Rules handed over by the coordinator for ``origin``."""
@@ -686,7 +877,10 @@ class RobotsCache(object):
 
     def fetch(self, origin):
         """Fetch and remember the rules of ``origin``; returns the report."""
+        refused = self.fetcher.refused
         report = fetch_robots(self.fetcher, origin)
+        if self.fetcher.refused is not refused:
+            self.refusals[origin] = self.fetcher.refused
         rules = Rules(report["status"], report["text"], self.user_agent)
         report["crawl_delay"] = rules.crawl_delay
         self.rules[origin] = rules
@@ -700,6 +894,11 @@ class RobotsCache(object):
             return
         if origin not in self.rules:
             self.fetch(origin)
+        refusal = self.refusals.get(origin)
+        if refusal is not None:
+            if origin_of(refusal.url) == origin:  # the site itself is private: name the page
+                raise PrivateRedirect(url, refusal.address)
+            raise refusal  # its robots.txt redirected to a private address: name that
         self.rules[origin].check(url)
 
 
@@ -717,12 +916,12 @@ def retry_after(value, now=None):
         seconds = None
     if seconds is not None:
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    parsed = email.utils.parsedate_tz(text)
-    if parsed is None:
-        return None
     try:
+        parsed = email.utils.parsedate_tz(text)
+        if parsed is None:
+            return None
         when = email.utils.mktime_tz(parsed)
-    except (OverflowError, ValueError):
+    except Exception:  # the parser of some Pythons raises on odd dates; a bad date is no date
         return None
     return float(max(0.0, round(when - (time.time() if now is None else now), 3)))
 
@@ -741,7 +940,7 @@ def title_of(body, content_type):
         charset = found.group(1).decode("ascii") if found else "utf-8"
     try:
         text = match.group(1).decode(charset, "replace")
-    except LookupError:
+    except Exception:  # unknown, not a text codec, or one without "replace" (idna): the server's word
         text = match.group(1).decode("utf-8", "replace")
     text = one_line(html.unescape(one_line(text)))
     return text[:MAX_TITLE_CHARS] or None
@@ -766,6 +965,31 @@ def _number(args, name, default, kind):
     return value
 
 
+def _fetch_page(gap, result, fetcher, url, robots, user_agent, deadline, max_bytes, max_redirects):
+    """robots.txt as asked (its report into ``result``), then the page; (Answer, redirects)."""
+    check = None
+    if robots is not None:
+        cache = RobotsCache(fetcher, user_agent)
+        origin = origin_of(url)
+        if origin is not None:
+            if robots.get("fetch"):
+                fetched_at = time.monotonic()
+                result["robots"] = cache.fetch(origin)
+                # robots.txt was a request to the same site: keep the site's gap (--delay, or its
+                # Crawl-delay when longer) before the page's own request.
+                gap = max(gap, result["robots"].get("crawl_delay") or 0.0)
+                pause = min(fetched_at + gap, deadline.end) - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+            else:
+                cache.give(origin, robots.get("status"), robots.get("text"))
+        elif robots.get("fetch"):
+            result["robots"] = {"status": None, "text": None, "crawl_delay": None,
+                                "error": "not an http(s) URL"}
+        check = cache.check
+    return follow(fetcher, url, max_bytes, max_redirects, check)
+
+
 def run(args):
     """Fetch ``args["url"]`` (see the module docstring); return the result dict.
 
@@ -778,38 +1002,31 @@ def run(args):
     max_bytes = _number(args, "max_bytes", DEFAULT_MAX_BYTES, int)
     max_redirects = _number(args, "max_redirects", DEFAULT_MAX_REDIRECTS, int)
     user_agent = str(args.get("user_agent") or DEFAULT_USER_AGENT)
+    gap = _number(args, "gap", 0.0, float)
     robots = args.get("robots")
     if robots is True:
         robots = {"fetch": True}
+    specs = args.get("private_networks")
+    private = None
+    if not args.get("allow_private_redirects"):
+        private = Networks(PRIVATE_NETWORKS if specs is None else list(specs))
     deadline = Deadline(timeout)
     route = Route(args.get("proxy"), args.get("isolation"), deadline)
-    fetcher = Fetcher(route, user_agent, bool(args.get("insecure", False)))
+    fetcher = Fetcher(route, user_agent, bool(args.get("insecure", False)), private)
     result = {"url": url, "final_url": url, "status": None, "content_type": None, "content_encoding": None,
               "size": 0,
               "truncated": False, "sha256": None, "title": None, "elapsed": 0.0, "redirects": 0,
               "via_proxy": route.proxy is not None, "retry_after": None, "error": None,
               "error_kind": None}
-    check = None
-    if robots is not None:
-        cache = RobotsCache(fetcher, user_agent)
-        origin = origin_of(url)
-        if origin is not None:
-            if robots.get("fetch"):
-                fetched_at = time.monotonic()
-                result["robots"] = cache.fetch(origin)
-                # robots.txt was a request to the same site: keep the site's gap (--delay, or its
-                # Crawl-delay when longer) before the page's own request.
-                gap = max(_number(args, "gap", 0.0, float), result["robots"].get("crawl_delay") or 0.0)
-                pause = min(fetched_at + gap - time.monotonic(), deadline.left())
-                if pause > 0:
-                    time.sleep(pause)
-            else:
-                cache.give(origin, robots.get("status"), robots.get("text"))
-        elif robots.get("fetch"):
-            result["robots"] = {"status": None, "text": None, "crawl_delay": None,
-                                "error": "not an http(s) URL"}
-        check = cache.check
-    answer, redirects = follow(fetcher, url, max_bytes, max_redirects, check)
+    try:
+        answer, redirects = _fetch_page(gap, result, fetcher, url, robots, user_agent, deadline,
+                                        max_bytes, max_redirects)
+    except ProxyError:
+        raise
+    except Exception as exc:  # a bug here must not fail the block on every host: the page records it
+        logger.warning("%s: internal error: %s", shown(url), describe(exc), exc_info=True)
+        answer, redirects = Answer(url), 0
+        answer.error, answer.kind = "internal error: %s: %s" % (type(exc).__name__, shown(describe(exc))), "other"
     result["final_url"] = answer.url
     result["redirects"] = redirects
     result["status"] = answer.status

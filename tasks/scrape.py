@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -12,8 +14,22 @@ from tabulate import tabulate
 
 from cluster.errors import UsageError
 
-from .common import EXIT_INTERRUPTED, HOST_HELP, beowulf_task, load_hosts, parse_float, parse_int, setup_logging
+from .common import (
+    EXIT_INTERRUPTED,
+    HOST_HELP,
+    beowulf_config,
+    beowulf_task,
+    load_hosts,
+    parse_float,
+    parse_int,
+    setup_logging,
+)
 from .primes import store_path
+
+# --export: bytes a body may inflate to when the run's --max-bytes is not known (the flag's maximum),
+# and bytes inflated at a time.
+EXPORT_MAX_BYTES = 32_000_000
+EXPORT_CHUNK = 1 << 20
 
 
 @beowulf_task(help={
@@ -26,7 +42,10 @@ from .primes import store_path
     "concurrency": "requests in flight per slot of each host (default 4)",
     "timeout": "seconds for one whole fetch, connect to last byte (default 30)",
     "max_bytes": "keep at most this many bytes of a body; longer ones are cut and marked (default 5000000)",
-    "user_agent": "User-Agent header (default names beowulf and its version)",
+    "user_agent": "User-Agent header (default: beowulf.user_agent in fabric.yaml, else beowulf/VERSION, "
+                  "plus (+URL) when beowulf.contact is set)",
+    "allow_private_redirects": "follow redirects from a public address to a loopback, private, link-local or "
+                               "multicast one (refused by default)",
     "ignore_robots": "do not fetch or obey robots.txt (say so loudly; be sure you may)",
     "insecure": "do not verify TLS certificates",
     "no_bodies": "store status, size, sha256 and title but not the bodies",
@@ -37,14 +56,15 @@ from .primes import store_path
 def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="1.0", per_domain="1",
            concurrency="4", timeout="30", max_bytes="5000000", user_agent=None, ignore_robots=False,
            insecure=False, no_bodies=False, fresh=False, skip_bad=False, export=None, accept_new=False,
-           verbose=False, quiet=False):
+           allow_private_redirects=False, verbose=False, quiet=False):
     """Fetch every URL of a file once across all hosts, politely; resumable.
 
     Per site, across the whole cluster: at most --per-domain requests at once and --delay
     seconds between starts (robots.txt's Crawl-delay when longer). robots.txt is obeyed.
     With --tor every request leaves each host only through its Tor SOCKS port (fails closed).
+    A redirect from a public address to a private one is refused (--allow-private-redirects).
     """
-    from cluster.jobs.scrape import DEFAULT_USER_AGENT, FetchOptions, ScrapeJob
+    from cluster.jobs.scrape import FetchOptions, ScrapeJob
     from cluster.urls import describe_bad, read_url_file
 
     if not urls:
@@ -53,14 +73,13 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
         timeout=parse_float("timeout", timeout, above=0, maximum=3600),
         # A result travels as one protocol line (base64 of the compressed body), capped at 64 MB.
         max_bytes=parse_int("max-bytes", max_bytes, minimum=1, maximum=32_000_000),
-        user_agent=user_agent or DEFAULT_USER_AGENT, robots=not ignore_robots, insecure=insecure,
-        bodies=not no_bodies, tor=tor,
+        user_agent=_user_agent(c, user_agent), robots=not ignore_robots, insecure=insecure,
+        bodies=not no_bodies, tor=tor, allow_private_redirects=bool(allow_private_redirects),
+        private_networks=_private_networks(c),
     )
     pause = parse_float("delay", delay, minimum=0, maximum=86400)
     in_flight = parse_int("per-domain", per_domain, minimum=1, maximum=1000)
     per_slot = parse_int("concurrency", concurrency, minimum=1, maximum=64)
-    if user_agent is not None and (not user_agent.strip() or any(ord(ch) < 32 for ch in user_agent)):
-        raise UsageError("--user-agent: must be printable text on one line")
     export_path = Path(os.path.expanduser(export)) if export else None
     url_list, bad, duplicates = read_url_file(urls, skip_bad=skip_bad)
     path, selected = load_hosts(c, inventory, hosts)
@@ -79,6 +98,51 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     _print_summary(outcome, job, db_path)
     if export_path is not None:
         _export(db_path, outcome.run_id, export_path)
+
+
+def _header_text(value, where: str, spaces: bool = True) -> str:
+    """``value`` if it is printable ASCII on one line (it goes into an HTTP header), else UsageError."""
+    text = str(value)
+    if not text.strip() or len(text) > 1000 or any(not 32 <= ord(ch) < 127 for ch in text) or (
+            not spaces and " " in text):
+        raise UsageError(f"{where}: must be printable ASCII on one line{'' if spaces else ' without spaces'} "
+                         "(at most 1000 characters)")
+    return text.strip()
+
+
+def _user_agent(c, flag) -> str:
+    """--user-agent, else beowulf.user_agent, else beowulf/VERSION (+beowulf.contact when set)."""
+    from cluster.jobs.scrape import default_user_agent
+
+    if flag is not None:
+        return _header_text(flag, "--user-agent")
+    config = beowulf_config(c)
+    if config.get("user_agent") is not None:
+        return _header_text(config["user_agent"], "beowulf.user_agent in fabric.yaml")
+    contact = config.get("contact")
+    if contact is not None:
+        contact = _header_text(contact, "beowulf.contact in fabric.yaml", spaces=False)
+    return default_user_agent(contact)
+
+
+def _private_networks(c) -> tuple:
+    """beowulf.private_networks (a list of address ranges), else the default ranges."""
+    from cluster.jobs.scrape import PRIVATE_NETWORKS
+
+    value = beowulf_config(c).get("private_networks")
+    if value is None:
+        return PRIVATE_NETWORKS
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise UsageError("beowulf.private_networks in fabric.yaml: must be a list of address ranges")
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            raise UsageError("beowulf.private_networks in fabric.yaml: not an address range: "
+                             f"{ascii(str(item))[:100]}") from None
+    return tuple(networks)
 
 
 def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: bool):
@@ -120,7 +184,12 @@ def _print_summary(outcome, job, db_path: Path) -> None:
 
 
 def _export(db_path: Path, run_id: int, target: Path) -> None:
-    """FILE.jsonl: one record a line; a folder: index.jsonl plus each body once, named by its sha256."""
+    """FILE.jsonl: one record a line; a folder: index.jsonl plus each body once, named by its sha256.
+
+    A body is inflated a piece at a time, to at most the run's --max-bytes, and must be the
+    body its record names (sha256): a damaged one is left out of bodies/, its record says
+    why (``body_error``) and one line a body reports it.
+    """
     from cluster.store import Store
 
     as_folder = not target.name.endswith(".jsonl")
@@ -130,20 +199,68 @@ def _export(db_path: Path, run_id: int, target: Path) -> None:
     elif not target.parent.exists():
         raise UsageError(f"--export: folder {target.parent} does not exist")
     temp = index.with_name(f".{index.name}.part")
-    count = 0
+    count, damaged = 0, 0
     try:
         with Store(str(db_path)) as store, open(temp, "w", encoding="utf-8") as handle:
+            run = store.run(run_id) or {}
+            options = (run.get("params") or {}).get("options") or {}
+            limit = options.get("max_bytes")
+            if not isinstance(limit, int) or not 0 < limit <= EXPORT_MAX_BYTES:
+                limit = EXPORT_MAX_BYTES
             for record, payload in store.iter_pages(run_id):
                 record["tor"], record["truncated"] = bool(record["tor"]), bool(record["truncated"])
-                if as_folder and payload is not None and record["sha256"]:
-                    body = target / "bodies" / record["sha256"]
-                    if not body.exists():
-                        body.write_bytes(zlib.decompress(payload))
-                    record["body"] = f"bodies/{record['sha256']}"
+                sha256 = record["sha256"]
+                if as_folder and payload is not None and isinstance(sha256, str) and len(sha256) == 64 \
+                        and all(ch in "0123456789abcdef" for ch in sha256):
+                    problem = _export_body(payload, target / "bodies" / sha256, sha256, limit)
+                    if problem:
+                        damaged += 1
+                        record["body_error"] = problem
+                        print(f"warning: --export: URL {record['index']}: body not exported: {problem}",
+                              file=sys.stderr)
+                    else:
+                        record["body"] = f"bodies/{sha256}"
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
         os.replace(temp, index)
     finally:
         if temp.exists():
             temp.unlink()
-    print(f"exported {count} pages to {target}")
+    print(f"exported {count} pages to {target}" + (f" ({damaged} damaged bodies left out)" if damaged else ""))
+
+
+def _export_body(payload: bytes, path: Path, sha256: str, limit: int) -> str:
+    """Inflate ``payload`` into ``path`` (unless it is there) a piece at a time; "" or what is wrong."""
+    import hashlib
+
+    if path.exists():
+        return ""
+    temp = path.with_name(f".{path.name}.part")
+    stream, digest, size = zlib.decompressobj(), hashlib.sha256(), 0
+    problem = ""
+    try:
+        with open(temp, "wb") as out:
+            data = payload
+            while True:
+                piece = stream.decompress(data, EXPORT_CHUNK)
+                size += len(piece)
+                if size > limit:
+                    problem = f"inflates to more than {limit} bytes"
+                    break
+                digest.update(piece)
+                out.write(piece)
+                data = stream.unconsumed_tail
+                if not data:
+                    break
+        if not problem and not stream.eof:
+            problem = "the compressed body is cut off"
+        elif not problem and digest.hexdigest() != sha256:
+            problem = "the body does not match its sha256"
+        if not problem:
+            os.replace(temp, path)
+    except zlib.error as err:
+        problem = f"the compressed body is damaged ({err})"
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return problem

@@ -574,10 +574,10 @@ def test_https_through_proxy(certificate, proxy):
 
 
 class AgentProcess:
-    """``client/agent.py --host t --slots 1`` with JSON lines over pipes."""
+    """``client/agent.py --host t --slots N`` (default 1) with JSON lines over pipes."""
 
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(CLIENT / "agent.py"), "--host", "t", "--slots", "1",
+    def __init__(self, slots: int = 1):
+        self.proc = subprocess.Popen([sys.executable, str(CLIENT / "agent.py"), "--host", "t", "--slots", str(slots),
                                       "--beat", "60", "--nice", "0"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.inbox: queue.Queue = queue.Queue()
@@ -627,9 +627,31 @@ def test_scrape_through_a_real_agent(web, proxy):
     assert first["result"]["title"] == "Page 5" and first["result"]["robots"]["crawl_delay"] == 0.5
     assert body_of(first["result"]).startswith(b"<!DOCTYPE html>")
     assert second["ok"] is True and second["result"]["via_proxy"] is True
-    assert proxy.log[0].host == "a.test" and proxy.log[0].username == "slot-0"
+    assert proxy.log[0].host == "a.test" and proxy.log[0].username == "slot-0-0"  # the worker's slot appended
     assert third["id"] == 3 and third["ok"] is False and third["error"].startswith("ProxyError")
     assert web.paths() == paths_before == ["/robots.txt", "/page/5", "/page/6"]
+
+
+def test_one_tor_circuit_per_worker_slot(web, proxy):
+    """The SOCKS username (Tor's circuit) is the coordinator's tag plus the slot of the worker
+    that runs the task: whatever the task ids, each worker has one name and no two workers share one."""
+    agent = AgentProcess(slots=2)
+    try:
+        assert agent.next(60)["type"] == "hello"
+        for task_id in range(8):
+            delay = 0.6 if task_id % 3 == 0 else 0.05  # uneven, so the workers take tasks out of turn
+            agent.send({"type": "task", "id": 100 + task_id, "job": "scrape",
+                        "args": {"url": web.url(f"/page/{task_id}?delay={delay}", host=f"s{task_id}.test"),
+                                 "proxy": proxy.address, "isolation": "beowulf-7-h1", "user_agent": UA}})
+        results = [agent.next() for _ in range(8)]
+    finally:
+        agent.close()
+    names = {entry.host: entry.username for entry in proxy.log}
+    assert all(r["ok"] for r in results), results
+    slots = {r["result"]["url"].split("//")[1].split(":")[0]: r["slot"] for r in results}
+    assert set(slots.values()) == {0, 1}
+    for host, slot in slots.items():
+        assert names[host] == f"beowulf-7-h1-{slot}", (host, slot, names)
 
 
 # ---------------------------------------------------------------------------- old hosts

@@ -9,6 +9,11 @@ gives the same indices and a run resumes). What a host returns is checked
 - other 5xx, 408, timeouts, refused connections and connections dropped before
   any response retry a bounded number of times, on another host when there is one;
 - any other 4xx, DNS and TLS errors, robots.txt refusals are final.
+
+What a host sends is hostile until checked (SECURITY.md, "Scrape"): a body must be one
+complete zlib stream of at most ``max_bytes`` once inflated (and of a bounded compressed
+size), ``--no-bodies`` drops any body sent anyway, robots.txt text is at most
+ROBOTS_MAX_BYTES.
 """
 
 from __future__ import annotations
@@ -26,7 +31,16 @@ from cluster.errors import BeowulfError, ConnectError
 from cluster.politeness import DomainSchedule
 from cluster.scheduler import Block
 
-DEFAULT_USER_AGENT = f"beowulf/{__version__} (+https://github.com/beowulf-cluster; polite distributed fetcher)"
+DEFAULT_USER_AGENT = f"beowulf/{__version__}"
+# robots.txt text a host may report (UTF-8 bytes): the client's cap (client/scrape.py ROBOTS_MAX_BYTES).
+ROBOTS_MAX_BYTES = 512 * 1024
+# Address ranges a redirect may not move to from a public address (client/scrape.py PRIVATE_NETWORKS;
+# fabric.yaml beowulf.private_networks replaces them, README.md "Scrape").
+PRIVATE_NETWORKS = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+)
 # Attempts of one URL before its last answer is recorded as final.
 MAX_ATTEMPTS = 4
 # Back-off after a 429/503 without Retry-After, or a server error: first wait, doubling, cap.
@@ -41,6 +55,33 @@ class InvalidPage(BeowulfError):
     """A host's answer does not hold together (body does not match its sha256)."""
 
 
+def default_user_agent(contact: Optional[str] = None) -> str:
+    """``beowulf/VERSION``, plus ``(+CONTACT)`` when the user configured a contact URL."""
+    return f"{DEFAULT_USER_AGENT} (+{contact})" if contact else DEFAULT_USER_AGENT
+
+
+def compressed_bound(size: int) -> int:
+    """The most bytes zlib's compress() makes from ``size`` bytes (zlib's deflateBound, plus room)."""
+    return size + (size >> 12) + (size >> 14) + (size >> 25) + 64
+
+
+def inflate(payload: bytes, limit: int) -> bytes:
+    """The bytes of one complete zlib stream, at most ``limit`` of them; ValueError otherwise
+    (cut off, followed by other bytes, damaged, or inflating to more)."""
+    stream = zlib.decompressobj()
+    try:
+        body = stream.decompress(payload, limit + 1)
+    except zlib.error as err:
+        raise ValueError(f"damaged zlib stream ({err})") from None
+    if len(body) > limit or stream.unconsumed_tail:
+        raise ValueError(f"inflates to more than {limit} bytes")
+    if not stream.eof:
+        raise ValueError("zlib stream is cut off")
+    if stream.unused_data:
+        raise ValueError("bytes after the end of the zlib stream")
+    return body
+
+
 @dataclass(frozen=True)
 class FetchOptions:
     """What defines the answer of a scrape run (with the URL set)."""
@@ -52,6 +93,8 @@ class FetchOptions:
     insecure: bool = False
     bodies: bool = True
     tor: bool = False
+    allow_private_redirects: bool = False
+    private_networks: tuple = PRIVATE_NETWORKS
 
 
 class ScrapeJob:
@@ -127,10 +170,15 @@ class ScrapeJob:
             args["gap"] = self.delay
         else:
             args["robots"] = None
+        if options.allow_private_redirects:
+            args["allow_private_redirects"] = True
+        else:
+            args["private_networks"] = list(options.private_networks)
         if options.tor:
             args["proxy"] = link.host.socks
-            # Tor isolates circuits by SOCKS username: one name per worker of each host.
-            args["isolation"] = f"beowulf-{self.run_id}-{link.name}-{task_id % max(1, link.slots)}"
+            # Tor isolates circuits by SOCKS username: the client appends the number of the
+            # worker slot that runs the task, so each worker of each host has its own circuit.
+            args["isolation"] = f"beowulf-{self.run_id}-{link.name}"
         return args
 
     def task_args(self, lo: int, hi: int) -> dict:
@@ -141,20 +189,27 @@ class ScrapeJob:
     def check(self, lo: int, hi: int, result: dict) -> tuple[int, Optional[bytes]]:
         """Check the fields' types, decode the body and check it against its sha256 (runs in the
         host's reader thread): what passes can be decided on and stored without surprises."""
-        problem = _shape_problem(result)
+        problem = _shape_problem(result, self.options.max_bytes)
         if problem:
             raise InvalidPage(f"URL {lo}: {problem}")
+        found = 1 if _ok_status(result.get("status")) else 0
+        if not self.options.bodies:  # --no-bodies: a body sent anyway is dropped unread
+            result.pop("body", None)
+            return found, None
         data = result.get("body")
         if data is None:
-            return (1 if _ok_status(result.get("status")) else 0), None
+            return found, None
+        limit = compressed_bound(self.options.max_bytes)
+        if not isinstance(data, str) or len(data) > 4 * (limit // 3 + 1):
+            raise InvalidPage(f"URL {lo}: body is not text or is longer than {limit} bytes compressed")
         try:
             payload = base64.b64decode(data, validate=True)
-            body = zlib.decompressobj().decompress(payload, self.options.max_bytes + 1)
-        except (binascii.Error, ValueError, zlib.error) as err:
+            body = inflate(payload, self.options.max_bytes)
+        except (binascii.Error, ValueError) as err:
             raise InvalidPage(f"URL {lo}: body does not decode: {err}") from None
         if hashlib.sha256(body).hexdigest() != result.get("sha256") or len(body) != result.get("size"):
             raise InvalidPage(f"URL {lo}: body does not match its sha256/size")
-        return (1 if _ok_status(result.get("status")) else 0), payload
+        return found, payload
 
     def decide(self, block: Block, host: str, result: dict, now: float, other_hosts: int) -> tuple:
         """("final",) to commit, or ("retry", seconds, avoid_this_host) to try again later."""
@@ -202,8 +257,8 @@ def _is_seconds(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def _shape_problem(result) -> str:
-    """What is wrong with the types of a fetch result's fields (a broken or hostile host), or ""."""
+def _shape_problem(result, max_bytes: int) -> str:
+    """What is wrong with the fields of a fetch result (a broken or hostile host), or ""."""
     if not isinstance(result, dict):
         return "result is not an object"
     for key in TEXT_FIELDS:
@@ -214,6 +269,8 @@ def _shape_problem(result) -> str:
         return "status is not an HTTP status"
     if not _is_int(size) or size < 0:
         return "size is not a byte count"
+    if size > max_bytes:
+        return f"size {size} is over --max-bytes {max_bytes}"
     if result.get("error_kind") not in (None, *ERROR_KINDS):
         return "unknown error_kind"
     for key in ("retry_after", "elapsed"):
@@ -225,8 +282,12 @@ def _shape_problem(result) -> str:
             return "robots is not an object"
         if robots.get("status") is not None and not _is_int(robots["status"]):
             return "robots status is not a number"
-        if robots.get("text") is not None and not isinstance(robots["text"], str):
+        text = robots.get("text")
+        if text is not None and not isinstance(text, str):
             return "robots text is not text"
+        if text is not None and (len(text) > ROBOTS_MAX_BYTES
+                                 or len(text.encode("utf-8", "surrogatepass")) > ROBOTS_MAX_BYTES):
+            return f"robots text is over {ROBOTS_MAX_BYTES} bytes"
         if robots.get("crawl_delay") is not None and not _is_seconds(robots["crawl_delay"]):
             return "robots crawl_delay is not a number of seconds"
     return ""

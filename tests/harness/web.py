@@ -26,6 +26,11 @@ Endpoints (the same on every virtual host; the Host header only names the site):
     /gzipbomb             Content-Encoding: gzip, a small body that inflates to ``bomb_size``
     /hugeheader[?size=N][&count=K]  one N-byte header (default 200000), or K small headers
     /robots.txt           per host from ``robots``: text (200) or a status code (int)
+    /location?v=BYTES[&code=C]  status C (default 302) with ``Location: BYTES`` sent as they are
+                          (percent-decoded from the query: any byte but CR and LF)
+
+RawServer answers every connection with the same bytes, whatever they are (a
+malformed status line, broken headers): for the client-side fuzz tests.
 
 Every response closes the connection and waits ``latency`` seconds first (for the
 throughput benchmark). Requests are recorded on arrival, before any waiting.
@@ -46,7 +51,7 @@ import time
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Dict, List, Optional, Tuple, Union
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlencode, urlsplit
 
 logger = logging.getLogger("harness.web")
 
@@ -303,6 +308,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    def _route_location(self, arg, query, vhost) -> None:
+        raw = urlsplit(self.path).query.split("v=", 1)[-1].split("&", 1)[0]
+        value = unquote_to_bytes(raw).replace(b"\r", b"").replace(b"\n", b"")
+        code = int(query.get("code", 302))
+        head = (b"HTTP/1.1 %d Moved\r\nLocation: %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                % (code, value))
+        self.wfile.write(head)
+
     def _route_robots_txt(self, arg, query, vhost) -> None:
         spec = self.web.robots_for(vhost)
         if spec is None or isinstance(spec, int):
@@ -417,6 +430,89 @@ class WebServer:
         with self._lock:
             self._requests.clear()
             self._counters.clear()
+
+
+class RawServer:
+    """A TCP server on ``ip`` that reads each request's head, records its first line, and
+    answers with ``response`` (bytes, exactly as set) before closing the connection.
+
+        with RawServer(b"HTTP/1.1 302 X\r\nLocation: http://[foo/\r\n\r\n") as raw:
+            raw.response = b"..."            # change it between requests
+    """
+
+    def __init__(self, response: bytes = b"", ip: str = "127.0.0.1"):
+        self.response = response
+        self.ip = ip
+        self.port = 0
+        self._lock = threading.Lock()
+        self._lines: List[bytes] = []
+        self._sock: Optional[socket.socket] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
+
+    def start(self) -> RawServer:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.ip, 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name=f"raw-{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(HANDLER_TIMEOUT)
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    head += data
+                with self._lock:
+                    self._lines.append(head.split(b"\r\n", 1)[0])
+                conn.sendall(self.response)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._sock is not None:
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> RawServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def url(self, path: str = "/", host: Optional[str] = None) -> str:
+        return f"http://{host or self.ip}:{self.port}{path}"
+
+    @property
+    def lines(self) -> List[bytes]:
+        """The request lines received so far."""
+        with self._lock:
+            return list(self._lines)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lines.clear()
 
 
 def free_port(ip: str = "127.0.0.1") -> int:
