@@ -758,12 +758,14 @@ def restartable(pid, control, me=None):
     uids, gids = ids(pid)
     if uids is None:
         return None, "tor (pid %d) is gone" % pid
+    holds, why = pid_holds(pid, control)
+    if holds is False:
+        return None, "the control port is not that tor's: " + (why or "?")
     if set(uids) != set([me]):
         return None, ("tor (pid %d) runs as uid %d, not as the login user (uid %d): beowulf restarts "
                       "another user's tor only with --method systemd or service" % (pid, uids[0], me))
-    holds, why = pid_holds(pid, control)
     if not holds:
-        return None, "the control port is not that tor's: " + (why or "?")
+        return None, "cannot check that the control port is that tor's: " + (why or "?")
     raw = read("/proc/%d/cmdline" % pid, "rb")
     if not raw:
         return None, "tor (pid %d) is gone before the restart" % pid

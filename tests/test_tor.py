@@ -7,7 +7,6 @@ points at a SocksGreeter stand-in, and the control port is the real tor's.
 
 from __future__ import annotations
 
-import ast
 import glob
 import os
 import shutil
@@ -17,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from client import torhost
 from cluster import tor as tor_module
 from cluster.inventory import Host
 from cluster.transport import LocalTransport
 from harness import SshCluster, free_port, require_sshd, run_fab
-from harness.tor import SocksGreeter, TorProcess, require_tor
+from harness.tor import FakeControlPort, SocksGreeter, TorProcess, require_tor, root_only_secret
 
 TOR_VERSION_PREFIX = "0."
 
@@ -101,6 +101,14 @@ class CmdlineWatch:
         self._thread.join(10)
 
 
+def control(tor: TorProcess) -> dict:
+    """hosts.ini keys for tor's control: its socket (cookie beside it) or its port plus ``tor_cookie``."""
+    keys = {"tor_control": tor.control_address}
+    if tor.control_kind == "port":
+        keys["tor_cookie"] = tor.cookie_path
+    return keys
+
+
 def cookie_forms(tor: TorProcess) -> list:
     cookie = tor.cookie_path.read_bytes()
     return [cookie, cookie.hex().encode(), cookie.hex().upper().encode()]
@@ -142,29 +150,32 @@ def test_usage_errors_before_any_host(tmp_path):
 
 def test_control_reply_parsing():
     """PROTOCOLINFO's QuotedString (escapes, octal) and keyword lines, as tor writes them."""
-    ast.parse(tor_module._HOST_SCRIPT, feature_version=(3, 6))
-    space = {}
-    exec(tor_module._HOST_SCRIPT, space)
-    pairs = space["keywords"](r'METHODS=COOKIE,SAFECOOKIE COOKIEFILE="/tmp/a \"b\"\\c\303\251"')
+    pairs = torhost.keywords(r'METHODS=COOKIE,SAFECOOKIE COOKIEFILE="/tmp/a \"b\"\\c\303\251"')
     assert pairs == {"METHODS": "COOKIE,SAFECOOKIE", "COOKIEFILE": '/tmp/a "b"\\cé'}
-    assert space["keywords"]('Tor="0.4.9.11" EXTRA') == {"Tor": "0.4.9.11", "EXTRA": ""}
-    assert space["endpoint"]("[::1]:9051")[1] == ("::1", 9051)
-    assert space["endpoint"]("unix:/run/tor/control")[1] == "/run/tor/control"
+    assert torhost.keywords('Tor="0.4.9.11" EXTRA') == {"Tor": "0.4.9.11", "EXTRA": ""}
+    assert torhost.endpoint("[::1]:9051")[1] == ("::1", 9051)
+    assert torhost.endpoint("unix:/run/tor/control")[1] == "/run/tor/control"
+    assert torhost.shown("a\x1b]0;x\x07b") == "a\\x1b]0;x\\x07b"
 
 
-def test_cookie_method_and_host_script_keep_the_cookie(tmp_path, tor_bin):
-    """Both cookie methods answer 250 OK; the script's output and command line never hold the cookie."""
+def test_cookie_and_host_script_keep_the_cookie(tmp_path, tor_bin):
+    """SAFECOOKIE with a real tor answers 250 OK; the program's output and command line never hold the cookie."""
     with TorProcess(tmp_path, ip="127.0.0.1") as tor:
-        host = Host(name="here", address="local", socks=closed_port("127.0.0.1"), tor_control=tor.control_address)
+        host = Host(name="here", address="local", socks=closed_port("127.0.0.1"), tor_control=tor.control_address,
+                    tor_cookie=str(tor.cookie_path))
         transport = LocalTransport(host)
         with CmdlineWatch(cookie_forms(tor), marker=b"python") as watch:
-            for prefer in ("cookie", "safecookie"):
-                answer = tor_module.run_on_host(transport, "newnym", prefer=prefer)
-                assert answer["control"]["auth"] == prefer and answer["control"]["reply"] == "250 OK"
-                assert not any(form.decode("latin-1") in repr(answer) for form in cookie_forms(tor))
+            answer = tor_module.run_on_host(transport, "newnym")
+            assert answer["control"]["auth"] == "safecookie" and answer["control"]["reply"] == "250 OK"
+            assert not any(form.decode("latin-1") in repr(answer) for form in cookie_forms(tor))
         assert watch.hits == [] and watch.sweeps > 0
         script = tor_module.host_script({"action": "newnym", "control": tor.control_address})
         assert not any(form in script for form in cookie_forms(tor))
+        # Without tor_cookie, a port's cookie in tor's DataDirectory is not where beowulf looks: refused, unread.
+        plain = Host(name="here", address="local", socks=host.socks, tor_control=tor.control_address)
+        answer = tor_module.run_on_host(LocalTransport(plain), "status")
+        assert answer["control"]["auth"] is None
+        assert "not where beowulf looks for one; set tor_cookie" in answer["control"]["auth_error"]
 
 
 @pytest.mark.slow
@@ -173,7 +184,7 @@ def test_restart_refuses_a_config_that_does_not_verify(tmp_path, tor_bin):
     with TorProcess(tmp_path, ip="127.0.0.1") as tor:
         inventory = tmp_path / "hosts.ini"
         inventory.write_text(f"[here]\naddress = local\nsocks = {tor.socks_address}\n"
-                             f"tor_control = {tor.control_address}\n")
+                             f"tor_control = {tor.control_address}\ntor_cookie = {tor.cookie_path}\n")
         before = tor.pid
         good = tor.torrc.read_text()
         tor.torrc.write_text(good + "SocksPort not-an-address:xyz\n")
@@ -201,9 +212,9 @@ def test_status_table(cluster, tmp_path):
             TorProcess(tmp_path, ip=h2.ip, control="socket", name="tor2") as tor2, \
             SocksGreeter(h1.ip) as greeter:
         inventory = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={
-            "h1": {"socks": greeter.address, "tor_control": tor1.control_address},
-            "h2": {"socks": closed_port(h2.ip), "tor_control": tor2.control_address},
-            "local": {"socks": greeter.address, "tor_control": tor2.control_address},
+            "h1": {"socks": greeter.address, **control(tor1)},
+            "h2": {"socks": closed_port(h2.ip), **control(tor2)},
+            "local": {"socks": greeter.address, **control(tor2)},
         })
         config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
         done = run_fab(["tor.status", "--inventory", inventory], config=config)
@@ -243,9 +254,9 @@ def test_newnym_cookie_auth_and_no_secret_on_any_command_line(cluster, tmp_path)
             TorProcess(tmp_path, ip=h2.ip, control="socket", name="tor2") as tor2, \
             TorProcess(tmp_path, ip="127.0.0.1", name="tor3") as tor3:
         inventory = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={
-            "h1": {"socks": tor1.socks_address, "tor_control": tor1.control_address},
-            "h2": {"socks": tor2.socks_address, "tor_control": tor2.control_address},
-            "local": {"socks": tor3.socks_address, "tor_control": tor3.control_address},
+            "h1": {"socks": tor1.socks_address, **control(tor1)},
+            "h2": {"socks": tor2.socks_address, **control(tor2)},
+            "local": {"socks": tor3.socks_address, **control(tor3)},
         })
         config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
         secrets = [form for tor in (tor1, tor2, tor3) for form in cookie_forms(tor)]
@@ -280,9 +291,9 @@ def test_restart_user_run_tor(cluster, tmp_path):
             TorProcess(tmp_path, ip="127.0.0.1", control="socket", name="tor3") as tor3:
         # h2 reaches the same tor as h1 (one machine, two inventory entries): it is restarted once.
         inventory = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={
-            "h1": {"socks": tor1.socks_address, "tor_control": tor1.control_address},
-            "h2": {"socks": tor1.socks_address, "tor_control": tor1.control_address},
-            "local": {"socks": tor3.socks_address, "tor_control": tor3.control_address},
+            "h1": {"socks": tor1.socks_address, **control(tor1)},
+            "h2": {"socks": tor1.socks_address, **control(tor1)},
+            "local": {"socks": tor3.socks_address, **control(tor3)},
         })
         config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
         before = {tor: tor.pid for tor in (tor1, tor3)}
@@ -322,7 +333,7 @@ def test_host_script_on_python36(cluster, tmp_path):
     h2 = cluster["h2"]
     with TorProcess(tmp_path, ip=h2.ip, control="socket", name="tor2") as tor2:
         inventory = cluster.write_inventory(tmp_path / "hosts.ini", hosts=["h2"], extra={
-            "h2": {"socks": tor2.socks_address, "tor_control": tor2.control_address, "python": PYTHON36},
+            "h2": {"socks": tor2.socks_address, **control(tor2), "python": PYTHON36},
         })
         config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
         status = run_fab(["tor.status", "--inventory", inventory], config=config)
@@ -335,3 +346,70 @@ def test_host_script_on_python36(cluster, tmp_path):
         assert restart.returncode == 0, restart.stdout + restart.stderr
         tor2.wait_ready(old_pid=before)
         assert tor2.pid != before
+
+
+# ---------------------------------------------------------------- a hostile control port (run as nobody)
+
+
+def _needs_setpriv():
+    if not (os.path.exists("/usr/bin/setpriv") and os.path.exists("/usr/bin/python3")):
+        if os.environ.get("CI") == "true":
+            pytest.fail("needs /usr/bin/setpriv and /usr/bin/python3")
+        pytest.skip("needs /usr/bin/setpriv and /usr/bin/python3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", [True, False], ids=["its-tor-holds-the-socket", "socket-not-held"])
+def test_fake_control_port_cannot_make_us_run_a_program_as_root(ssh_cluster, tmp_path, share):
+    """A control port run by nobody names its own program `tor`: tor.restart (login root) must not run it.
+
+    With ``share`` the program even holds the listening socket, so only the owner rule stops it;
+    without, the /proc check finds that the named pid does not hold the socket.
+    """
+    _needs_setpriv()
+    h1 = ssh_cluster["h1"]
+    with FakeControlPort(ip=h1.ip, methods="NULL", share=share) as fake:
+        inventory = ssh_cluster.write_inventory(tmp_path / "hosts.ini", hosts=["h1"], extra={
+            "h1": {"socks": closed_port(h1.ip), "tor_control": fake.address}})
+        config = ssh_cluster.write_fabric_config(tmp_path / "fabric.yaml")
+        for extra in ([], ["--method", "process"]):
+            done = run_fab(["tor.restart", "--inventory", inventory, "--wait", "5", *extra], config=config)
+            assert done.returncode == 1, done.stdout + done.stderr
+            if share:
+                assert "runs as uid 65534, not as the login user (uid 0)" in done.stdout, done.stdout
+            else:
+                assert f"does not hold the socket listening at {fake.address}" in done.stdout, done.stdout
+        # Its program was started once, by itself, as nobody; nobody else started it, least of all root.
+        assert fake.runs() == [str(fake.uid)], fake.runs()
+        assert fake.program_pids() == [fake.tor_pid]
+
+
+@pytest.mark.slow
+def test_fake_control_port_gets_no_cookie_it_names(ssh_cluster, tmp_path):
+    """A control port run by nobody offers only plain COOKIE and names a root-only file as the cookie.
+
+    h1: beowulf does not read a path the server names; h2: even the hosts.ini tor_cookie is not sent
+    to a listener that does not own it. tor.status, tor.newnym and tor.restart as root send no byte of it.
+    """
+    _needs_setpriv()
+    h1, h2 = ssh_cluster["h1"], ssh_cluster["h2"]
+    secret = root_only_secret(tmp_path)
+    data = secret.read_bytes()
+    with FakeControlPort(ip=h1.ip, methods="COOKIE", cookiefile=str(secret)) as fake:
+        inventory = ssh_cluster.write_inventory(tmp_path / "hosts.ini", hosts=["h1", "h2"], extra={
+            "h1": {"socks": closed_port(h1.ip), "tor_control": fake.address},
+            "h2": {"socks": closed_port(h2.ip), "tor_control": fake.address, "tor_cookie": secret}})
+        config = ssh_cluster.write_fabric_config(tmp_path / "fabric.yaml")
+        status = run_fab(["tor.status", "--inventory", inventory], config=config)
+        newnym = run_fab(["tor.newnym", "--inventory", inventory], config=config)
+        restart = run_fab(["tor.restart", "--inventory", inventory, "--wait", "5"], config=config)
+        received = fake.received()
+        assert b"PROTOCOLINFO" in received  # it was asked
+        for form in (data, data.hex().encode(), data.hex().upper().encode()):
+            assert form not in received
+        assert b"AUTHENTICATE" not in received
+        table = rows(status.stdout)
+        assert "not where beowulf looks for one; set tor_cookie" in table["h1"], status.stdout
+        assert "is not served by the owner of" in table["h2"], status.stdout
+        assert newnym.returncode == 1 and restart.returncode == 1
+        assert fake.runs() == [str(fake.uid)]
