@@ -20,7 +20,7 @@ from client import torhost
 from cluster import tor as tor_module
 from cluster.inventory import Host
 from cluster.transport import LocalTransport
-from harness import SshCluster, free_port, require_sshd, run_fab
+from harness import SshCluster, free_port, keygen, require_sshd, run_fab
 from harness.tor import FakeControlPort, SocksGreeter, TorProcess, require_tor, root_only_secret
 
 TOR_VERSION_PREFIX = "0."
@@ -123,6 +123,31 @@ def tor_bin():
 def cluster(tmp_path, tor_bin):
     require_sshd()
     with SshCluster(tmp_path / "cluster", 2) as started:
+        yield started
+
+
+def share_host_key(cluster: SshCluster, source: Path, *names: str) -> None:
+    """Before the cluster starts: hosts ``names`` present the key ``source`` (a link, never a copy).
+
+    Two sshd entries with one host key (and the one /etc/machine-id of this computer) are
+    one machine to beowulf, as two addresses of one real host would be.
+    """
+    for name in names:
+        host = cluster[name]
+        host.dir.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", ".pub"):
+            Path(f"{host.host_key}{suffix}").symlink_to(f"{source}{suffix}")
+
+
+@pytest.fixture
+def twin_cluster(tmp_path, tor_bin):
+    """Two sshd hosts with one host key: one machine reached by two inventory entries."""
+    require_sshd()
+    made = SshCluster(tmp_path / "twins", 2)
+    made.hosts[0].dir.mkdir(parents=True)
+    keygen(made.hosts[0].host_key, comment="twin-host")
+    share_host_key(made, made.hosts[0].host_key, "h2")
+    with made as started:
         yield started
 
 
@@ -284,12 +309,13 @@ def test_newnym_cookie_auth_and_no_secret_on_any_command_line(cluster, tmp_path)
 
 
 @pytest.mark.slow
-def test_restart_user_run_tor(cluster, tmp_path):
+def test_restart_user_run_tor(twin_cluster, tmp_path):
     """A tor run by hand is stopped by pid and started again with the same command line (SSH and local)."""
+    cluster = twin_cluster
     h1 = cluster["h1"]
     with TorProcess(tmp_path, ip=h1.ip, name="tor1") as tor1, \
             TorProcess(tmp_path, ip="127.0.0.1", control="socket", name="tor3") as tor3:
-        # h2 reaches the same tor as h1 (one machine, two inventory entries): it is restarted once.
+        # h2 reaches the same tor as h1 (one machine: same machine id and host key): it is restarted once.
         inventory = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={
             "h1": {"socks": tor1.socks_address, **control(tor1)},
             "h2": {"socks": tor1.socks_address, **control(tor1)},
@@ -374,13 +400,13 @@ def test_fake_control_port_cannot_make_us_run_a_program_as_root(ssh_cluster, tmp
         config = ssh_cluster.write_fabric_config(tmp_path / "fabric.yaml")
         for extra in ([], ["--method", "process"]):
             done = run_fab(["tor.restart", "--inventory", inventory, "--wait", "5", *extra], config=config)
+            # Its program was started once, by itself, as nobody; nobody else started it, least of all root.
+            assert fake.runs() == [str(fake.uid)], (fake.runs(), done.stdout)
             assert done.returncode == 1, done.stdout + done.stderr
             if share:
                 assert "runs as uid 65534, not as the login user (uid 0)" in done.stdout, done.stdout
             else:
                 assert f"does not hold the socket listening at {fake.address}" in done.stdout, done.stdout
-        # Its program was started once, by itself, as nobody; nobody else started it, least of all root.
-        assert fake.runs() == [str(fake.uid)], fake.runs()
         assert fake.program_pids() == [fake.tor_pid]
 
 

@@ -489,7 +489,9 @@ class FakeControlPort:
         self.config = {
             "ip": ip, "methods": methods, "cookiefile": cookiefile, "share": share, "log": str(self.received_path),
             "tor_exe": str(self.tor_exe),
-            "tor_argv": ["tor", "-c", f"id -u >> {self.ran_path}; while :; do sleep 1; done"],
+            # sh -c SCRIPT --verify-config: $0 is the extra argument; a check ends at once.
+            "tor_argv": ["tor", "-c", f'id -u >> {self.ran_path}; [ "$0" = --verify-config ] && exit 0; '
+                                      "while :; do sleep 1; done"],
         }
         self.port = 0
         self.tor_pid: Optional[int] = None
