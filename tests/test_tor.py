@@ -439,3 +439,185 @@ def test_fake_control_port_gets_no_cookie_it_names(ssh_cluster, tmp_path):
         assert "is not served by the owner of" in table["h2"], status.stdout
         assert newnym.returncode == 1 and restart.returncode == 1
         assert fake.runs() == [str(fake.uid)]
+
+
+# ---------------------------------------------------------------- client/torhost.py's rules, one by one
+
+
+def test_safecookie_server_hash_is_checked():
+    """The server's SAFECOOKIE hash is HMAC-SHA256(server key, cookie | client nonce | server nonce)."""
+    import hashlib
+    import hmac
+
+    cookie, ours, theirs = b"c" * 32, b"n" * 32, b"s" * 32
+    right = hmac.new(torhost.SERVER_KEY, cookie + ours + theirs, hashlib.sha256).digest()
+    assert torhost.check_server_hash(cookie, ours, theirs, right)
+    assert not torhost.check_server_hash(cookie, ours, theirs, b"\0" * 32)
+    assert not torhost.check_server_hash(b"d" * 32, ours, theirs, right)
+    server, client = torhost.safecookie_hashes(cookie, ours, theirs)
+    assert server == right and client == hmac.new(torhost.CLIENT_KEY, cookie + ours + theirs,
+                                                  hashlib.sha256).digest()
+
+
+def test_cookie_paths_beowulf_reads(tmp_path):
+    """Only tor_cookie, Debian's file, or a file in a control socket's own (private) folder."""
+    expected = torhost.expected_cookie
+    assert expected("127.0.0.1:9051", "/etc/tor/cookie", "/etc/shadow") == ("/etc/tor/cookie", None)
+    path, why = expected("127.0.0.1:9051", "", "/etc/shadow")
+    assert path is None and "/etc/shadow, which is not where beowulf looks" in why
+    assert expected("127.0.0.1:9051", "", torhost.DEBIAN_COOKIE) == (torhost.DEBIAN_COOKIE, None)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    sock = str(private / "control")
+    assert expected(sock, "", str(private / "control_auth_cookie"))[0] == str(private / "control_auth_cookie")
+    assert expected(f"unix:{sock}", "", str(private / "other"))[0] == str(private / "other")
+    assert expected(sock, "", str(private / ".." / "secret"))[0] is None
+    assert expected(sock, "", str(tmp_path / "elsewhere"))[0] is None
+    assert expected(sock, "", "relative/cookie")[0] is None
+    (private / "control.authcookie").write_bytes(b"x" * 32)
+    assert expected(sock, "", None) == (str(private / "control.authcookie"), None)
+    shared = tmp_path / "shared"  # like /tmp: anyone may put a socket there, so its files are not tor's
+    shared.mkdir()
+    shared.chmod(0o1777)
+    assert expected(str(shared / "control"), "", str(shared / "secret"))[0] is None
+    escape = "\x1b]0;owned\x07"
+    assert "\x1b" not in expected("127.0.0.1:9051", "", "/tmp/" + escape)[1]
+
+
+def test_cookie_file_must_be_a_32_byte_regular_file(tmp_path):
+    good = tmp_path / "cookie"
+    good.write_bytes(b"k" * 32)
+    assert torhost.read_cookie(str(good)) == (b"k" * 32, os.geteuid())
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    short = tmp_path / "short"
+    short.write_bytes(b"k" * 31)
+    for path, text in ((link, "cannot read the cookie"), (fifo, "not a regular file"), (short, "not 32 bytes"),
+                       (tmp_path / "missing", "cannot read the cookie")):
+        with pytest.raises(torhost.ControlError, match=text):
+            torhost.read_cookie(str(path))
+
+
+def test_proc_socket_ownership_of_real_listeners(tmp_path):
+    """/proc/net/tcp, tcp6 and unix against sockets this test process really listens on."""
+    import socket
+    import subprocess
+
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(1)
+    address = f"127.0.0.1:{tcp.getsockname()[1]}"
+    mine = os.stat(f"/proc/self/fd/{tcp.fileno()}").st_ino
+    inodes, uids = torhost.listening_inodes(address)
+    assert mine in inodes and uids == {os.geteuid()}
+    assert torhost.pid_holds(os.getpid(), address) == (True, None)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        holds, why = torhost.pid_holds(other.pid, address)
+        assert holds is False and "does not hold the socket" in why
+    finally:
+        other.kill()
+        other.wait()
+    tcp.close()
+    assert torhost.pid_holds(os.getpid(), address)[0] is False  # nothing listens any more
+
+    wildcard = socket.socket()
+    wildcard.bind(("0.0.0.0", 0))
+    wildcard.listen(1)
+    with wildcard:
+        assert torhost.pid_holds(os.getpid(), f"127.0.0.5:{wildcard.getsockname()[1]}") == (True, None)
+    if socket.has_ipv6:
+        try:
+            six = socket.socket(socket.AF_INET6)
+            six.bind(("::1", 0))
+        except OSError:
+            six = None
+        if six is not None:
+            with six:
+                six.listen(1)
+                assert torhost.pid_holds(os.getpid(), f"[::1]:{six.getsockname()[1]}") == (True, None)
+
+    path = str(tmp_path / "control")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(path)
+    unix.listen(1)
+    with unix:
+        assert torhost.pid_holds(os.getpid(), path) == (True, None)
+        assert torhost.pid_holds(os.getpid(), f"unix:{path}") == (True, None)
+    sample = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+              "   0: 0100007F:2352 00000000:0000 0A 00000000:00000000 00:00000000 00000000   107        0 4242\n"
+              "   1: 0100007F:2352 0100007F:9C40 01 00000000:00000000 00:00000000 00000000   107        0 4243\n")
+    assert torhost.tcp_listeners(sample, socket.AF_INET) == [("127.0.0.1", 9042, 107, 4242)]
+
+
+def test_process_restart_rules(tmp_path):
+    """restartable(): a program called tor that holds the socket, runs as us, from a file only its owner writes."""
+    import socket
+    import subprocess
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    program = folder / "tor"
+    shutil.copyfile(shutil.which("sleep"), program)
+    program.chmod(0o755)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    holder = subprocess.Popen([str(program), "30"], pass_fds=(server.fileno(),))
+    stranger = subprocess.Popen([str(program), "30"])
+    try:
+        found, why = torhost.restartable(holder.pid, address)
+        assert why is None and found["exe"] == str(program) and found["argv"] == [str(program), "30"]
+        assert "does not hold the socket" in torhost.restartable(stranger.pid, address)[1]
+        assert "runs as uid" in torhost.restartable(holder.pid, address, me=12345)[1]
+        program.chmod(0o775)
+        assert "may be written by others" in torhost.restartable(holder.pid, address)[1]
+        assert "not tor" in torhost.restartable(os.getpid(), address)[1]
+    finally:
+        for child in (holder, stranger):
+            child.kill()
+            child.wait()
+        server.close()
+
+
+def test_plain_cookie_only_to_a_server_naming_the_expected_file(tmp_path):
+    """A server offering only COOKIE gets the cookie when it names the expected file, else nothing."""
+    import socket
+    import threading
+
+    cookie = tmp_path / "cookie"
+    cookie.write_bytes(b"\x01" * 32)
+
+    def serve(server, named, got):
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while True:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+                if chunk.startswith(b"PROTOCOLINFO"):
+                    line = 'METHODS=COOKIE' + (f' COOKIEFILE="{named}"' if named else "")
+                    conn.sendall(f"250-PROTOCOLINFO 1\r\n250-AUTH {line}\r\n250 OK\r\n".encode())
+                else:
+                    conn.sendall(b"250 OK\r\n")
+            got.append(data)
+
+    for named, sent in ((str(cookie), True), (None, False), (str(tmp_path / "other"), False)):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        got: list = []
+        thread = threading.Thread(target=serve, args=(server, named, got))
+        thread.start()
+        ctl, status = torhost.open_control(f"127.0.0.1:{server.getsockname()[1]}", str(cookie))
+        if ctl is not None:
+            ctl.close()
+        thread.join(10)
+        server.close()
+        assert (status["auth"] == "cookie") is sent, status
+        assert ((b"01" * 32) in got[0]) is sent
