@@ -21,7 +21,14 @@ from cluster import tor as tor_module
 from cluster.inventory import Host
 from cluster.transport import LocalTransport
 from harness import SshCluster, free_port, keygen, require_sshd, run_fab
-from harness.tor import FakeControlPort, SocksGreeter, TorProcess, require_tor, root_only_secret
+from harness.tor import (
+    FakeControlPort,
+    SocksGreeter,
+    TorProcess,
+    require_tor,
+    root_only_secret,
+    share_host_key,
+)
 
 TOR_VERSION_PREFIX = "0."
 
@@ -124,19 +131,6 @@ def cluster(tmp_path, tor_bin):
     require_sshd()
     with SshCluster(tmp_path / "cluster", 2) as started:
         yield started
-
-
-def share_host_key(cluster: SshCluster, source: Path, *names: str) -> None:
-    """Before the cluster starts: hosts ``names`` present the key ``source`` (a link, never a copy).
-
-    Two sshd entries with one host key (and the one /etc/machine-id of this computer) are
-    one machine to beowulf, as two addresses of one real host would be.
-    """
-    for name in names:
-        host = cluster[name]
-        host.dir.mkdir(parents=True, exist_ok=True)
-        for suffix in ("", ".pub"):
-            Path(f"{host.host_key}{suffix}").symlink_to(f"{source}{suffix}")
 
 
 @pytest.fixture

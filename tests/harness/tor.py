@@ -573,3 +573,16 @@ def root_only_secret(base_dir) -> Path:
     with os.fdopen(fd, "wb") as handle:
         handle.write(os.urandom(32))
     return secret
+
+
+def share_host_key(cluster, source, *names: str) -> None:
+    """Before an SshCluster starts: hosts ``names`` present the key ``source`` (a link, never a copy).
+
+    Two sshd entries with one host key (and the one /etc/machine-id of this computer) are
+    one machine to beowulf, as two addresses of one real host would be (cluster/machine.py).
+    """
+    for name in names:
+        host = cluster[name]
+        host.dir.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", ".pub"):
+            Path(f"{host.host_key}{suffix}").symlink_to(f"{source}{suffix}")
