@@ -615,3 +615,56 @@ def test_plain_cookie_only_to_a_server_naming_the_expected_file(tmp_path):
         server.close()
         assert (status["auth"] == "cookie") is sent, status
         assert ((b"01" * 32) in got[0]) is sent
+
+
+def test_machine_identity(tmp_path):
+    """One machine: same reported machine id and a host key in common (cluster/machine.py)."""
+    import paramiko
+
+    from cluster.machine import Machine, MachineOnce, local_host_keys
+    from cluster.ssh import fingerprint
+
+    a = Machine("a", "m1", frozenset({"SHA256:k1"}))
+    assert a.same(Machine("b", "m1", frozenset({"SHA256:k1", "SHA256:k2"})))
+    assert not a.same(Machine("liar", "m1", frozenset({"SHA256:k9"})))  # the id alone is only a claim
+    assert not a.same(Machine("b", "m2", frozenset({"SHA256:k1"})))
+    assert not Machine("x", None, frozenset({"k"})).same(Machine("y", None, frozenset({"k"})))
+    once, calls = MachineOnce(), []
+    for machine in (a, Machine("liar", "m1", frozenset({"SHA256:k9"})), Machine("b", "m1", frozenset({"SHA256:k1"}))):
+        once.run(machine, ("tor",), lambda m=machine: calls.append(m.name))
+    assert calls == ["a", "liar"]
+    key = keygen(tmp_path / "ssh_host_ed25519_key")
+    public = paramiko.Ed25519Key.from_private_key_file(str(key))
+    assert local_host_keys(str(tmp_path / "ssh_host_*_key.pub")) == {fingerprint(public)}
+
+
+SYSTEM_HOST_KEY = Path("/etc/ssh/ssh_host_ed25519_key")
+
+
+@pytest.mark.slow
+def test_restart_once_per_machine_local_and_ssh(tmp_path, tor_bin):
+    """A local entry and SSH entries to this computer's own sshd (its host key) reach one tor: restarted once.
+
+    The local entry is done in a moment while SSH entries are still connecting; they must not
+    restart the tor again when they find the pid that restart produced.
+    """
+    require_sshd()
+    if not SYSTEM_HOST_KEY.exists() or not Path(f"{SYSTEM_HOST_KEY}.pub").exists():
+        message = f"needs this computer's sshd host key {SYSTEM_HOST_KEY}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = SshCluster(tmp_path / "cluster", 2)
+    share_host_key(cluster, SYSTEM_HOST_KEY, "h1", "h2")  # a link to the key: sshd reads it, nothing copies it
+    with cluster, TorProcess(tmp_path, ip="127.0.0.1", name="tor1") as tor1:
+        inventory = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={
+            name: {"socks": tor1.socks_address, **control(tor1)} for name in ("h1", "h2", "local")})
+        config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+        before = tor1.pid
+        done = run_fab(["tor.restart", "--inventory", inventory, "--wait", "30"], config=config)
+        assert done.returncode == 0, done.stdout + done.stderr
+        tor1.wait_ready(old_pid=before)
+        assert tor1.log_text().count("Catching signal TERM, exiting cleanly") == 1, done.stdout
+        table = rows(done.stdout)
+        assert sum("(same tor as" in line for line in table.values()) == 2, done.stdout
+        assert all(f" {before} " in line and f" {tor1.pid} " in line for line in table.values()), done.stdout
