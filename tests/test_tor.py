@@ -157,6 +157,10 @@ def test_usage_errors_before_any_host(tmp_path):
     inventory.write_text("[here]\naddress = local\ntor_control = control\n")
     bad = run_fab(["tor.newnym", "--inventory", inventory])
     assert bad.returncode == 2 and "neither a socket path nor host:port" in bad.stdout + bad.stderr
+    inventory.write_text("[here]\naddress = local\ntor_cookie = control_auth_cookie\n")
+    bad = run_fab(["tor.status", "--inventory", inventory])
+    assert bad.returncode == 2 and "tor_cookie must be an absolute path on the host" in bad.stderr, bad.stderr
+    assert f"{inventory}:3:" in bad.stderr
     inventory.write_text("[here]\naddress = local\n")
     for args, text in ((["--method", "reboot"], "--method: expected one of auto, systemd, service, process"),
                        (["--wait", "0"], "--wait: must be greater than 0"),
