@@ -24,6 +24,7 @@ from typing import Optional
 from .inventory import Host
 
 LOCAL_HOST_KEYS = "/etc/ssh/ssh_host_*_key.pub"
+THIS_COMPUTER = "local"  # a key only local entries have (SSH keys are "SHA256:..."): local entries are one machine
 
 
 def host_python(host: Host) -> str:
@@ -83,7 +84,7 @@ def machine_of(transport, machine_id: Optional[str]) -> Machine:
     """The Machine of one inventory entry, from its reported ``machine_id`` and its verified host key."""
     host = transport.host
     if host.is_local:
-        keys = local_host_keys()
+        keys = local_host_keys() | {THIS_COMPUTER}
     else:
         key = server_key(transport)
         keys = frozenset([key]) if key else frozenset()
