@@ -6,7 +6,7 @@ coordinator (cluster/tor.py) sends this file on stdin followed by one line,
 line; the answer is one line ``BEOWULF-TOR {json}`` on stdout. It is also part of
 the client bundle, so it can be imported and tested like any module.
 
-Everything a listening socket says is hostile until checked (SECURITY.md, "Tor"):
+Everything a listening socket says is hostile until checked (SECURITY.md, "Tor control port and restarts"):
 
 - The control cookie is read only at an expected path (``expected_cookie``): the
   ``tor_cookie`` of hosts.ini when set, else Debian's /run/tor/control.authcookie,

@@ -5,7 +5,7 @@ to the same box, two addresses of one host). Steps such as a wheel upload, a tor
 install or a tor restart are then done once. A host's ``machine_id`` is whatever
 the host says, so it never decides that alone: two entries are one machine only
 when they report the same machine id **and** present the same SSH host key, the
-key that the connection itself checked against known_hosts (SECURITY.md, "Tor").
+key that the connection itself checked against known_hosts (SECURITY.md, "Tor control port and restarts").
 A local entry is this computer: its keys are this computer's own sshd host keys,
 so an SSH entry to this computer's own sshd matches it.
 """

@@ -11,7 +11,7 @@ Secrets: the control cookie is read on the host by that program and never
 leaves it: not on a command line, not in its output, not in a log. It is read
 only at an expected path, never at one the control port names; with SAFECOOKIE
 (offered by every tor since 0.2.3) the control port must prove it knows the
-cookie before beowulf answers, with an HMAC, never the cookie (SECURITY.md, "Tor").
+cookie before beowulf answers, with an HMAC, never the cookie (SECURITY.md, "Tor control port and restarts").
 A sudo password (system restarts) is Fabric's business (``transport.sudo``): it
 is typed into sudo's prompt, never placed on a command line or written anywhere.
 
