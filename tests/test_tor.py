@@ -672,3 +672,17 @@ def test_restart_once_per_machine_local_and_ssh(tmp_path, tor_bin):
         table = rows(done.stdout)
         assert sum("(same tor as" in line for line in table.values()) == 2, done.stdout
         assert all(f" {before} " in line and f" {tor1.pid} " in line for line in table.values()), done.stdout
+
+
+def test_no_import_circle_between_provision_and_tor(repo_root):
+    """cluster/tor.py needs nothing from cluster/provision.py (which imports tor for setup --tor)."""
+    import ast
+    import subprocess
+    import sys
+
+    tree = ast.parse((repo_root / "cluster" / "tor.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "provision" not in imported and "cluster.provision" not in imported
+    for first in ("cluster.tor", "cluster.provision"):
+        done = subprocess.run([sys.executable, "-c", f"import {first}"], cwd=repo_root, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
