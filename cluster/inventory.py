@@ -22,7 +22,8 @@ from .errors import InventoryError, UsageError
 
 LOCAL = "local"
 COMMENT_PREFIXES = (";", "#")
-KEYS = ("address", "port", "slots", "python", "workdir", "identity", "nice", "socks", "tor_control")
+KEYS = ("address", "port", "slots", "python", "workdir", "identity", "nice", "socks", "tor_control",
+        "tor_cookie")
 # Most worker processes a host may be given (a typo such as slots = 80000 would fork-bomb it).
 MAX_SLOTS = 1024
 _ADDRESS = re.compile(r"^(?:(?P<user>[^@\s\[\]]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^@\s\[\]:]+))$")
@@ -44,6 +45,7 @@ class Host:
     nice: int = DEFAULT_NICE
     socks: str = DEFAULT_SOCKS
     tor_control: str = DEFAULT_TOR_CONTROL
+    tor_cookie: Optional[str] = None  # tor's control cookie file on the host (None: the usual places)
 
     @property
     def is_local(self) -> bool:
@@ -252,6 +254,11 @@ def _host(parser: configparser.ConfigParser, name: str, path: Path, lines: _Line
     for key in ("python", "workdir", "socks", "tor_control"):
         if key in section and section[key].strip():
             values[key] = section[key].strip()
+    if "tor_cookie" in section and section["tor_cookie"].strip():
+        cookie = section["tor_cookie"].strip()
+        if not cookie.startswith(("/", "~")):
+            fail(f"tor_cookie must be an absolute path on the host, not {_shown(cookie)}", "tor_cookie")
+        values["tor_cookie"] = cookie
     if "identity" in section and section["identity"].strip():
         identity = Path(os.path.expanduser(section["identity"].strip()))
         if not identity.is_absolute():

@@ -14,9 +14,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import secrets
 import shlex
 import tarfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,7 +24,9 @@ from typing import Optional
 from .constants import MIN_HOST_PYTHON
 from .errors import RemoteError, SetupError
 from .inventory import Host
+from .machine import MachineOnce, host_python, machine_of
 from .ssh import remote_path
+from .tor import ensure_tor
 from .transport import Transport
 from .wheels import PURE_MODULES, WheelCache, host_platform_tags, pure_package_files
 
@@ -87,15 +89,6 @@ def make_tar(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def host_python(host: Host) -> str:
-    """The interpreter command for a host (quoted for the shell)."""
-    if host.is_local:
-        import sys
-
-        return shlex.quote(sys.executable)
-    return shlex.quote(host.remote_python)
-
-
 def host_workdir(host: Host, store_dir: Optional[Path] = None) -> str:
     """The workdir as a shell word (``~`` still expands); local hosts keep theirs beside the store."""
     if host.is_local and not host.workdir:
@@ -148,23 +141,6 @@ class SetupReport:
     packages: str = ""
     tor: str = "-"
     uploaded_bytes: int = 0
-
-
-class MachineOnce:
-    """Steps done once per machine (several inventory entries can be one computer)."""
-
-    def __init__(self):
-        self._locks: dict[tuple, threading.Lock] = {}
-        self._guard = threading.Lock()
-        self.results: dict[tuple, object] = {}
-
-    def run(self, key: tuple, step):
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            if key not in self.results:
-                self.results[key] = step()
-            return self.results[key]
 
 
 class Provisioner:
@@ -245,7 +221,8 @@ class Provisioner:
         host = transport.host
         cache = f"{facts['home']}/.cache/beowulf/wheels"
         remote = f"{cache}/{wheel.name}"
-        key = (facts.get("machine_id") or host.name, facts.get("home"), wheel.name)
+        # Once per machine: same reported machine id AND same verified SSH host key (cluster/machine.py).
+        machine = machine_of(transport, facts.get("machine_id"))
 
         def upload() -> int:
             size = wheel.stat().st_size
@@ -254,10 +231,14 @@ class Provisioner:
             if have.ok and have.stdout.strip() == str(size):
                 return 0
             self._check(transport.run(f"mkdir -p {shlex.quote(cache)}", timeout=30), host, "cannot create wheel cache")
-            transport.put(wheel.read_bytes(), remote)
+            # A name of its own, then a rename: two machines sharing one home (NFS) may upload at once.
+            temp = f"{remote}.{secrets.token_hex(8)}"
+            transport.put(wheel.read_bytes(), temp)
+            self._check(transport.run(f"mv -f -- {shlex.quote(temp)} {shlex.quote(remote)}", timeout=30), host,
+                        f"cannot store {wheel.name}")
             return size
 
-        sent = self.once.run(key, upload)
+        sent = self.once.run(machine, ("wheel", facts.get("home"), wheel.name), upload)
         lib = f"{facts['workdir']}/lib"
         python = host_python(host)
         result = transport.run(f"{python} -c {shlex.quote(_UNZIP)} {shlex.quote(remote)} {shlex.quote(lib)}",
@@ -273,10 +254,8 @@ class Provisioner:
 
     def setup_tor(self, transport: Transport, facts: dict) -> str:
         """Install tor if missing (apt through sudo, once per machine) and make sure it runs."""
-        from .tor import ensure_tor
-
-        key = ("tor", facts.get("machine_id") or transport.host.name)
-        return self.once.run(key, lambda: ensure_tor(transport))
+        machine = machine_of(transport, facts.get("machine_id"))
+        return self.once.run(machine, ("tor",), lambda: ensure_tor(transport))
 
     @staticmethod
     def _check(result, host: Host, what: str) -> None:

@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from cluster.constants import PROBE_DEADLINE_SECONDS
 from cluster.fanout import fan_out
-from cluster.provision import MachineOnce
+from cluster.machine import MachineOnce
 from cluster.tor import DEFAULT_RESTART_WAIT, METHODS, check_addresses, new_identity, restart_tor, tor_status
 from cluster.transport import connect
 
@@ -122,8 +122,9 @@ def newnym(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
 @beowulf_task(help={
     **HOST_HELP,
     "method": "how to restart: auto (default: what the host has), systemd (systemctl restart tor), "
-              "service (service tor restart), or process (a tor run by hand: stop it by pid, start it again "
-              "with the same arguments, as the same user, no sudo)",
+              "service (service tor restart), or process (a tor the login user runs by hand, checked in /proc to "
+              "hold tor_control's socket: stop it by pid, start it again with the same arguments, as the login "
+              "user, no sudo)",
     "command": "restart with this shell command instead, run as root (through sudo unless we are root), "
                "e.g. 'rc-service tor restart'",
     "wait": f"seconds to wait for tor to answer again (default {DEFAULT_RESTART_WAIT:g})",
@@ -133,10 +134,14 @@ def restart(c, inventory=None, hosts=None, accept_new=False, method="auto", comm
     """Restart tor on every host and wait until its SOCKS port answers again.
 
     auto picks what the host has: the tor answering on tor_control is restarted the
-    way it was started (its systemd unit, /etc/init.d/tor, or, for a tor run by hand,
-    stopped by pid and started again with the same command line, detached, as the
-    same user: its configuration is checked first with --verify-config). When tor is
-    down: systemctl when PID 1 is systemd and tor.service exists, else service.
+    way it was started (its systemd unit, /etc/init.d/tor, or, for a tor the login
+    user runs by hand, stopped by pid and started again with the same command line,
+    detached, as the login user: its configuration is checked first with
+    --verify-config). A tor run by hand is restarted only when it runs as the login
+    user and holds tor_control's listening socket; another user's tor only through
+    systemctl or service. When tor is down: systemctl when PID 1 is systemd and
+    tor.service exists, else service. Each machine's tor is restarted once, however
+    many entries reach it (one machine: same machine id and same SSH host key).
     systemctl and service need root: sudo answers from `fab --prompt-for-sudo-password`
     or a NOPASSWD rule; the password is never written anywhere or put on a command line.
     A tor with DisableNetwork 1 opens no SOCKS port: then its control port answering
@@ -154,7 +159,7 @@ def restart(c, inventory=None, hosts=None, accept_new=False, method="auto", comm
     seconds = parse_float("wait", wait, above=0, maximum=MAX_RESTART_WAIT)
     path, selected = load_hosts(c, inventory, hosts)
     began = time.monotonic()
-    once = MachineOnce()  # several inventory entries may reach one tor: restart it once
+    once = MachineOnce()  # several inventory entries may reach one machine's tor: restart it once
     outcomes = _run(c, selected, accept_new, seconds + 300,
                     lambda transport: restart_tor(transport, method=method, command=command, wait=seconds,
                                                   once=once))

@@ -258,3 +258,31 @@ def test_ssh_config_alias_and_proxyjump(env, run_fab, tmp_path):
     refused = run_fab(["--ssh-config", ssh_config, "hosts", "--inventory", inventory, "--hosts", "inner"],
                       config=config)
     assert refused.returncode == 1 and "unknown host key" in refused.stdout, refused.stdout
+
+
+def test_setup_tor_once_per_machine_not_per_machine_id(tmp_path, run_fab):
+    """A host's machine_id is its own say: it must not make setup skip another host's tor step.
+
+    All three sshd hosts here report this computer's /etc/machine-id, as a host lying about
+    its machine id would. h1 and h2 are two machines (two host keys): each one's tor is
+    checked on its own SOCKS port. h3 presents h1's host key: one machine, checked once.
+    """
+    from harness import SshCluster, keygen, require_sshd
+    from harness.tor import SocksGreeter, share_host_key
+
+    require_sshd()
+    cluster = SshCluster(tmp_path / "cluster", 3)
+    cluster["h1"].dir.mkdir(parents=True)
+    keygen(cluster["h1"].host_key, comment="h1-host")
+    share_host_key(cluster, cluster["h1"].host_key, "h3")
+    with cluster, SocksGreeter(cluster["h1"].ip) as one, SocksGreeter(cluster["h2"].ip) as two, \
+            SocksGreeter(cluster["h3"].ip) as three:
+        inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={
+            "h1": {"socks": one.address}, "h2": {"socks": two.address}, "h3": {"socks": three.address}})
+        config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+        done = run_fab(["setup", "--inventory", inventory, "--tor", "--no-numpy"], config=config)
+        assert done.returncode == 0, done.stdout + done.stderr
+        greeted = {"h1": one.greetings, "h2": two.greetings, "h3": three.greetings}
+        assert greeted["h2"] == 1, greeted  # its own machine: its own tor checked
+        assert greeted["h1"] + greeted["h3"] == 1, greeted  # one machine, two entries: once
+        assert all("running" in line for line in rows(done.stdout).values()), done.stdout

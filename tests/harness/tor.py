@@ -67,7 +67,8 @@ class TorProcess:
     ``control="socket"`` on a Unix socket (in a short private folder under /tmp,
     since socket paths are limited to 107 bytes). Attributes after start():
     ``socks_address`` ("ip:port", closed while DisableNetwork is set),
-    ``control_address`` ("ip:port" or a path), ``cookie_path``, ``pid``
+    ``control_address`` ("ip:port" or a path), ``cookie_path`` (beside the socket, or in the
+    DataDirectory for a port: inventories name that one as ``tor_cookie``), ``pid``
     (the running tor, following restarts), ``torrc``, ``log_path``.
     """
 
@@ -84,7 +85,6 @@ class TorProcess:
         self.log_path = self.dir / "tor.log"
         self.pid_file = self.dir / "tor.pid"
         self.stdout_path = self.dir / "stdout.log"
-        self.cookie_path = self.data_dir / "control_auth_cookie"
         self.extra_config = list(extra_config or [])
         self.socks_port = 0
         self.control_port = 0
@@ -99,6 +99,14 @@ class TorProcess:
     @property
     def socks_address(self) -> str:
         return f"{self.ip}:{self.socks_port}"
+
+    @property
+    def cookie_path(self) -> Path:
+        """The control cookie: in the control socket's own folder (where beowulf looks for it, like
+        Debian's /run/tor), else tor's default in its DataDirectory (hosts.ini then names it: tor_cookie)."""
+        if self.control_kind == "socket":
+            return Path(self._socket_dir or "/nonexistent") / "control_auth_cookie"
+        return self.data_dir / "control_auth_cookie"
 
     @property
     def control_address(self) -> str:
@@ -124,6 +132,7 @@ class TorProcess:
         ]
         if self.control_kind == "socket":
             lines.append(f"ControlSocket {self.control_address}")
+            lines.append(f"CookieAuthFile {self.cookie_path}")
         else:
             lines.append(f"ControlPort {self.control_address}")
         return "\n".join(lines + self.extra_config) + "\n"
@@ -368,3 +377,212 @@ class SocksGreeter:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------- a hostile control port
+
+_FAKE_CONTROL = r'''
+import json, os, socket, subprocess, sys, threading
+cfg = json.loads(sys.argv[1])
+server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((cfg["ip"], 0))
+server.listen(16)
+# The "tor" it names: its own program, started by itself (as itself); with "share" it also holds the
+# listening socket, so that socket's owner in /proc includes that pid.
+child = subprocess.Popen(cfg["tor_argv"], executable=cfg["tor_exe"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         pass_fds=(server.fileno(),) if cfg["share"] else (), close_fds=True)
+sys.stdout.write("%d %d\n" % (server.getsockname()[1], child.pid))
+sys.stdout.flush()
+lock = threading.Lock()
+
+
+def note(data):
+    with lock, open(cfg["log"], "ab") as handle:
+        handle.write(data)
+
+
+def answer(line):
+    words = line.split(" ")
+    verb = words[0].upper()
+    if verb == "PROTOCOLINFO":
+        auth = "METHODS=" + cfg["methods"]
+        if cfg.get("cookiefile"):
+            auth += ' COOKIEFILE="%s"' % cfg["cookiefile"]
+        return ["250-PROTOCOLINFO 1", "250-AUTH " + auth, '250-VERSION Tor="0.4.8.10"', "250 OK"]
+    if verb == "AUTHCHALLENGE":
+        return ["250 AUTHCHALLENGE SERVERHASH=" + "00" * 32 + " SERVERNONCE=" + "11" * 32]
+    if verb == "GETINFO" and len(words) > 1:
+        values = {"process/pid": str(child.pid), "version": "0.4.8.10", "net/listeners/socks": "",
+                  "config-file": "/etc/tor/torrc"}
+        return ["250-%s=%s" % (words[1], values.get(words[1], "")), "250 OK"]
+    if verb == "GETCONF" and len(words) > 1:
+        values = {"user": "debian-tor", "disablenetwork": "1"}
+        return ["250 %s=%s" % (words[1], values.get(words[1].lower(), ""))]
+    return ["250 OK"]
+
+
+def serve(conn):
+    buffer = b""
+    try:
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            note(chunk)
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                reply = answer(line.rstrip(b"\r").decode("utf-8", "replace"))
+                conn.sendall("".join(r + "\r\n" for r in reply).encode())
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+
+NOBODY = "nobody"
+NOGROUP = "nogroup"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+class FakeControlPort:
+    """A hostile "tor control port" on ``ip``, run as user nobody (a real process of another user).
+
+    It answers PROTOCOLINFO with ``methods`` (e.g. "NULL" or "COOKIE") and, when
+    given, ``COOKIEFILE="cookiefile"``; every AUTHENTICATE is welcome; ``GETINFO
+    process/pid`` names the pid of a program it started itself, called ``tor``
+    (a copy of /bin/sh owned by nobody that appends ``id -u`` to ``ran_path`` each
+    time it is started, then idles). With ``share`` that program also holds the
+    listening socket. Everything a client sends is appended to ``received_path``.
+    Stopped by PID (its own, its program's, and any program started from that copy).
+    Its files live in a folder of its own under /tmp, removed at stop.
+    """
+
+    def __init__(self, ip: str = "127.0.0.1", methods: str = "NULL", cookiefile: Optional[str] = None,
+                 share: bool = True):
+        import pwd
+
+        self.ip = _check_loopback(ip)
+        # Under /tmp, not a test's tmp_path: nobody must be able to reach its own files.
+        self.dir = Path(tempfile.mkdtemp(prefix="fake-tor-", dir="/tmp"))
+        self.uid = pwd.getpwnam(NOBODY).pw_uid
+        import grp
+
+        self.gid = grp.getgrnam(NOGROUP).gr_gid
+        os.chmod(self.dir, 0o755)
+        self.tor_exe = self.dir / "tor"
+        shutil.copyfile("/bin/sh", self.tor_exe)
+        os.chmod(self.tor_exe, 0o755)
+        self.ran_path = self.dir / "ran"
+        self.received_path = self.dir / "received"
+        for path in (self.ran_path, self.received_path):
+            path.write_bytes(b"")
+        for path in (self.dir, self.tor_exe, self.ran_path, self.received_path):
+            os.chown(path, self.uid, self.gid)
+        self.config = {
+            "ip": ip, "methods": methods, "cookiefile": cookiefile, "share": share, "log": str(self.received_path),
+            "tor_exe": str(self.tor_exe),
+            # sh -c SCRIPT --verify-config: $0 is the extra argument; a check ends at once.
+            "tor_argv": ["tor", "-c", f'id -u >> {self.ran_path}; [ "$0" = --verify-config ] && exit 0; '
+                                      "while :; do sleep 1; done"],
+        }
+        self.port = 0
+        self.tor_pid: Optional[int] = None
+        self._proc: Optional[subprocess.Popen] = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def start(self) -> FakeControlPort:
+        import json
+
+        if not os.path.exists(SETPRIV) or not os.path.exists(SYSTEM_PYTHON):
+            raise RuntimeError(f"needs {SETPRIV} and {SYSTEM_PYTHON}")
+        argv = [SETPRIV, "--reuid", NOBODY, "--regid", NOGROUP, "--clear-groups",
+                SYSTEM_PYTHON, "-I", "-c", _FAKE_CONTROL, json.dumps(self.config)]
+        from .sshd import _spawner
+
+        self._proc = _spawner.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, close_fds=True, cwd="/")
+        line = self._proc.stdout.readline().split()
+        if len(line) != 2:
+            self.stop()
+            raise RuntimeError("the fake control port did not start")
+        self.port, self.tor_pid = int(line[0]), int(line[1])
+        return self
+
+    def received(self) -> bytes:
+        return self.received_path.read_bytes()
+
+    def runs(self) -> List[str]:
+        """The uids its ``tor`` program was started as, one per start (``id -u``)."""
+        return self.ran_path.read_text().split()
+
+    def program_pids(self) -> List[int]:
+        """Live processes running this fake's ``tor`` program (whoever started them)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                exe = os.readlink(f"/proc/{entry}/exe")
+            except OSError:
+                continue
+            if exe in (str(self.tor_exe), f"{self.tor_exe} (deleted)") and pid_alive(int(entry)):
+                found.append(int(entry))
+        return found
+
+    def stop(self) -> None:
+        pids = self.program_pids()
+        if self._proc is not None and self._proc.poll() is None:
+            pids.append(self._proc.pid)
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        if self._proc is not None:
+            try:
+                self._proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+            self._proc.stdout.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> FakeControlPort:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+SETPRIV = "/usr/bin/setpriv"
+
+
+def root_only_secret(base_dir) -> Path:
+    """A 32-byte file only root may read (in a folder only root may enter), like a cookie of another user."""
+    folder = Path(tempfile.mkdtemp(prefix="root-only-", dir=str(base_dir)))
+    os.chmod(folder, 0o700)
+    secret = folder / "secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(os.urandom(32))
+    return secret
+
+
+def share_host_key(cluster, source, *names: str) -> None:
+    """Before an SshCluster starts: hosts ``names`` present the key ``source`` (a link, never a copy).
+
+    Two sshd entries with one host key (and the one /etc/machine-id of this computer) are
+    one machine to beowulf, as two addresses of one real host would be (cluster/machine.py).
+    """
+    for name in names:
+        host = cluster[name]
+        host.dir.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", ".pub"):
+            Path(f"{host.host_key}{suffix}").symlink_to(f"{source}{suffix}")
