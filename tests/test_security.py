@@ -362,6 +362,41 @@ def test_remote_workdir_is_0700_new_or_existing(make_cluster, run_fab, tmp_path)
     assert not mode(fresh / "bundle.sha256") & 0o077
 
 
+def not_private(folder: Path) -> dict:
+    """Everything under ``folder`` (not following links) that its group or others may use: path -> mode."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            bits = stat.S_IMODE(os.lstat(path).st_mode)
+            if bits & 0o077 and not stat.S_ISLNK(os.lstat(path).st_mode):
+                found[str(path.relative_to(folder))] = oct(bits)
+    return found
+
+
+@SLOW
+def test_files_in_the_remote_workdir_are_private_even_under_umask_0(make_cluster, run_fab, tmp_path):
+    # sshd (and so every command of a session) runs with umask 0: only the code can make files private.
+    old = os.umask(0)
+    try:
+        cluster = make_cluster(1)
+    finally:
+        os.umask(old)
+    h1 = cluster["h1"]
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini")
+    done = run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (h1.workdir / "client" / "agent.py").is_file() and (h1.workdir / "lib").is_dir()
+    assert not_private(h1.workdir) == {}
+    # A run: the agent and its workers import the client modules (__pycache__ is written then).
+    done = run_fab(["primes", "--inventory", inventory, "--start", "1", "--end", "1e5", "--db", tmp_path / "r.db"],
+                   config=config, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(h1.workdir.glob("client/__pycache__/*.pyc"))
+    assert mode(h1.workdir) == 0o700 and not_private(h1.workdir) == {}
+
+
 # ---------------------------------------------------------------- secrets
 
 
