@@ -52,6 +52,7 @@ def stats(c, db=None, run=None, last=False, format="table", plot=None):
         raise UsageError("--run and --last cannot be used together")
     run_id = parse_int("run", run, minimum=1) if run is not None else None
     style = _check_format(format)
+    setup_logging(quiet=True)  # warnings only, escaped like every log line; stats writes no log file
     if plot is not None and run_id is None and not last:
         raise UsageError("--plot draws one run: add --run N or --last")
     path = store_path(c, db)
