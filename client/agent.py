@@ -913,6 +913,7 @@ def probe_main():
 def main(argv=None):
     """Run as the agent, a worker (``--worker``) or the probe (``--probe``)."""
     opts = parse_args(argv)
+    os.umask(0o077)  # what the agent and its workers create (__pycache__ too) is private: SECURITY.md
     setup_path(opts.lib)
     name = "worker-%d" % opts.slot if opts.worker else "agent"
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, opts.log_level.upper()),

@@ -19,6 +19,7 @@ from typing import Optional
 
 from .errors import BeowulfError
 from .report import human_seconds
+from .shown import shown
 
 DPI = 110
 WIDTH = 9.0  # inches
@@ -84,19 +85,25 @@ def _host_colors(report: dict, compare: Optional[dict]) -> dict:
     return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
+def _label(text) -> str:
+    """Stored text (host and engine names, parameters) as a plot label: control characters
+    escaped (SECURITY.md, "Terminal escapes") and ``$`` kept literal (no mathtext)."""
+    return shown(text).replace("$", r"\$")
+
+
 def _per(unit: dict) -> str:
     return f"{unit['item']} per {'second' if unit['per'] == 's' else 'minute'}"
 
 
 def _title(report: dict, what: str) -> str:
     run = report["run"]
-    return f"Run {run['id']} ({run['job']}, {run['state']}): {what}"
+    return _label(f"Run {run['id']} ({run['job']}, {run['state']}): {what}")
 
 
 def _subtitle(report: dict) -> str:
     from .report import human_params
 
-    return human_params(report["run"]["params"] or {}, width=90)
+    return _label(human_params(report["run"]["params"] or {}, width=90))
 
 
 def _tor_label(report: dict) -> str:
@@ -176,9 +183,9 @@ def rates_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None
 
 def _host_label(host: dict) -> str:
     slots = host["slots"]
-    label = f"{host['host']}\n{slots} slot{'s' if slots != 1 else ''}"
+    label = f"{_label(host['host'])}\n{slots} slot{'s' if slots != 1 else ''}"
     if host.get("engine"):
-        label += f", {host['engine']}"
+        label += f", {_label(host['engine'])}"
     return label
 
 
@@ -204,10 +211,10 @@ def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
             if value <= 0:
                 continue
             ax.bar(x_sum, value, bottom=bottom, width=0.8, color=colors[h["host"]], edgecolor="white",
-                   label=h["host"] if h["host"] not in legend_done else None)
+                   label=_label(h["host"]) if h["host"] not in legend_done else None)
             legend_done.add(h["host"])
             if value > 0.06 * top:
-                ax.text(x_sum, bottom + value / 2, h["host"], ha="center", va="center", fontsize=9,
+                ax.text(x_sum, bottom + value / 2, _label(h["host"]), ha="center", va="center", fontsize=9,
                         color="white", fontweight="bold")
             bottom += value
         actual = (r["rate"] or 0) * scale

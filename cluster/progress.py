@@ -8,6 +8,8 @@ import time
 from collections import deque
 from typing import Optional
 
+from .shown import shown
+
 log = logging.getLogger(__name__)
 # Seconds over which a host's current rate is measured for the display.
 RATE_WINDOW = 3.0
@@ -68,7 +70,7 @@ class Progress:
         self._live = RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), TaskProgressColumn(),
             TextColumn("ETA"), TimeRemainingColumn(compact=True, elapsed_when_finished=True),
-            TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[hosts]}"),
+            TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[hosts]}", markup=False),
             console=Console(stderr=True), transient=False, refresh_per_second=4,
         )
         self._live.__enter__()
@@ -91,7 +93,7 @@ class Progress:
             then, items_then = history[0]
             if host.state == "up" and now > then:
                 rate = (host.items - items_then) / (now - then) * (60 if self.per_minute else 1)
-                parts.append(f"{host.name}:{_rate(rate)}{self.per}")
+                parts.append(f"{shown(host.name)}:{_rate(rate)}{self.per}")
         return " ".join(parts)
 
     def __exit__(self, *exc):

@@ -61,7 +61,7 @@ if bundle:
         handle.write(bundle + "\\n")
     os.replace("bundle.sha256.new", "bundle.sha256")
 """
-_UNZIP = "import sys,zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"
+_UNZIP = "import os,sys,zipfile; os.umask(0o077); zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"
 
 
 def local_bundle_hash() -> str:
@@ -84,7 +84,7 @@ def make_tar(files: dict[str, bytes]) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in sorted(files.items()):
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            info.size, info.mode, info.mtime = len(data), 0o600, 0  # private (SECURITY.md)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
@@ -249,7 +249,7 @@ class Provisioner:
 
     def _record(self, transport: Transport, lib: str, name: str) -> None:
         marker = shlex.quote(f"{lib}/.installed")
-        self._check(transport.run(f"printf '%s\\n' {shlex.quote(name)} >> {marker}", timeout=30),
+        self._check(transport.run(f"umask 077 && printf '%s\\n' {shlex.quote(name)} >> {marker}", timeout=30),
                     transport.host, "cannot record installed package")
 
     def setup_tor(self, transport: Transport, facts: dict) -> str:

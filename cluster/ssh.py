@@ -66,7 +66,12 @@ class RefuseUnknownKey(paramiko.MissingHostKeyPolicy):
 
 
 class AcceptNewKey(paramiko.MissingHostKeyPolicy):
-    """Trust a key on first use: append it to known_hosts (never rewrite the file)."""
+    """Trust a key on first use: append it to known_hosts (never rewrite the file).
+
+    "First use" is decided under the lock, on the file as it is then: a host name that
+    has any key recorded by now (another route to the same ``[host]:port``, a racing
+    connection or process, a key of another type) is a changed key and is refused.
+    """
 
     def __init__(self, known_hosts: Path, label: str):
         self.known_hosts = known_hosts
@@ -79,16 +84,30 @@ class AcceptNewKey(paramiko.MissingHostKeyPolicy):
             fd = os.open(self.known_hosts, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                # Several inventory entries can be one host: record its key once.
-                with open(self.known_hosts, encoding="ascii", errors="replace") as current:
-                    present = line in current.read().splitlines(keepends=True)
-                if not present:
+                recorded = self._recorded(hostname)
+                if not recorded:
                     os.write(fd, line.encode("ascii"))
             finally:
                 os.close(fd)
+        if recorded and not any(known.asbytes() == key.asbytes() for known in recorded):
+            raise HostKeyError(
+                f"{self.label}: host key for {hostname} has CHANGED (got {key.get_name()} {fingerprint(key)}, "
+                f"expected {fingerprint(recorded[0])}, recorded in {self.known_hosts} while connecting, "
+                "by another route or connection to the same name); refusing to connect. If the host was "
+                f"reinstalled, remove its old entry: ssh-keygen -R {shlex.quote(hostname)} -f {self.known_hosts}")
         client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("%s: recorded new host key %s %s in %s",
-                    self.label, key.get_name(), fingerprint(key), self.known_hosts)
+        if not recorded:  # else: the same key, recorded meanwhile (several inventory entries are one host)
+            log.warning("%s: recorded new host key %s %s in %s",
+                        self.label, key.get_name(), fingerprint(key), self.known_hosts)
+
+    def _recorded(self, hostname: str) -> list:
+        """Every key known_hosts holds for ``hostname`` now (hashed entries too); the caller holds the lock."""
+        try:
+            found = paramiko.HostKeys(str(self.known_hosts)).lookup(hostname)
+        except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey) as err:
+            raise HostKeyError(f"{self.label}: cannot read {self.known_hosts} to record a new key: {err}; "
+                               "refusing to connect") from None
+        return list(found.values()) if found else []
 
 
 def _secure(connection: Connection, known_hosts: Path, accept_new: bool, label: str) -> None:

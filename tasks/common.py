@@ -23,6 +23,7 @@ from invoke import Exit, task
 
 from cluster.errors import BeowulfError, UsageError
 from cluster.inventory import Host, load_inventory, select_hosts
+from cluster.shown import EscapingFormatter, shown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -79,7 +80,7 @@ def beowulf_task(*args, **kwargs):
             try:
                 return body(c, *a, **kw)
             except BeowulfError as err:
-                raise Exit(f"error: {err}", code=err.exit_code) from None
+                raise Exit(f"error: {shown(str(err))}", code=err.exit_code) from None
             except KeyboardInterrupt:
                 raise Exit("interrupted", code=EXIT_INTERRUPTED) from None
             except BrokenPipeError:
@@ -181,7 +182,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False, log_file: Optional
             root.removeHandler(handler)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    console.setFormatter(logging.Formatter("%(levelname).1s %(message)s" if verbose else "%(message)s"))
+    # Every line escaped, whatever module logged it: hosts and web servers send text (SECURITY.md).
+    console.setFormatter(EscapingFormatter("%(levelname).1s %(message)s" if verbose else "%(message)s"))
     console._beowulf = True  # type: ignore[attr-defined]
     root.addHandler(console)
     logging.getLogger("paramiko").setLevel(logging.WARNING)
@@ -195,7 +197,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False, log_file: Optional
         except OSError:
             return
         rotating.setLevel(logging.DEBUG)
-        rotating.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        rotating.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         rotating._beowulf = True  # type: ignore[attr-defined]
         root.addHandler(rotating)
 

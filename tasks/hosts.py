@@ -13,6 +13,7 @@ from cluster.fanout import fan_out
 from cluster.health import check_host
 from cluster.provision import Provisioner
 from cluster.provision import teardown as remove_workdir
+from cluster.shown import shown, shown_rows
 from cluster.transport import connect
 from cluster.wheels import WheelCache
 
@@ -56,12 +57,12 @@ def _slots(host, facts: dict):
 def _finish(outcomes, rows, headers, summary: str) -> None:
     from invoke import Exit
 
-    print(tabulate(rows, headers=headers))
-    print(summary)
+    print(tabulate(shown_rows(rows), headers=headers))
+    print(shown(summary))
     code = _exit_for(outcomes)
     if code:
         failed = [o.host.name for o in outcomes if not o.ok]
-        raise Exit(f"{len(failed)} of {len(outcomes)} hosts failed: {', '.join(failed)}", code=code)
+        raise Exit(shown(f"{len(failed)} of {len(outcomes)} hosts failed: {', '.join(failed)}"), code=code)
 
 
 @beowulf_task(help={**HOST_HELP, "tor": "also install tor where missing (apt via sudo) and make sure it runs",

@@ -10,6 +10,7 @@ from invoke import Exit
 from tabulate import tabulate
 
 from cluster.errors import JobError, UsageError
+from cluster.shown import shown, shown_rows
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -137,14 +138,14 @@ def _print_summary(outcome, job, db_path: Path) -> None:
             rows.append([h.name, h.state, h.slots, h.engine, h.blocks, f"{h.items:,}", f"{h.found:,}",
                          f"{h.items / wall:,.0f}", f"{100 * h.items / total_items:.1f}%", h.retries,
                          h.failures])
-        print(tabulate(rows, headers=["host", "state", "slots", "engine", "blocks", "numbers", "primes",
+        print(tabulate(shown_rows(rows), headers=["host", "state", "slots", "engine", "blocks", "numbers", "primes",
                                       "numbers/s", "share", "retries", "failures"]))
         done_now = sum(h.items for h in outcome.hosts)
         resumed = " (this session; the run resumed)" if done_now < job.total else ""
         print(f"{done_now:,} numbers in {outcome.seconds:.1f}s wall time "
               f"({done_now / wall:,.0f} numbers/s){resumed}")
     for warning in outcome.warnings:
-        print(f"warning: {warning}")
+        print(f"warning: {shown(warning)}")
     if outcome.verified:
         print(f"--verify: {outcome.verified} blocks re-run elsewhere, {outcome.verify_mismatches} disagreed")
     print(f"{outcome.found_total:,} primes in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import sys
 import zlib
@@ -13,6 +12,7 @@ from invoke import Exit
 from tabulate import tabulate
 
 from cluster.errors import UsageError
+from cluster.shown import json_text, shown, shown_rows
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -86,7 +86,7 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
     for line in describe_bad(bad, "stdin" if urls == "-" else urls):
-        print(f"skipped: {line}")
+        print(f"skipped: {shown(line)}")
     if duplicates:
         print(f"{duplicates} duplicate URLs fetched once")
     if ignore_robots:
@@ -170,16 +170,17 @@ def _print_summary(outcome, job, db_path: Path) -> None:
         minutes = max(outcome.seconds, 1e-9) / 60
         rows = [[h.name, h.state, h.slots, h.items, h.found, h.items - h.found, f"{h.items / minutes:,.1f}",
                  f"{100 * h.items / total:.1f}%", h.retries, h.failures] for h in busy]
+        rows = shown_rows(rows)
         print(tabulate(rows, headers=["host", "state", "workers", "pages", "ok", "errors", "pages/min", "share",
                                       "retries", "failures"]))
     for warning in outcome.warnings:
-        print(f"warning: {warning}")
+        print(f"warning: {shown(warning)}")
     statuses: dict = {}
     with Store(str(db_path)) as store:
         for record, _ in store.iter_pages(outcome.run_id):
             key = record["error_kind"] or (f"{record['status'] // 100}xx" if record["status"] else "?")
             statuses[key] = statuses.get(key, 0) + 1
-    breakdown = ", ".join(f"{key} {count}" for key, count in sorted(statuses.items()))
+    breakdown = ", ".join(f"{shown(key)} {count}" for key, count in sorted(statuses.items()))
     print(f"{sum(statuses.values())} of {job.total} URLs fetched ({breakdown}) (run {outcome.run_id}, {db_path})")
 
 
@@ -216,11 +217,11 @@ def _export(db_path: Path, run_id: int, target: Path) -> None:
                     if problem:
                         damaged += 1
                         record["body_error"] = problem
-                        print(f"warning: --export: URL {record['index']}: body not exported: {problem}",
+                        print(f"warning: --export: URL {record['index']}: body not exported: {shown(problem)}",
                               file=sys.stderr)
                     else:
                         record["body"] = f"bodies/{sha256}"
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.write(json_text(record) + "\n")  # safe to cat (cluster/shown.py)
                 count += 1
         os.replace(temp, index)
     finally:

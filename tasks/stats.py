@@ -12,6 +12,7 @@ from pathlib import Path
 from tabulate import tabulate, tabulate_formats
 
 from cluster.errors import StoreError, UsageError
+from cluster.shown import shown, shown_cell, shown_rows
 
 from .common import (
     EXIT_FAILED,
@@ -51,6 +52,7 @@ def stats(c, db=None, run=None, last=False, format="table", plot=None):
         raise UsageError("--run and --last cannot be used together")
     run_id = parse_int("run", run, minimum=1) if run is not None else None
     style = _check_format(format)
+    setup_logging(quiet=True)  # warnings only, escaped like every log line; stats writes no log file
     if plot is not None and run_id is None and not last:
         raise UsageError("--plot draws one run: add --run N or --last")
     path = store_path(c, db)
@@ -73,7 +75,7 @@ def stats(c, db=None, run=None, last=False, format="table", plot=None):
 
         written, messages = write_plots(report, blocks, events, Path(os.path.expanduser(plot)), compare)
         for message in messages:
-            print(message, file=sys.stderr)
+            print(shown(message), file=sys.stderr)
         for png in written:
             print(f"wrote {png}", file=sys.stderr)
 
@@ -136,6 +138,8 @@ def _print_runs(store, runs: list[dict], style: str, path: Path) -> None:
         live = run["state"] == "running" and store.lock_holder(run["id"]) is not None
         rows.append(run_row(run, store.events(run["id"]), store.blocks(run["id"]), now, live))
     if style == "json":
+        # ensure_ascii (json's default): every non-ASCII character, C1 and bidi controls included,
+        # is a \uXXXX escape, so the output holds no control byte and decodes to what was stored.
         print(json.dumps({"schema": SCHEMA, "kind": "runs", "db": str(path), "runs": rows}, indent=2))
         return
     if style == "csv":
@@ -144,7 +148,7 @@ def _print_runs(store, runs: list[dict], style: str, path: Path) -> None:
         writer = csv.writer(sys.stdout)
         writer.writerow(fields[:-1] + ["items_per_second"])
         for row in rows:
-            writer.writerow([json.dumps(row["params"], sort_keys=True) if f == "params" else row[f]
+            writer.writerow([json.dumps(row["params"], sort_keys=True) if f == "params" else shown_cell(row[f])
                              for f in fields])
         return
     table = []
@@ -158,13 +162,13 @@ def _print_runs(store, runs: list[dict], style: str, path: Path) -> None:
                       human_seconds(row["wall_seconds"]), done,
                       "" if rate is None else f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"])
     headers = ["run", "job", "parameters", "state", "started", "wall time", "items", "items/s"]
-    print(tabulate(table, headers=headers, tablefmt="simple" if style == "table" else style,
+    print(tabulate(shown_rows(table), headers=headers, tablefmt="simple" if style == "table" else style,
                    disable_numparse=True))
 
 
 def _print_run(report: dict, style: str, path: Path) -> None:
     if style == "json":
-        print(json.dumps(dict(report, db=str(path)), indent=2))
+        print(json.dumps(dict(report, db=str(path)), indent=2))  # ASCII only, as in _print_runs
     elif style == "csv":
         _run_csv(report)
     else:
@@ -177,7 +181,7 @@ def _run_csv(report: dict) -> None:
               "items_per_second_per_slot", "share", "standalone_items_per_second", "standalone_source",
               "retries", "failures", "idle_seconds", "last_seen", "wall_seconds", "startup_seconds", "efficiency",
               "tail_seconds", "eta_seconds", "state"]
-    writer = csv.writer(sys.stdout)
+    writer = _ShownWriter(sys.stdout)
     writer.writerow(fields)
     run_id = report["run"]["id"]
     for h in report["hosts"]:
@@ -195,6 +199,16 @@ def _run_csv(report: dict) -> None:
                      _blank(report["eta_seconds"]), report["run"]["state"]])
 
 
+class _ShownWriter:
+    """A csv.writer whose string cells are escaped (CSV has no escapes of its own for control bytes)."""
+
+    def __init__(self, stream):
+        self.writer = csv.writer(stream)
+
+    def writerow(self, row) -> None:
+        self.writer.writerow([shown_cell(value) for value in row])
+
+
 def _blank(value):
     return "" if value is None else value
 
@@ -205,8 +219,8 @@ def _run_table(report: dict, style: str) -> None:
     run, unit = report["run"], report["unit"]
     label = unit["label"]
     sessions = len(report["sessions"])
-    print(f"run {run['id']}: {run['job']} {human_params(run['params'] or {}, width=100)}")
-    print(f"{run['state']}, started {_when(run['started'])}, wall time {human_seconds(report['wall_seconds'])}"
+    print(shown(f"run {run['id']}: {run['job']} {human_params(run['params'] or {}, width=100)}"))
+    print(f"{shown(run['state'])}, started {_when(run['started'])}, wall time {human_seconds(report['wall_seconds'])}"
           f" in {sessions} session{'s' if sessions != 1 else ''}")
     now = time.time()
     rows = []
@@ -222,10 +236,11 @@ def _run_table(report: dict, style: str) -> None:
         headers.pop(2)
         rows = [row[:2] + row[3:] for row in rows]
     print()
-    print(tabulate(rows, headers=headers, tablefmt=style, disable_numparse=True) if rows else "no host did any work")
+    print(tabulate(shown_rows(rows), headers=headers, tablefmt=style, disable_numparse=True) if rows
+          else "no host did any work")
     print()
     for line in _summary_lines(report, human_rate, human_seconds):
-        print(line)
+        print(shown(line))
 
 
 def _summary_lines(report: dict, human_rate, human_seconds) -> list[str]:
@@ -295,7 +310,7 @@ def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, s
     _print_calibration(results, bench, tor)
     failed = [r for r in results if r.error]
     for r in failed:
-        print(f"warning: {r.error}", file=sys.stderr)
+        print(f"warning: {shown(r.error)}", file=sys.stderr)
     if failed:
         code = EXIT_FAILED if len(failed) == len(results) else EXIT_PARTIAL
         raise Exit(f"{len(failed)} of {len(results)} hosts could not be measured", code=code)
@@ -347,7 +362,7 @@ def _print_calibration(results, bench, tor: bool) -> None:
                      human_rate(r.rate, unit), human_rate(per_slot, unit), "stored" if not r.error else "failed"])
     headers = ["host", "slots", "engine", "tasks", unit["item"], "seconds", f"alone {label}", f"{label}/slot",
                "result"]
-    print(tabulate(rows, headers=headers, disable_numparse=True))
+    print(tabulate(shown_rows(rows), headers=headers, disable_numparse=True))
     good = [r.rate for r in results if not r.error]
     if good:
         variant = " through Tor" if tor else ""

@@ -51,7 +51,9 @@ def _finish(rows, headers, failed: list, total: int, summary: str) -> None:
     """Print the table and the summary; exit 3 when some hosts failed, 1 when all did."""
     from invoke import Exit
 
-    print(tabulate(rows, headers=headers))
+    from cluster.shown import shown_rows
+
+    print(tabulate(shown_rows(rows), headers=headers))
     print(summary)
     if failed:
         code = EXIT_FAILED if len(failed) == total else EXIT_PARTIAL

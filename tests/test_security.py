@@ -362,6 +362,41 @@ def test_remote_workdir_is_0700_new_or_existing(make_cluster, run_fab, tmp_path)
     assert not mode(fresh / "bundle.sha256") & 0o077
 
 
+def not_private(folder: Path) -> dict:
+    """Everything under ``folder`` (not following links) that its group or others may use: path -> mode."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            bits = stat.S_IMODE(os.lstat(path).st_mode)
+            if bits & 0o077 and not stat.S_ISLNK(os.lstat(path).st_mode):
+                found[str(path.relative_to(folder))] = oct(bits)
+    return found
+
+
+@SLOW
+def test_files_in_the_remote_workdir_are_private_even_under_umask_0(make_cluster, run_fab, tmp_path):
+    # sshd (and so every command of a session) runs with umask 0: only the code can make files private.
+    old = os.umask(0)
+    try:
+        cluster = make_cluster(1)
+    finally:
+        os.umask(old)
+    h1 = cluster["h1"]
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini")
+    done = run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (h1.workdir / "client" / "agent.py").is_file() and (h1.workdir / "lib").is_dir()
+    assert not_private(h1.workdir) == {}
+    # A run: the agent and its workers import the client modules (__pycache__ is written then).
+    done = run_fab(["primes", "--inventory", inventory, "--start", "1", "--end", "1e5", "--db", tmp_path / "r.db"],
+                   config=config, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(h1.workdir.glob("client/__pycache__/*.pyc"))
+    assert mode(h1.workdir) == 0o700 and not_private(h1.workdir) == {}
+
+
 # ---------------------------------------------------------------- secrets
 
 
@@ -598,3 +633,108 @@ def test_prompted_secrets_stay_out_of_output_and_beowulf_log(make_cluster, run_f
     assert (db.parent / "beowulf.log").stat().st_size > 0
     for secret in (sudo_password, passphrase):
         assert files_containing(secret.encode(), [tmp_path, cluster.base_dir], 0, recent_only=False) == []
+
+
+# ---------------------------------------------------------------- --accept-new: two routes, one name
+
+# A ProxyCommand: stdin/stdout to and from one TCP address (the route to "the" host).
+PIPE = r'''import socket, sys, threading
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def up():
+    while True:
+        data = sys.stdin.buffer.raw.read(65536)
+        if not data:
+            break
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    data = sock.recv(65536)
+    if not data:
+        break
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+'''
+
+
+def two_routes(cluster: SshCluster, tmp_path: Path) -> tuple:
+    """ssh_config and inventory for ``ra`` and ``rb``: one name, ``[127.0.0.99]:2299``, two machines.
+
+    ``ra`` reaches h1 directly, ``rb`` reaches h2 through the harness's relay.
+    """
+    pipe = tmp_path / "pipe.py"
+    pipe.write_text(PIPE)
+    relay = cluster.add_relay("h2")
+    h1 = cluster["h1"]
+    routes = {"ra": (h1.ip, h1.port), "rb": (relay.listen_ip, relay.port)}
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text("".join(
+        f"Host {alias}\n  HostName 127.0.0.99\n  Port 2299\n  User root\n  IdentityFile {cluster.client_key}\n"
+        f"  ProxyCommand {shutil.which('python3')} {pipe} {ip} {port}\n" for alias, (ip, port) in routes.items()))
+    inventory = tmp_path / "routes.ini"
+    inventory.write_text("".join(f"[{alias}]\naddress = {alias}\nworkdir = {tmp_path / alias}\n" for alias in routes))
+    return ssh_config, inventory
+
+
+@SLOW
+def test_accept_new_records_one_key_for_a_name_reached_by_two_routes(make_cluster, run_fab, tmp_path):
+    cluster = make_cluster(2)
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    ssh_config, inventory = two_routes(cluster, tmp_path)
+    known = cluster.known_hosts_path
+    keys = {cluster["h1"].public_key(), cluster["h2"].public_key()}
+    for attempt in range(3):
+        # Both routes connect at once (one fab, a thread per host), neither key known yet.
+        known.write_text("")
+        done = run_fab(["--ssh-config", ssh_config, "hosts", "--inventory", inventory, "--accept-new"],
+                       config=config)
+        lines = known.read_text().splitlines()
+        assert len(lines) == 1, (attempt, lines, done.stdout + done.stderr)
+        name, key = lines[0].split(" ", 1)
+        assert name == "[127.0.0.99]:2299" and key in keys
+        assert done.returncode == 3 and "[127.0.0.99]:2299 has CHANGED" in done.stdout, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+    # Two processes racing, one route each: still one key, and the loser is refused.
+    known.write_text("")
+    argv = {alias: fab_argv(["--ssh-config", ssh_config, "hosts", "--inventory", inventory, "--hosts", alias,
+                             "--accept-new"], config) for alias in ("ra", "rb")}
+    procs = {alias: subprocess.Popen(args, env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True) for alias, args in argv.items()}
+    outs = {alias: proc.communicate(timeout=120) for alias, proc in procs.items()}
+    codes = sorted(proc.returncode for proc in procs.values())
+    assert len(known.read_text().splitlines()) == 1, (known.read_text(), outs)
+    assert codes == [0, 1], outs
+    # Later runs: the recorded route works, the other is a changed key, --accept-new or not.
+    for extra in ([], ["--accept-new"]):
+        done = run_fab(["--ssh-config", ssh_config, "hosts", "--inventory", inventory, *extra], config=config)
+        assert done.returncode == 3 and "has CHANGED" in done.stdout, done.stdout + done.stderr
+    assert len(known.read_text().splitlines()) == 1
+
+
+def test_accept_new_refuses_a_name_with_a_key_of_another_type(tmp_path):
+    """A name known under one key type offering another type is a changed key (Paramiko asks the policy)."""
+    import paramiko
+
+    from cluster.errors import HostKeyError
+    from cluster.ssh import AcceptNewKey
+
+    known = tmp_path / "known_hosts"
+    recorded = paramiko.Ed25519Key.from_private_key_file(str(keygen_ed25519(tmp_path / "k1")))
+    known.write_text(f"[127.0.0.99]:2299 {recorded.get_name()} {recorded.get_base64()}\n")
+    before = known.read_bytes()
+    other = paramiko.RSAKey.generate(1024)
+    client = paramiko.SSHClient()
+    with pytest.raises(HostKeyError, match="has CHANGED"):
+        AcceptNewKey(known, "x").missing_host_key(client, "[127.0.0.99]:2299", other)
+    assert known.read_bytes() == before and not client.get_host_keys().lookup("[127.0.0.99]:2299")
+    # The same key (recorded meanwhile by another entry for the same host) is fine and not written twice.
+    AcceptNewKey(known, "x").missing_host_key(client, "[127.0.0.99]:2299", recorded)
+    assert known.read_bytes() == before
+    # A name with nothing recorded is appended.
+    AcceptNewKey(known, "x").missing_host_key(client, "[127.0.0.98]:2299", other)
+    assert known.read_text().splitlines()[1] == f"[127.0.0.98]:2299 ssh-rsa {other.get_base64()}"
+
+
+def keygen_ed25519(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-N", "", "-t", "ed25519", "-f", str(path)], check=True, capture_output=True)
+    return path
