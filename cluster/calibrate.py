@@ -11,9 +11,11 @@ are cancelled. The caller stores it with ``Store.set_calibration``.
 
 Workloads:
 
-- **primes**: count mode (nothing to transfer) from 10**11 upwards (``start``),
-  where a block's sieving costs what it costs in a big run; a block's cost
-  depends on where it lies, so calibrate near the numbers your runs cover. A
+- **primes**: count mode (nothing to transfer) or list mode (the primes come back,
+  as in a list run) from 10**11 upwards (``start``), up to ``end`` and then from
+  ``start`` again; a block's cost depends on where it lies and on the mode, so a
+  run's efficiency only uses a calibration of its mode near its range
+  (cluster/figures.py; ``fab calibrate --run N`` measures exactly that). A
   probe block, grown fourfold until it takes 0.2 s (twice), sizes the blocks to
   ~0.5 s a slot, and every result resizes them.
 - **scrape**: one URL a task from the user's list (never repeated: when the list
@@ -66,19 +68,23 @@ class Calibration:
     failures: int = 0
     error: str = ""
     hello: Optional[dict] = None
+    lo: Optional[int] = None  # the lowest and highest item measured (primes: numbers)
+    hi: Optional[int] = None
 
 
 class PrimesBench:
-    """Count-mode prime blocks from PRIMES_START upwards."""
+    """Prime blocks (count or list mode) from ``start`` upwards, wrapping around at ``end``."""
 
     name = "primes"
 
-    def __init__(self, start: int = PRIMES_START):
-        from .jobs.primes import MAX_COUNT_BLOCK, MAX_END, PrimesJob
+    def __init__(self, start: int = PRIMES_START, mode: str = "count", end: Optional[int] = None):
+        from .jobs.primes import MAX_END, PrimesJob
 
         self.start = start
-        self.job = PrimesJob(start, MAX_END, count_only=True)
-        self.max_width = MAX_COUNT_BLOCK
+        self.end = MAX_END if end is None else end
+        self.mode = mode
+        self.job = PrimesJob(start, self.end, count_only=mode == "count")
+        self.max_width = self.job.max_block()
         self.next_lo = start
         self.width = PROBE_WIDTH
 
@@ -89,7 +95,10 @@ class PrimesBench:
         return hi - lo + 1
 
     def next_task(self) -> Optional[tuple[int, int, dict]]:
-        lo, hi = self.next_lo, self.next_lo + self.width - 1
+        if self.next_lo > self.end:
+            self.next_lo = self.start  # a small range: measure it again
+        lo = self.next_lo
+        hi = min(self.end, lo + self.width - 1)
         self.next_lo = hi + 1
         return lo, hi, self.job.task_args(lo, hi)
 
@@ -105,6 +114,8 @@ class PrimesBench:
                 break
             if not long_enough:
                 self.width = min(self.max_width, self.width * PROBE_GROWTH)
+            if self.width >= self.end - self.start + 1:
+                break
         self.adapt(self.width, elapsed)
         log.debug("primes benchmark: blocks of %d numbers", self.width)
 
@@ -266,6 +277,8 @@ def _measure(link: HostLink, events: queue.Queue, bench, seconds: float, outcome
             lo, hi, checked = got
             outcome.tasks += 1
             outcome.items += bench.items(lo, hi, checked)
+            outcome.lo = lo if outcome.lo is None else min(outcome.lo, lo)
+            outcome.hi = hi if outcome.hi is None else max(outcome.hi, hi)
             last = time.monotonic()
             bench.adapt(hi - lo + 1, float((event.message or {}).get("elapsed") or 0.0))
         while time.monotonic() < deadline and len(tasks.open) < link.slots + 1 and tasks.send():

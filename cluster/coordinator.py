@@ -170,6 +170,9 @@ class Coordinator:
         finally:
             self._close_links()
             self.writer.close()
+            for stats in self.stats.values():  # listed by fab stats with 0 and this reason
+                if stats.state == "starting":
+                    self.writer_event(stats.name, "starting", "still starting when the run ended")
             store.finish_run(run_id, state)
         return self._outcome(began)
 
@@ -389,6 +392,10 @@ class Coordinator:
             self.writer_event(name, "up", f"{event.link.slots} slots")
             try:
                 self.store.upsert_host(name, event.link.hello)
+                # What the host is in this run, kept with the run (fab stats of past runs).
+                self.store.record_run_host(
+                    self.run_id, name, event.link.hello, event.link.slots,
+                    str((event.link.hello.get("engines") or {}).get(self.job.name) or ""))
             except BeowulfError as err:
                 log.warning("cannot record host %s: %s", name, err)
             stats.state = "up"
@@ -406,6 +413,7 @@ class Coordinator:
                 stats.state = "excluded"
                 self.warnings.append(f"left out: {event.reason}")
                 log.warning("left out: %s", event.reason)
+                self.writer_event(name, "left-out", event.reason)
             else:
                 stats.reconnects_failed += 1
                 stats.next_attempt = time.monotonic() + _backoff(stats)

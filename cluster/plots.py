@@ -17,11 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from . import figures
 from .errors import BeowulfError
 from .report import human_seconds
 from .shown import shown
 
 DPI = 110
+# PNG metadata: no matplotlib version, so that a run's plots are the same bytes every time
+# (a past run's figures never change, README.md "Figures").
+METADATA = {"Software": None}
 WIDTH = 9.0  # inches
 # Events marked on the timeline: kind -> (legend label, marker, colour).
 MARK_KINDS = {"lost": ("host lost", "v", "black"), "quarantine": ("host quarantined", "s", "black"),
@@ -65,7 +69,7 @@ def write_plots(report: dict, blocks: list[dict], events: list[dict], folder: Pa
         figure = draw()
         path = folder / f"run{run_id}-{suffix}.png"
         try:
-            figure.savefig(path, dpi=DPI)
+            figure.savefig(path, dpi=DPI, metadata=METADATA)
         except OSError as err:
             raise BeowulfError(f"--plot: cannot write {path} ({err.strerror})") from None
         finally:
@@ -136,22 +140,22 @@ def rates_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None
     scale = unit["scale"]
     if compare is not None:
         pair = sorted((report, compare), key=lambda r: bool((r["run"]["params"] or {}).get("tor")))
-        series = [(f"{_tor_label(r)} (run {r['run']['id']})",
-                   {h["host"]: h["rate"] for h in r["hosts"] if h["rate"]}) for r in pair]
+        series = [(f"{figures.SPEED_BUSY}, {_tor_label(r)} (run {r['run']['id']})",
+                   {h["host"]: h["speed_busy"] or 0.0 for h in r["hosts"]}) for r in pair]
     else:
         series = []
-        calibrated = {h["host"]: h["standalone_rate"] for h in report["hosts"]
-                      if h["standalone_source"] == "calibration" and h["standalone_rate"]}
+        calibrated = {h["host"]: h["standalone_rate"] for h in report["hosts"] if h["standalone_rate"]}
         if calibrated:
-            series.append(("alone (fab calibrate)", calibrated))
-        series.append(("in this run", {h["host"]: h["rate"] for h in report["hosts"] if h["rate"]}))
+            series.append(("alone (comparable fab calibrate)", calibrated))
+        series.append((figures.THROUGHPUT, {h["host"]: h["throughput"] or 0.0 for h in report["hosts"]}))
+        series.append((figures.SPEED_BUSY, {h["host"]: h["speed_busy"] or 0.0 for h in report["hosts"]}))
     hosts = {h["host"]: h for r in (report, compare) if r for h in r["hosts"]}
     names = sorted({n for _, values in series for n in values},
-                   key=lambda n: max(values.get(n, 0) for _, values in series))
+                   key=lambda n: (max(values.get(n, 0) for _, values in series), n))
     figure, ax = plt.subplots(figsize=(WIDTH, 1.6 + 0.55 * len(names) * max(1, len(series) * 0.75)),
                               layout="constrained")
     height = 0.8 / len(series)
-    top = max((v for _, values in series for v in values.values()), default=1) * scale
+    top = max((v for _, values in series for v in values.values()), default=0) * scale or 1.0
     hatches = ("//", "", "..")
     for k, (label, values) in enumerate(series):
         offsets = [i - 0.4 + height * (k + 0.5) for i in range(len(names))]
@@ -161,12 +165,14 @@ def rates_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None
                        hatch=hatches[k % len(hatches)] if len(series) > 1 else None, edgecolor="white")
         for bar, name in zip(bars, names):
             if name in values:
+                reason = hosts[name].get("idle_reason") if not values[name] else None
                 ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2,
-                        _short(values[name], unit), va="center", fontsize=9)
+                        _short(values[name], unit) + (f" ({_label(reason)})" if reason else ""),
+                        va="center", fontsize=9)
     ax.set_yticks(range(len(names)), [_host_label(hosts[n]) for n in names])
     ax.set_xlim(0, top * 1.18)
     _eng(ax.xaxis)
-    ax.set_xlabel(f"{_per(unit)} (all of the host's slots)")
+    ax.set_xlabel(f"{_per(unit)} (all of the host's slots; README.md, Figures)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     if len(series) > 1:
@@ -201,13 +207,15 @@ def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
         reports = sorted((report, compare), key=lambda r: bool((r["run"]["params"] or {}).get("tor")))
     figure, ax = plt.subplots(figsize=(WIDTH if len(reports) > 1 else 7.0, 5.2), layout="constrained")
     ticks, labels = [], []
-    top = max(max(r["sum_standalone"] or 0, r["rate"] or 0) for r in reports) * scale or 1
+    top = max(max(r["sum_standalone"] or 0, r["throughput"] or 0, r["politeness_bound"] or 0)
+              for r in reports) * scale or 1
     legend_done = set()
     for g, r in enumerate(reports):
         x_sum, x_actual = g * 2.6, g * 2.6 + 1.0
         bottom = 0.0
         for h in sorted(r["hosts"], key=lambda h: -(h["standalone_rate"] or 0)):
-            value = (h["standalone_rate"] or 0) * scale if h["items"] else 0
+            value = (h["standalone_rate"] if r["sum_standalone"] else h["speed_busy"] or 0) * scale \
+                if h["items"] else 0
             if value <= 0:
                 continue
             ax.bar(x_sum, value, bottom=bottom, width=0.8, color=colors[h["host"]], edgecolor="white",
@@ -217,19 +225,25 @@ def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
                 ax.text(x_sum, bottom + value / 2, _label(h["host"]), ha="center", va="center", fontsize=9,
                         color="white", fontweight="bold")
             bottom += value
-        actual = (r["rate"] or 0) * scale
+        actual = (r["throughput"] or 0) * scale
         ax.bar(x_actual, actual, width=0.8, color="#333333")
-        ax.text(x_sum, bottom + top * 0.015, _short(r["sum_standalone"], unit), ha="center", va="bottom",
+        ax.text(x_sum, bottom + top * 0.015, _short(bottom / scale, unit), ha="center", va="bottom",
                 fontsize=9)
-        efficiency = f"\n= {r['efficiency']:.0%} of the sum" if r["efficiency"] else ""
-        ax.text(x_actual, actual + top * 0.015, _short(r["rate"], unit) + efficiency, ha="center",
+        against = "of the sum" if r["efficiency_against"] == "sum of parts" else "of the politeness bound"
+        efficiency = f"\n= {r['efficiency']:.0%} {against}" if r["efficiency"] else \
+            "\nno efficiency: no\ncomparable calibration"
+        ax.text(x_actual, actual + top * 0.015, _short(r["throughput"], unit) + efficiency, ha="center",
                 va="bottom", fontsize=9, fontweight="bold")
-        parts = {"calibration": "sum of the hosts\nalone (fab calibrate)",
-                 "in-run": "sum of the hosts'\nrates in this run"}.get(r["sum_source"],
-                                                                  "sum of the hosts\n(calibrate + in-run)")
+        if r["politeness_bound"]:
+            bound = r["politeness_bound"] * scale
+            ax.hlines(bound, x_sum - 0.5, x_actual + 0.5, colors="crimson", linestyles="dashed")
+            ax.text(x_actual + 0.5, bound, f" politeness bound {_short(r['politeness_bound'], unit)}",
+                    color="crimson", va="bottom", ha="right", fontsize=8)
+        parts = ("sum of the hosts\nalone (fab calibrate)" if r["sum_standalone"] else
+                 f"sum of the hosts'\n{figures.SPEED_BUSY}\n(no comparable calibration)")
         group = f"\n{_tor_label(r)}" if len(reports) > 1 else ""
         ticks += [x_sum, x_actual]
-        labels += [parts + group, f"actual\n(whole cluster){group}"]
+        labels += [parts + group, f"{figures.THROUGHPUT}\n(whole cluster){group}"]
     ax.set_xticks(ticks, labels, fontsize=9)
     ax.set_ylim(0, top * 1.22)
     _eng(ax.yaxis)
@@ -289,6 +303,18 @@ def _lanes(blocks: list[dict], at, slots: int) -> list[list[tuple[float, float]]
     return lanes
 
 
+def _resumes(xs: list[float], wall: float) -> list[tuple[float, int]]:
+    """Resume marks as (x, how many): marks closer than 12% of the run's time share one label,
+    so that their labels never overlap."""
+    groups: list[list[float]] = []
+    for x in sorted(xs):
+        if groups and x - groups[-1][0] < 0.12 * wall:
+            groups[-1].append(x)
+        else:
+            groups.append([x])
+    return [(group[0], len(group)) for group in groups]
+
+
 def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], colors: dict):
     """Gantt chart: a band per host, a lane per slot, a bar per block; tail and faults marked."""
     spans = report["sessions"]
@@ -311,12 +337,18 @@ def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], c
         ax.axvspan(at(tail["start"]), at(tail["end"]), color="0.5", alpha=0.18, zorder=0,
                    label=f"tail: {human_seconds(tail['seconds'])}"
                          + (" (approx.)" if tail["source"] != "event" else ""))
-    for k, (begin, end) in enumerate(report.get("startup") or []):
-        ax.axvspan(at(begin), at(end), color="gold", alpha=0.25, zorder=0,
-                   label=f"start-up: {human_seconds(report['startup_seconds'])}" if k == 0 else None)
-    for start, _end in spans[1:]:
-        ax.axvline(at(start), color="black", linestyle="--", linewidth=1)
-        ax.text(at(start), len(names) - 0.45, " resumed", fontsize=8, va="bottom")
+    shaded = False
+    for h in report["hosts"]:  # each host's own start-up: session start to its first block
+        for begin, end in h.get("startup") or []:
+            if end > begin:
+                ax.broken_barh([(at(begin), at(end) - at(begin))], (rows[h["host"]] - 0.45, 0.9),
+                               facecolors="gold", alpha=0.35, zorder=0,
+                               label="start-up (each host's own)" if not shaded else None)
+                shaded = True
+    for x, count in _resumes([at(start) for start, _end in spans[1:]], report["wall_seconds"]):
+        ax.axvline(x, color="black", linestyle="--", linewidth=1)
+        ax.text(x, len(names) - 0.45, " resumed" + (f" x{count}" if count > 1 else ""), fontsize=8,
+                va="bottom")
     marked = set()
     for event in events:
         if event["kind"] in MARK_KINDS and event.get("host") in rows:
@@ -332,7 +364,7 @@ def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], c
     ax.set_xlabel(f"seconds since the run started{joined}")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    if tail or marked or report.get("startup"):
+    if tail or marked or shaded:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(names) < 3 else -0.1),
                   ncol=4, fontsize=9, frameon=False)
     ax.set_title(_title(report, f"{len(blocks):,} blocks over {human_seconds(wall)}")

@@ -13,15 +13,12 @@ Definitions (the README's "fab stats" section says the same in prose):
   finished - started. A session with no end (the coordinator was killed) ends at
   its last recorded activity, or at ``now`` while a coordinator holds the run.
 - **busy**: the sum of a host's block compute times (``seconds``); its slots run
-  in parallel, so it was working for busy / slots of the wall time.
-- **host rate** (items/s): items / busy x slots, the host's speed with all its
-  slots while it had work; **per slot**: items / busy.
-- **idle**: wall - busy / slots, never below 0.
-- **actual rate**: the run's items / wall time.
-- **sum of parts**: the hosts' standalone rates from ``fab calibrate`` for the
-  job (the ``tor`` variant for a scrape run through Tor); a host without one
-  counts with its in-run rate, and the report says so.
-- **efficiency**: actual rate / sum of parts.
+  in parallel, so it was working for busy / slots of its wall time.
+- **throughput**, **speed while busy** (per host and per slot), **sum of parts**,
+  **efficiency**, **politeness bound**: defined once in cluster/figures.py.
+- **idle**: the host's wall time - busy / slots, never below 0.
+- a host that did nothing is listed with 0 and why (still starting, left out, lost,
+  joined after the work was done).
 - **tail**: from the last block handed out (the coordinator's ``tail`` event; the
   latest block start when there is none) to the end of the run's last session.
 - **start-up**: per session, from its start to the first block's start
@@ -31,11 +28,14 @@ Definitions (the README's "fab stats" section says the same in prose):
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Optional
 
-SCHEMA = 1
+from . import figures
+
+SCHEMA = 2
 # Event kinds that open and close a session of a run (written by the store).
 SESSION_OPEN = ("start", "resume")
 SESSION_CLOSE = ("done", "interrupted", "failed")
@@ -108,8 +108,8 @@ def run_row(run: dict, events: list[dict], blocks: list[dict], now: float, live:
         "id": run["id"], "job": run["job"], "params": run["params"], "state": run["state"],
         "started": run["started"], "finished": run.get("finished"), "total": run["total"],
         "blocks": run["blocks"] if "blocks" in run else len(blocks), "items": items,
-        "wall_seconds": wall, "rate": items / wall if wall > 0 else None,
-        "unit": unit_of(run["job"]), "live": live,
+        "wall_seconds": wall, "throughput": figures.throughput(items, wall),
+        "superseded_by": run.get("superseded_by"), "unit": unit_of(run["job"]), "live": live,
     }
 
 
@@ -118,30 +118,38 @@ def run_row(run: dict, events: list[dict], blocks: list[dict], now: float, live:
 
 def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[dict],
                calibrations: list[dict], now: float, live: bool) -> dict:
-    """Every figure ``fab stats --run N`` shows, as plain data (this is also the JSON)."""
+    """Every figure ``fab stats --run N`` shows, as plain data (this is also the JSON).
+
+    ``hosts``: what each host was in this run (``Store.run_hosts``); ``calibrations``: every
+    stored calibration of the job (only comparable ones count, cluster/figures.py).
+    Everything comes from the run's own records, so a finished run's report never changes.
+    """
     spans = sessions(run, events, blocks, now, live)
     wall = wall_seconds(spans)
     items = sum(b["items"] for b in blocks)
     notes: list[str] = []
     unit = unit_of(run["job"])
     variant = "tor" if (run.get("params") or {}).get("tor") else ""
-    standalone = {c["host"]: c["rate"] for c in calibrations
-                  if c["job"] == run["job"] and c.get("variant", "") == variant}
+    ended = spans[-1][1] if spans else run["started"]
+    chosen = figures.comparable_rates(run, calibrations, ended)
     facts = {h["name"]: h for h in hosts}
-    names = sorted({b["host"] for b in blocks} | {e["host"] for e in events if e.get("host")})
-    rows = [_host_row(name, blocks, events, facts.get(name), standalone.get(name), items, wall, notes)
+    names = sorted({b["host"] for b in blocks} | {e["host"] for e in events if e.get("host")} | set(facts))
+    last_block = max((b["finished"] for b in blocks), default=None)
+    rows = [_host_row(name, blocks, events, facts.get(name), chosen.get(name), items, spans, last_block, notes)
             for name in names]
     worked = [r for r in rows if r["items"] > 0]
-    total_standalone = sum(r["standalone_rate"] for r in worked if r["standalone_rate"])
-    sources = {r["standalone_source"] for r in worked}
-    if worked and sources == {"in-run"}:
-        what = f"{run['job']}" + (" through Tor" if variant else "")
-        notes.append(f"no calibration for {what}: the sum of parts uses each host's rate in this run "
-                     "(fab calibrate measures standalone rates)")
-    elif "in-run" in sources:
-        missing = ", ".join(r["host"] for r in worked if r["standalone_source"] == "in-run")
-        notes.append(f"no calibration for {missing}: counted with the rate measured in this run")
-    rate = items / wall if wall > 0 else None
+    missing = [r["host"] for r in worked if r["standalone_rate"] is None]
+    what = run["job"] + (" through Tor" if variant else "")
+    if run["job"] == "primes":
+        what += f" in {figures.run_mode(run) or '?'} mode near {_middle(run)}"
+    if worked and len(missing) == len(worked):
+        notes.append(f"no comparable calibration ({what}): no sum of parts, no efficiency"
+                     f" (fab calibrate --run {run['id']} measures one)")
+    elif missing:
+        notes.append(f"no comparable calibration for {', '.join(missing)} ({what}): no efficiency"
+                     f" (fab calibrate --run {run['id']} measures them)")
+    total_standalone = sum(r["standalone_rate"] for r in worked) if worked and not missing else None
+    rate = figures.throughput(items, wall)
     startup = _startup(spans, blocks)
     tail = _tail(spans, blocks, events, run, live, now, notes)
     eta = _eta(run, spans, blocks, items, live, now, notes)
@@ -151,10 +159,15 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     mismatches = sum(1 for e in events if e["kind"] == "mismatch")
     if mismatches:
         notes.append(f"{_plural(mismatches, 'block')} disagreed when re-run by --verify")
+    politeness = _politeness(run, events)
+    ceiling = total_standalone
+    if politeness is not None:
+        ceiling = politeness if ceiling is None else min(ceiling, politeness)
     return {
         "schema": SCHEMA,
         "kind": "run",
-        "run": {k: run.get(k) for k in ("id", "job", "params", "state", "started", "finished", "total")},
+        "run": {k: run.get(k) for k in ("id", "job", "params", "state", "started", "finished", "total",
+                                        "superseded_by")},
         "unit": unit,
         "live": live,
         "sessions": spans,
@@ -163,12 +176,13 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
         "items": items,
         "found": sum(b.get("found", 0) for b in blocks),
         "progress": items / run["total"] if run.get("total") else None,
-        "rate": rate,
+        "throughput": rate,
         "hosts": rows,
-        "sum_standalone": total_standalone if worked else None,
-        "sum_source": ("calibration" if sources == {"calibration"} else
-                       "in-run" if sources == {"in-run"} else "mixed") if worked else None,
-        "efficiency": rate / total_standalone if rate and total_standalone else None,
+        "sum_standalone": total_standalone,
+        "politeness_bound": politeness,
+        "efficiency": rate / ceiling if rate and ceiling else None,
+        "efficiency_against": (None if not (rate and ceiling) else
+                               "politeness bound" if ceiling == politeness else "sum of parts"),
         "startup": startup,
         "startup_seconds": sum(end - start for start, end in startup),
         "tail": tail,
@@ -178,39 +192,84 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     }
 
 
+def _middle(run: dict) -> str:
+    lo, hi = figures.run_range(run)
+    return "?" if lo is None else f"{(lo + hi) / 2:.0e}".replace("e+0", "e").replace("e+", "e")
+
+
+def _politeness(run: dict, events: list[dict]) -> Optional[float]:
+    """A scrape run's politeness bound (pages/s) from its latest 'politeness' event, or None."""
+    if run["job"] != "scrape":
+        return None
+    found = [e for e in events if e["kind"] == "politeness"]
+    if not found:
+        return None
+    try:
+        data = json.loads(found[-1]["detail"])
+        delays = [float(d) for d in data["delays"]]
+        return figures.politeness_bound(len(delays), int(data["per_site"]), delays)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _host_row(name: str, blocks: list[dict], events: list[dict], host: Optional[dict],
-              calibrated: Optional[float], run_items: int, wall: float, notes: list[str]) -> dict:
+              calibration: Optional[dict], run_items: int, spans: list[list[float]],
+              last_block: Optional[float], notes: list[str]) -> dict:
     mine = [b for b in blocks if b["host"] == name]
     happened = [e for e in events if e.get("host") == name]
     host_facts = (host or {}).get("facts") or {}
-    slots = host_facts.get("slots") or host_facts.get("cores")
+    slots = (host or {}).get("slots") or host_facts.get("slots") or host_facts.get("cores")
     if not slots:
-        notes.append(f"{name}: slots unknown (no facts in the store): counted as 1")
+        notes.append(f"{name}: slots unknown (not recorded with the run): counted as 1")
     slots = int(slots or 1)
     items = sum(b["items"] for b in mine)
     busy = sum(b["seconds"] for b in mine)
-    per_slot = items / busy if busy > 0 else None
-    rate = per_slot * slots if per_slot is not None else None
-    seen = [b["finished"] for b in mine] + [e["time"] for e in happened]
+    joined = [e["time"] for e in happened if e["kind"] == "up"]  # no hello recorded: every session
+    wall = figures.host_wall(spans, joined)
+    seen = [b["finished"] for b in mine] + [e["time"] for e in happened] + joined
     engines = sorted({(b.get("meta") or {}).get("engine") for b in mine} - {None, ""})
+    engine = ",".join(engines) or (host or {}).get("engine") or None
+    startup = []  # per session it worked in: [session start, its first block's start]
+    for start, end in spans:
+        first = [b["started"] for b in mine if start <= b["finished"] <= end]
+        if first:
+            startup.append([start, max(start, min(first))])
     return {
         "host": name,
         "slots": slots,
-        "engine": ",".join(engines) or None,
+        "engine": engine,
+        "python": host_facts.get("python") if isinstance(host_facts.get("python"), str) else None,
         "blocks": len(mine),
         "items": items,
         "found": sum(b.get("found", 0) for b in mine),
         "busy_seconds": busy,
-        "rate": rate,
-        "rate_per_slot": per_slot,
+        "wall_seconds": wall,
+        "throughput": figures.throughput(items, wall) if items else 0.0,
+        "speed_busy": figures.speed_busy(items, busy, slots),
+        "speed_busy_per_slot": figures.speed_busy(items, busy),
         "share": items / run_items if run_items else 0.0,
-        "standalone_rate": calibrated if calibrated else rate,
-        "standalone_source": "calibration" if calibrated else "in-run",
+        "standalone_rate": calibration["rate"] if calibration else None,
+        "calibration": ({k: calibration.get(k) for k in ("mode", "lo", "hi", "run_id", "variant", "measured")}
+                        if calibration else None),
         "retries": sum(_blocks_back(e) for e in happened if e["kind"] in RETRY_KINDS),
         "failures": sum(1 for e in happened if e["kind"] in FAILURE_KINDS),
         "idle_seconds": max(0.0, wall - busy / slots),
-        "last_seen": max(seen) if seen else (host or {}).get("last_seen"),
+        "last_seen": max(seen) if seen else None,
+        "idle_reason": None if items else _idle_reason(happened, joined, last_block),
+        "startup": startup,
     }
+
+
+def _idle_reason(happened: list[dict], joined: list[float], last_block: Optional[float]) -> str:
+    """Why a host did nothing in the run, in a few words."""
+    for kind in ("left-out", "starting", "quarantine", "lost"):
+        found = [e for e in happened if e["kind"] == kind]
+        if found:
+            detail = figures.IDLE_REASONS[kind]
+            return f"{detail}: {found[-1]['detail']}" if kind == "left-out" and found[-1]["detail"] else detail
+    if joined and last_block is not None and min(joined) >= last_block:
+        return "joined after the work was done"
+    return "did no block"
 
 
 def _plural(n: int, word: str) -> str:

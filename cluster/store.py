@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # Marks a SQLite file as a beowulf store (PRAGMA application_id): "beow" in ASCII.
 APPLICATION_ID = 0x62656F77
 # The schema this code writes; stores with a smaller user_version are migrated.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Seconds a connection waits for another one's write lock before giving up.
 BUSY_TIMEOUT_SECONDS = 5.0
 # The WAL file is truncated back to this size after a checkpoint.
@@ -163,7 +163,84 @@ MIGRATIONS: dict[int, Migration] = {
     1: SCHEMA_V1,
     # v2: the Content-Encoding a page came with (bodies are kept as sent, never inflated).
     2: ["ALTER TABLE pages ADD COLUMN content_encoding TEXT"],
+    # v3: what each host was in each run (run_hosts), and every calibration kept with what it
+    # measured (job, mode, range, run), so that a past run's figures never change.
+    3: lambda conn: _migrate_v3(conn),
 }
+
+SCHEMA_V3 = (
+    # One row per host per run: what the host was in that run, from its hello(s) in it.
+    """CREATE TABLE run_hosts (
+        run_id INTEGER NOT NULL REFERENCES runs (id),
+        host   TEXT    NOT NULL,
+        joined REAL    NOT NULL,              -- its first hello in the run
+        slots  INTEGER NOT NULL,              -- slots (primes) or workers (scrape): the most it had
+        engine TEXT    NOT NULL DEFAULT '',
+        facts  TEXT    NOT NULL DEFAULT '{}', -- its hello (JSON object): Python, cores, ...
+        PRIMARY KEY (run_id, host)
+    )""",
+    """CREATE TABLE calibrations (
+        id       INTEGER PRIMARY KEY,
+        host     TEXT    NOT NULL,
+        job      TEXT    NOT NULL,
+        variant  TEXT    NOT NULL DEFAULT '',  -- e.g. 'tor' for scraping through Tor
+        mode     TEXT    NOT NULL DEFAULT '',  -- primes: 'list' or 'count'
+        lo       INTEGER,                      -- primes: the numbers measured (NULL: unknown)
+        hi       INTEGER,
+        run_id   INTEGER,                      -- measured for this run (fab calibrate --run)
+        slots    INTEGER,
+        rate     REAL    NOT NULL,             -- items per second, standalone
+        measured REAL    NOT NULL
+    )""",
+    "CREATE INDEX calibrations_job ON calibrations (job, host, measured)",
+)
+
+
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    """v2 -> v3. Old runs get run_hosts from their 'up' events ("N slots"); a host that did
+    blocks without one gets the facts the store holds now, frozen from here on. Old
+    calibrations were primes in count mode, range unknown."""
+    for statement in SCHEMA_V3:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO calibrations (host, job, variant, mode, rate, measured)"
+        " SELECT host, job, variant, CASE job WHEN 'primes' THEN 'count' ELSE '' END, rate, measured"
+        " FROM calibration"
+    )
+    conn.execute("DROP TABLE calibration")
+    ups = conn.execute(
+        "SELECT run_id, host, min(time), detail FROM events WHERE kind = 'up' AND run_id IS NOT NULL"
+        " AND host IS NOT NULL GROUP BY run_id, host"
+    ).fetchall()
+    for run_id, host, joined, detail in ups:
+        try:
+            slots = max(1, int((detail or "").split()[0]))
+        except (ValueError, IndexError):
+            slots = 1
+        conn.execute("INSERT INTO run_hosts (run_id, host, joined, slots) VALUES (?, ?, ?, ?)",
+                     (run_id, host, joined, slots))
+    facts = {name: text for name, text in conn.execute("SELECT name, facts FROM hosts")}
+    rest = conn.execute(
+        "SELECT run_id, host, min(started) FROM blocks b WHERE NOT EXISTS (SELECT 1 FROM run_hosts r"
+        " WHERE r.run_id = b.run_id AND r.host = b.host) GROUP BY run_id, host"
+    ).fetchall()
+    for run_id, host, joined in rest:
+        known = _json_object(facts.get(host))
+        slots = _positive_int(known.get("slots")) or _positive_int(known.get("cores")) or 1
+        conn.execute("INSERT INTO run_hosts (run_id, host, joined, slots, facts) VALUES (?, ?, ?, ?, ?)",
+                     (run_id, host, joined, slots, canonical_json(known)))
+
+
+def _json_object(text) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _positive_int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 # Columns of a scrape page record, as BlockRow.page carries them.
@@ -359,8 +436,9 @@ class Store:
         """Id of the run for ``job`` + ``params``, resumed (state back to running) or new.
 
         ``params`` are the parameters that define the answer; key order does not
-        matter. ``fresh=True`` marks an existing run 'replaced', deletes its blocks
-        and results to free space, and starts a new run. A run whose lock is held by
+        matter. ``fresh=True`` marks an existing run 'replaced' (superseded: its blocks,
+        events and hosts stay, for ``fab stats``; its results are deleted to free space)
+        and starts a new run. A run whose lock is held by
         a live coordinator is not replaced (StoreError).
         """
         canon = canonical_json(params)
@@ -394,14 +472,14 @@ class Store:
         holder = self._live_lock(conn, run_id)
         if holder is not None:
             raise StoreError(_locked_message(run_id, holder))
+        # Its history (blocks, events, run_hosts) is kept: a past run's stats never change.
         conn.execute("DELETE FROM payloads WHERE run_id = ?", (run_id,))
-        conn.execute("DELETE FROM blocks WHERE run_id = ?", (run_id,))
         conn.execute("DELETE FROM locks WHERE run_id = ?", (run_id,))
         conn.execute(
             "UPDATE runs SET state = 'replaced', finished = coalesce(finished, ?) WHERE id = ?",
             (time.time(), run_id),
         )
-        log.info("run %d: replaced (--fresh); its blocks are deleted", run_id)
+        log.info("run %d: replaced (--fresh); its results are deleted, its history kept", run_id)
 
     def find_run(self, job: str, params: dict) -> int | None:
         """Id of the live (not replaced) run for ``job`` + ``params``, or None."""
@@ -421,7 +499,9 @@ class Store:
     _RUN_SQL = """
         SELECT r.id, r.job, r.params, r.state, r.started, r.finished, r.total,
                coalesce(b.blocks, 0) AS blocks, coalesce(b.items, 0) AS items,
-               coalesce(b.found, 0) AS found
+               coalesce(b.found, 0) AS found,
+               CASE r.state WHEN 'replaced' THEN (SELECT min(n.id) FROM runs n
+                   WHERE n.key = r.key AND n.id > r.id) END AS superseded_by
         FROM runs r LEFT JOIN (
             SELECT run_id, count(*) AS blocks, sum(items) AS items, sum(found) AS found
             FROM blocks GROUP BY run_id
@@ -429,7 +509,8 @@ class Store:
 
     def runs(self) -> list[dict]:
         """Every run, oldest first: id, job, params (dict), state, started, finished,
-        total, and what is done so far: blocks, items, found."""
+        total, and what is done so far: blocks, items, found; superseded_by: for a replaced
+        run, the run --fresh started in its place."""
         return [_run_dict(row) for row in self._rows(self._RUN_SQL + " ORDER BY r.id")]
 
     def run(self, run_id: int) -> dict | None:
@@ -660,21 +741,48 @@ class Store:
             row["facts"] = json.loads(row["facts"])
         return rows
 
-    def set_calibration(self, host: str, job: str, rate: float, variant: str = "") -> None:
-        """Store a host's standalone rate (items/s) for a job (variant e.g. 'tor'); now."""
+    def record_run_host(self, run_id: int, name: str, facts: dict, slots: int, engine: str = "") -> None:
+        """Record what host ``name`` is in run ``run_id`` (its hello): the first hello's time is
+        kept, slots become the most it had in the run, facts and engine the latest."""
+        with self._tx("recording a host of the run") as conn:
+            conn.execute(
+                "INSERT INTO run_hosts (run_id, host, joined, slots, engine, facts) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (run_id, host) DO UPDATE SET slots = max(slots, excluded.slots),"
+                " engine = CASE excluded.engine WHEN '' THEN engine ELSE excluded.engine END,"
+                " facts = excluded.facts",
+                (run_id, name, time.time(), max(1, int(slots)), engine or "", canonical_json(facts)),
+            )
+
+    def run_hosts(self, run_id: int) -> list[dict]:
+        """What each host was in a run, by name: {'name', 'joined', 'slots', 'engine', 'facts' (dict)}."""
+        rows = self._rows(
+            "SELECT host AS name, joined, slots, engine, facts FROM run_hosts WHERE run_id = ? ORDER BY host",
+            (run_id,),
+        )
+        for row in rows:
+            row["facts"] = _json_object(row["facts"])
+        return rows
+
+    def set_calibration(self, host: str, job: str, rate: float, variant: str = "", *, mode: str = "",
+                        lo: int | None = None, hi: int | None = None, run_id: int | None = None,
+                        slots: int | None = None) -> None:
+        """Store a host's standalone rate (items/s) for a job (variant e.g. 'tor'), measured now
+        on ``mode`` ('list'/'count') over [lo, hi], for run ``run_id`` if given. Kept with every
+        earlier one: a run's efficiency uses the calibrations comparable to it (cluster/figures.py)."""
         with self._tx("recording a calibration") as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO calibration (host, job, variant, rate, measured)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (host, job, variant, rate, time.time()),
+                "INSERT INTO calibrations (host, job, variant, mode, lo, hi, run_id, slots, rate, measured)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (host, job, variant, mode, lo, hi, run_id, slots, rate, time.time()),
             )
 
     def calibrations(self, job: str | None = None) -> list[dict]:
-        """Stored standalone rates: {'host', 'job', 'variant', 'rate', 'measured'}."""
-        sql = "SELECT host, job, variant, rate, measured FROM calibration"
+        """Every stored standalone rate, oldest first: {'host', 'job', 'variant', 'mode', 'lo',
+        'hi', 'run_id', 'slots', 'rate', 'measured'}."""
+        sql = "SELECT host, job, variant, mode, lo, hi, run_id, slots, rate, measured FROM calibrations"
         if job is None:
-            return self._rows(sql + " ORDER BY job, host, variant")
-        return self._rows(sql + " WHERE job = ? ORDER BY host, variant", (job,))
+            return self._rows(sql + " ORDER BY measured, id")
+        return self._rows(sql + " WHERE job = ? ORDER BY measured, id", (job,))
 
     # -- health ---------------------------------------------------------------------
 

@@ -99,7 +99,10 @@ def _report(store, run_id: int) -> tuple[dict, list[dict], list[dict]]:
     blocks = store.blocks(run_id)
     events = store.events(run_id)
     live = run["state"] == "running" and store.lock_holder(run_id) is not None
-    report = run_report(run, blocks, events, store.hosts(), store.calibrations(run["job"]), time.time(), live)
+    # Only the run's own records (what each host was in it, calibrations comparable to it):
+    # a finished run's figures never change (cluster/figures.py).
+    report = run_report(run, blocks, events, store.run_hosts(run_id), store.calibrations(run["job"]),
+                        time.time(), live)
     return report, blocks, events
 
 
@@ -144,9 +147,9 @@ def _print_runs(store, runs: list[dict], style: str, path: Path) -> None:
         return
     if style == "csv":
         fields = ["id", "job", "params", "state", "started", "finished", "wall_seconds", "blocks", "items",
-                  "total", "rate"]
+                  "total", "throughput"]
         writer = csv.writer(sys.stdout)
-        writer.writerow(fields[:-1] + ["items_per_second"])
+        writer.writerow(fields)
         for row in rows:
             writer.writerow([json.dumps(row["params"], sort_keys=True) if f == "params" else shown_cell(row[f])
                              for f in fields])
@@ -156,12 +159,12 @@ def _print_runs(store, runs: list[dict], style: str, path: Path) -> None:
         done = f"{row['items']:,}"
         if row["items"] < row["total"] and row["state"] != "replaced":
             done += f" of {row['total']:,}"
-        state = row["state"] + (" (no coordinator)" if row["state"] == "running" and not row["live"] else "")
-        rate = row["rate"]
+        state = _state(row) + (" (no coordinator)" if row["state"] == "running" and not row["live"] else "")
+        rate = row["throughput"]
         table.append([row["id"], row["job"], human_params(row["params"]), state, _when(row["started"], now),
                       human_seconds(row["wall_seconds"]), done,
                       "" if rate is None else f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"])
-    headers = ["run", "job", "parameters", "state", "started", "wall time", "items", "items/s"]
+    headers = ["run", "job", "parameters", "state", "started", "wall time", "items", "throughput items/s"]
     print(tabulate(shown_rows(table), headers=headers, tablefmt="simple" if style == "table" else style,
                    disable_numparse=True))
 
@@ -176,27 +179,38 @@ def _print_run(report: dict, style: str, path: Path) -> None:
 
 
 def _run_csv(report: dict) -> None:
-    """One row per host, then a "(run)" row with the run's figures (rate, sum of parts, efficiency...)."""
-    fields = ["run_id", "host", "slots", "engine", "blocks", "items", "busy_seconds", "items_per_second",
-              "items_per_second_per_slot", "share", "standalone_items_per_second", "standalone_source",
-              "retries", "failures", "idle_seconds", "last_seen", "wall_seconds", "startup_seconds", "efficiency",
-              "tail_seconds", "eta_seconds", "state"]
+    """One row per host, then a "(run)" row with the run's figures (throughput, sum of parts, efficiency...).
+
+    Rates are items per second, named as in cluster/figures.py."""
+    fields = ["run_id", "host", "slots", "engine", "blocks", "items", "busy_seconds", "wall_seconds",
+              "throughput", "speed_busy", "speed_busy_per_slot", "share", "standalone_items_per_second",
+              "retries", "failures", "idle_seconds", "idle_reason", "last_seen", "startup_seconds",
+              "politeness_bound", "efficiency", "tail_seconds", "eta_seconds", "state"]
     writer = _ShownWriter(sys.stdout)
     writer.writerow(fields)
     run_id = report["run"]["id"]
     for h in report["hosts"]:
         writer.writerow([run_id, h["host"], h["slots"], h["engine"] or "", h["blocks"], h["items"],
-                         h["busy_seconds"], _blank(h["rate"]), _blank(h["rate_per_slot"]), h["share"],
-                         _blank(h["standalone_rate"]), h["standalone_source"], h["retries"], h["failures"],
-                         h["idle_seconds"], _blank(h["last_seen"]), "", "", "", "", "", ""])
+                         h["busy_seconds"], h["wall_seconds"], _blank(h["throughput"]), _blank(h["speed_busy"]),
+                         _blank(h["speed_busy_per_slot"]), h["share"], _blank(h["standalone_rate"]), h["retries"],
+                         h["failures"], h["idle_seconds"], h["idle_reason"] or "", _blank(h["last_seen"]),
+                         "", "", "", "", "", ""])
     tail = report["tail"]
     writer.writerow([run_id, "(run)", sum(h["slots"] for h in report["hosts"]), "", report["blocks"],
-                     report["items"], sum(h["busy_seconds"] for h in report["hosts"]), _blank(report["rate"]),
-                     "", 1.0 if report["items"] else 0.0, _blank(report["sum_standalone"]),
-                     report["sum_source"] or "", sum(h["retries"] for h in report["hosts"]),
-                     sum(h["failures"] for h in report["hosts"]), "", "", report["wall_seconds"],
-                     report["startup_seconds"], _blank(report["efficiency"]), _blank(tail["seconds"] if tail else None),
-                     _blank(report["eta_seconds"]), report["run"]["state"]])
+                     report["items"], sum(h["busy_seconds"] for h in report["hosts"]), report["wall_seconds"],
+                     _blank(report["throughput"]), "", "", 1.0 if report["items"] else 0.0,
+                     _blank(report["sum_standalone"]), sum(h["retries"] for h in report["hosts"]),
+                     sum(h["failures"] for h in report["hosts"]), "", "", "", report["startup_seconds"],
+                     _blank(report["politeness_bound"]), _blank(report["efficiency"]),
+                     _blank(tail["seconds"] if tail else None), _blank(report["eta_seconds"]),
+                     _state(report["run"])])
+
+
+def _state(run: dict) -> str:
+    """A run's state as shown: a replaced run is superseded (by the run --fresh started)."""
+    if run["state"] == "replaced":
+        return f"superseded by run {run['superseded_by']}" if run.get("superseded_by") else "superseded"
+    return run["state"]
 
 
 class _ShownWriter:
@@ -214,27 +228,31 @@ def _blank(value):
 
 
 def _run_table(report: dict, style: str) -> None:
+    from cluster import figures
     from cluster.report import human_params, human_rate, human_seconds
 
     run, unit = report["run"], report["unit"]
-    label = unit["label"]
     sessions = len(report["sessions"])
     print(shown(f"run {run['id']}: {run['job']} {human_params(run['params'] or {}, width=100)}"))
-    print(f"{shown(run['state'])}, started {_when(run['started'])}, wall time {human_seconds(report['wall_seconds'])}"
+    print(f"{shown(_state(run))}, started {_when(run['started'])}, wall time {human_seconds(report['wall_seconds'])}"
           f" in {sessions} session{'s' if sessions != 1 else ''}")
     now = time.time()
     rows = []
     for h in report["hosts"]:
         rows.append([h["host"], h["slots"], h["engine"] or "", h["blocks"], f"{h['items']:,}",
-                     human_rate(h["rate"], unit), human_rate(h["rate_per_slot"], unit), f"{h['share']:.1%}",
-                     human_rate(h["standalone_rate"], unit) + ("" if h["standalone_source"] == "calibration"
-                                                             or h["standalone_rate"] is None else " *"),
-                     h["retries"], h["failures"], human_seconds(h["idle_seconds"]), _when(h["last_seen"], now)])
-    headers = ["host", "slots", "engine", "blocks", unit["item"], label, f"{label}/slot", "share",
-               f"alone {label}", "retries", "failures", "idle", "last seen"]
+                     human_rate(h["throughput"], unit), human_rate(h["speed_busy"], unit),
+                     human_rate(h["speed_busy_per_slot"], unit), f"{h['share']:.1%}",
+                     human_rate(h["standalone_rate"], unit), h["retries"], h["failures"],
+                     human_seconds(h["idle_seconds"]), _when(h["last_seen"], now), h["idle_reason"] or ""])
+    headers = ["host", "slots", "engine", "blocks", unit["item"], figures.label(figures.THROUGHPUT, unit),
+               figures.label(figures.SPEED_BUSY, unit), "per slot", "share", f"alone {unit['label']}", "retries",
+               "failures", "idle", "last seen", "did nothing"]
     if not any(h["engine"] for h in report["hosts"]):
         headers.pop(2)
         rows = [row[:2] + row[3:] for row in rows]
+    if not any(h["idle_reason"] for h in report["hosts"]):
+        headers.pop()
+        rows = [row[:-1] for row in rows]
     print()
     print(tabulate(shown_rows(rows), headers=headers, tablefmt=style, disable_numparse=True) if rows
           else "no host did any work")
@@ -244,16 +262,21 @@ def _run_table(report: dict, style: str) -> None:
 
 
 def _summary_lines(report: dict, human_rate, human_seconds) -> list[str]:
+    from cluster import figures
+
     unit, label = report["unit"], report["unit"]["label"]
-    lines = [f"actual: {report['items']:,} {unit['item']} in {human_seconds(report['wall_seconds'])} = "
-             f"{human_rate(report['rate'], unit) or '?'} {label}"]
+    lines = [f"{figures.THROUGHPUT}: {report['items']:,} {unit['item']} in {human_seconds(report['wall_seconds'])}"
+             f" = {human_rate(report['throughput'], unit) or '?'} {label}"]
     if report["sum_standalone"] is not None:
-        source = {"calibration": "each host alone, from fab calibrate",
-                  "in-run": "* each host's rate in this run: no calibration",
-                  "mixed": "fab calibrate; * = rate in this run"}[report["sum_source"]]
-        lines.append(f"sum of parts: {human_rate(report['sum_standalone'], unit)} {label} ({source})")
+        lines.append(f"sum of parts: {human_rate(report['sum_standalone'], unit)} {label}"
+                     " (each host alone, comparable fab calibrate)")
+    if report["politeness_bound"] is not None:
+        lines.append(f"politeness bound: {human_rate(report['politeness_bound'], unit)} {label}"
+                     " (sites x requests per site / delay, robots Crawl-delay included)")
     if report["efficiency"] is not None:
-        lines.append(f"efficiency: {report['efficiency']:.1%} (actual / sum of parts)")
+        lines.append(f"efficiency: {report['efficiency']:.1%} ({figures.THROUGHPUT} / {report['efficiency_against']})")
+    else:
+        lines.append("efficiency: none (no comparable calibration)")
     if report["startup_seconds"] > 0:
         lines.append(f"start-up: {human_seconds(report['startup_seconds'])} (from the start to the first block: "
                      "connecting, starting agents)")
@@ -277,24 +300,35 @@ def _summary_lines(report: dict, human_rate, human_seconds) -> list[str]:
     **HOST_HELP,
     "db": DB_HELP,
     "job": "what to measure: primes (default) or scrape",
+    "run": "measure each host on the job and mode of this run (its range; a scrape run's URLs): its efficiency",
+    "mode": "primes: count (default) or list (the primes come back, as in a run without --count-only)",
     "urls": "scrape: file with one URL a line to fetch (required with --job scrape; each host fetches them)",
     "seconds": "how long to measure each host (default 5)",
     "tor": "scrape: fetch through each host's Tor SOCKS port (stored as the 'tor' variant)",
     "start": "primes: count primes from this number up (default 1e11); pick the region your runs cover",
 })
-def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, seconds="5", tor=False,
-              start=None, accept_new=False, verbose=False, quiet=False):
+def calibrate(c, inventory=None, hosts=None, db=None, job=None, run=None, mode=None, urls=None, seconds="5",
+              tor=False, start=None, accept_new=False, verbose=False, quiet=False):
     """Measure each host's standalone rate, one host at a time, for fab stats' sum of parts.
 
-    Each host runs a short benchmark alone with all its slots busy (primes: counting primes
-    from 1e11; scrape: fetching --urls); its rate is stored in the results store and shown.
-    Exit status 3 when some hosts could not be measured, 1 when none could.
+    Each host runs a short benchmark alone with all its slots busy (primes: count or list
+    mode from 1e11 or --start; scrape: fetching --urls); its rate is stored in the results
+    store and shown. A run's efficiency only uses a calibration of its job, mode and range
+    (README.md, "Figures"): --run N measures exactly that. Exit status 3 when some hosts
+    could not be measured, 1 when none could.
     """
     from invoke import Exit
 
+    if run is not None and (job is not None or mode is not None or start is not None or tor):
+        raise UsageError("--run takes the job, mode, range and Tor setting from the run: "
+                         "leave out --job, --mode, --start and --tor")
+    run_id = parse_int("run", run, minimum=1) if run is not None else None
+    job = job or "primes"
     if job not in ("primes", "scrape"):
         raise UsageError(f"--job: expected primes or scrape, not {job!r}")
-    if job == "scrape" and not urls:
+    if mode is not None and (job != "primes" or mode not in ("count", "list")):
+        raise UsageError(f"--mode: expected count or list (primes only), not {mode!r}")
+    if run_id is None and job == "scrape" and not urls:
         raise UsageError("--job scrape needs --urls FILE (one URL a line)")
     if job == "primes" and (urls or tor):
         raise UsageError("--urls and --tor are for --job scrape")
@@ -302,11 +336,14 @@ def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, s
         raise UsageError("--start is for --job primes")
     duration = parse_float("seconds", seconds, above=0, maximum=3600)
     first = None if start is None else parse_int("start", start, minimum=0, maximum=MAX_START)
-    bench = _bench(job, urls, tor, first)
-    path, selected = load_hosts(c, inventory, hosts)
     db_path = store_path(c, db)
+    if run_id is not None:
+        bench, tor = _bench_of_run(db_path, run_id, urls)
+    else:
+        bench = _bench(job, urls, tor, first, mode or "count")
+    path, selected = load_hosts(c, inventory, hosts)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
-    results = _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet)
+    results = _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet, run_id)
     _print_calibration(results, bench, tor)
     failed = [r for r in results if r.error]
     for r in failed:
@@ -316,11 +353,11 @@ def calibrate(c, inventory=None, hosts=None, db=None, job="primes", urls=None, s
         raise Exit(f"{len(failed)} of {len(results)} hosts could not be measured", code=code)
 
 
-def _bench(job: str, urls, tor: bool, start):
+def _bench(job: str, urls, tor: bool, start, mode: str = "count"):
     from cluster.calibrate import PRIMES_START, PrimesBench, ScrapeBench
 
     if job == "primes":
-        return PrimesBench(PRIMES_START if start is None else start)
+        return PrimesBench(PRIMES_START if start is None else start, mode)
     from cluster.jobs.scrape import DEFAULT_USER_AGENT
     from cluster.urls import read_url_file
 
@@ -330,7 +367,34 @@ def _bench(job: str, urls, tor: bool, start):
     return ScrapeBench(found, DEFAULT_USER_AGENT)
 
 
-def _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet):
+def _bench_of_run(db_path: Path, run_id: int, urls):
+    """The benchmark of run ``run_id``: its job, mode and range (primes) or URLs (scrape); (bench, tor)."""
+    from cluster.calibrate import PrimesBench, ScrapeBench
+    from cluster.jobs.scrape import DEFAULT_USER_AGENT
+    from cluster.store import Store
+
+    with Store.open_readonly(db_path) as store:
+        run = store.run(run_id)
+        if run is None:
+            raise UsageError(f"--run: no run {run_id} in {db_path}")
+        params = run["params"] or {}
+        if run["job"] == "primes":
+            if not (isinstance(params.get("start"), int) and isinstance(params.get("end"), int)
+                    and params.get("mode") in ("count", "list")):
+                raise UsageError(f"--run: run {run_id} has no primes range and mode to measure")
+            return PrimesBench(params["start"], params["mode"], params["end"]), False
+        if run["job"] != "scrape":
+            raise UsageError(f"--run: run {run_id} is a {shown(run['job'])} run: only primes and scrape are measured")
+        tor = bool(params.get("tor"))
+        if urls:
+            return _bench("scrape", urls, tor, None), tor
+        found = [record["url"] for record, _ in store.iter_pages(run_id) if isinstance(record["url"], str)]
+    if not found:
+        raise UsageError(f"--run: run {run_id} fetched no URLs yet: give --urls FILE")
+    return ScrapeBench(found, DEFAULT_USER_AGENT), tor
+
+
+def _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet, run_id=None):
     from cluster.calibrate import calibrate_host
     from cluster.store import Store
 
@@ -345,7 +409,10 @@ def _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet
             if result.hello:
                 store.upsert_host(host.name, result.hello)
             if not result.error:
-                store.set_calibration(host.name, bench.name, result.rate, variant="tor" if tor else "")
+                primes = bench.name == "primes"
+                store.set_calibration(host.name, bench.name, result.rate, variant="tor" if tor else "",
+                                      mode=getattr(bench, "mode", ""), lo=result.lo if primes else None,
+                                      hi=result.hi if primes else None, run_id=run_id, slots=result.slots or None)
             results.append(result)
     return results
 

@@ -55,6 +55,8 @@ def test_calibrate_host_directly():
     (["--job", "scrape", "--urls", "missing.txt"], "--urls: missing.txt: no such file"),
     (["--job", "scrape", "--urls", "x.txt", "--start", "1e9"], "--start is for --job primes"),
     (["--start", "-5"], "--start: must be at least 0"),
+    (["--mode", "both"], "--mode: expected count or list"),
+    (["--run", "1", "--mode", "list"], "--run takes the job, mode, range and Tor setting from the run"),
 ])
 def test_usage_errors(tmp_path, args, message):
     done = run_fab(["calibrate", "--inventory", local_inventory(tmp_path), "--db", tmp_path / "r.db", *args],
@@ -115,22 +117,29 @@ def test_calibrate_scrape_in_pages_per_minute(tmp_path, web):
     assert "no runs yet" in shown.stderr
 
 
-def test_stats_uses_the_calibration(tmp_path):
-    """calibrate, then a real run on the same host: the sum of parts is the calibrated rate."""
+def test_stats_uses_only_a_comparable_calibration(tmp_path):
+    """A count-mode calibration far away (1e11) gives a near list-mode run no efficiency;
+    fab calibrate --run N measures the run's own mode and range, and then it has one."""
     inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
     done = run_fab(["calibrate", "--inventory", inventory, "--seconds", "1", "--db", db])
     assert done.returncode == 0, done.stderr
-    run = run_fab(["primes", "--inventory", inventory, "--start", "1", "--end", "3e8", "--count-only",
-                   "--db", db], timeout=300)
+    run = run_fab(["primes", "--inventory", inventory, "--start", "1", "--end", "2e7", "--db", db], timeout=300)
     assert run.returncode == 0, run.stderr
+    data = json.loads(run_fab(["stats", "--db", db, "--last", "--format", "json"]).stdout)
+    assert data["sum_standalone"] is None and data["efficiency"] is None
+    assert any("no comparable calibration" in note for note in data["notes"])
+    done = run_fab(["calibrate", "--inventory", inventory, "--seconds", "1", "--db", db, "--run", "1"])
+    assert done.returncode == 0, done.stderr
     shown = run_fab(["stats", "--db", db, "--last", "--format", "json"])
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
     with Store(db) as store:
-        (calibrated,) = store.calibrations("primes")
-    assert data["sum_source"] == "calibration"
+        calibrated = store.calibrations("primes")[-1]
+    assert (calibrated["mode"], calibrated["run_id"]) == ("list", 1)
+    assert 1 <= calibrated["lo"] <= calibrated["hi"] <= 2 * 10**7
     assert data["sum_standalone"] == pytest.approx(calibrated["rate"])
-    assert data["efficiency"] == pytest.approx(data["rate"] / calibrated["rate"])
+    assert data["efficiency"] == pytest.approx(data["throughput"] / calibrated["rate"])
+    assert data["efficiency_against"] == "sum of parts"
     assert 0 < data["efficiency"] < 2
     assert data["tail"] is not None and data["tail"]["source"] == "event"
 
@@ -155,7 +164,7 @@ def test_calibrate_run_and_plot_on_sshd_hosts(make_cluster, tmp_path):
     shown = run_fab(["stats", "--db", db, "--last", "--format", "json", "--plot", tmp_path / "img"])
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
-    assert data["sum_source"] == "calibration" and data["items"] == 10**9
+    assert data["sum_standalone"] is not None and data["items"] == 10**9
     # Hosts start working as each says hello: a fast one may finish before a slow one is up.
     assert {h["host"] for h in data["hosts"]} <= {"h1", "h2", "local"} and data["hosts"]
     assert sum(h["share"] for h in data["hosts"]) == pytest.approx(1.0)

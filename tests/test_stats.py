@@ -61,11 +61,18 @@ def build_two_sessions(path: Path, clock: Clock, calibrate=("fast", "slow"), tai
     fast: 800 numbers in 17 s busy; slow: 200 in 16 s busy. Tail event at T0+104.
     """
     with Store(path) as store:
+        clock.at(-50)  # calibrated before the run, in its mode and range: comparable
+        rates = {"fast": 100.0, "slow": 20.0}
+        for host in calibrate:
+            store.set_calibration(host, "primes", rates[host], mode="count", lo=1, hi=1000)
+        store.set_calibration("fast", "primes", 5.0, mode="list", lo=1, hi=1000)  # another mode: never used
+        store.set_calibration("fast", "primes", 7.0, mode="count", lo=10**11, hi=10**11 + 10**9)  # far away
+        store.set_calibration("fast", "scrape", 999.0)  # another job: never used for primes
         clock.at(0)
         run_id = store.open_run("primes", PARAMS, 1000)
-        store.upsert_host("fast", {"slots": 2})
-        store.upsert_host("slow", {"slots": 1})
-        store.upsert_host("flaky", {"cores": 1})
+        store.record_run_host(run_id, "fast", {"slots": 2}, 2)
+        store.record_run_host(run_id, "slow", {"slots": 1}, 1)
+        store.record_run_host(run_id, "flaky", {"cores": 1}, 1)
         store.commit_blocks([block(run_id, 1, 200, "fast", 0, 4, 4, engine="numpy"),
                              block(run_id, 201, 400, "fast", 0, 4, 4, engine="numpy"),
                              block(run_id, 401, 500, "slow", 0, 8, 8, engine="python")])
@@ -85,17 +92,15 @@ def build_two_sessions(path: Path, clock: Clock, calibrate=("fast", "slow"), tai
         store.commit_blocks([block(run_id, 901, 1000, "fast", 104, 107, 3, engine="numpy")])
         clock.at(110)
         store.finish_run(run_id, "done")
-        rates = {"fast": 100.0, "slow": 20.0}
-        for host in calibrate:
-            store.set_calibration(host, "primes", rates[host])
-        store.set_calibration("fast", "scrape", 999.0)  # another job: never used for primes
+        clock.at(120)
+        store.set_calibration("fast", "primes", 1.0, mode="count", lo=1, hi=1000)  # after the run: not used
     return run_id
 
 
 def report_of(path: Path, run_id: int, now: float, live: bool = False) -> dict:
     with Store.open_readonly(path) as store:
         run = store.run(run_id)
-        return run_report(run, store.blocks(run_id), store.events(run_id), store.hosts(),
+        return run_report(run, store.blocks(run_id), store.events(run_id), store.run_hosts(run_id),
                           store.calibrations(run["job"]), now, live)
 
 
@@ -119,30 +124,32 @@ def test_every_figure_of_a_resumed_run(tmp_path, clock):
     assert report["sessions"] == [[T0, T0 + 10], [T0 + 100, T0 + 110]]
     assert report["wall_seconds"] == pytest.approx(20.0)  # not finished - started (110)
     assert report["items"] == 1000 and report["blocks"] == 6
-    assert report["rate"] == pytest.approx(50.0)
+    assert report["throughput"] == pytest.approx(50.0)
     hosts = {h["host"]: h for h in report["hosts"]}
     assert list(hosts) == ["fast", "flaky", "slow"]
     fast, slow, flaky = hosts["fast"], hosts["slow"], hosts["flaky"]
     assert (fast["slots"], fast["blocks"], fast["items"]) == (2, 4, 800)
     assert fast["busy_seconds"] == pytest.approx(17.0)
-    assert fast["rate_per_slot"] == pytest.approx(800 / 17)
-    assert fast["rate"] == pytest.approx(2 * 800 / 17)
+    assert fast["speed_busy_per_slot"] == pytest.approx(800 / 17)
+    assert fast["speed_busy"] == pytest.approx(2 * 800 / 17)
+    assert fast["throughput"] == pytest.approx(800 / 20)
     assert fast["share"] == pytest.approx(0.8)
     assert fast["idle_seconds"] == pytest.approx(20 - 17 / 2)
     assert fast["last_seen"] == pytest.approx(T0 + 107)
     assert fast["engine"] == "numpy"
     assert (fast["retries"], fast["failures"]) == (0, 0)
     assert (slow["slots"], slow["blocks"], slow["items"]) == (1, 2, 200)
-    assert slow["rate"] == pytest.approx(12.5) and slow["rate_per_slot"] == pytest.approx(12.5)
+    assert slow["speed_busy"] == pytest.approx(12.5) and slow["speed_busy_per_slot"] == pytest.approx(12.5)
+    assert slow["throughput"] == pytest.approx(10.0)
     assert slow["share"] == pytest.approx(0.2)
     assert slow["idle_seconds"] == pytest.approx(4.0)
-    assert (flaky["slots"], flaky["items"], flaky["rate"]) == (1, 0, None)  # slots from "cores"
+    assert (flaky["slots"], flaky["items"], flaky["speed_busy"], flaky["throughput"]) == (1, 0, None, 0.0)
+    assert flaky["idle_reason"] == "lost"
     assert (flaky["retries"], flaky["failures"]) == (2, 1)
     assert flaky["idle_seconds"] == pytest.approx(20.0)
     assert flaky["last_seen"] == pytest.approx(T0 + 5)
     assert fast["standalone_rate"] == 100.0 and slow["standalone_rate"] == 20.0
     assert report["sum_standalone"] == pytest.approx(120.0)  # flaky did nothing: not a part
-    assert report["sum_source"] == "calibration"
     assert report["efficiency"] == pytest.approx(50 / 120)
     assert report["tail"]["seconds"] == pytest.approx(6.0) and report["tail"]["source"] == "event"
     assert report["eta_seconds"] is None
@@ -150,23 +157,37 @@ def test_every_figure_of_a_resumed_run(tmp_path, clock):
     assert not any("calibration" in note for note in report["notes"])
 
 
-def test_without_calibration_the_sum_uses_in_run_rates(tmp_path, clock):
+def test_without_a_comparable_calibration_there_is_no_efficiency(tmp_path, clock):
+    """Only other modes, other ranges, other jobs and later calibrations: none is comparable."""
     db = tmp_path / "r.db"
     run_id = build_two_sessions(db, clock, calibrate=())
     report = report_of(db, run_id, now=T0 + 500)
-    assert report["sum_source"] == "in-run"
-    assert report["sum_standalone"] == pytest.approx(2 * 800 / 17 + 12.5)
-    assert report["efficiency"] == pytest.approx(50 / (2 * 800 / 17 + 12.5))
-    assert any(note.startswith("no calibration for primes") for note in report["notes"])
+    assert report["sum_standalone"] is None and report["efficiency"] is None
+    assert any(note.startswith("no comparable calibration (primes in count mode near 5e2)")
+               for note in report["notes"])
+    done = stats("--db", db, "--run", run_id)
+    assert "efficiency: none (no comparable calibration)" in done.stdout
 
 
-def test_partial_calibration_is_mixed_and_named(tmp_path, clock):
+def test_partial_calibration_gives_no_efficiency_and_names_the_host(tmp_path, clock):
     db = tmp_path / "r.db"
     run_id = build_two_sessions(db, clock, calibrate=("fast",))
     report = report_of(db, run_id, now=T0 + 500)
-    assert report["sum_source"] == "mixed"
-    assert report["sum_standalone"] == pytest.approx(100.0 + 12.5)
-    assert "no calibration for slow: counted with the rate measured in this run" in report["notes"]
+    assert report["sum_standalone"] is None and report["efficiency"] is None
+    assert any(note.startswith("no comparable calibration for slow") for note in report["notes"])
+
+
+def test_a_calibration_for_the_run_counts_even_when_measured_later(tmp_path, clock):
+    db = tmp_path / "r.db"
+    run_id = build_two_sessions(db, clock, calibrate=())
+    with Store(db) as store:
+        clock.at(500)
+        store.set_calibration("fast", "primes", 80.0, mode="count", lo=1, hi=1000, run_id=run_id)
+        store.set_calibration("slow", "primes", 40.0, mode="count", lo=1, hi=1000, run_id=run_id)
+        store.set_calibration("slow", "primes", 50.0, mode="count", lo=1, hi=1000, run_id=run_id + 1)
+    report = report_of(db, run_id, now=T0 + 600)
+    assert report["sum_standalone"] == pytest.approx(120.0)
+    assert report["efficiency"] == pytest.approx(50 / 120)
 
 
 def test_tail_without_event_is_approximated_from_the_latest_block_start(tmp_path, clock):
@@ -200,7 +221,7 @@ def test_eta_of_a_running_run(tmp_path, clock):
         store.commit_blocks([block(run_id, 1, 100, "a", 0, 4, 4), block(run_id, 101, 300, "a", 4, 9, 5)])
     report = report_of(db, run_id, now=T0 + 10, live=True)
     assert report["sessions"] == [[T0, T0 + 10]]
-    assert report["rate"] == pytest.approx(30.0)
+    assert report["throughput"] == pytest.approx(30.0)
     assert report["progress"] == pytest.approx(0.3)
     assert report["eta_seconds"] == pytest.approx(700 / 30)
     assert report["tail"] is None  # still handing out blocks
@@ -315,13 +336,15 @@ def test_runs_table_and_run_table(tmp_path, clock):
     assert shown.returncode == 0, shown.stderr
     out = shown.stdout
     assert "wall time 20.0 s in 2 sessions" in out
-    assert "numbers/s" in out and "alone numbers/s" in out
+    assert "throughput numbers/s" in out and "speed while busy numbers/s" in out and "alone numbers/s" in out
     row = next(line for line in out.splitlines() if line.startswith("fast "))
-    assert row.split()[:9] == ["fast", "2", "numpy", "4", "800", "94.1", "47.1", "80.0%", "100"]
+    assert row.split()[:10] == ["fast", "2", "numpy", "4", "800", "40", "94.1", "47.1", "80.0%", "100"]
     assert "11.5 s" in row
-    assert "actual: 1,000 numbers in 20.0 s = 50 numbers/s" in out
-    assert "sum of parts: 120 numbers/s (each host alone, from fab calibrate)" in out
-    assert "efficiency: 41.7% (actual / sum of parts)" in out
+    flaky = next(line for line in out.splitlines() if line.startswith("flaky "))
+    assert flaky.rstrip().endswith("lost")
+    assert "throughput: 1,000 numbers in 20.0 s = 50 numbers/s" in out
+    assert "sum of parts: 120 numbers/s (each host alone, comparable fab calibrate)" in out
+    assert "efficiency: 41.7% (throughput / sum of parts)" in out
     assert "tail: 6.0 s" in out
     last = stats("--db", db, "--last")
     assert last.returncode == 0 and "run 2: primes" in last.stdout
@@ -333,32 +356,33 @@ def test_json_and_csv(tmp_path, clock):
     db = tmp_path / "r.db"
     build_two_sessions(db, clock)
     data = stats_json("--db", db, "--run", 1)
-    assert data["schema"] == 1 and data["kind"] == "run"
+    assert data["schema"] == 2 and data["kind"] == "run"
     assert data["run"]["params"] == PARAMS
     assert data["wall_seconds"] == pytest.approx(20.0)
-    assert data["rate"] == pytest.approx(50.0)
+    assert data["throughput"] == pytest.approx(50.0)
     assert data["efficiency"] == pytest.approx(50 / 120)
     assert data["tail"]["seconds"] == pytest.approx(6.0)
     assert {h["host"]: h["share"] for h in data["hosts"]} == pytest.approx({"fast": 0.8, "flaky": 0.0, "slow": 0.2})
     runs = stats_json("--db", db)
-    assert runs["schema"] == 1 and runs["kind"] == "runs"
+    assert runs["schema"] == 2 and runs["kind"] == "runs"
     assert [(r["id"], r["items"], r["state"]) for r in runs["runs"]] == [(1, 1000, "done")]
-    assert runs["runs"][0]["rate"] == pytest.approx(50.0)
+    assert runs["runs"][0]["throughput"] == pytest.approx(50.0)
     done = stats("--db", db, "--run", 1, "--format", "csv")
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
     assert [r["host"] for r in rows] == ["fast", "flaky", "slow", "(run)"]
     fast, total = rows[0], rows[-1]
-    assert float(fast["items_per_second"]) == pytest.approx(2 * 800 / 17)
+    assert float(fast["speed_busy"]) == pytest.approx(2 * 800 / 17)
+    assert float(fast["throughput"]) == pytest.approx(40.0)
     assert float(fast["idle_seconds"]) == pytest.approx(11.5)
-    assert float(total["items_per_second"]) == pytest.approx(50.0)
+    assert float(total["throughput"]) == pytest.approx(50.0)
     assert float(total["standalone_items_per_second"]) == pytest.approx(120.0)
     assert float(total["efficiency"]) == pytest.approx(50 / 120)
     assert float(total["tail_seconds"]) == pytest.approx(6.0)
     assert float(total["wall_seconds"]) == pytest.approx(20.0)
     assert float(total["startup_seconds"]) == 0.0  # both sessions had a block at once
     listing = stats("--db", db, "--format", "csv")
-    assert next(csv.DictReader(io.StringIO(listing.stdout)))["items_per_second"] == "50.0"
+    assert next(csv.DictReader(io.StringIO(listing.stdout)))["throughput"] == "50.0"
 
 
 def test_running_run_through_the_command_shows_eta(tmp_path):
@@ -546,6 +570,8 @@ def test_scrape_plots_with_and_without_tor(tmp_path, clock):
     """Two scrape runs, with and without Tor: rates in pages/min, drawn side by side."""
     db = tmp_path / "r.db"
     with Store(db) as store:
+        clock.at(-10)
+        store.set_calibration("pi", "scrape", 0.5, variant="tor")
         for offset, tor, seconds in ((0, False, 1.0), (100, True, 4.0)):
             clock.at(offset)
             params = {"urls": "abc", "count": 40, "options": {}, "tor": tor}
@@ -560,11 +586,10 @@ def test_scrape_plots_with_and_without_tor(tmp_path, clock):
             store.finish_run(run_id, "done")
         store.upsert_host("pi", {"slots": 1})
         store.upsert_host("desktop", {"slots": 1})
-        store.set_calibration("pi", "scrape", 0.5, variant="tor")
     data = stats_json("--db", db, "--last")
     assert data["unit"]["label"] == "pages/min"
     pi = next(h for h in data["hosts"] if h["host"] == "pi")
-    assert pi["rate"] == pytest.approx(0.25) and pi["standalone_rate"] == 0.5  # the 'tor' variant
+    assert pi["speed_busy"] == pytest.approx(0.25) and pi["standalone_rate"] == 0.5  # the 'tor' variant
     shown = stats("--db", db, "--last")
     assert "pages/min" in shown.stdout and "15" in shown.stdout  # 0.25 pages/s = 15 pages/min
     out = tmp_path / "img"
@@ -594,3 +619,64 @@ def test_stats_is_registered():
     assert done.returncode == 0
     listed = textwrap.dedent(done.stdout)
     assert "stats " in listed and "calibrate " in listed
+
+
+# ---------------------------------------------------------------- past runs never change
+
+
+def _inventory(tmp_path: Path, slots: int) -> Path:
+    path = tmp_path / f"hosts-{slots}.ini"
+    path.write_text(f"[this computer]\naddress = local\nslots = {slots}\n")
+    return path
+
+
+def _snapshot(db: Path, run_id: int, folder: Path) -> dict:
+    """What fab stats shows of a run: its JSON, CSV and table, and the bytes of its plots."""
+    got = {}
+    for style in ("json", "csv"):
+        done = stats("--db", db, "--run", run_id, "--format", style)
+        assert done.returncode == 0, done.stderr
+        got[style] = done.stdout
+    done = stats("--db", db, "--run", run_id, "--format", "json", "--plot", folder)
+    assert done.returncode == 0, done.stderr
+    for png in sorted(folder.glob(f"run{run_id}-*.png")):
+        got[png.name] = png.read_bytes()
+    assert len(got) == 5
+    return got
+
+
+@pytest.mark.slow
+def test_a_past_run_never_changes(tmp_path):
+    """Run 1 (1 slot); then a run with 2 slots, a scrape, fab calibrate, and --fresh of another run:
+    run 1's JSON, CSV and plots stay the same bytes, its slots stay 1 (not the latest hello's)."""
+    from harness.web import WebServer
+
+    db = tmp_path / "r.db"
+    one, two = _inventory(tmp_path, 1), _inventory(tmp_path, 2)
+    done = run_fab(["primes", "--inventory", one, "--start", "1", "--end", "3e6", "--db", db], timeout=300)
+    assert done.returncode == 0, done.stderr
+    before = _snapshot(db, 1, tmp_path / "before")
+    assert json.loads(before["json"])["hosts"][0]["slots"] == 1
+    done = run_fab(["primes", "--inventory", two, "--start", "1", "--end", "2e6", "--count-only", "--db", db],
+                   timeout=300)
+    assert done.returncode == 0, done.stderr
+    with WebServer(robots="User-agent: *\nDisallow: /private\n") as web:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(web.url(f"/page/{i}") + "\n" for i in range(4)))
+        done = run_fab(["scrape", "--urls", urls, "--inventory", two, "--delay", "0", "--db", db], timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    done = run_fab(["calibrate", "--inventory", two, "--seconds", "0.5", "--start", "1", "--db", db])
+    assert done.returncode == 0, done.stderr
+    done = run_fab(["primes", "--inventory", two, "--start", "1", "--end", "2e6", "--count-only", "--fresh",
+                    "--db", db], timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = _snapshot(db, 1, tmp_path / "after")
+    for key in before:
+        assert after[key] == before[key], key
+    runs = stats_json("--db", db)["runs"]
+    assert [(r["id"], r["state"], r["superseded_by"]) for r in runs][1:] == [
+        (2, "replaced", 4), (3, "done", None), (4, "done", None)]
+    listing = stats("--db", db)
+    assert "superseded by run 4" in listing.stdout
+    old = stats_json("--db", db, "--run", 2)  # its history is kept
+    assert old["items"] == 2 * 10**6 and old["hosts"][0]["slots"] == 2

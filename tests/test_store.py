@@ -134,17 +134,57 @@ def test_older_schema_is_migrated(db, monkeypatch):
         assert store.find_run("primes", PRIMES) == run
 
 
+def old_store(path, version: int) -> sqlite3.Connection:
+    """A store as schema ``version`` made it (its migrations applied by hand), open for filling."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for target in range(1, version + 1):
+        step = store_module.MIGRATIONS[target]
+        if callable(step):
+            step(conn)
+        else:
+            for statement in step:
+                conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute(f"PRAGMA application_id = {store_module.APPLICATION_ID}")
+    return conn
+
+
 def test_version_1_store_gains_the_content_encoding_column(db):
-    with Store(db) as store:
-        run = store.open_run("primes", PRIMES, 1000)
-    conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE pages DROP COLUMN content_encoding")  # as schema 1 made it
-    conn.execute("PRAGMA user_version = 1")
+    conn = old_store(db, 1)
+    conn.execute("INSERT INTO runs (job, params, key, state, started, total)"
+                 " VALUES ('primes', ?, ?, 'done', 1.0, 1000)",
+                 (store_module.canonical_json(PRIMES), "primes:" + store_module.canonical_json(PRIMES)))
     conn.close()
     with Store(db) as store:
         assert store._conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
         assert "content_encoding" in [r[1] for r in store._conn.execute("PRAGMA table_info(pages)")]
-        assert store.find_run("primes", PRIMES) == run
+        assert store.find_run("primes", PRIMES) == 1
+
+
+def test_version_2_store_gains_run_hosts_and_calibration_history(db):
+    """Old runs get what each host was from their 'up' events ("N slots"), or else the facts the
+    store held at the migration, frozen; old calibrations become count mode, range unknown."""
+    conn = old_store(db, 2)
+    key = "primes:" + store_module.canonical_json(PRIMES)
+    conn.execute("INSERT INTO runs (job, params, key, state, started, total) VALUES ('primes', ?, ?, 'done', 1.0, 9)",
+                 (store_module.canonical_json(PRIMES), key))
+    conn.execute("INSERT INTO events (run_id, time, host, kind, detail) VALUES (1, 2.0, 'a', 'up', '4 slots')")
+    conn.execute("INSERT INTO events (run_id, time, host, kind, detail) VALUES (1, 3.0, 'a', 'up', '4 slots')")
+    conn.execute("INSERT INTO blocks (run_id, lo, hi, host, started, finished, seconds, items, found)"
+                 " VALUES (1, 1, 9, 'b', 5.0, 6.0, 1.0, 9, 4)")
+    conn.execute("""INSERT INTO hosts (name, facts, last_seen) VALUES ('a', '{"slots": 8}', 9.0),"""
+                 """ ('b', '{"cores": 3, "python": "3.6.9"}', 9.0)""")
+    conn.execute("INSERT INTO calibration (host, job, variant, rate, measured) VALUES ('a', 'primes', '', 5.0, 1.5)")
+    conn.close()
+    with Store(db) as store:
+        hosts = {h["name"]: h for h in store.run_hosts(1)}
+        assert (hosts["a"]["slots"], hosts["a"]["joined"], hosts["a"]["facts"]) == (4, 2.0, {})
+        assert (hosts["b"]["slots"], hosts["b"]["joined"]) == (3, 5.0)
+        assert hosts["b"]["facts"]["python"] == "3.6.9"
+        (calibration,) = store.calibrations("primes")
+        assert (calibration["mode"], calibration["lo"], calibration["rate"]) == ("count", None, 5.0)
+        store.upsert_host("a", {"slots": 16})  # a later hello changes nothing of run 1
+        assert store.run_hosts(1)[0]["slots"] == 4
 
 
 def test_failed_migration_leaves_the_store_as_it_was(db, monkeypatch):
@@ -220,13 +260,16 @@ def test_params_order_does_not_matter(store):
     assert store.find_run("primes", {"start": 2}) is None
 
 
-def test_fresh_replaces_the_old_run_and_frees_its_blocks(store):
+def test_fresh_replaces_the_old_run_keeping_its_history_and_frees_its_results(store):
     old = store.open_run("primes", PRIMES, 1000)
     store.commit_blocks([row(old, 1, payload=b"old result")])
+    store.record_run_host(old, "a", {"slots": 2}, 2)
     new = store.open_run("primes", PRIMES, 1000, fresh=True)
     assert new != old
-    assert store.run(old)["state"] == "replaced"
-    assert store.done_ranges(old) == [] and list(store.iter_payloads(old)) == []
+    assert store.run(old)["state"] == "replaced" and store.run(old)["superseded_by"] == new
+    assert store.run(new)["superseded_by"] is None
+    assert len(store.blocks(old)) == 1 and store.run_hosts(old)[0]["slots"] == 2  # its history, for stats
+    assert store.blocks(old)[0]["bytes"] is None
     assert store._conn.execute("SELECT count(*) FROM payloads").fetchone()[0] == 0
     assert store.find_run("primes", PRIMES) == new
     assert store.open_run("primes", PRIMES, 1000) == new
@@ -631,10 +674,12 @@ def test_events_are_kept_in_order(store):
     assert len(store.events()) == 4
 
 
-def test_calibration_keeps_the_latest_rate(store):
-    store.set_calibration("pi", "primes", 1.0e6)
-    store.set_calibration("pi", "primes", 2.0e6)
+def test_calibrations_are_all_kept_with_what_they_measured(store):
+    store.set_calibration("pi", "primes", 1.0e6, mode="count", lo=1, hi=10)
+    store.set_calibration("pi", "primes", 2.0e6, mode="list", lo=5, hi=50, run_id=3, slots=4)
     store.set_calibration("pi", "scrape", 3.0, variant="tor")
-    rates = [(c["host"], c["job"], c["variant"], c["rate"]) for c in store.calibrations()]
-    assert rates == [("pi", "primes", "", 2.0e6), ("pi", "scrape", "tor", 3.0)]
+    rates = [(c["host"], c["job"], c["variant"], c["mode"], c["lo"], c["hi"], c["run_id"], c["rate"])
+             for c in store.calibrations()]
+    assert rates == [("pi", "primes", "", "count", 1, 10, None, 1.0e6), ("pi", "primes", "", "list", 5, 50, 3, 2.0e6),
+                     ("pi", "scrape", "tor", "", None, None, None, 3.0)]
     assert len(store.calibrations("scrape")) == 1

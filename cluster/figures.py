@@ -1,0 +1,131 @@
+"""The figures beowulf shows about a run, defined once (README.md, "Figures").
+
+The end-of-run summary (tasks/primes.py, tasks/scrape.py), ``fab stats`` (table,
+JSON, CSV, cluster/report.py) and the plots (cluster/plots.py) all take their
+names, labels and values from here, so one figure never has two values or two names.
+
+- **throughput** (per host): items the host did / the host's wall time in the run
+  (from its first hello in each session to the session's end; the run's wall time
+  for a host that never said hello in it). What the host added to the run per
+  second. For the run: items / the run's wall time (the *actual* rate).
+- **speed while busy** (per host): items / busy seconds x slots, the host's speed
+  with all its slots while it had work; **per slot**: items / busy seconds. Busy
+  seconds are the sum of its blocks' compute times.
+- **sum of parts**: the sum of the hosts' standalone rates from a *comparable*
+  calibration (below); **efficiency**: the run's throughput / sum of parts (for a
+  scrape: / the lower of the sum of parts and the politeness bound).
+- **comparable calibration**: same job and variant (Tor or not); for primes the same
+  mode (list or count) and a range whose middle is within a factor RANGE_FACTOR of
+  the run's; measured for this run (``fab calibrate --run N``) or before the run
+  ended, so a later ``fab calibrate`` never changes a past run's figures.
+- **politeness bound** (scrape): sites x requests in flight per site / delay, the
+  delay being the larger of --delay and the site's robots.txt Crawl-delay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+# Names and labels: the same everywhere a figure is shown.
+THROUGHPUT = "throughput"
+SPEED_BUSY = "speed while busy"
+SPEED_BUSY_SLOT = "speed while busy per slot"
+# A primes calibration is comparable when the middle of its range is within this factor of the run's.
+RANGE_FACTOR = 10.0
+# Why a host did nothing in a run, by the event that says so (or what its hello says).
+IDLE_REASONS = {
+    "starting": "still starting when the run ended",
+    "left-out": "left out",
+    "lost": "lost",
+    "quarantine": "quarantined",
+}
+
+
+def label(figure: str, unit: dict) -> str:
+    """``throughput numbers/s``: a figure's column or axis label in a job's unit."""
+    return f"{figure} {unit['label']}"
+
+
+def throughput(items: int, wall: float) -> Optional[float]:
+    """Items per second of wall time; None without wall time."""
+    return items / wall if wall > 0 else None
+
+
+def speed_busy(items: int, busy: float, slots: int = 1) -> Optional[float]:
+    """Items per busy second, times ``slots`` (1: per slot); None for a host never busy."""
+    return items / busy * slots if busy > 0 else None
+
+
+def host_wall(spans: list[list[float]], joined: list[float]) -> float:
+    """A host's wall time in the run: in each session, from its first hello in it (``joined``:
+    the times of its hellos) to the session's end; every session when it has no hello."""
+    if not joined:
+        return sum(end - start for start, end in spans)
+    total = 0.0
+    for start, end in spans:
+        inside = [t for t in joined if start <= t <= end]
+        if inside:
+            total += end - min(inside)
+    return total
+
+
+def run_mode(run: dict) -> str:
+    """'list' or 'count' for a primes run, '' for other jobs."""
+    return str((run.get("params") or {}).get("mode") or "") if run.get("job") == "primes" else ""
+
+
+def run_range(run: dict) -> tuple[Optional[int], Optional[int]]:
+    params = run.get("params") or {}
+    lo, hi = params.get("start"), params.get("end")
+    if isinstance(lo, int) and isinstance(hi, int) and hi >= lo:
+        return lo, hi
+    return None, None
+
+
+def comparable(run: dict, calibration: dict, ended: float) -> bool:
+    """Whether ``calibration`` measured what ``run`` did (see the module doc)."""
+    variant = "tor" if (run.get("params") or {}).get("tor") else ""
+    if calibration["job"] != run["job"] or (calibration.get("variant") or "") != variant:
+        return False
+    if calibration.get("run_id") != run["id"] and calibration["measured"] > ended:
+        return False
+    if run["job"] != "primes":
+        return True
+    if calibration.get("mode") != run_mode(run):
+        return False
+    lo, hi = run_range(run)
+    clo, chi = calibration.get("lo"), calibration.get("hi")
+    if lo is None or clo is None or chi is None:
+        return False
+    middle, cmiddle = max(1.0, (lo + hi) / 2), max(1.0, (clo + chi) / 2)
+    return abs(math.log(cmiddle / middle)) <= math.log(RANGE_FACTOR)
+
+
+def comparable_rates(run: dict, calibrations: list[dict], ended: float) -> dict[str, dict]:
+    """Per host the calibration a run's efficiency uses: one measured for this run first,
+    else the latest comparable one measured before the run ended."""
+    chosen: dict[str, dict] = {}
+    for row in sorted(calibrations, key=lambda c: (c.get("run_id") == run["id"], c["measured"])):
+        if comparable(run, row, ended):
+            chosen[row["host"]] = row
+    return chosen
+
+
+def describe_calibration(row: dict) -> str:
+    """What a calibration measured, in words: 'count mode over [1e11, ...]'."""
+    if row.get("job") != "primes":
+        return "through Tor" if row.get("variant") else "without Tor"
+    where = f" over [{row['lo']:,}, {row['hi']:,}]" if row.get("lo") is not None and row.get("hi") is not None \
+        else " (range not recorded)"
+    return f"{row.get('mode') or '?'} mode{where}"
+
+
+def politeness_bound(sites: int, per_site: int, delays: list[float]) -> Optional[float]:
+    """Pages per second politeness allows: sum over sites of per_site / delay (``delays``: each
+    site's delay in seconds, --delay or its robots Crawl-delay, whichever is larger)."""
+    if sites <= 0 or not delays:
+        return None
+    if any(d <= 0 for d in delays):
+        return None  # no delay: no bound from politeness
+    return sum(per_site / d for d in delays)
