@@ -4,10 +4,10 @@ The end-of-run summary (tasks/primes.py, tasks/scrape.py), ``fab stats`` (table,
 JSON, CSV, cluster/report.py) and the plots (cluster/plots.py) all take their
 names, labels and values from here, so one figure never has two values or two names.
 
-- **throughput** (per host): items the host did / the host's wall time in the run
-  (from its first hello in each session to the session's end; the run's wall time
-  for a host that never said hello in it). What the host added to the run per
-  second. For the run: items / the run's wall time (the *actual* rate).
+- **throughput** (per host): items the host did / its wall time in the run, which is
+  the run's wall time (its sessions summed: start-up and waiting count against
+  every host). What the host added to the run per second; the hosts' throughputs
+  add up to the run's: items / the run's wall time (the *actual* rate).
 - **speed while busy** (per host): items / busy seconds x slots, the host's speed
   with all its slots while it had work; **per slot**: items / busy seconds. Busy
   seconds are the sum of its blocks' compute times.
@@ -55,19 +55,6 @@ def throughput(items: int, wall: float) -> Optional[float]:
 def speed_busy(items: int, busy: float, slots: int = 1) -> Optional[float]:
     """Items per busy second, times ``slots`` (1: per slot); None for a host never busy."""
     return items / busy * slots if busy > 0 else None
-
-
-def host_wall(spans: list[list[float]], joined: list[float]) -> float:
-    """A host's wall time in the run: in each session, from its first hello in it (``joined``:
-    the times of its hellos) to the session's end; every session when it has no hello."""
-    if not joined:
-        return sum(end - start for start, end in spans)
-    total = 0.0
-    for start, end in spans:
-        inside = [t for t in joined if start <= t <= end]
-        if inside:
-            total += end - min(inside)
-    return total
 
 
 def run_mode(run: dict) -> str:

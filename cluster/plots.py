@@ -19,7 +19,7 @@ from typing import Optional
 
 from . import figures
 from .errors import BeowulfError
-from .report import human_seconds
+from .report import human_rate, human_seconds
 from .shown import shown
 
 DPI = 110
@@ -114,17 +114,6 @@ def _tor_label(report: dict) -> str:
     return "with Tor" if (report["run"]["params"] or {}).get("tor") else "without Tor"
 
 
-def _short(rate: Optional[float], unit: dict) -> str:
-    """A rate in the job's display unit with 3 significant digits: 183M, 7.17M, 12.5."""
-    if rate is None:
-        return ""
-    value = rate * unit["scale"]
-    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
 def _eng(axis) -> None:
     from matplotlib.ticker import EngFormatter
 
@@ -167,7 +156,7 @@ def rates_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None
             if name in values:
                 reason = hosts[name].get("idle_reason") if not values[name] else None
                 ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2,
-                        _short(values[name], unit) + (f" ({_label(reason)})" if reason else ""),
+                        human_rate(values[name], unit) + (f" ({_label(reason)})" if reason else ""),
                         va="center", fontsize=9)
     ax.set_yticks(range(len(names)), [_host_label(hosts[n]) for n in names])
     ax.set_xlim(0, top * 1.18)
@@ -227,17 +216,17 @@ def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
             bottom += value
         actual = (r["throughput"] or 0) * scale
         ax.bar(x_actual, actual, width=0.8, color="#333333")
-        ax.text(x_sum, bottom + top * 0.015, _short(bottom / scale, unit), ha="center", va="bottom",
+        ax.text(x_sum, bottom + top * 0.015, human_rate(bottom / scale, unit), ha="center", va="bottom",
                 fontsize=9)
         against = "of the sum" if r["efficiency_against"] == "sum of parts" else "of the politeness bound"
         efficiency = f"\n= {r['efficiency']:.0%} {against}" if r["efficiency"] else \
             "\nno efficiency: no\ncomparable calibration"
-        ax.text(x_actual, actual + top * 0.015, _short(r["throughput"], unit) + efficiency, ha="center",
+        ax.text(x_actual, actual + top * 0.015, human_rate(r["throughput"], unit) + efficiency, ha="center",
                 va="bottom", fontsize=9, fontweight="bold")
         if r["politeness_bound"]:
             bound = r["politeness_bound"] * scale
             ax.hlines(bound, x_sum - 0.5, x_actual + 0.5, colors="crimson", linestyles="dashed")
-            ax.text(x_actual + 0.5, bound, f" politeness bound {_short(r['politeness_bound'], unit)}",
+            ax.text(x_actual + 0.5, bound, f" politeness bound {human_rate(r['politeness_bound'], unit)}",
                     color="crimson", va="bottom", ha="right", fontsize=8)
         parts = ("sum of the hosts\nalone (fab calibrate)" if r["sum_standalone"] else
                  f"sum of the hosts'\n{figures.SPEED_BUSY}\n(no comparable calibration)")

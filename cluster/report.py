@@ -224,8 +224,8 @@ def _host_row(name: str, blocks: list[dict], events: list[dict], host: Optional[
     slots = int(slots or 1)
     items = sum(b["items"] for b in mine)
     busy = sum(b["seconds"] for b in mine)
-    joined = [e["time"] for e in happened if e["kind"] == "up"]  # no hello recorded: every session
-    wall = figures.host_wall(spans, joined)
+    joined = [e["time"] for e in happened if e["kind"] == "up"]
+    wall = wall_seconds(spans)  # a host's wall time in the run is the run's (cluster/figures.py)
     seen = [b["finished"] for b in mine] + [e["time"] for e in happened] + joined
     engines = sorted({(b.get("meta") or {}).get("engine") for b in mine} - {None, ""})
     engine = ",".join(engines) or (host or {}).get("engine") or None
@@ -332,6 +332,37 @@ def _eta(run, spans, blocks, items, live, now, notes) -> Optional[float]:
     if done_now <= 0 or now <= start:
         return None
     return left / (done_now / (now - start))
+
+
+# ---------------------------------------------------------------- the end-of-run summary
+
+
+def summary_table(report: dict, states: dict, workers: bool = False) -> tuple[list[str], list[list]]:
+    """(headers, rows) of the table printed when a run ends: per host its state (``states``, from
+    the coordinator), and the run's figures as ``fab stats`` shows them (same names, same values)."""
+    unit = report["unit"]
+    headers = ["host", "state", "workers" if workers else "slots", "engine", "blocks", unit["item"],
+               "ok" if workers else "primes", figures.label(figures.THROUGHPUT, unit),
+               figures.label(figures.SPEED_BUSY, unit), "share", "retries", "failures", "did nothing"]
+    rows = [[h["host"], states.get(h["host"], ""), h["slots"], h["engine"] or "", h["blocks"], f"{h['items']:,}",
+             f"{h['found']:,}", human_rate(h["throughput"], unit), human_rate(h["speed_busy"], unit),
+             f"{h['share']:.1%}", h["retries"], h["failures"], h["idle_reason"] or ""] for h in report["hosts"]]
+    drop = [i for i, name in ((3, "engine"), (12, "did nothing"))
+            if not any(row[i] for row in rows)]
+    for i in sorted(drop, reverse=True):
+        headers.pop(i)
+        for row in rows:
+            row.pop(i)
+    return headers, rows
+
+
+def summary_total(report: dict) -> str:
+    """``1,000 numbers in 20.0 s wall time (throughput 50 numbers/s)``, the run's line under the table."""
+    unit = report["unit"]
+    sessions = len(report["sessions"])
+    whole = f", {sessions} sessions" if sessions > 1 else ""
+    return (f"{report['items']:,} {unit['item']} in {human_seconds(report['wall_seconds'])} wall time{whole}"
+            f" ({figures.THROUGHPUT} {human_rate(report['throughput'], unit) or '?'} {unit['label']})")
 
 
 # ---------------------------------------------------------------- formatting

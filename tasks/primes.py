@@ -129,26 +129,26 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to compute")
     else:
-        busy = [h for h in outcome.hosts if h.blocks or h.state != "excluded"]
-        total_items = sum(h.items for h in busy) or 1
-        wall = max(outcome.seconds, 1e-9)
-        rows = []
-        for h in busy:
-            # numbers/s: what the host added to the run per second of wall time (its worth here).
-            rows.append([h.name, h.state, h.slots, h.engine, h.blocks, f"{h.items:,}", f"{h.found:,}",
-                         f"{h.items / wall:,.0f}", f"{100 * h.items / total_items:.1f}%", h.retries,
-                         h.failures])
-        print(tabulate(shown_rows(rows), headers=["host", "state", "slots", "engine", "blocks", "numbers", "primes",
-                                      "numbers/s", "share", "retries", "failures"]))
-        done_now = sum(h.items for h in outcome.hosts)
-        resumed = " (this session; the run resumed)" if done_now < job.total else ""
-        print(f"{done_now:,} numbers in {outcome.seconds:.1f}s wall time "
-              f"({done_now / wall:,.0f} numbers/s){resumed}")
+        print_run_summary(outcome, db_path)
     for warning in outcome.warnings:
         print(f"warning: {shown(warning)}")
     if outcome.verified:
         print(f"--verify: {outcome.verified} blocks re-run elsewhere, {outcome.verify_mismatches} disagreed")
     print(f"{outcome.found_total:,} primes in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")
+
+
+def print_run_summary(outcome, db_path: Path, workers: bool = False) -> None:
+    """The hosts' table and the run's line, from the store: the figures and names of fab stats."""
+    from cluster.report import summary_table, summary_total
+    from cluster.store import Store
+
+    from .stats import run_report_of
+
+    with Store(str(db_path)) as store:
+        report = run_report_of(store, outcome.run_id)
+    headers, rows = summary_table(report, {h.name: h.state for h in outcome.hosts}, workers)
+    print(tabulate(shown_rows(rows), headers=headers, disable_numparse=True))
+    print(shown(summary_total(report)))
 
 
 def _export(db_path: Path, run_id: int, export_path: Path) -> None:

@@ -9,10 +9,9 @@ import zlib
 from pathlib import Path
 
 from invoke import Exit
-from tabulate import tabulate
 
 from cluster.errors import UsageError
-from cluster.shown import json_text, shown, shown_rows
+from cluster.shown import json_text, shown
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -162,17 +161,12 @@ def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: 
 def _print_summary(outcome, job, db_path: Path) -> None:
     from cluster.store import Store
 
+    from .primes import print_run_summary
+
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to fetch")
     else:
-        busy = [h for h in outcome.hosts if h.blocks or h.state != "excluded"]
-        total = sum(h.items for h in busy) or 1
-        minutes = max(outcome.seconds, 1e-9) / 60
-        rows = [[h.name, h.state, h.slots, h.items, h.found, h.items - h.found, f"{h.items / minutes:,.1f}",
-                 f"{100 * h.items / total:.1f}%", h.retries, h.failures] for h in busy]
-        rows = shown_rows(rows)
-        print(tabulate(rows, headers=["host", "state", "workers", "pages", "ok", "errors", "pages/min", "share",
-                                      "retries", "failures"]))
+        print_run_summary(outcome, db_path, workers=True)
     for warning in outcome.warnings:
         print(f"warning: {shown(warning)}")
     statuses: dict = {}

@@ -92,6 +92,11 @@ def _id_ranges(runs: list[dict]) -> str:
     return f"{ids[0]}..{ids[-1]}" if len(ids) > 1 else str(ids[0])
 
 
+def run_report_of(store, run_id: int) -> dict:
+    """The report of run ``run_id`` (cluster/report.py) from ``store``: fab stats and the end-of-run summary."""
+    return _report(store, run_id)[0]
+
+
 def _report(store, run_id: int) -> tuple[dict, list[dict], list[dict]]:
     from cluster.report import run_report
 

@@ -680,3 +680,47 @@ def test_a_past_run_never_changes(tmp_path):
     assert "superseded by run 4" in listing.stdout
     old = stats_json("--db", db, "--run", 2)  # its history is kept
     assert old["items"] == 2 * 10**6 and old["hosts"][0]["slots"] == 2
+
+
+@pytest.mark.slow
+def test_one_figure_has_one_value_in_summary_table_json_csv_and_plot(tmp_path):
+    """A real run: each host's throughput and speed while busy, and the run's throughput, read the
+    same in the end-of-run summary, the fab stats table, JSON, CSV and the rates plot's labels."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from cluster import plots
+    from cluster.report import human_rate
+
+    db = tmp_path / "r.db"
+    done = run_fab(["primes", "--inventory", _inventory(tmp_path, 2), "--start", "1", "--end", "2e7",
+                    "--count-only", "--db", db], timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.splitlines()
+    data = stats_json("--db", db, "--run", 1)
+    unit = data["unit"]
+    (host,) = [h for h in data["hosts"] if h["items"]]
+    throughput, busy = human_rate(host["throughput"], unit), human_rate(host["speed_busy"], unit)
+    header = next(line for line in summary if line.startswith("host"))
+    assert "throughput numbers/s" in header and "speed while busy numbers/s" in header
+    row = next(line for line in summary if line.startswith("this computer"))
+    assert throughput in row.split() and busy in row.split()
+    run_line = f"({'throughput'} {human_rate(data['throughput'], unit)} numbers/s)"
+    assert any(line.endswith(run_line) for line in summary), summary
+    table = stats("--db", db, "--run", 1).stdout
+    assert "throughput numbers/s" in table and "speed while busy numbers/s" in table
+    row = next(line for line in table.splitlines() if line.startswith("this computer"))
+    assert throughput in row.split() and busy in row.split()
+    assert f"= {human_rate(data['throughput'], unit)} numbers/s" in table
+    rows = list(csv.DictReader(io.StringIO(stats("--db", db, "--run", 1, "--format", "csv").stdout)))
+    assert float(rows[0]["throughput"]) == pytest.approx(host["throughput"])
+    assert float(rows[0]["speed_busy"]) == pytest.approx(host["speed_busy"])
+    assert float(rows[-1]["throughput"]) == pytest.approx(data["throughput"])
+    figure = plots.rates_figure(plt, data, plots._host_colors(data, None))
+    texts = [t.get_text() for t in figure.findobj(Text)]
+    plt.close(figure)
+    assert throughput in texts and busy in texts
+    assert "throughput" in texts and "speed while busy" in texts  # the legend: the same names
