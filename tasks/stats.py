@@ -40,11 +40,13 @@ DB_HELP = "results store (SQLite file; default results.db, or beowulf.db in fabr
     "plot": "also write PNG charts of the run into this folder (rates, sum of parts vs actual, timeline)",
 })
 def stats(c, db=None, run=None, last=False, format="table", plot=None):
-    """Show what runs did: a table of runs, or one run per host (rates, efficiency, tail, ETA).
+    """Show what runs did: a table of runs, or one run per host (throughput, efficiency, tail, ETA).
 
-    Without --run/--last: every run in the store. With one: per host slots, blocks, items, rate,
-    share, retries, failures and idle time; the run's actual rate against the sum of the hosts'
-    standalone rates (fab calibrate), the tail, and the ETA of a run in progress. Never writes.
+    Without --run/--last: every run in the store. With one: per host its slots in that run,
+    blocks, items, throughput, speed while busy, share, retries, failures, idle time (and why a
+    host did nothing); the run's throughput against the sum of the hosts' standalone rates from a
+    comparable fab calibrate, the tail, and the ETA of a run in progress (README.md, "Figures").
+    Computed from the run's own records only. Never writes.
     """
     from cluster.store import Store
 
