@@ -18,8 +18,9 @@ names, labels and values from here, so one figure never has two values or two na
   mode (list or count) and a range whose middle is within a factor RANGE_FACTOR of
   the run's; measured for this run (``fab calibrate --run N``) or before the run
   ended, so a later ``fab calibrate`` never changes a past run's figures.
-- **politeness bound** (scrape): sites x requests in flight per site / delay, the
-  delay being the larger of --delay and the site's robots.txt Crawl-delay.
+- **politeness bound** (scrape): sum over the sites of 1 / delay (sites x 1/delay when
+  all delays are equal), the delay being the larger of --delay and the site's robots.txt
+  Crawl-delay: --delay is between request starts at one site, whatever --per-domain allows.
 """
 
 from __future__ import annotations
@@ -108,11 +109,10 @@ def describe_calibration(row: dict) -> str:
     return f"{row.get('mode') or '?'} mode{where}"
 
 
-def politeness_bound(sites: int, per_site: int, delays: list[float]) -> Optional[float]:
-    """Pages per second politeness allows: sum over sites of per_site / delay (``delays``: each
-    site's delay in seconds, --delay or its robots Crawl-delay, whichever is larger)."""
-    if sites <= 0 or not delays:
+def politeness_bound(delays: list[float]) -> Optional[float]:
+    """Pages per second politeness allows: one request start per site per delay, summed over
+    the sites (``delays``: each site's delay in seconds, --delay or its robots Crawl-delay,
+    whichever is larger). None without sites, or when a site has no delay (no bound)."""
+    if not delays or any(d <= 0 for d in delays):
         return None
-    if any(d <= 0 for d in delays):
-        return None  # no delay: no bound from politeness
-    return sum(per_site / d for d in delays)
+    return sum(1.0 / d for d in delays)

@@ -198,18 +198,22 @@ def _middle(run: dict) -> str:
 
 
 def _politeness(run: dict, events: list[dict]) -> Optional[float]:
-    """A scrape run's politeness bound (pages/s) from its latest 'politeness' event, or None."""
+    """A scrape run's politeness bound (pages/s) from its 'politeness' events (tasks/scrape.py
+    writes one a session: each site's delay), the one naming the most sites; None without one."""
     if run["job"] != "scrape":
         return None
-    found = [e for e in events if e["kind"] == "politeness"]
+    found = []
+    for event in events:
+        if event["kind"] != "politeness":
+            continue
+        try:
+            delays = [float(d) for d in json.loads(event["detail"])["delays"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+        found.append(delays)
     if not found:
         return None
-    try:
-        data = json.loads(found[-1]["detail"])
-        delays = [float(d) for d in data["delays"]]
-        return figures.politeness_bound(len(delays), int(data["per_site"]), delays)
-    except (ValueError, KeyError, TypeError):
-        return None
+    return figures.politeness_bound(max(found, key=len))
 
 
 def _host_row(name: str, blocks: list[dict], events: list[dict], host: Optional[dict],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import sys
 import zlib
@@ -166,6 +167,7 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to fetch")
     else:
+        _record_politeness(db_path, outcome.run_id, job)
         print_run_summary(outcome, db_path, workers=True)
     for warning in outcome.warnings:
         print(f"warning: {shown(warning)}")
@@ -176,6 +178,23 @@ def _print_summary(outcome, job, db_path: Path) -> None:
             statuses[key] = statuses.get(key, 0) + 1
     breakdown = ", ".join(f"{shown(key)} {count}" for key, count in sorted(statuses.items()))
     print(f"{sum(statuses.values())} of {job.total} URLs fetched ({breakdown}) (run {outcome.run_id}, {db_path})")
+
+
+def _record_politeness(db_path: Path, run_id: int, job) -> None:
+    """Store each site's delay this session (--delay or its robots Crawl-delay, the larger) with the
+    run: fab stats' politeness bound (README.md, "Figures")."""
+    from cluster.errors import BeowulfError
+    from cluster.store import Store
+
+    schedule = getattr(job, "schedule", None)
+    if schedule is None or not schedule.origins:
+        return
+    delays = sorted(max(float(job.delay), float(site.crawl_delay or 0.0)) for site in schedule.origins.values())
+    try:
+        with Store(str(db_path)) as store:
+            store.add_event(run_id, None, "politeness", json.dumps({"delays": delays}))
+    except BeowulfError as err:
+        print(f"warning: cannot record the politeness bound: {shown(str(err))}", file=sys.stderr)
 
 
 def _export(db_path: Path, run_id: int, target: Path) -> None:

@@ -724,3 +724,29 @@ def test_one_figure_has_one_value_in_summary_table_json_csv_and_plot(tmp_path):
     plt.close(figure)
     assert throughput in texts and busy in texts
     assert "throughput" in texts and "speed while busy" in texts  # the legend: the same names
+
+
+@pytest.mark.slow
+def test_scrape_shows_the_politeness_bound_beside_the_throughput(tmp_path):
+    """Two sites, --delay 0.25 and one robots Crawl-delay 0.5: at most 1/0.25 + 1/0.5 = 6 pages/s
+    (360 pages/min); the efficiency is against that bound (there is no calibration)."""
+    from harness.web import WebServer
+
+    db = tmp_path / "r.db"
+    with WebServer(robots="User-agent: *\nDisallow: /private\n") as quick, \
+            WebServer(robots="User-agent: *\nCrawl-delay: 0.5\n") as polite:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("".join(f"{site.url(f'/page/{i}')}\n" for site in (quick, polite) for i in range(3)))
+        done = run_fab(["scrape", "--urls", urls, "--inventory", _inventory(tmp_path, 2), "--delay", "0.25",
+                        "--db", db], timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    data = stats_json("--db", db, "--last")
+    assert data["politeness_bound"] == pytest.approx(6.0)
+    assert data["sum_standalone"] is None
+    assert data["efficiency_against"] == "politeness bound"
+    assert data["efficiency"] == pytest.approx(data["throughput"] / 6.0)
+    table = stats("--db", db, "--last").stdout
+    assert "politeness bound: 360 pages/min" in table
+    assert "(throughput / politeness bound)" in table
+    rows = list(csv.DictReader(io.StringIO(stats("--db", db, "--last", "--format", "csv").stdout)))
+    assert float(rows[-1]["politeness_bound"]) == pytest.approx(6.0)
