@@ -750,3 +750,51 @@ def test_scrape_shows_the_politeness_bound_beside_the_throughput(tmp_path):
     assert "(throughput / politeness bound)" in table
     rows = list(csv.DictReader(io.StringIO(stats("--db", db, "--last", "--format", "csv").stdout)))
     assert float(rows[-1]["politeness_bound"]) == pytest.approx(6.0)
+
+
+def test_each_host_has_its_own_start_up_and_hosts_that_did_nothing_stay_in_the_plots(tmp_path, clock):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from cluster import plots
+
+    db = tmp_path / "r.db"
+    with Store(db) as store:
+        clock.at(0)
+        run_id = store.open_run("primes", PARAMS, 1000)
+        for name, at, slots in (("local", 0.2, 2), ("h1", 3.3, 3), ("late", 9.0, 1)):
+            clock.at(at)
+            store.add_event(run_id, name, "up", f"{slots} slots")
+            store.record_run_host(run_id, name, {"python": "3.6.9"}, slots)
+        store.add_event(run_id, "gone", "left-out", "gone: the agent did not start")
+        store.commit_blocks([block(run_id, 1, 600, "local", 0.5, 6, 5.5), block(run_id, 601, 1000, "h1", 3.8, 8, 4.2)])
+        clock.at(9.5)
+        store.add_event(run_id, "never", "starting", "still starting when the run ended")
+        store.finish_run(run_id, "done")
+    report = report_of(db, run_id, now=T0 + 100)
+    hosts = {h["host"]: h for h in report["hosts"]}
+    assert hosts["local"]["startup"] == [[T0, T0 + 0.5]] and hosts["h1"]["startup"] == [[T0, T0 + 3.8]]
+    assert hosts["h1"]["slots"] == 3 and hosts["h1"]["python"] == "3.6.9"
+    assert hosts["late"]["idle_reason"] == "joined after the work was done"
+    assert hosts["gone"]["idle_reason"] == "left out: gone: the agent did not start"
+    assert hosts["never"]["idle_reason"] == "still starting when the run ended"
+    colors = plots._host_colors(report, None)
+    figure = plots.rates_figure(plt, report, colors)
+    texts = [t.get_text() for t in figure.findobj(Text)]
+    plt.close(figure)
+    assert any(t.startswith("0 (joined after the work was done)") for t in texts), texts
+    assert any("left out" in t for t in texts) and any(t.startswith("late\n1 slot") for t in texts)
+    figure = plots.timeline_figure(plt, report, [], [], colors)
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    plt.close(figure)
+    assert "h1\n3 slots" in labels and len(labels) == 5
+
+
+def test_resume_marks_close_together_share_one_label():
+    from cluster.plots import _resumes
+
+    assert _resumes([10.0, 11.0, 50.0], 100.0) == [(10.0, 2), (50.0, 1)]
+    assert _resumes([], 100.0) == []
