@@ -442,3 +442,9 @@ def _print_calibration(results, bench, tor: bool) -> None:
         variant = " through Tor" if tor else ""
         hosts = f"{len(good)} host" + ("s" if len(good) != 1 else "")
         print(f"sum of parts{variant}: {human_rate(sum(good), unit)} {label} ({hosts}, each alone)")
+        if bench.name == "primes":
+            los = [r.lo for r in results if not r.error and r.lo is not None]
+            his = [r.hi for r in results if not r.error and r.hi is not None]
+            if los and his:
+                print(f"measured: {bench.mode} mode over [{min(los):,}, {max(his):,}]; it counts for primes runs"
+                      " in that mode near that range (README.md, Figures)")
