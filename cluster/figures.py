@@ -15,8 +15,8 @@ names, labels and values from here, so one figure never has two values or two na
   calibration (below); **efficiency**: the run's throughput / sum of parts (for a
   scrape: / the lower of the sum of parts and the politeness bound).
 - **comparable calibration**: same job and variant (Tor or not); for primes the same
-  mode (list or count) and a range whose middle is within a factor RANGE_FACTOR of
-  the run's; measured for this run (``fab calibrate --run N``) or before the run
+  mode (list or count) and a range that reaches within a factor RANGE_FACTOR of the
+  run's; measured for this run (``fab calibrate --run N``) or before the run
   ended, so a later ``fab calibrate`` never changes a past run's figures.
 - **politeness bound** (scrape): sum over the sites of 1 / delay (sites x 1/delay when
   all delays are equal), the delay being the larger of --delay and the site's robots.txt
@@ -25,14 +25,13 @@ names, labels and values from here, so one figure never has two values or two na
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 # Names and labels: the same everywhere a figure is shown.
 THROUGHPUT = "throughput"
 SPEED_BUSY = "speed while busy"
 SPEED_BUSY_SLOT = "speed while busy per slot"
-# A primes calibration is comparable when the middle of its range is within this factor of the run's.
+# A primes calibration is comparable when its range reaches within this factor of the run's.
 RANGE_FACTOR = 10.0
 # Why a host did nothing in a run, by the event that says so (or what its hello says).
 IDLE_REASONS = {
@@ -86,8 +85,10 @@ def comparable(run: dict, calibration: dict, ended: float) -> bool:
     clo, chi = calibration.get("lo"), calibration.get("hi")
     if lo is None or clo is None or chi is None:
         return False
-    middle, cmiddle = max(1.0, (lo + hi) / 2), max(1.0, (clo + chi) / 2)
-    return abs(math.log(cmiddle / middle)) <= math.log(RANGE_FACTOR)
+    # Sieving costs per number change slowly with the numbers' size: a calibration counts when
+    # its range reaches within a factor RANGE_FACTOR of the run's (a fast host's benchmark
+    # blocks grow wide, so its range can be much wider than the run's).
+    return clo <= hi * RANGE_FACTOR and chi * RANGE_FACTOR >= max(lo, 1)
 
 
 def comparable_rates(run: dict, calibrations: list[dict], ended: float) -> dict[str, dict]:

@@ -223,10 +223,10 @@ def _host_row(name: str, blocks: list[dict], events: list[dict], host: Optional[
     happened = [e for e in events if e.get("host") == name]
     host_facts = (host or {}).get("facts") or {}
     slots = (host or {}).get("slots") or host_facts.get("slots") or host_facts.get("cores")
-    if not slots:
-        notes.append(f"{name}: slots unknown (not recorded with the run): counted as 1")
-    slots = int(slots or 1)
     items = sum(b["items"] for b in mine)
+    if not slots and mine:
+        notes.append(f"{name}: slots unknown (not recorded with the run): counted as 1")
+    slots = int(slots or (1 if mine else 0))  # 0: never said hello in this run
     busy = sum(b["seconds"] for b in mine)
     joined = [e["time"] for e in happened if e["kind"] == "up"]
     wall = wall_seconds(spans)  # a host's wall time in the run is the run's (cluster/figures.py)
@@ -257,7 +257,7 @@ def _host_row(name: str, blocks: list[dict], events: list[dict], host: Optional[
                         if calibration else None),
         "retries": sum(_blocks_back(e) for e in happened if e["kind"] in RETRY_KINDS),
         "failures": sum(1 for e in happened if e["kind"] in FAILURE_KINDS),
-        "idle_seconds": max(0.0, wall - busy / slots),
+        "idle_seconds": max(0.0, wall - busy / slots) if slots else wall,
         "last_seen": max(seen) if seen else None,
         "idle_reason": None if items else _idle_reason(happened, joined, last_block),
         "startup": startup,

@@ -164,7 +164,7 @@ def test_calibrate_run_and_plot_on_sshd_hosts(make_cluster, tmp_path):
     shown = run_fab(["stats", "--db", db, "--last", "--format", "json", "--plot", tmp_path / "img"])
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
-    assert data["sum_standalone"] is not None and data["items"] == 10**9
+    assert data["sum_standalone"] is not None and data["items"] == 10**9, (data["notes"], data["hosts"])
     # Hosts start working as each says hello: a fast one may finish before a slow one is up.
     assert {h["host"] for h in data["hosts"]} <= {"h1", "h2", "local"} and data["hosts"]
     assert sum(h["share"] for h in data["hosts"]) == pytest.approx(1.0)
