@@ -194,13 +194,17 @@ def test_hosts_table(hosts):
 
 
 def test_primes_list_and_count_exact(hosts, tmp_path):
-    exported = tmp_path / "primes.txt"
-    listed = run_fab(["primes", "--inventory", hosts.inventory, "--start", 1, "--end", "1e7", "--db",
-                      tmp_path / "list.db", "--block-seconds", "0.05", "--export", exported], config=hosts.config)
-    assert listed.returncode == 0, listed.stdout + listed.stderr
-    assert count_of(listed.stdout) == pi(1, 10**7)
+    """Each old host alone lists 1..1e7 (exported, byte for byte primesieve's); both count 1e9..4e9."""
     reference = subprocess.run(["primesieve", "1e7", "--print"], capture_output=True, timeout=120, check=True)
-    assert exported.read_bytes().split() == reference.stdout.split()
+    for name in VERSIONS:
+        exported = tmp_path / f"primes-{name}.txt"
+        listed = run_fab(["primes", "--inventory", hosts.inventory, "--hosts", name, "--start", 1, "--end", "1e7",
+                          "--db", tmp_path / f"list-{name}.db", "--block-seconds", "0.05", "--export", exported],
+                         config=hosts.config)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert count_of(listed.stdout) == pi(1, 10**7)
+        assert exported.read_bytes().split() == reference.stdout.split()
+        assert cell(rows(listed.stdout), name, "engine") in FAST_ENGINES
     counted = run_fab(["primes", "--inventory", hosts.inventory, "--start", "1e9", "--end", "4e9",
                        "--db", tmp_path / "count.db", "--count-only", "--block-seconds", "0.3"],
                       config=hosts.config, timeout=300)
