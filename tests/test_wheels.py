@@ -250,3 +250,16 @@ def test_download_once_then_from_cache(tmp_path):
     assert wheel is not None and wheel.parent.name == "cp36m-manylinux_2_36_x86_64"
     second = WheelCache(tmp_path / "w", timeout=0.001)  # any pip run would time out
     assert second.for_host("numpy", host) == (wheel, "")
+
+
+def test_hostile_facts_never_reach_pip_or_the_table(tmp_path):
+    """Facts are the host's words: nothing of them but known arch names and digits goes to pip."""
+    cache = WheelCache(tmp_path / "w", timeout=0.001)  # a pip run would time out and say so
+    for host in (facts("3.6.15", "x86_64 --index-url http://127.0.0.1:9/"),
+                 facts("3.6.15", "x86_64", "glibc 2.36 --pre"),
+                 facts("3.x; touch /tmp/x", "x86_64"),
+                 facts("3.6.15", "\x1b]0;title\x07", "musl 1.2")):
+        wheel, why = cache.for_host("numpy", host)
+        assert wheel is None and why.startswith("no numpy wheel for ") and "took over" not in why
+        assert why.isprintable() and len(why) < 80
+    assert not (tmp_path / "w").exists()
