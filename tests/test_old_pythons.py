@@ -280,3 +280,31 @@ def test_ctrl_c_cancels_then_resume_is_exact(hosts, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert count_of(resumed.stdout) == pi(1, 10**10)
     assert len(assert_blocks_tile(db, 1, 10**10)) > done_before > 0
+
+
+def test_setup_says_why_a_host_runs_pure_python(hosts, tmp_path):
+    """The engine column names the reason: no wheel at all, or a wheel that does not import.
+
+    ``setarch i686`` makes the host's Python see a 32-bit machine (as a 32-bit Pi OS on a
+    64-bit kernel does the other way round): PyPI has no numpy for cp313 i686, and the
+    i686 numpy 1.19.5 that does exist for cp36 cannot load into a 64-bit Python.
+    """
+    if shutil.which("setarch") is None:
+        _fail_or_skip("needs setarch (util-linux)")
+    python313 = pyenv_python("3.13")
+    if python313 is None:
+        _fail_or_skip("no pyenv CPython 3.13 on this machine (pyenv install 3.13)")
+    extra = {}
+    for name, python in (("h1", hosts.pythons["h1"]), ("h2", python313)):
+        wrapper = tmp_path / f"i686-{name}"
+        wrapper.write_text(f'#!/bin/sh\nexec setarch i686 {python} "$@"\n')
+        wrapper.chmod(0o755)
+        extra[name] = {"python": wrapper, "workdir": tmp_path / f"work-{name}"}
+    inventory = hosts.cluster.write_inventory(tmp_path / "i686.ini", extra=extra)
+    done = run_fab(["setup", "--inventory", inventory], config=hosts.config, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = rows(done.stdout)
+    assert cell(table, "h1", "arch") == "i686" and "numpy (new)" in cell(table, "h1", "packages")
+    assert cell(table, "h1", "engine") == "python: numpy does not import on this host"
+    assert cell(table, "h2", "engine") == "python: no numpy wheel for cp313 i686"
+    assert "no numpy" in cell(table, "h2", "packages")
