@@ -99,10 +99,11 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
             facts = report.facts
             uploaded += report.uploaded_bytes
             rows.append([host.name, host.address, facts.get("python"), facts.get("cores"), _slots(host, facts),
-                         facts.get("arch"), report.bundle, report.packages, report.tor, "ok"])
+                         facts.get("arch"), report.bundle, report.packages, report.engine, report.tor, "ok"])
         else:
-            rows.append([host.name, host.address, "", "", "", "", "", "", "", _error_cell(outcome)])
-    headers = ["host", "address", "python", "cores", "slots", "arch", "bundle", "packages", "tor", "result"]
+            rows.append([host.name, host.address, "", "", "", "", "", "", "", "", _error_cell(outcome)])
+    headers = ["host", "address", "python", "cores", "slots", "arch", "bundle", "packages", "engine", "tor",
+               "result"]
     ok = sum(o.ok for o in outcomes)
     if uploaded:
         what = f"uploaded {uploaded / 1e6:.2f} MB"
