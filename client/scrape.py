@@ -55,6 +55,8 @@ logger = logging.getLogger("scrape")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BYTES = 5000000
 DEFAULT_MAX_REDIRECTS = 10
+# Longest wait for a site's gap ("after") before a request (Crawl-delay is capped at 120 s).
+MAX_AFTER_WAIT = 130.0
 DEFAULT_USER_AGENT = "beowulf/0.1 (polite distributed fetcher)"
 # Statuses whose Location is followed.
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -772,6 +774,11 @@ def run(args):
     Raises ProxyError when a proxy was asked for and cannot be used (PySocks missing,
     proxy down or misbehaving), and ValueError for malformed args.
     """
+    after = args.get("after")  # this host's monotonic clock: the site's gap ends then (cluster/politeness.py)
+    if isinstance(after, (int, float)) and math.isfinite(after):
+        pause = min(after - time.monotonic(), MAX_AFTER_WAIT)
+        if pause > 0:
+            time.sleep(pause)
     started = time.monotonic()
     url = str(args["url"])
     timeout = _number(args, "timeout", DEFAULT_TIMEOUT, float)
@@ -795,8 +802,8 @@ def run(args):
         origin = origin_of(url)
         if origin is not None:
             if robots.get("fetch"):
-                fetched_at = time.monotonic()
                 result["robots"] = cache.fetch(origin)
+                fetched_at = time.monotonic()  # its answer is in: the site saw the request before
                 # robots.txt was a request to the same site: keep the site's gap (--delay, or its
                 # Crawl-delay when longer) before the page's own request.
                 gap = max(_number(args, "gap", 0.0, float), result["robots"].get("crawl_delay") or 0.0)
@@ -810,6 +817,7 @@ def run(args):
                                 "error": "not an http(s) URL"}
         check = cache.check
     answer, redirects = follow(fetcher, url, max_bytes, max_redirects, check)
+    result["answered_at"] = time.monotonic()  # the site saw the request before: its gap counts from here
     result["final_url"] = answer.url
     result["redirects"] = redirects
     result["status"] = answer.status
