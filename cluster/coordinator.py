@@ -278,6 +278,8 @@ class Coordinator:
     def _loop(self) -> None:
         last_progress = last_ping = 0.0
         while self._work_left():
+            # Overdue tasks first, so that a host with a free slot takes them before anything new.
+            self._check_overdue(time.monotonic())
             # Every host's idle slots first, then the queues behind busy ones: a block (a
             # site's URL) held in one host's queue while another host has an idle slot would
             # wait for nothing.
@@ -307,7 +309,6 @@ class Coordinator:
                 for name in self.up:
                     self.links[name].ping()
             self._check_heartbeats(now)
-            self._check_overdue(now)
             self._reconnect_due(now)
             self._check_all_lost()
             self._check_stalled(now)
@@ -412,10 +413,10 @@ class Coordinator:
             if now < deadline:
                 continue
             block, name = entry
-            # Only when another host could run it now: a task that only this host would take
-            # anyway is better left to finish.
+            # Only when another host up could take it (it is redone before anything new): a task
+            # that only this host would take anyway is better left to finish.
             if not any(other != name and other not in block.avoid and other not in block.copies
-                       and self.schedule.load_of(other) < self.links[other].slots for other in self.up):
+                       for other in self.up):
                 continue
             del self.deadlines[task_id]
             self._overdue(task_id, block, name, now)
@@ -477,6 +478,7 @@ class Coordinator:
             except BeowulfError as err:
                 log.warning("cannot record host %s: %s", name, err)
             stats.state = "up"
+            self.overdue_checked = 0.0  # a host that could take overdue tasks: look now
             stats.slots = event.link.slots
             stats.reconnects_failed = 0
             stats.failures_in_row = 0

@@ -194,7 +194,8 @@ class DomainSchedule(Schedule):
             site.holder = host
             site.after = None  # known again when this request's answer is
             site.held = next(self._seq)
-            site.next_start = max(site.next_start, now + gap + START_MARGIN)
+            if self.per_domain > 1:  # its next request may go out before this one ends (on this host)
+                site.next_start = max(site.next_start, now + gap + START_MARGIN)
         self._push(site)
         return self._assign(block, host)
 
