@@ -81,8 +81,8 @@ def fab(args, config, timeout=FAB_TIMEOUT):
     try:
         return run_fab([str(a) for a in args], config=config, timeout=timeout)
     except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"fab {args[0]} did not end within {timeout}s (hung):\n{err.stdout}\n{err.stderr}") \
-            from None
+        out, errs = (err.stdout or "")[-2000:], (err.stderr or "")[-2000:]
+        raise AssertionError(f"fab {args[0]} did not end within {timeout}s (hung):\n{out}\n{errs}") from None
 
 
 def url_file(tmp_path: Path, urls) -> Path:
