@@ -81,6 +81,9 @@ class HostStats:
     engine: str = ""
     overdue: int = 0  # tasks cancelled for being overdue and handed to another host
     overdue_in_row: int = 0
+    # How much longer than expected its results take to come back (a slow link adds the
+    # transfer, which ``elapsed`` leaves out): a decayed maximum, at least 1; widens its deadlines.
+    turnaround: float = 1.0
 
 
 @dataclass
@@ -387,7 +390,7 @@ class Coordinator:
                 expected *= 2  # queued behind a running block on that host: it starts about one block later
             self.schedule.set_expected(task_id, expected)
             floor = self.task_floor * (2 if self.schedule.load_of(name) > link.slots else 1)
-            self.deadlines[task_id] = time.monotonic() + max(floor, OVERDUE_FACTOR * expected)
+            self.deadlines[task_id] = time.monotonic() + max(floor, OVERDUE_FACTOR * expected * stats.turnaround)
             if hasattr(self.job, "task_args_for"):
                 args = self.job.task_args_for(block, link, task_id)
             else:
@@ -522,9 +525,13 @@ class Coordinator:
                 log.info("%s: item %d again in %.1fs (%s)", stats.name, block.lo, decision[1],
                          result.get("error") or result.get("status"))
                 return
+        copy = self.schedule.tasks[task_id][0].copies.get(stats.name)
         done = self.schedule.complete(task_id)
         if done is None:
             return
+        if copy is not None and copy[2] > 0:
+            took = (time.monotonic() - copy[1]) / copy[2]
+            stats.turnaround = max(1.0, took, stats.turnaround * RATE_DECAY)
         block, others = done
         for other, other_id in others:
             if other in self.links:
