@@ -104,6 +104,7 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
         with Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
             coordinator.progress = progress
             outcome = coordinator.run()
+            progress.finish(outcome.items_total, job.total)
     except KeyboardInterrupt:
         raise Exit("interrupted: finished blocks are kept; run the same command again to resume",
                    code=EXIT_INTERRUPTED) from None

@@ -153,7 +153,9 @@ def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: 
     try:
         with Progress("pages", enabled=None if not quiet else False, label="scrape", per_minute=True) as progress:
             coordinator.progress = progress
-            return coordinator.run()
+            outcome = coordinator.run()
+            progress.finish(outcome.items_total, job.total)
+            return outcome
     except KeyboardInterrupt:
         raise Exit("interrupted: fetched pages are kept; run the same command again to resume",
                    code=EXIT_INTERRUPTED) from None
