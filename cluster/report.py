@@ -306,20 +306,67 @@ def human_rate(rate: Optional[float], unit: dict) -> str:
     return f"{value:.3g}"
 
 
-def human_params(params: dict, width: int = 60) -> str:
-    """``start=1 end=3,000,000,000 mode=count``, cut at ``width`` characters."""
-    parts = []
-    first = [k for k in ("start", "end", "mode", "count", "tor") if k in params]
-    for key in first + sorted(k for k in params if k not in first):
-        value = params[key]
+# The parameters shown first (what a reader looks for), then the others by name.
+PARAMS_FIRST = ("start", "end", "mode", "count", "tor", "robots", "bodies", "max_bytes", "timeout", "insecure")
+
+
+def _param_pairs(params: dict) -> list[str]:
+    """``key=value`` for each parameter; a nested group (scrape's options) gives its own pairs."""
+    flat: dict = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            for inner, item in value.items():
+                if inner not in params or params[inner] != item:
+                    flat.setdefault(inner, item)
+        else:
+            flat[key] = value
+    first = [k for k in PARAMS_FIRST if k in flat]
+    pairs = []
+    for key in first + sorted(k for k in flat if k not in first):
+        value = flat[key]
         if isinstance(value, bool):
             value = "yes" if value else "no"
         elif isinstance(value, int):
             value = f"{value:,}"
-        elif isinstance(value, dict):
-            value = "{" + " ".join(f"{k}={v}" for k, v in value.items()) + "}"
-        elif isinstance(value, str) and len(value) > 16:
-            value = value[:12] + "..."
-        parts.append(f"{key}={value}")
-    text = " ".join(parts)
-    return text if len(text) <= width else text[: width - 3] + "..."
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        elif isinstance(value, (list, tuple)):
+            joined = ",".join(str(v) for v in value)
+            value = joined if len(joined) <= 24 else f"{value[0]},+{len(value) - 1}"
+        elif value is None:
+            value = "none"
+        elif not isinstance(value, str):
+            value = "{...}"
+        elif len(value) > 24:  # a digest, a user agent: its start is enough here (fab stats --format json)
+            value = value[:20] + "..."
+        pairs.append(f"{key}={value}")
+    return pairs
+
+
+def human_params(params: dict, width: Optional[int] = 60) -> str:
+    """``start=1 end=3,000,000,000 mode=count``: whole pairs, as many as fit in ``width``.
+
+    The pairs left out are counted ("+5 more"); ``width=None`` gives them all.
+    """
+    pairs = _param_pairs(params)
+    text = " ".join(pairs)
+    if width is None or len(text) <= width:
+        return text
+    kept: list[str] = []
+    for index, pair in enumerate(pairs):
+        more = f" +{len(pairs) - index - 1} more" if index < len(pairs) - 1 else ""
+        if len(" ".join(kept + [pair])) + len(more) > width:
+            break
+        kept.append(pair)
+    return " ".join(kept + [f"+{len(pairs) - len(kept)} more"])
+
+
+def params_lines(params: dict, width: int = 100) -> list[str]:
+    """Every ``key=value`` pair, wrapped between pairs into lines of at most ``width`` characters."""
+    lines: list[str] = []
+    for pair in _param_pairs(params):
+        if lines and len(lines[-1]) + 1 + len(pair) <= width:
+            lines[-1] += " " + pair
+        else:
+            lines.append(pair)
+    return lines

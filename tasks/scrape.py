@@ -88,7 +88,7 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     for line in describe_bad(bad, "stdin" if urls == "-" else urls):
         print(f"skipped: {shown(line)}")
     if duplicates:
-        print(f"{duplicates} duplicate URLs fetched once")
+        print(f"{duplicates} duplicate URL{'s' if duplicates != 1 else ''} fetched once")
     if ignore_robots:
         print("WARNING: --ignore-robots is on: robots.txt is neither fetched nor obeyed")
     if insecure:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import select
@@ -164,3 +165,52 @@ def test_stopped_reason_is_the_first_clause_of_the_error():
     except JobError:
         pass
     assert progress.eta_text() == "stopped: every host is lost"
+
+
+# ------------------------------------------------------------------ wording at the end of a run
+
+
+@pytest.mark.slow
+def test_hosts_error_column_wraps(make_cluster, tmp_path, run_fab):
+    cluster = make_cluster(1)
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini")
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    cluster.known_hosts_path.unlink()  # the long "unknown host key ... --accept-new ..." error
+    done = run_fab(["hosts", "--inventory", inventory], config=config, env={"COLUMNS": "100"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("host "))
+    table = lines[header:header + 2] + [line for line in lines[header + 2:] if line.startswith(("h1 ", " "))]
+    assert len(table) > 3, done.stdout  # the error took several lines
+    assert max(len(line) for line in table) <= 150, done.stdout
+    at = lines[header].index("os / error")
+    error = " ".join(line[at:].strip() for line in table[2:])
+    assert "unknown host key" in error and "--accept-new" in error and "known_hosts" in error, error
+
+
+def test_parameters_are_whole_pairs():
+    from cluster.jobs.scrape import FetchOptions, ScrapeJob
+    from cluster.report import human_params, params_lines
+
+    params = json.loads(json.dumps(ScrapeJob(["http://127.0.0.1/a"], FetchOptions()).params()))
+    short = human_params(params)
+    assert len(short) <= 60 and "{" not in short and re.search(r" \+\d+ more$", short), short
+    assert short.startswith("count=1 tor=no robots=yes bodies=yes")
+    lines = params_lines(params, width=90)
+    assert all(len(line) <= 90 for line in lines)
+    pairs = " ".join(lines).split()
+    assert all(re.fullmatch(r"[a-z_]+=\S+", pair) for pair in pairs), pairs
+    assert {pair.split("=")[0] for pair in pairs} >= {"bodies", "max_bytes", "robots", "timeout", "user_agent"}
+
+
+def test_plot_of_a_failed_run_without_blocks_says_so(tmp_path, run_fab):
+    from cluster.store import Store
+
+    db = tmp_path / "r.db"
+    with Store(db) as store:
+        run_id = store.open_run("primes", {"start": 1, "end": 1000, "mode": "list"}, 1000)
+        store.finish_run(run_id, "failed")
+    done = run_fab(["stats", "--db", db, "--run", run_id, "--plot", tmp_path / "img"])
+    assert done.returncode == 0, done.stderr
+    assert f"run {run_id} failed before any block was finished: no plots written" in done.stderr
+    assert "yet" not in done.stderr
