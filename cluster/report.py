@@ -370,3 +370,48 @@ def params_lines(params: dict, width: int = 100) -> list[str]:
         else:
             lines.append(pair)
     return lines
+
+
+# ---------------------------------------------------------------- the end-of-run summary
+
+
+def name_ranges(names: list[str]) -> str:
+    """``h1-h3, db`` for h1, h2, h3 and db: three or more numbered names in a row as a range."""
+    import re
+
+    def key(name: str):
+        match = re.fullmatch(r"(.*?)(\d+)", name)
+        return (match.group(1), int(match.group(2)), name) if match else (name, -1, name)
+
+    groups: list[list] = []
+    for prefix, number, name in sorted(key(n) for n in set(names)):
+        last = groups[-1][-1] if groups else None
+        if last is not None and number >= 0 and last[0] == prefix and last[1] == number - 1:
+            groups[-1].append((prefix, number, name))
+        else:
+            groups.append([(prefix, number, name)])
+    parts = []
+    for group in groups:
+        if len(group) >= 3:
+            parts.append(f"{group[0][2]}-{group[-1][2]}")
+        else:
+            parts.extend(item[2] for item in group)
+    return ", ".join(parts)
+
+
+def still_starting(hosts, warnings: list[str]) -> tuple[str, list[str]]:
+    """One line for the hosts still starting when a short run ended, and the other warnings.
+
+    ``hosts``: the run's HostStats; ``warnings``: the coordinator's, whose one warning per
+    such host ("not used: h1 was still starting when the run ended") the line replaces.
+    """
+    idle = [h.name for h in hosts if h.state == "starting" and not h.blocks]
+    if not idle:
+        return "", list(warnings)
+    replaced = {f"not used: {name} was still starting when the run ended" for name in idle}
+    workers = [h.name for h in hosts if h.blocks]
+    who = f"{name_ranges(workers)} did it alone" if len(workers) == 1 else \
+        f"{name_ranges(workers)} did it" if workers else "no host did any"
+    verb = "was" if len(idle) == 1 else "were"
+    line = f"{name_ranges(idle)} {verb} still starting when the work was done ({who})"
+    return line, [w for w in warnings if w not in replaced]

@@ -162,6 +162,7 @@ def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: 
 
 
 def _print_summary(outcome, job, db_path: Path) -> None:
+    from cluster.report import still_starting
     from cluster.store import Store
 
     if outcome.already_done:
@@ -175,8 +176,12 @@ def _print_summary(outcome, job, db_path: Path) -> None:
         rows = shown_rows(rows)
         print(tabulate(rows, headers=["host", "state", "workers", "pages", "ok", "errors", "pages/min", "share",
                                       "retries", "failures"]))
-    for warning in outcome.warnings:
+    # Hosts still starting when a short run was done: one line, not a warning per host.
+    note, warnings = still_starting(outcome.hosts, outcome.warnings)
+    for warning in warnings:
         print(f"warning: {shown(warning)}")
+    if note:
+        print(shown(note))
     statuses: dict = {}
     with Store(str(db_path)) as store:
         for record, _ in store.iter_pages(outcome.run_id):

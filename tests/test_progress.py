@@ -214,3 +214,20 @@ def test_plot_of_a_failed_run_without_blocks_says_so(tmp_path, run_fab):
     assert done.returncode == 0, done.stderr
     assert f"run {run_id} failed before any block was finished: no plots written" in done.stderr
     assert "yet" not in done.stderr
+
+
+@pytest.mark.slow
+def test_short_run_names_hosts_still_starting_in_one_line(make_cluster, tmp_path, run_fab):
+    cluster = make_cluster(3)
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    setup = run_fab(["setup", "--inventory", cluster.write_inventory(tmp_path / "ssh.ini"), "--no-numpy"],
+                    config=config)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    inventory = cluster.write_inventory(tmp_path / "mixed.ini", local=True)
+    done = run_fab(["primes", "--inventory", inventory, "--start", "1", "--end", "1000", "--db", tmp_path / "r.db"],
+                   config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "168 primes in [1, 1,000]" in done.stdout
+    # SSH hosts take seconds to start; this computer did 1,000 numbers before any said hello.
+    assert "h1-h3 were still starting when the work was done (local did it alone)" in done.stdout
+    assert "not used" not in done.stdout and "warning" not in done.stdout
