@@ -26,17 +26,19 @@ REDRAW = re.compile(r"\r\x1b\[2K(?:\x1b\[1A\x1b\[2K)*")
 FIGURES = r"(\d{1,3}(?:\.\d)?)% (\S+)/(\S+) numbers"
 
 
-def run_in_pty(args, columns: int, rows: int = 24, timeout: float = 120, interrupt_when=None):
+def run_in_pty(args, columns: int, rows: int = 24, timeout: float = 120, interrupt_when=None, config=None,
+               then=None):
     """Run ``fab ARGS`` with a pty as its terminal, ``columns`` wide; (exit code, output).
 
-    ``interrupt_when(output)``: once true, SIGINT goes to fab's process group (Ctrl-C).
+    ``interrupt_when(output)``: once true, ``then()`` is called, or else SIGINT goes to
+    fab's process group (Ctrl-C).
     """
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     env = fab_env({"TERM": "xterm-256color"})
     for name in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
         env.pop(name, None)
-    proc = subprocess.Popen(fab_argv(args), stdin=slave, stdout=slave, stderr=slave, env=env,
+    proc = subprocess.Popen(fab_argv(args, config), stdin=slave, stdout=slave, stderr=slave, env=env,
                             start_new_session=True)
     os.close(slave)
     out = bytearray()
@@ -55,7 +57,10 @@ def run_in_pty(args, columns: int, rows: int = 24, timeout: float = 120, interru
                 out += data
             if interrupt_when and not interrupted and interrupt_when(out.decode("utf-8", "replace")):
                 interrupted = True
-                os.killpg(proc.pid, signal.SIGINT)
+                if then is not None:
+                    then()
+                else:
+                    os.killpg(proc.pid, signal.SIGINT)
         else:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"fab did not finish in {timeout}s: {out[-2000:]!r}")
@@ -122,6 +127,28 @@ def test_interrupted_run_ends_on_the_figure_reached_and_why(local_inventory, tmp
     assert figures, last
     assert float(figures.group(1)) < 100
     assert "interrupted: finished blocks are kept" in output
+
+
+@pytest.mark.slow
+def test_run_with_every_host_lost_ends_on_the_figure_reached_and_why(make_cluster, tmp_path, run_fab):
+    cluster = make_cluster(1)
+    inventory = cluster.write_inventory(tmp_path / "one.ini")
+    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    assert run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config).returncode == 0
+
+    def started(text: str) -> bool:
+        return bool(re.search(r"ETA \d", SGR.sub("", text)))
+
+    try:
+        code, output = run_in_pty(["primes", "--inventory", inventory, "--start", "1", "--end", "1e10",
+                                   "--count-only", "--block-seconds", "0.3", "--db", tmp_path / "r.db"], 80,
+                                  config=config, interrupt_when=started, then=cluster["h1"].kill)
+    finally:
+        cluster["h1"].start()
+    assert code == 1, output[-3000:]
+    last = frames(output)[-1]
+    figures = re.search(FIGURES + " stopped: every host is lost", last[0])
+    assert figures and float(figures.group(1)) < 100, last
 
 
 @pytest.mark.slow
