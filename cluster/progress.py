@@ -75,7 +75,8 @@ def first_line(width: int, label: str, done: int, total: int, unit: str, eta: st
     Percent, done/total and ``eta`` are always there (cut only below their own width);
     then the label, the rate and the bar, each when it fits.
     """
-    core = f"{_percent(done, total)} {_count(done, total)}/{_count(total, total)} {unit} {eta}"
+    whole = _count(total, total)  # padded so that the bar keeps its width from frame to frame
+    core = f"{_percent(done, total):>5} {_count(done, total):>{len(whole)}}/{whole} {unit} {eta}"
     if len(core) > width:
         return core[: max(width - 1, 0)] + "…", 0, 0
     head = f"{label} " if label and len(label) + 1 + len(core) <= width else ""

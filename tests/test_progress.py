@@ -23,7 +23,7 @@ from harness import fab_argv, fab_env
 SGR = re.compile(r"\x1b\[[0-9;]*m|\x1b\[\?25[lh]")
 # Between two frames rich goes back to the frame's first line: CR, erase, (up, erase)*.
 REDRAW = re.compile(r"\r\x1b\[2K(?:\x1b\[1A\x1b\[2K)*")
-FIGURES = r"(\d{1,3}(?:\.\d)?)% (\S+)/(\S+) numbers"
+FIGURES = r"(\d{1,3}(?:\.\d)?)% +(\S+)/(\S+) numbers"
 
 
 def run_in_pty(args, columns: int, rows: int = 24, timeout: float = 120, interrupt_when=None, config=None,
@@ -169,7 +169,7 @@ def test_layout_fits_any_width(width):
     for total in (40, 123_456, 2 * 10**10, 10**15):
         text, at, bar = first_line(width, "primes", total // 3, total, "numbers", "ETA 1h02m", "597.3M numbers/s")
         assert len(text) <= width
-        assert re.search(r"\d+(\.\d)?% \S+/\S+ numbers ETA 1h02m", text), text
+        assert re.search(r"\d+(\.\d)?% +\S+/\S+ numbers ETA 1h02m", text), text
         assert bar == 0 or bar >= 8 and text[at:at + bar].strip() == ""
     parts = [f"host-{i} 445.3M/s" for i in range(40)] + ["this computer 1.2G/s"]
     lines = host_lines(width, parts)
