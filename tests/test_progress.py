@@ -198,21 +198,23 @@ def test_stopped_reason_is_the_first_clause_of_the_error():
 
 
 @pytest.mark.slow
-def test_hosts_error_column_wraps(make_cluster, tmp_path, run_fab):
+def test_hosts_error_column_wraps_on_a_terminal(make_cluster, tmp_path, run_fab):
     cluster = make_cluster(1)
     inventory = cluster.write_inventory(tmp_path / "hosts.ini")
     config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
     cluster.known_hosts_path.unlink()  # the long "unknown host key ... --accept-new ..." error
-    done = run_fab(["hosts", "--inventory", inventory], config=config, env={"COLUMNS": "100"})
-    assert done.returncode == 1, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
+    code, output = run_in_pty(["hosts", "--inventory", inventory], 100, config=config)
+    assert code == 1, output
+    lines = output.replace("\r\n", "\n").splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("host "))
     table = lines[header:header + 2] + [line for line in lines[header + 2:] if line.startswith(("h1 ", " "))]
-    assert len(table) > 3, done.stdout  # the error took several lines
-    assert max(len(line) for line in table) <= 150, done.stdout
+    assert len(table) > 3, output  # the error took several lines
+    assert max(len(line) for line in table) <= 150, output
     at = lines[header].index("os / error")
     error = " ".join(line[at:].strip() for line in table[2:])
     assert "unknown host key" in error and "--accept-new" in error and "known_hosts" in error, error
+    piped = run_fab(["hosts", "--inventory", inventory], config=config)  # not a terminal: one line a host
+    assert re.search(r"^h1 .*unknown host key .*--accept-new.*known_hosts$", piped.stdout, re.M), piped.stdout
 
 
 def test_parameters_are_whole_pairs():
