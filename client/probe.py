@@ -4,9 +4,11 @@ Run as ``python3 - WORKDIR < probe.py`` (the script travels on stdin, so it work
 before anything is uploaded). Unknown facts are null, never an error: the host
 may be a macOS laptop or an old Pi. Standard library only, Python 3.6 syntax.
 """
+import glob
 import json
 import os
 import platform
+import subprocess
 import sys
 
 BUNDLE_FILE = "bundle.sha256"
@@ -79,6 +81,43 @@ def os_name():
     return pretty or "%s %s" % (platform.system(), platform.release())
 
 
+def musl_version(loaders="/lib/ld-musl-*.so.1"):
+    """The musl version ("1.2.4") when the host's C library is musl (Alpine), else None.
+
+    musl's dynamic loader prints its version when run with no arguments.
+    """
+    for loader in sorted(glob.glob(loaders)):
+        try:
+            done = subprocess.run([loader], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in done.stderr.decode("ascii", "replace").splitlines()[:5]:
+            words = line.split()
+            if len(words) == 2 and words[0] == "Version" and len(words[1]) <= 16:
+                return words[1]
+    return None
+
+
+def libc_name():
+    """The C library binary wheels must match: "glibc 2.36", "musl 1.2.4", or None.
+
+    glibc is asked directly first: before 3.8, platform.libc_ver() reads the symbol
+    versions the python executable refers to, which understate it (2.34 on 2.36).
+    """
+    try:
+        words = (os.confstr("CS_GNU_LIBC_VERSION") or "").split()
+        if len(words) == 2 and words[0] == "glibc":
+            return "glibc " + words[1]
+    except (AttributeError, ValueError, OSError):
+        pass
+    if platform.system() == "Linux":
+        musl = musl_version()
+        if musl:
+            return "musl " + musl
+    libc = platform.libc_ver()
+    return "%s %s" % libc if libc[0] else None
+
+
 def has_module(name):
     """Whether ``name`` is importable, without importing it (numpy takes ~0.2 s to import)."""
     try:
@@ -122,7 +161,6 @@ def installed_packages(workdir):
 
 
 def facts(workdir):
-    libc = platform.libc_ver()
     return {
         "python": platform.python_version(),
         "python_ok": sys.version_info[:2] >= (3, 6),
@@ -132,7 +170,7 @@ def facts(workdir):
         "arch": platform.machine() or None,
         "system": platform.system() or None,
         "os": os_name(),
-        "libc": "%s %s" % libc if libc[0] else None,
+        "libc": libc_name(),
         "memory": memory_bytes(),
         "load": load_average(),
         "temp": temperature(),

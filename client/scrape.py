@@ -71,6 +71,8 @@ DEFAULT_MAX_BYTES = 5000000
 DEFAULT_MAX_REDIRECTS = 10
 # The coordinator always sends its own (``--user-agent``, README.md "Scrape").
 DEFAULT_USER_AGENT = "beowulf"
+# Longest wait for a site's gap ("after") before a request (Crawl-delay is capped at 120 s).
+MAX_AFTER_WAIT = 130.0
 # Statuses whose Location is followed.
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 # Statuses whose Retry-After is reported.
@@ -973,8 +975,8 @@ def _fetch_page(gap, result, fetcher, url, robots, user_agent, deadline, max_byt
         origin = origin_of(url)
         if origin is not None:
             if robots.get("fetch"):
-                fetched_at = time.monotonic()
                 result["robots"] = cache.fetch(origin)
+                fetched_at = time.monotonic()  # its answer is in: the site saw the request before
                 # robots.txt was a request to the same site: keep the site's gap (--delay, or its
                 # Crawl-delay when longer) before the page's own request.
                 gap = max(gap, result["robots"].get("crawl_delay") or 0.0)
@@ -996,6 +998,11 @@ def run(args):
     Raises ProxyError when a proxy was asked for and cannot be used (PySocks missing,
     proxy down or misbehaving), and ValueError for malformed args.
     """
+    after = args.get("after")  # this host's monotonic clock: the site's gap ends then (cluster/politeness.py)
+    if isinstance(after, (int, float)) and math.isfinite(after):
+        pause = min(after - time.monotonic(), MAX_AFTER_WAIT)
+        if pause > 0:
+            time.sleep(pause)
     started = time.monotonic()
     url = str(args["url"])
     timeout = _number(args, "timeout", DEFAULT_TIMEOUT, float)
@@ -1027,6 +1034,7 @@ def run(args):
         logger.warning("%s: internal error: %s", shown(url), describe(exc), exc_info=True)
         answer, redirects = Answer(url), 0
         answer.error, answer.kind = "internal error: %s: %s" % (type(exc).__name__, shown(describe(exc))), "other"
+    result["answered_at"] = time.monotonic()  # the site saw the request before: its gap counts from here
     result["final_url"] = answer.url
     result["redirects"] = redirects
     result["status"] = answer.status

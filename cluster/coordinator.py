@@ -43,6 +43,15 @@ RATE_DECAY = 0.7
 # fraction of --block-seconds of a slot's work: tinier blocks leave a host behind a slow
 # link waiting on round trips (the endgame's duplicates take care of stragglers).
 TAIL_FLOOR = 1 / 8
+# Task deadline (README, "Slow hosts"): a task still out after OVERDUE_FACTOR times its expected
+# time on that host (from the host's own rate), and at least the job's floor (TASK_FLOOR
+# unless the job says: a fetch is bounded by --timeout), is cancelled there and handed to a
+# host with a free slot; OVERDUE_TO_QUARANTINE overdue tasks in a row quarantine the host.
+OVERDUE_FACTOR = 4.0
+TASK_FLOOR = 10.0
+OVERDUE_TO_QUARANTINE = 2
+# Seconds with work left, none in flight and nothing the hosts up may take before the run ends.
+STALL_SECONDS = 2.0
 
 
 @dataclass
@@ -70,6 +79,11 @@ class HostStats:
     next_attempt: float = 0.0
     reason: str = ""
     engine: str = ""
+    overdue: int = 0  # tasks cancelled for being overdue and handed to another host
+    overdue_in_row: int = 0
+    # How much longer than expected its results take to come back (a slow link adds the
+    # transfer, which ``elapsed`` leaves out): a decayed maximum, at least 1; widens its deadlines.
+    turnaround: float = 1.0
 
 
 @dataclass
@@ -93,7 +107,8 @@ class Coordinator:
     def __init__(self, job, hosts: list[Host], config, store_path: str, *, fresh: bool = False,
                  block_seconds: float = 2.0, accept_new: bool = False, verify: float = 0.0,
                  progress: Optional[Callable[[int, int, list[HostStats]], None]] = None,
-                 beat_seconds: float = 2.0, beat_timeout: float = BEAT_TIMEOUT):
+                 beat_seconds: float = 2.0, beat_timeout: float = BEAT_TIMEOUT,
+                 task_floor: Optional[float] = None):
         self.job = job
         self.hosts = hosts
         self.config = config
@@ -117,6 +132,10 @@ class Coordinator:
         self.verified = 0
         self.done_items = 0
         self.found_committed = 0
+        self.task_floor = task_floor
+        self.deadlines: dict[int, float] = {}  # task id -> monotonic time it is overdue
+        self.stalled_since: Optional[float] = None
+        self.overdue_checked = 0.0
 
     # ------------------------------------------------------------ entry point
 
@@ -145,6 +164,9 @@ class Coordinator:
         else:
             self.schedule = Schedule(self.job.start, self.job.end, done, self.min_block)
         self.max_block = self.job.max_block()
+        self.schedule.hosts_up = self.up  # who else could take a block (Schedule.shuns)
+        if self.task_floor is None:
+            self.task_floor = self.job.task_floor() if hasattr(self.job, "task_floor") else TASK_FLOOR
         totals = store.run_totals(run_id)
         self.done_items = self.job.total - self.schedule.remaining_at_start
         self.found_committed = int(totals.get("found") or 0)
@@ -262,6 +284,8 @@ class Coordinator:
     def _loop(self) -> None:
         last_progress = last_ping = 0.0
         while self._work_left():
+            # Overdue tasks first, so that a host with a free slot takes them before anything new.
+            self._check_overdue(time.monotonic())
             # Every host's idle slots first, then the queues behind busy ones: a block (a
             # site's URL) held in one host's queue while another host has an idle slot would
             # wait for nothing.
@@ -293,6 +317,7 @@ class Coordinator:
             self._check_heartbeats(now)
             self._reconnect_due(now)
             self._check_all_lost()
+            self._check_stalled(now)
             if self.progress and now - last_progress > 0.2:
                 last_progress = now
                 self.progress(self.done_items, self.job.total, list(self.stats.values()))
@@ -367,6 +392,8 @@ class Coordinator:
             if self.schedule.load_of(name) > link.slots:
                 expected *= 2  # queued behind a running block on that host: it starts about one block later
             self.schedule.set_expected(task_id, expected)
+            floor = self.task_floor * (2 if self.schedule.load_of(name) > link.slots else 1)
+            self.deadlines[task_id] = time.monotonic() + max(floor, OVERDUE_FACTOR * expected * stats.turnaround)
             if hasattr(self.job, "task_args_for"):
                 args = self.job.task_args_for(block, link, task_id)
             else:
@@ -376,6 +403,68 @@ class Coordinator:
             except (ConnectionError, OSError) as err:
                 self._lose(name, f"cannot send: {err}")
                 return
+
+    # ------------------------------------------------------------ task deadline, nothing left to do
+
+    def _check_overdue(self, now: float) -> None:
+        """Hand tasks past their deadline to a host with a free slot (README, "Slow hosts")."""
+        if now - self.overdue_checked < 0.5:
+            return
+        self.overdue_checked = now
+        for task_id, deadline in list(self.deadlines.items()):
+            entry = self.schedule.tasks.get(task_id)
+            if entry is None:
+                del self.deadlines[task_id]
+                continue
+            if now < deadline:
+                continue
+            block, name = entry
+            # Only when another host up could take it (it is redone before anything new): a task
+            # that only this host would take anyway is better left to finish.
+            if not any(other != name and other not in block.avoid and other not in block.copies
+                       for other in self.up):
+                continue
+            del self.deadlines[task_id]
+            self._overdue(task_id, block, name, now)
+            if name not in self.up:
+                return  # quarantined: its other tasks went back with it
+
+    def _overdue(self, task_id: int, block, name: str, now: float) -> None:
+        stats = self.stats[name]
+        started, expected = block.copies[name][1], block.copies[name][2]
+        # Cancelled on the slow host first, so that it stops (a fetch must not run twice at once).
+        self.links[name].cancel(task_id)
+        self.schedule.give_back(task_id, avoid=True)
+        stats.retries += 1
+        stats.overdue += 1
+        stats.overdue_in_row += 1
+        detail = (f"[{block.lo}, {block.hi}] not done after {now - started:.1f}s (expected {expected:.1f}s): "
+                  "cancelled there, handed to another host")
+        self.writer_event(name, "overdue", detail)
+        log.warning("%s: task %s", name, detail)
+        if stats.overdue_in_row >= OVERDUE_TO_QUARANTINE:
+            self._lose(name, f"{stats.overdue_in_row} tasks overdue in a row", quarantine=True)
+
+    def _check_stalled(self, now: float) -> None:
+        """End a run that has work left that no host up will take and no other host can come back
+        for (every block left must not go to the hosts up, and none is in flight)."""
+        if not self.up or self.schedule.in_flight or self.schedule.finished() or self.schedule.verify:
+            self.stalled_since = None
+            return
+        if getattr(self.schedule, "next_ready_in", lambda: None)() not in (None, 0.0):
+            self.stalled_since = None  # something waits for its time (Retry-After, a gap)
+            return
+        if any(s.state != "excluded" and s.name not in self.up
+               and s.reconnects_failed < RECONNECTS_BEFORE_GIVING_UP and s.losses_in_row < LOSSES_BEFORE_GIVING_UP
+               for s in self.stats.values()):
+            self.stalled_since = None  # a host that may come back could take it
+            return
+        if self.stalled_since is None:
+            self.stalled_since = now
+            return
+        if now - self.stalled_since >= STALL_SECONDS:
+            raise JobError(f"nothing left that the hosts up may do; gave up on {self.schedule.waiting()} "
+                           "(finished blocks are kept: run the same command again to resume)")
 
     # ------------------------------------------------------------ events
 
@@ -399,6 +488,7 @@ class Coordinator:
             except BeowulfError as err:
                 log.warning("cannot record host %s: %s", name, err)
             stats.state = "up"
+            self.overdue_checked = 0.0  # a host that could take overdue tasks: look now
             stats.slots = event.link.slots
             stats.reconnects_failed = 0
             stats.failures_in_row = 0
@@ -443,15 +533,20 @@ class Coordinator:
                 log.info("%s: item %d again in %.1fs (%s)", stats.name, block.lo, decision[1],
                          result.get("error") or result.get("status"))
                 return
+        copy = self.schedule.tasks[task_id][0].copies.get(stats.name)
         done = self.schedule.complete(task_id)
         if done is None:
             return
+        if copy is not None and copy[2] > 0:
+            took = (time.monotonic() - copy[1]) / copy[2]
+            stats.turnaround = max(1.0, took, stats.turnaround * RATE_DECAY)
         block, others = done
         for other, other_id in others:
             if other in self.links:
                 self.links[other].cancel(other_id)
         stats.failures_in_row = 0
         stats.losses_in_row = 0
+        stats.overdue_in_row = 0
         found, payload = event.checked[0], event.checked[1]
         if block.verify_of is not None:
             self._verified(block, found, result)

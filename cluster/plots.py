@@ -53,6 +53,10 @@ def write_plots(report: dict, blocks: list[dict], events: list[dict], folder: Pa
     """
     run_id = report["run"]["id"]
     if not blocks or not report["items"]:
+        state = report["run"].get("state")
+        ended = {"failed": "failed", "interrupted": "was interrupted", "replaced": "was replaced"}.get(state)
+        if ended:  # a run that stopped early: say so plainly, no "yet"
+            return [], [f"run {run_id} {ended} before any block was finished: no plots written"]
         return [], [f"run {run_id} has no finished blocks yet: no plots written"]
     if not report["wall_seconds"] > 0:
         return [], [f"run {run_id} has no measurable wall time: no plots written"]

@@ -28,7 +28,7 @@ from .machine import MachineOnce, host_python, machine_of
 from .ssh import remote_path
 from .tor import ensure_tor
 from .transport import Transport
-from .wheels import PURE_MODULES, WheelCache, host_platform_tags, pure_package_files
+from .wheels import PURE_MODULES, WheelCache, pure_package_files
 
 log = logging.getLogger(__name__)
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
@@ -141,6 +141,7 @@ class SetupReport:
     packages: str = ""
     tor: str = "-"
     uploaded_bytes: int = 0
+    engine: str = "-"  # the primes engine the host picks, and why when it is the pure-Python one
 
 
 class Provisioner:
@@ -185,7 +186,9 @@ class Provisioner:
             report.uploaded_bytes += self.upload(transport, facts["workdir"], files, new_bundle, new_packages)
         report.bundle = "uploaded" if new_bundle else "up to date"
         if self.numpy:
-            notes.append(self.install_numpy(transport, facts, report))
+            numpy_note = self.install_numpy(transport, facts, report)
+            notes.append("no numpy" if numpy_note.startswith("python:") else numpy_note)
+            report.engine = self.host_engine(transport, facts, numpy_note)
         report.packages = ", ".join(notes)
         if self.tor:
             report.tor = self.setup_tor(transport, facts)
@@ -206,15 +209,29 @@ class Provisioner:
         """numpy from the host, or a wheel fetched on the coordinator, or a note saying why not."""
         if facts.get("numpy"):
             return "numpy"
-        tags = host_platform_tags(facts)
-        python = facts.get("python", "")
-        wheel = self.wheels.find("numpy", python, tags) if tags else None
+        wheel, reason = self.wheels.for_host("numpy", facts)
         if wheel is None:
-            reason = self.wheels.last_error("numpy", python, tags) if tags else \
-                f"no wheels for {facts.get('system')}/{facts.get('arch')}"
-            return f"numpy skipped ({reason}): pure-Python sieve"
+            return f"python: {reason}"
         report.uploaded_bytes += self._install_wheel(transport, facts, wheel)
         return "numpy (new)"
+
+    def host_engine(self, transport: Transport, facts: dict, numpy_note: str) -> str:
+        """The primes engine the host's own client picks now; with the reason when it is ``python``."""
+        agent = shlex.quote(f"{facts['workdir']}/client/agent.py")
+        result = transport.run(f"{host_python(transport.host)} {agent} --engines --log-level error", timeout=120)
+        engine = None
+        if result.ok and result.stdout.strip():
+            try:
+                engine = json.loads(result.stdout.strip().splitlines()[-1]).get("primes")
+            except (ValueError, AttributeError):
+                engine = None
+        if not isinstance(engine, str) or not engine.isascii() or not engine.isalnum() or len(engine) > 20:
+            return "unknown (the engine check failed)"
+        if engine != "python":
+            return engine
+        if numpy_note.startswith("python:"):
+            return numpy_note
+        return "python: numpy does not import on this host"
 
     def _install_wheel(self, transport: Transport, facts: dict, wheel: Path) -> int:
         """Upload the wheel once per machine (into ~/.cache/beowulf), unpack it into this workdir."""

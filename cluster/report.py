@@ -400,20 +400,112 @@ def human_rate(rate: Optional[float], unit: dict) -> str:
     return f"{value:.3g}"
 
 
-def human_params(params: dict, width: int = 60) -> str:
-    """``start=1 end=3,000,000,000 mode=count``, cut at ``width`` characters."""
-    parts = []
-    first = [k for k in ("start", "end", "mode", "count", "tor") if k in params]
-    for key in first + sorted(k for k in params if k not in first):
-        value = params[key]
+# The parameters shown first (what a reader looks for), then the others by name.
+PARAMS_FIRST = ("start", "end", "mode", "count", "tor", "robots", "bodies", "max_bytes", "timeout", "insecure")
+
+
+def _param_pairs(params: dict) -> list[str]:
+    """``key=value`` for each parameter; a nested group (scrape's options) gives its own pairs."""
+    flat: dict = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            for inner, item in value.items():
+                if inner not in params or params[inner] != item:
+                    flat.setdefault(inner, item)
+        else:
+            flat[key] = value
+    first = [k for k in PARAMS_FIRST if k in flat]
+    pairs = []
+    for key in first + sorted(k for k in flat if k not in first):
+        value = flat[key]
         if isinstance(value, bool):
             value = "yes" if value else "no"
         elif isinstance(value, int):
             value = f"{value:,}"
-        elif isinstance(value, dict):
-            value = "{" + " ".join(f"{k}={v}" for k, v in value.items()) + "}"
-        elif isinstance(value, str) and len(value) > 16:
-            value = value[:12] + "..."
-        parts.append(f"{key}={value}")
-    text = " ".join(parts)
-    return text if len(text) <= width else text[: width - 3] + "..."
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        elif isinstance(value, (list, tuple)):
+            joined = ",".join(str(v) for v in value)
+            value = joined if len(joined) <= 24 else f"{value[0]},+{len(value) - 1}"
+        elif value is None:
+            value = "none"
+        elif not isinstance(value, str):
+            value = "{...}"
+        elif len(value) > 24:  # a digest, a user agent: its start is enough here (fab stats --format json)
+            value = value[:20] + "..."
+        pairs.append(f"{key}={value}")
+    return pairs
+
+
+def human_params(params: dict, width: Optional[int] = 60) -> str:
+    """``start=1 end=3,000,000,000 mode=count``: whole pairs, as many as fit in ``width``.
+
+    The pairs left out are counted ("+5 more"); ``width=None`` gives them all.
+    """
+    pairs = _param_pairs(params)
+    text = " ".join(pairs)
+    if width is None or len(text) <= width:
+        return text
+    kept: list[str] = []
+    for index, pair in enumerate(pairs):
+        more = f" +{len(pairs) - index - 1} more" if index < len(pairs) - 1 else ""
+        if len(" ".join(kept + [pair])) + len(more) > width:
+            break
+        kept.append(pair)
+    return " ".join(kept + [f"+{len(pairs) - len(kept)} more"])
+
+
+def params_lines(params: dict, width: int = 100) -> list[str]:
+    """Every ``key=value`` pair, wrapped between pairs into lines of at most ``width`` characters."""
+    lines: list[str] = []
+    for pair in _param_pairs(params):
+        if lines and len(lines[-1]) + 1 + len(pair) <= width:
+            lines[-1] += " " + pair
+        else:
+            lines.append(pair)
+    return lines
+
+
+# ---------------------------------------------------------------- the end-of-run summary
+
+
+def name_ranges(names: list[str]) -> str:
+    """``h1-h3, db`` for h1, h2, h3 and db: three or more numbered names in a row as a range."""
+    import re
+
+    def key(name: str):
+        match = re.fullmatch(r"(.*?)(\d+)", name)
+        return (match.group(1), int(match.group(2)), name) if match else (name, -1, name)
+
+    groups: list[list] = []
+    for prefix, number, name in sorted(key(n) for n in set(names)):
+        last = groups[-1][-1] if groups else None
+        if last is not None and number >= 0 and last[0] == prefix and last[1] == number - 1:
+            groups[-1].append((prefix, number, name))
+        else:
+            groups.append([(prefix, number, name)])
+    parts = []
+    for group in groups:
+        if len(group) >= 3:
+            parts.append(f"{group[0][2]}-{group[-1][2]}")
+        else:
+            parts.extend(item[2] for item in group)
+    return ", ".join(parts)
+
+
+def still_starting(hosts, warnings: list[str]) -> tuple[str, list[str]]:
+    """One line for the hosts still starting when a short run ended, and the other warnings.
+
+    ``hosts``: the run's HostStats; ``warnings``: the coordinator's, whose one warning per
+    such host ("not used: h1 was still starting when the run ended") the line replaces.
+    """
+    idle = [h.name for h in hosts if h.state == "starting" and not h.blocks]
+    if not idle:
+        return "", list(warnings)
+    replaced = {f"not used: {name} was still starting when the run ended" for name in idle}
+    workers = [h.name for h in hosts if h.blocks]
+    who = f"{name_ranges(workers)} did it alone" if len(workers) == 1 else \
+        f"{name_ranges(workers)} did it" if workers else "no host did any"
+    verb = "was" if len(idle) == 1 else "were"
+    line = f"{name_ranges(idle)} {verb} still starting when the work was done ({who})"
+    return line, [w for w in warnings if w not in replaced]

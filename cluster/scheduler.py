@@ -35,6 +35,11 @@ class Block:
     # host name -> (task id, time handed out, expected seconds)
     copies: dict = field(default_factory=dict)
     avoid: set = field(default_factory=set)  # hosts that returned an invalid result for it
+    # Hosts it should go elsewhere from when another host can take it (a retry away from the
+    # host that got a server error, a task that went overdue there): a preference, never a
+    # ban, so a block that every host up has tried still gets done (README, "When a scrape
+    # goes wrong").
+    elsewhere: set = field(default_factory=set)
     failed_on: set = field(default_factory=set)  # hosts on which it failed
     verify_of: Optional[str] = None  # set for a --verify re-run: the host whose result it checks
 
@@ -62,6 +67,8 @@ class Schedule:
         self._load: Counter = Counter()  # host -> tasks in flight
         self.total = end - start + 1
         self.remaining_at_start = sum(hi - lo + 1 for lo, hi in self.gaps)
+        # The hosts up now (the coordinator hands its own set): who else could take a block.
+        self.hosts_up: set = set()
 
     # ------------------------------------------------------------ queries
 
@@ -76,6 +83,24 @@ class Schedule:
         """How many tasks ``host`` has in flight."""
         return self._load[host]
 
+    def shuns(self, block: Block, host: str) -> bool:
+        """Whether ``host`` must not take ``block`` now: it returned an invalid result for it, or
+        the block should go elsewhere and another host up could take it."""
+        if host in block.avoid:
+            return True
+        if host not in block.elsewhere:
+            return False
+        return any(other != host and other not in block.avoid and other not in block.elsewhere
+                   for other in self.hosts_up)
+
+    def waiting(self, limit: int = 5) -> str:
+        """What is left to do that no task is running for, for a message (at most ``limit`` named)."""
+        blocks = list(self.redo) + list(self.verify)
+        named = [f"[{b.lo}, {b.hi}]" + (f" (not on {', '.join(sorted(b.avoid))})" if b.avoid else "")
+                 for b in blocks[:limit]]
+        more = len(blocks) - len(named) + len(self.gaps)
+        return ", ".join(named) + (f" and {more} more" if more > 0 else "")
+
     # ------------------------------------------------------------ handing out
 
     def next_block(self, host: str, size: int, allow_verify: bool = True,
@@ -86,7 +111,7 @@ class Schedule:
         (blocks of a range do not mind when they start)."""
         for queue in (self.redo, self.verify) if allow_verify else (self.redo,):
             for block in list(queue):
-                if host in block.avoid or host == block.verify_of:
+                if self.shuns(block, host) or host == block.verify_of:
                     continue
                 queue.remove(block)
                 return self._assign(block, host)
@@ -114,7 +139,7 @@ class Schedule:
         """
         now = now or time.monotonic()
         candidates = [b for b in self.in_flight.values()
-                      if host not in b.copies and host not in b.avoid and len(b.copies) < MAX_COPIES
+                      if host not in b.copies and not self.shuns(b, host) and len(b.copies) < MAX_COPIES
                       and b.verify_of is None]
         if not candidates:
             return None
@@ -163,8 +188,10 @@ class Schedule:
         self.in_flight.pop(block.lo, None)
         return block, others
 
-    def give_back(self, task_id: int, failed: bool = False, invalid: bool = False) -> Optional[Block]:
-        """A copy ended without a valid result (host lost, error, invalid): redo the block if no copy is left."""
+    def give_back(self, task_id: int, failed: bool = False, invalid: bool = False,
+                  avoid: bool = False) -> Optional[Block]:
+        """A copy ended without a valid result (host lost, error, invalid, overdue): redo the block
+        if no copy is left; ``avoid``: preferably on another host."""
         entry = self._pop_task(task_id)
         if entry is None:
             return None
@@ -175,6 +202,8 @@ class Schedule:
             block.failed_on.add(host)
         if invalid:
             block.avoid.add(host)
+        if avoid:
+            block.elsewhere.add(host)
         if not block.copies:
             self.in_flight.pop(block.lo, None)
             if block.verify_of is not None:

@@ -446,7 +446,7 @@ class Store:
         now = time.time()
         with self._tx("opening a run") as conn:
             row = conn.execute(
-                "SELECT id FROM runs WHERE key = ? AND state <> 'replaced'", (key,)
+                "SELECT id, state FROM runs WHERE key = ? AND state <> 'replaced'", (key,)
             ).fetchone()
             if row is not None and not fresh:
                 run_id = row[0]
@@ -455,7 +455,9 @@ class Store:
                     (total, run_id),
                 )
                 self._event(conn, run_id, None, "resume")
-                log.info("run %d: resuming %s %s", run_id, job, canon)
+                # A finished run is not resumed: the task says "already complete" (README.md).
+                log.log(logging.DEBUG if row[1] == "done" else logging.INFO, "run %d: resuming %s %s",
+                        run_id, job, canon)
                 return run_id
             if row is not None:
                 self._replace(conn, row[0])

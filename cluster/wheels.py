@@ -1,10 +1,13 @@
 """Packages for hosts, gathered on the coordinator so hosts need neither pip nor internet.
 
 Pure-Python modules are copied from the coordinator's own installation. Binary
-wheels (numpy) are downloaded once per (package, Python, platform) with
+wheels (numpy) are downloaded once per (package, Python ABI, platform) with
 ``pip download --only-binary :all:`` into ``~/.cache/beowulf/wheels`` under a
-time limit; a platform with no wheel (an armv6 Pi, macOS, musl) gets none and
-the host uses its standard-library code path instead of an hours-long build.
+time limit. pip is told exactly what the host is (``--python-version``, ``--abi``,
+every ``--platform`` tag its C library accepts) and picks the newest release with a
+wheel for it, e.g. numpy 1.19.5 for CPython 3.6 (``cp36m``, ``manylinux2010``). A
+host with no wheel (an armv6 Pi, macOS, a Python 3.6 on musl) gets none and uses its
+standard-library code path instead of an hours-long build.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
@@ -24,8 +29,20 @@ log = logging.getLogger(__name__)
 # PySocks: the SOCKS client the scrape worker uses (two top-level modules).
 PURE_MODULES = ("socks", "sockshandler")
 PURE_PACKAGE_NAME = "PySocks"
+# platform.machine() -> the architecture word of manylinux/musllinux tags. armv6l (Pi 1, Zero)
+# has no manylinux or musllinux tag at all: no wheel can exist for it.
 WHEEL_ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64",
-                "i686": "i686", "i386": "i686", "ppc64le": "ppc64le", "s390x": "s390x"}
+                "i686": "i686", "i386": "i686", "ppc64le": "ppc64le", "s390x": "s390x", "armv7l": "armv7l"}
+# The oldest glibc each architecture's manylinux tags go down to (PEP 600: manylinux1 is glibc
+# 2.5 and exists for x86 only; every other architecture starts at manylinux2014, glibc 2.17).
+OLDEST_GLIBC_MINOR = {"x86_64": 5, "i686": 5}
+OLDEST_GLIBC_MINOR_OTHER = 17
+# The PEP 513/571/599 names of some manylinux_2_X tags: older wheels carry only these.
+LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+LEGACY_ARCHES = {17: {"x86_64", "i686", "aarch64", "armv7l", "ppc64le", "s390x"},
+                 12: {"x86_64", "i686"}, 5: {"x86_64", "i686"}}
+# A long stderr line of pip, or a strange libc string, is cut to this in messages.
+MESSAGE_CHARS = 120
 
 
 def pure_package_files(modules=PURE_MODULES) -> tuple[str, Optional[dict[str, bytes]]]:
@@ -39,26 +56,80 @@ def pure_package_files(modules=PURE_MODULES) -> tuple[str, Optional[dict[str, by
     return PURE_PACKAGE_NAME, files
 
 
+def _libc(facts: dict) -> Optional[tuple[str, int, int]]:
+    """("glibc"|"musl", major, minor) from the probe's ``libc`` fact ("glibc 2.36", "musl 1.2.4")."""
+    parts = str(facts.get("libc") or "").split()
+    if len(parts) != 2 or parts[0] not in ("glibc", "musl"):
+        return None
+    numbers = parts[1].split(".")
+    if len(numbers) < 2 or not all(n.isdigit() and len(n) <= 4 for n in numbers[:2]):
+        return None
+    return parts[0], int(numbers[0]), int(numbers[1])
+
+
 def host_platform_tags(facts: dict) -> list[str]:
-    """pip ``--platform`` tags a Linux/glibc host can use, newest first; [] when none apply."""
+    """pip ``--platform`` tags a Linux host can use, newest first; [] when none apply.
+
+    glibc 2.X: ``manylinux_2_X`` down to the architecture's oldest (2.5 on x86, 2.17
+    elsewhere), each legacy name (``manylinux2014``/``2010``/``1``) beside its
+    equivalent. musl 1.X: ``musllinux_1_X`` down to ``musllinux_1_0``.
+    """
     if facts.get("system") != "Linux":
         return []
-    arch = WHEEL_ARCHES.get((facts.get("arch") or "").lower())
-    libc = (facts.get("libc") or "").split()
-    if arch is None or len(libc) != 2 or libc[0] != "glibc":
+    arch = WHEEL_ARCHES.get(str(facts.get("arch") or "").lower())
+    libc = _libc(facts)
+    if arch is None or libc is None:
         return []
-    try:
-        major, minor = (int(part) for part in libc[1].split(".")[:2])
-    except ValueError:
+    name, major, minor = libc
+    if name == "musl":
+        return [f"musllinux_1_{m}_{arch}" for m in range(minor, -1, -1)] if major == 1 else []
+    oldest = OLDEST_GLIBC_MINOR.get(arch, OLDEST_GLIBC_MINOR_OTHER)
+    if major != 2 or minor < oldest:
         return []
-    if major != 2 or minor < 17:
-        return []
-    tags = [f"manylinux_2_{m}_{arch}" for m in range(minor, 16, -1)]
-    return tags + [f"manylinux2014_{arch}"]
+    tags = []
+    for m in range(minor, oldest - 1, -1):
+        tags.append(f"manylinux_2_{m}_{arch}")
+        if arch in LEGACY_ARCHES.get(m, ()):
+            tags.append(f"{LEGACY_MANYLINUX[m]}_{arch}")
+    return tags
+
+
+def python_abi(python: str) -> Optional[tuple[str, str]]:
+    """``("36", "cp36m")`` for CPython 3.6.15: up to 3.7 the default build's ABI carries ``m``."""
+    parts = str(python).split(".")
+    if len(parts) < 2 or not all(p.isdigit() and len(p) <= 3 for p in parts[:2]):
+        return None
+    major, minor = int(parts[0]), int(parts[1])
+    version = f"{major}{minor}"
+    return version, f"cp{version}m" if (major, minor) <= (3, 7) else f"cp{version}"
+
+
+def _word(value: object) -> str:
+    """A fact from the host as a short, printable word for messages ("?" when there is nothing left)."""
+    kept = "".join(ch for ch in str(value) if ch.isascii() and (ch.isalnum() or ch in "._-"))
+    return kept[:20] or "?"
+
+
+def host_label(facts: dict) -> str:
+    """The host as a wheel sees it, for messages: ``cp37 armv7l``, ``cp39 x86_64 musl``."""
+    abi = python_abi(facts.get("python") or "")
+    python = f"cp{abi[0]}" if abi else "Python " + _word(facts.get("python"))
+    implementation = facts.get("implementation") or "CPython"
+    if implementation != "CPython":
+        python = _word(implementation)
+    label = f"{python} {_word(facts.get('arch'))}"
+    libc = _libc(facts)
+    if facts.get("system") != "Linux":
+        label += f" {_word(facts.get('system'))}"
+    elif libc and libc[0] == "musl":
+        label += " musl"
+    elif libc is None:
+        label += " (C library unknown)"
+    return label
 
 
 class WheelCache:
-    """Binary wheels on the coordinator, one download per (package, python, platform)."""
+    """Binary wheels on the coordinator, one download per (package, ABI, platform)."""
 
     def __init__(self, folder: Optional[Path] = None, timeout: float = WHEEL_DOWNLOAD_TIMEOUT):
         self.folder = folder or Path(os.path.expanduser("~/.cache/beowulf/wheels"))
@@ -67,11 +138,26 @@ class WheelCache:
         self._guard = threading.Lock()
         self._errors: dict[tuple, str] = {}
 
+    def for_host(self, package: str, facts: dict) -> tuple[Optional[Path], str]:
+        """(wheel, "") for the host the probe's ``facts`` describe, or (None, why there is none)."""
+        label = host_label(facts)
+        none = f"no {package} wheel for {label}"
+        abi = python_abi(facts.get("python") or "")
+        tags = host_platform_tags(facts)
+        if (facts.get("implementation") or "CPython") != "CPython" or abi is None or not tags:
+            return None, none
+        wheel = self.find(package, facts["python"], tags)
+        if wheel is None:
+            error = self.last_error(package, facts["python"], tags)
+            return None, none if error == "no wheel" else f"{package}: {error}"
+        return wheel, ""
+
     def _key(self, package: str, python: str, tags: list[str]) -> tuple:
-        version = "".join(python.split(".")[:2])
-        return package, version, tags[0] if tags else "none"
+        abi = python_abi(python) or ("", "unknown")
+        return package, abi[0], abi[1], tags[0] if tags else "none"
 
     def last_error(self, package: str, python: str, tags: list[str]) -> str:
+        """Why the last ``find`` returned None: "no wheel", or what went wrong downloading."""
         return self._errors.get(self._key(package, python, tags), "no wheel")
 
     def find(self, package: str, python: str, tags: list[str]) -> Optional[Path]:
@@ -80,33 +166,45 @@ class WheelCache:
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            folder = self.folder / f"cp{key[1]}-{key[2]}"
+            folder = self.folder / f"{key[2]}-{key[3]}"
             found = sorted(folder.glob(f"{package}-*.whl")) if folder.exists() else []
             if found:
                 return found[-1]
-            if key in self._errors:
+            if key in self._errors or not tags or not key[1]:
                 return None
             return self._download(key, package, tags, folder)
 
     def _download(self, key: tuple, package: str, tags: list[str], folder: Path) -> Optional[Path]:
         folder.mkdir(parents=True, exist_ok=True)
-        version = key[1]
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                   "--only-binary", ":all:", "--dest", str(folder),
-                   "--python-version", version, "--implementation", "cp", "--abi", f"cp{version}"]
+        _, version, abi, _ = key
+        # pip writes into a folder of its own: a wheel appears in ``folder`` only whole (os.replace),
+        # so another `fab setup` looking at the same cache never takes a half-written one.
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=folder))
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check",
+                   "--only-binary", ":all:", "--dest", str(scratch),
+                   "--python-version", version, "--implementation", "cp", "--abi", abi]
         for tag in tags:
             command += ["--platform", tag]
         command.append(package)
-        log.info("downloading %s wheel for cp%s %s", package, version, tags[0])
+        log.info("downloading %s wheel for %s %s", package, abi, tags[0])
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            self._errors[key] = f"download took over {self.timeout:.0f}s"
-            return None
-        found = sorted(folder.glob(f"{package}-*.whl"))
-        if done.returncode != 0 or not found:
-            lines = [line for line in done.stderr.splitlines() if line.strip()]
-            self._errors[key] = f"no wheel for cp{version} {tags[0]}"
-            log.info("%s wheel download failed: %s", package, lines[-1] if lines else done.returncode)
-            return None
-        return found[-1]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                self._errors[key] = f"download took over {self.timeout:.0f}s"
+                return None
+            found = sorted(scratch.glob(f"{package}-*.whl"))
+            if done.returncode != 0 or not found:
+                lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+                last = lines[-1] if lines else f"pip exited with {done.returncode}"
+                if "No matching distribution" in done.stderr or "Could not find a version" in done.stderr:
+                    self._errors[key] = "no wheel"
+                else:
+                    self._errors[key] = f"download failed ({last[:MESSAGE_CHARS]})"
+                log.info("%s wheel download for %s %s failed: %s", package, abi, tags[0], last)
+                return None
+            target = folder / found[-1].name
+            os.replace(found[-1], target)
+            return target
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

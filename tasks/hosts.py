@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+from typing import Optional
 
 from tabulate import tabulate
 
@@ -54,10 +56,23 @@ def _slots(host, facts: dict):
     return host.slots or facts.get("cores") or "?"
 
 
+def _last_column_width(rows, headers) -> Optional[int]:
+    """Room for the last column (result, error) in the terminal, at least 30; None when not a terminal."""
+    if not sys.stdout.isatty():
+        return None  # a file or a pipe gets each row on one line (whole errors for grep)
+    others = sum(max(len(str(cell if cell is not None else "")) for cell in column) + 2
+                 for column in zip(headers[:-1], *[row[:-1] for row in rows]))
+    return max(30, shutil.get_terminal_size((100, 24)).columns - others)
+
+
 def _finish(outcomes, rows, headers, summary: str) -> None:
     from invoke import Exit
 
-    print(tabulate(shown_rows(rows), headers=headers))
+    rows = shown_rows([row[:-1] + ["" if row[-1] is None else row[-1]] for row in rows])
+    # On a terminal the last column (an error can be long) wraps, instead of making a 250-column table.
+    width = _last_column_width(rows, headers)
+    widths = None if width is None else [None] * (len(headers) - 1) + [width]
+    print(tabulate(rows, headers=headers, maxcolwidths=widths))
     print(shown(summary))
     code = _exit_for(outcomes)
     if code:
@@ -99,10 +114,11 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
             facts = report.facts
             uploaded += report.uploaded_bytes
             rows.append([host.name, host.address, facts.get("python"), facts.get("cores"), _slots(host, facts),
-                         facts.get("arch"), report.bundle, report.packages, report.tor, "ok"])
+                         facts.get("arch"), report.bundle, report.packages, report.engine, report.tor, "ok"])
         else:
-            rows.append([host.name, host.address, "", "", "", "", "", "", "", _error_cell(outcome)])
-    headers = ["host", "address", "python", "cores", "slots", "arch", "bundle", "packages", "tor", "result"]
+            rows.append([host.name, host.address, "", "", "", "", "", "", "", "", _error_cell(outcome)])
+    headers = ["host", "address", "python", "cores", "slots", "arch", "bundle", "packages", "engine", "tor",
+               "result"]
     ok = sum(o.ok for o in outcomes)
     if uploaded:
         what = f"uploaded {uploaded / 1e6:.2f} MB"

@@ -104,6 +104,7 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
         with Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
             coordinator.progress = progress
             outcome = coordinator.run()
+            progress.finish(outcome.items_total, job.total)
     except KeyboardInterrupt:
         raise Exit("interrupted: finished blocks are kept; run the same command again to resume",
                    code=EXIT_INTERRUPTED) from None
@@ -126,12 +127,18 @@ def _check_disk(db_path: Path, job) -> None:
 
 
 def _print_summary(outcome, job, db_path: Path) -> None:
+    from cluster.report import still_starting
+
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to compute")
     else:
         print_run_summary(outcome, db_path)
-    for warning in outcome.warnings:
+    # Hosts still starting when a short run was done: one line, not a warning per host.
+    note, warnings = still_starting(outcome.hosts, outcome.warnings)
+    for warning in warnings:
         print(f"warning: {shown(warning)}")
+    if note:
+        print(shown(note))
     if outcome.verified:
         print(f"--verify: {outcome.verified} blocks re-run elsewhere, {outcome.verify_mismatches} disagreed")
     print(f"{outcome.found_total:,} primes in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")

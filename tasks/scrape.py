@@ -88,7 +88,7 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     for line in describe_bad(bad, "stdin" if urls == "-" else urls):
         print(f"skipped: {shown(line)}")
     if duplicates:
-        print(f"{duplicates} duplicate URLs fetched once")
+        print(f"{duplicates} duplicate URL{'s' if duplicates != 1 else ''} fetched once")
     if ignore_robots:
         print("WARNING: --ignore-robots is on: robots.txt is neither fetched nor obeyed")
     if insecure:
@@ -153,13 +153,16 @@ def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: 
     try:
         with Progress("pages", enabled=None if not quiet else False, label="scrape", per_minute=True) as progress:
             coordinator.progress = progress
-            return coordinator.run()
+            outcome = coordinator.run()
+            progress.finish(outcome.items_total, job.total)
+            return outcome
     except KeyboardInterrupt:
         raise Exit("interrupted: fetched pages are kept; run the same command again to resume",
                    code=EXIT_INTERRUPTED) from None
 
 
 def _print_summary(outcome, job, db_path: Path) -> None:
+    from cluster.report import still_starting
     from cluster.store import Store
 
     from .primes import print_run_summary
@@ -169,8 +172,12 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     else:
         _record_politeness(db_path, outcome.run_id, job)
         print_run_summary(outcome, db_path, workers=True)
-    for warning in outcome.warnings:
+    # Hosts still starting when a short run was done: one line, not a warning per host.
+    note, warnings = still_starting(outcome.hosts, outcome.warnings)
+    for warning in warnings:
         print(f"warning: {shown(warning)}")
+    if note:
+        print(shown(note))
     statuses: dict = {}
     with Store(str(db_path)) as store:
         for record, _ in store.iter_pages(outcome.run_id):

@@ -236,11 +236,14 @@ def _blank(value):
 
 def _run_table(report: dict, style: str) -> None:
     from cluster import figures
-    from cluster.report import human_params, human_rate, human_seconds
+    from cluster.report import human_rate, human_seconds, params_lines
 
     run, unit = report["run"], report["unit"]
     sessions = len(report["sessions"])
-    print(shown(f"run {run['id']}: {run['job']} {human_params(run['params'] or {}, width=100)}"))
+    params = params_lines(run["params"] or {}, width=90) or [""]  # every parameter, wrapped between pairs
+    print(shown(f"run {run['id']}: {run['job']} {params[0]}"))
+    for line in params[1:]:
+        print(shown(f"  {line}"))
     print(f"{shown(_state(run))}, started {_when(run['started'])}, wall time {human_seconds(report['wall_seconds'])}"
           f" in {sessions} session{'s' if sessions != 1 else ''}")
     now = time.time()

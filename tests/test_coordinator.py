@@ -81,3 +81,34 @@ def test_second_coordinator_on_the_same_run_is_refused(tmp_path):
         with pytest.raises(Exception, match="already being worked on by PID"):
             Coordinator(TrivialJob(10, "noop"), [local("a")], Config(), str(db)).run()
         store.unlock_run(run_id)
+
+
+class RejectOne(TrivialJob):
+    """Echo blocks; the result for item 3 is declared invalid (on whichever host ran it)."""
+
+    def check(self, lo, hi, result):
+        if lo == 3:
+            raise InvalidResult("wrong answer for 3")
+        return super().check(lo, hi, result)
+
+
+def test_a_run_with_nothing_left_it_may_do_ends_naming_it(tmp_path):
+    # Item 3 was invalid on the only host: that host may not take it again and no other host
+    # can come: the run used to wait for ever; it ends, naming what it gave up on.
+    import threading
+
+    db = tmp_path / "r.db"
+    errors = []
+
+    def run():
+        try:
+            Coordinator(RejectOne(8, "echo", block=1), [local("only")], Config(), str(db)).run()
+        except JobError as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the run did not end"
+    assert errors and "gave up on [3, 3] (not on only)" in str(errors[0]), errors
+    assert [b["lo"] for b in committed(db)] == [0, 1, 2, 4, 5, 6, 7]  # the rest is kept

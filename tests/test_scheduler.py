@@ -82,3 +82,20 @@ def test_finished_after_all_complete():
     assert (block.lo, block.hi) == (1000, 1999)
     schedule.complete(task)
     assert schedule.finished()
+
+
+def test_overdue_block_prefers_another_host_but_is_never_stuck():
+    schedule = Schedule(0, 9_999, [], min_block=1000)
+    schedule.hosts_up = {"a", "b"}
+    task, block = schedule.next_block("a", 10_000)
+    schedule.give_back(task, avoid=True)  # overdue on a: b should take it, a only if b cannot
+    assert schedule.next_block("a", 1000) is None
+    task, again = schedule.next_block("b", 1000)
+    assert again is block
+    schedule.give_back(task, avoid=True)  # overdue on b as well: either host may take it now
+    assert schedule.next_block("a", 1000)[1] is block
+    assert "[0, 9999]" not in schedule.waiting()  # in flight, not waiting
+    schedule.give_back(schedule.tasks_of("a")[0], invalid=True)
+    schedule.hosts_up.discard("b")
+    assert schedule.next_block("a", 1000) is None  # an invalid result bans a from it
+    assert schedule.waiting() == "[0, 9999] (not on a)"

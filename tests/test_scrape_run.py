@@ -174,7 +174,7 @@ def test_bad_url_file_lines_and_skip_bad(run_fab, tmp_path):
         done = scrape(run_fab, inventory(tmp_path), urls, db, "--skip-bad")
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"skipped: {urls}:3:" in done.stdout and f"skipped: {urls}:4:" in done.stdout
-        assert "1 duplicate URLs fetched once" in done.stdout
+        assert "1 duplicate URL fetched once" in done.stdout
         assert [r.path for r in web.requests] == ["/robots.txt", "/page/1"]
 
 

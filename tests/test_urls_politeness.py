@@ -9,7 +9,7 @@ import pytest
 
 from cluster.errors import UsageError
 from cluster.jobs.scrape import FetchOptions, ScrapeJob
-from cluster.politeness import DomainSchedule
+from cluster.politeness import HOLDER_LEAD, DomainSchedule
 from cluster.urls import normalise, origin, read_url_file
 
 
@@ -157,3 +157,93 @@ def test_a_busy_host_queues_nothing_when_every_site_has_a_delay():
 def test_scrape_hosts_hold_a_short_queue_beyond_their_workers():
     job = ScrapeJob(["http://a.test/"], FetchOptions(), concurrency=4)
     assert job.capacity(8) == 12 and job.capacity(1) == 3
+
+
+# ---------------------------------------------------------------- the gap at the site (issue 9, section 6)
+
+
+def answered(s, task, at):
+    """The task's result came back saying its answer arrived at ``at`` on its host's clock."""
+    s.tasks[task][0].answered_at = at
+    s.complete(task)
+
+
+def test_the_holder_gets_the_next_url_early_and_waits_by_its_own_clock():
+    s = schedule([f"http://a.test/{i}" for i in range(3)], delay=0.6)
+    task, block = s.next_block("h1")
+    assert block.after is None  # nothing fetched from the site yet
+    answered(s, task, 1000.0)
+    assert s.next_block("h1") is None and s.next_block("h2") is None
+    # h1 may have it HOLDER_LEAD before the gap is over (it waits the rest itself), others not before the gap
+    assert 0.6 - HOLDER_LEAD - 0.05 < s.next_ready_in() <= 0.6 - HOLDER_LEAD
+    time.sleep(s.next_ready_in() + 0.01)
+    assert s.next_block("h2") is None
+    task2, block2 = s.next_block("h1")
+    assert block2.after == 1000.6  # the answer's moment on h1's clock + the gap
+
+
+def test_a_site_moves_to_another_host_a_gap_after_the_result():
+    s = schedule([f"http://a.test/{i}" for i in range(3)], delay=0.3)
+    task, _ = s.next_block("h1")
+    time.sleep(0.35)  # a slow fetch: longer than the gap, so only the answer's moment counts
+    ended = time.monotonic()
+    answered(s, task, 5.0)
+    assert s.next_block("h2") is None  # not a gap after the dispatch: a gap after the answer
+    while s.next_block("h2") is None:
+        time.sleep(0.01)
+    assert time.monotonic() - ended >= 0.3
+    assert s.tasks[max(s.tasks)][0].after is None  # a new host: no clock of its own to wait by
+
+
+def test_a_site_in_flight_stays_on_one_host():
+    s = schedule([f"http://a.test/{i}" for i in range(4)], delay=0.1, per_domain=2)
+    s.next_block("h1")
+    time.sleep(0.2)
+    assert s.next_block("h2") is None  # in flight on h1: its second request goes there too
+    assert s.next_block("h1") is not None
+
+
+def test_no_answer_means_a_gap_from_now_on_any_host():
+    s = schedule([f"http://a.test/{i}" for i in range(2)], delay=0.3)
+    task, _ = s.next_block("h1")
+    s.give_back(task)  # lost host, overdue task: nobody knows when its request reached the site
+    assert s.next_block("h1") is None and s.next_block("h2") is None
+    assert 0.25 < s.next_ready_in() <= 0.3
+    time.sleep(0.31)
+    again = s.next_block("h2")
+    assert again is not None and again[1].after is None
+
+
+def test_an_answer_time_that_is_not_a_clock_is_not_used():
+    s = schedule([f"http://a.test/{i}" for i in range(2)], delay=0.3)
+    task, _ = s.next_block("h1")
+    answered(s, task, float("nan"))
+    time.sleep(0.31)
+    assert s.next_block("h1")[1].after is None
+
+
+def test_retry_elsewhere_is_a_preference_when_every_host_tried():
+    s = schedule(["http://a.test/1"])
+    s.hosts_up = {"h1", "h2"}
+    task, block = s.next_block("h1")
+    s.give_back(task, avoid=True)  # a 500 on h1: h2 should try
+    assert s.next_block("h1") is None
+    task, _ = s.next_block("h2")
+    s.give_back(task, avoid=True)  # a 500 on h2 as well: either may try again (it used to wait for ever)
+    assert s.next_block("h1") is not None
+    s.give_back(s.tasks_of("h1")[0], invalid=True)  # an invalid result is a ban, not a preference
+    assert s.next_block("h1") is None and s.next_block("h2") is not None
+
+
+def test_scrape_task_args_carry_the_holders_wait():
+    job = ScrapeJob(["http://a.test/1", "http://a.test/2"], FetchOptions(), delay=0.3)
+    s = job.make_schedule([])
+    task, block = s.next_block("h1")
+    link = type("Link", (), {"name": "h1", "slots": 1, "host": None})()
+    assert "after" not in job.task_args_for(block, link, task)
+    job.decide(block, "h1", {"status": 200, "answered_at": 50.0}, time.monotonic(), 1)
+    s.complete(task)
+    time.sleep(0.1)
+    task2, block2 = s.next_block("h1")
+    assert job.task_args_for(block2, link, task2)["after"] == 50.3
+    assert job.task_floor() == 30.0 + 1.0 + 5.0  # --timeout, the gap wait, a margin

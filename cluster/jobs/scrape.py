@@ -49,6 +49,8 @@ BACKOFF_FIRST, BACKOFF_CAP = 2.0, 300.0
 RETRY_AFTER_CAP = 600.0
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 RETRY_ERRORS = {"timeout", "connect"}
+# A fetch is overdue after --timeout plus the site's gap (at most this much) plus this margin.
+MAX_GAP_WAIT, TASK_MARGIN = 130.0, 5.0
 
 
 class InvalidPage(BeowulfError):
@@ -174,12 +176,21 @@ class ScrapeJob:
             args["allow_private_redirects"] = True
         else:
             args["private_networks"] = list(options.private_networks)
+        if getattr(block, "after", None) is not None:
+            # The site's gap, kept by this host's own clock from its previous answer (politeness.py).
+            args["after"] = block.after
         if options.tor:
             args["proxy"] = link.host.socks
             # Tor isolates circuits by SOCKS username: the client appends the number of the
             # worker slot that runs the task, so each worker of each host has its own circuit.
             args["isolation"] = f"beowulf-{self.run_id}-{link.name}"
         return args
+
+    def task_floor(self) -> float:
+        """Seconds a fetch may take on any host before it is overdue (README, "When a scrape goes
+        wrong"): the whole call is bounded by --timeout (client/scrape.py), plus a wait for the
+        site's gap and the hop to the host and back."""
+        return self.options.timeout + min(max(self.delay, 1.0), MAX_GAP_WAIT) + TASK_MARGIN
 
     def task_args(self, lo: int, hi: int) -> dict:
         return {"url": self.urls[lo]}
@@ -213,6 +224,7 @@ class ScrapeJob:
 
     def decide(self, block: Block, host: str, result: dict, now: float, other_hosts: int) -> tuple:
         """("final",) to commit, or ("retry", seconds, avoid_this_host) to try again later."""
+        block.answered_at = result.get("answered_at")  # checked by the schedule before it is used
         robots = result.get("robots")
         if robots is not None and self.schedule is not None:
             rules = {"status": robots.get("status"), "text": robots.get("text")}

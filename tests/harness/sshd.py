@@ -391,6 +391,7 @@ class SshCluster:
         n: int,
         user: str = "root",
         log_level: str = "VERBOSE",
+        pythons: Optional[Mapping[str, object]] = None,
     ) -> None:
         if not 1 <= n <= 250:
             raise ValueError(f"n must be between 1 and 250, not {n}")
@@ -402,6 +403,8 @@ class SshCluster:
         self.authorized_keys = self.base_dir / "authorized_keys"
         self.known_hosts_path = self.base_dir / "known_hosts"
         self.sshd_version = _sshd_version()
+        # Host name -> the interpreter the inventory names as its ``python`` (e.g. a real 3.6).
+        self.pythons: Dict[str, object] = dict(pythons or {})
         self.hosts: List[SshHost] = [SshHost(self, i) for i in range(n)]
         self.relays: Dict[str, Relay] = {}
 
@@ -534,6 +537,8 @@ class SshCluster:
                 keys = {"address": f"{self.user}@{relay.listen_ip}", "port": relay.port}
             keys["identity"] = self.client_key
             keys["workdir"] = h.workdir
+            if name in self.pythons:
+                keys["python"] = self.pythons[name]
             keys.update(extra.pop(name, {}))
             out.append(_ini_section(name, keys))
         if local:
@@ -607,6 +612,21 @@ def _yaml_str(value: object) -> str:
 def start_cluster(base_dir: Path, n: int, user: str = "root", **kwargs) -> SshCluster:
     """Create and start an SshCluster of ``n`` hosts; the caller stops it (or uses ``with``)."""
     return SshCluster(base_dir, n, user=user, **kwargs).start()
+
+
+def pyenv_python(version: str) -> Optional[Path]:
+    """The newest pyenv CPython ``version`` ("3.6") on this machine, e.g. ~/.pyenv/versions/3.6.15/bin/python3.6.
+
+    None when there is none; the caller fails (CI) or skips. Hosts log in as root, so they can run it.
+    """
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    found = []
+    for folder in Path(root, "versions").glob(f"{version}.*"):
+        patch = folder.name[len(version) + 1:]
+        binary = folder / "bin" / f"python{version}"
+        if patch.isdigit() and os.access(binary, os.X_OK):
+            found.append((int(patch), binary))
+    return max(found)[1] if found else None
 
 
 def sshd_available() -> bool:
