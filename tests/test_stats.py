@@ -740,16 +740,29 @@ def test_scrape_shows_the_politeness_bound_beside_the_throughput(tmp_path):
         done = run_fab(["scrape", "--urls", urls, "--inventory", _inventory(tmp_path, 2), "--delay", "0.25",
                         "--db", db], timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
+        data = stats_json("--db", db, "--last")
+        assert data["politeness_bound"] == pytest.approx(6.0)
+        assert data["sum_standalone"] is None
+        assert data["efficiency_against"] == "politeness bound"
+        assert data["efficiency"] == pytest.approx(data["throughput"] / 6.0)
+        table = stats("--db", db, "--last").stdout
+        assert "politeness bound: 360 pages/min" in table
+        assert "(throughput / politeness bound)" in table
+        rows = list(csv.DictReader(io.StringIO(stats("--db", db, "--last", "--format", "csv").stdout)))
+        assert float(rows[-1]["politeness_bound"]) == pytest.approx(6.0)
+        # fab calibrate --run 1 fetches the run's own URLs on each host alone: now there is a sum of
+        # parts too, and the efficiency is against the lower of it and the politeness bound.
+        done = run_fab(["calibrate", "--inventory", _inventory(tmp_path, 2), "--run", "1", "--seconds", "1",
+                        "--db", db])
+        assert done.returncode == 0, done.stdout + done.stderr
     data = stats_json("--db", db, "--last")
-    assert data["politeness_bound"] == pytest.approx(6.0)
-    assert data["sum_standalone"] is None
-    assert data["efficiency_against"] == "politeness bound"
-    assert data["efficiency"] == pytest.approx(data["throughput"] / 6.0)
-    table = stats("--db", db, "--last").stdout
-    assert "politeness bound: 360 pages/min" in table
-    assert "(throughput / politeness bound)" in table
-    rows = list(csv.DictReader(io.StringIO(stats("--db", db, "--last", "--format", "csv").stdout)))
-    assert float(rows[-1]["politeness_bound"]) == pytest.approx(6.0)
+    with Store(db) as store:
+        (calibration,) = store.calibrations("scrape")
+    assert calibration["run_id"] == 1
+    assert data["sum_standalone"] == pytest.approx(calibration["rate"])
+    ceiling = min(calibration["rate"], 6.0)
+    assert data["efficiency"] == pytest.approx(data["throughput"] / ceiling)
+    assert data["efficiency_against"] == ("politeness bound" if ceiling == 6.0 else "sum of parts")
 
 
 def test_each_host_has_its_own_start_up_and_hosts_that_did_nothing_stay_in_the_plots(tmp_path, clock):
