@@ -142,11 +142,13 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     what = run["job"] + (" through Tor" if variant else "")
     if run["job"] == "primes":
         what += f" in {figures.run_mode(run) or '?'} mode near {_middle(run)}"
+    politeness = _politeness(run, events)
+    instead = "the efficiency is against the politeness bound" if politeness is not None else "no efficiency"
     if worked and len(missing) == len(worked):
-        notes.append(f"no comparable calibration ({what}): no sum of parts, no efficiency"
+        notes.append(f"no comparable calibration ({what}): no sum of parts, {instead}"
                      f" (fab calibrate --run {run['id']} measures one)")
     elif missing:
-        notes.append(f"no comparable calibration for {', '.join(missing)} ({what}): no efficiency"
+        notes.append(f"no comparable calibration for {', '.join(missing)} ({what}): no sum of parts, {instead}"
                      f" (fab calibrate --run {run['id']} measures them)")
     total_standalone = sum(r["standalone_rate"] for r in worked) if worked and not missing else None
     rate = figures.throughput(items, wall)
@@ -159,7 +161,6 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     mismatches = sum(1 for e in events if e["kind"] == "mismatch")
     if mismatches:
         notes.append(f"{_plural(mismatches, 'block')} disagreed when re-run by --verify")
-    politeness = _politeness(run, events)
     ceiling = total_standalone
     if politeness is not None:
         ceiling = politeness if ceiling is None else min(ceiling, politeness)

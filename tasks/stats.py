@@ -282,7 +282,7 @@ def _summary_lines(report: dict, human_rate, human_seconds) -> list[str]:
                      " (each host alone, comparable fab calibrate)")
     if report["politeness_bound"] is not None:
         lines.append(f"politeness bound: {human_rate(report['politeness_bound'], unit)} {label}"
-                     " (sites x requests per site / delay, robots Crawl-delay included)")
+                     " (per site one request per delay: --delay or its robots Crawl-delay, the longer)")
     if report["efficiency"] is not None:
         lines.append(f"efficiency: {report['efficiency']:.1%} ({figures.THROUGHPUT} / {report['efficiency_against']})")
     else:
