@@ -254,7 +254,8 @@ def _run_table(report: dict, style: str) -> None:
                      human_rate(h["speed_busy_per_slot"], unit), f"{h['share']:.1%}",
                      human_rate(h["standalone_rate"], unit), h["retries"], h["failures"],
                      human_seconds(h["idle_seconds"]), _when(h["last_seen"], now), h["idle_reason"] or ""])
-    headers = ["host", "slots", "engine", "blocks", unit["item"], figures.label(figures.THROUGHPUT, unit),
+    headers = ["host", "workers" if run["job"] == "scrape" else "slots", "engine", "blocks", unit["item"],
+               figures.label(figures.THROUGHPUT, unit),
                figures.label(figures.SPEED_BUSY, unit), "per slot", "share", f"alone {unit['label']}", "retries",
                "failures", "idle", "last seen", "did nothing"]
     if not any(h["engine"] for h in report["hosts"]):
