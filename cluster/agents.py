@@ -156,7 +156,7 @@ class HostLink:
         self.budget = budget
         if budget is not None:
             _limit_heap_retention()
-        self.held_back = False  # its reader waits for the byte budget: its silence is ours
+        self.held_back = False  # its reader waits for the byte budget or a check: its silence is ours
         self.generation = 0
         self.transport: Optional[Transport] = None
         self.stream: Optional[Stream] = None
@@ -262,8 +262,9 @@ class HostLink:
     def silent_for(self, now: float) -> float:
         """Seconds since the agent last sent anything: a whole line, or part of a long one.
 
-        While the reader is held back by the byte budget the agent's lines wait unread in the
-        SSH window: that silence is the coordinator's, not the host's, and counts as none."""
+        While the reader is held back (by the byte budget, or waiting for its turn to check a
+        result) the agent's lines wait unread in the SSH window: that silence is the
+        coordinator's, not the host's, and counts as none."""
         if self.held_back:
             return 0.0
         stream = self.stream
@@ -437,13 +438,20 @@ class HostLink:
         if not isinstance(message.get("result") or {}, dict):
             event.invalid = "result is not an object"
             return event
+        if not _checks.acquire(blocking=False):  # waiting for our turn is the coordinator's silence too
+            self._held_back(True)
+            try:
+                _checks.acquire()
+            finally:
+                self._held_back(False)
         try:
-            with _checks:
-                event.checked = self.check(bounds[0], bounds[1], message.get("result") or {})
+            event.checked = self.check(bounds[0], bounds[1], message.get("result") or {})
         except BeowulfError as err:
             event.invalid = str(err)
         except Exception as err:  # garbage from a host must never kill the reader
             event.invalid = f"{type(err).__name__}: {err}"
+        finally:
+            _checks.release()
         return event
 
 

@@ -36,6 +36,10 @@ MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 MAX_STDERR_LINE = 4096
 # Bytes read from a pipe or channel at a time.
 CHUNK = 65536
+# SSH window of an agent's channel: what the host may send before the coordinator reads it. The
+# coordinator reads results only as fast as it checks and stores them (agents.ByteBudget), so
+# this is memory held per host: 1 MB (Paramiko's default is 2 MB) still fills 10 MB/s at 100 ms.
+AGENT_WINDOW_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -329,12 +333,12 @@ class SshTransport(Transport):
     def connect(cls, host: Host, config: Config, accept_new: bool = False) -> SshTransport:
         return cls(host, open_connection(host, config, accept_new=accept_new))
 
-    def _channel(self) -> paramiko.Channel:
+    def _channel(self, window: Optional[int] = None) -> paramiko.Channel:
         transport = self.connection.client.get_transport()
         if transport is None or not transport.is_active():
             raise ConnectError(f"{self.host.name}: connection lost")
         try:
-            return transport.open_session(timeout=30)
+            return transport.open_session(window_size=window, timeout=30)
         except (paramiko.SSHException, EOFError, OSError) as err:
             raise ConnectError(f"{self.host.name}: cannot open a session: {err}") from None
 
@@ -403,7 +407,7 @@ class SshTransport(Transport):
             raise RemoteError(f"{self.host.name}: upload to {path} failed: {err}") from None
 
     def spawn(self, command):
-        channel = self._channel()
+        channel = self._channel(window=AGENT_WINDOW_BYTES)
         try:
             channel.exec_command(command)
         except (OSError, EOFError, paramiko.SSHException) as err:
