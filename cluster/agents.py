@@ -76,8 +76,8 @@ class ByteBudget:
     line; ``release(n)`` gives them back (the coordinator handled the result).
     """
 
-    def __init__(self, limit: int = RESULT_BUDGET_BYTES):
-        self.limit = limit
+    def __init__(self, limit: Optional[int] = None):
+        self.limit = RESULT_BUDGET_BYTES if limit is None else limit
         self.used = 0  # every byte taken and not released
         self.settled = 0  # of which: finished lines, released without a reader's help
         self._cond = threading.Condition()
@@ -156,7 +156,9 @@ class HostLink:
         self.budget = budget
         if budget is not None:
             _limit_heap_retention()
-        self.held_back = False  # its reader waits for the byte budget or a check: its silence is ours
+        # Its reader is not reading (it handles a line, waits for its turn to check one, or for the
+        # byte budget): the agent's lines wait unread, and that silence is the coordinator's.
+        self.held_back = False
         self.generation = 0
         self.transport: Optional[Transport] = None
         self.stream: Optional[Stream] = None
@@ -197,6 +199,7 @@ class HostLink:
             self._sent.clear()
             self._finished.clear()
         self.protocol_error = ""
+        self.held_back = False
         generation = self.generation
         transport = self.transport = connect(self.host, self.config, accept_new=self.accept_new)
         self._check_retired()
@@ -262,9 +265,9 @@ class HostLink:
     def silent_for(self, now: float) -> float:
         """Seconds since the agent last sent anything: a whole line, or part of a long one.
 
-        While the reader is held back (by the byte budget, or waiting for its turn to check a
-        result) the agent's lines wait unread in the SSH window: that silence is the
-        coordinator's, not the host's, and counts as none."""
+        While the reader is held back (handling a line, waiting for its turn to check a result,
+        or for the byte budget) the agent's lines wait unread in the SSH window: that silence
+        is the coordinator's, not the host's, and counts as none."""
         if self.held_back:
             return 0.0
         stream = self.stream
@@ -313,6 +316,7 @@ class HostLink:
                 line = self._read_line(stream)
                 if not line:
                     break
+                self.held_back = True  # until it reads again
                 # The line's bytes stay taken from the budget until it is handled: given back
                 # below, or, for a result with a payload, by the coordinator (Event.release).
                 claim = None
@@ -360,6 +364,8 @@ class HostLink:
         except Exception as err:  # the reader must always report the link as lost
             reason = f"reader failed: {err}"
             log.exception("%s: reader failed", self.name)
+        if self.stream is stream:
+            self.held_back = False  # the host's silence counts again (it is lost anyway)
         if not said_hello:
             hello_box.put(None)
         else:
@@ -385,12 +391,14 @@ class HostLink:
         """_read_line(stream), within the byte budget (when there is one)."""
         budget = self.budget
         if budget is None:
+            self._resume_reading()
             return _read_line(stream)
         pieces: list[bytes] = []
         size = 0
         try:
             while True:
-                budget.wait(size, lambda: self.stream is not stream or self.retired, self._held_back)
+                budget.wait(size, lambda: self.stream is not stream or self.retired, self._hold)
+                self._resume_reading()
                 piece = stream.readline(READ_PIECE)
                 if not piece:
                     break
@@ -407,10 +415,15 @@ class HostLink:
             if size:
                 budget.release(size, settled=False)
 
-    def _held_back(self, waiting: bool) -> None:
-        if not waiting:
+    def _hold(self, waiting: bool) -> None:
+        if waiting:
+            self.held_back = True
+
+    def _resume_reading(self) -> None:
+        """The reader goes back to its stream: from now on, silence is the host's again."""
+        if self.held_back:
             self.last_heard = max(self.last_heard, time.monotonic())
-        self.held_back = waiting
+            self.held_back = False
 
     def _result_event(self, message: dict, generation: int) -> Optional[Event]:
         """The event for a result line; None for a result of a task never sent on this link."""
@@ -438,20 +451,13 @@ class HostLink:
         if not isinstance(message.get("result") or {}, dict):
             event.invalid = "result is not an object"
             return event
-        if not _checks.acquire(blocking=False):  # waiting for our turn is the coordinator's silence too
-            self._held_back(True)
-            try:
-                _checks.acquire()
-            finally:
-                self._held_back(False)
         try:
-            event.checked = self.check(bounds[0], bounds[1], message.get("result") or {})
+            with _checks:
+                event.checked = self.check(bounds[0], bounds[1], message.get("result") or {})
         except BeowulfError as err:
             event.invalid = str(err)
         except Exception as err:  # garbage from a host must never kill the reader
             event.invalid = f"{type(err).__name__}: {err}"
-        finally:
-            _checks.release()
         return event
 
 
