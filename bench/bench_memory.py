@@ -104,7 +104,7 @@ def measure(n: int, base: Path, args, trees: list[Path]) -> list[dict]:
             raise SystemExit(f"fab setup failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         for tree in trees:
             command = ["primes", "--start", "1", "--end", str(args.end), "--inventory", inventory,
-                       "--db", base / f"r{n}.db", "--fresh", "--quiet"]
+                       "--db", base / f"r{n}.db", "--fresh", "--quiet"] + (["--count-only"] if args.count_only else [])
             seconds, peak, stdout = fab_peak(tree, command, config, base)
             found = re.search(r"([\d,]+) primes in", stdout)
             if args.end in PI and (not found or int(found.group(1).replace(",", "")) != PI[args.end]):
@@ -122,6 +122,8 @@ def main() -> None:
                         help="END of the range 1..END (default 2e9)")
     parser.add_argument("--compare", type=Path, help="another checkout to run the same command from, side by side")
     parser.add_argument("--slots", type=int, help="slots per host (default: the host's cores)")
+    parser.add_argument("--count-only", action="store_true",
+                        help="fab primes --count-only: results of a few bytes, what N hosts cost by themselves")
     args = parser.parse_args()
     trees = [ROOT] + ([args.compare.resolve()] if args.compare else [])
     for tree in trees:
@@ -135,7 +137,8 @@ def main() -> None:
     print()
     print(tabulate([[r["hosts"], r["tree"], f"{r['peak']:.0f}", f"{r['seconds']:.1f}"] for r in rows],
                    headers=["hosts", "code", "peak RSS MB", "wall s"], colalign=("right", "left", "right", "right")))
-    print(f"\nfab primes --start 1 --end {args.end:g}; {os.cpu_count()} CPUs; "
+    print(f"\nfab primes --start 1 --end {args.end:g}{' --count-only' if args.count_only else ''}; "
+          f"{os.cpu_count()} CPUs; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

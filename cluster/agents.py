@@ -59,7 +59,7 @@ _checks = threading.BoundedSemaphore(1)
 # and results waiting for the loop (the store's writer has its own bound, MAX_PENDING_BYTES).
 # A reader waits before reading more while they are spent, so a host's output waits in its SSH
 # window (back-pressure), not in the coordinator's memory.
-RESULT_BUDGET_BYTES = 24 * 1024 * 1024
+RESULT_BUDGET_BYTES = 8 * 1024 * 1024
 # Result fields that hold the encoded payload (primes: data, scrape: body): the check decodes
 # them into the payload, so they are dropped once checked (the encoded copy is not kept twice).
 _ENCODED_FIELDS = ("data", "body")

@@ -61,7 +61,7 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 # BlockWriter: put() waits while this many payload bytes are queued (back-pressure: the
 # coordinator's loop waits, the hosts' readers then wait for their byte budget, and the
 # hosts' output waits in their SSH windows; BENCHMARKS.md, coordinator memory).
-MAX_PENDING_BYTES = 16 * 1024 * 1024
+MAX_PENDING_BYTES = 8 * 1024 * 1024
 # BlockWriter: times a batch is retried when the database stays locked (each waits 5 s).
 BUSY_RETRIES = 3
 

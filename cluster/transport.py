@@ -38,8 +38,9 @@ MAX_STDERR_LINE = 4096
 CHUNK = 65536
 # SSH window of an agent's channel: what the host may send before the coordinator reads it. The
 # coordinator reads results only as fast as it checks and stores them (agents.ByteBudget), so
-# this is memory held per host: 1 MB (Paramiko's default is 2 MB) still fills 10 MB/s at 100 ms.
-AGENT_WINDOW_BYTES = 1024 * 1024
+# this is memory held per host: 512 kB (Paramiko's default is 2 MB) still carries 5 MB/s over a
+# link with 100 ms round trips (BENCHMARKS.md, coordinator memory).
+AGENT_WINDOW_BYTES = 512 * 1024
 
 
 @dataclass
