@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import secrets
 import select
 import shlex
 import signal
@@ -344,14 +345,23 @@ class SshTransport(Transport):
             raise ConnectError(f"{self.host.name}: cannot open a session: {err}") from None
 
     def run(self, command, stdin=None, timeout=None):
+        return self._run(command, stdin, timeout)
+
+    def _run(self, command: str, stdin: Optional[bytes], timeout: Optional[float],
+             prompt: bytes = b"", password: Optional[str] = None) -> CommandResult:
+        """run(); with ``prompt``, stdin stays open and ``password`` answers the first ``prompt``
+        seen on stderr (sudo -S): a second one, or one with no password, stops the command."""
         channel = self._channel()
         deadline = None if timeout is None else time.monotonic() + timeout
         output = _Output(self.host.name)
+        seen = b""  # stderr not yet searched for the prompt (its last bytes)
+        answered = False
         try:
             channel.exec_command(command)
             if stdin:
                 channel.sendall(stdin)
-            channel.shutdown_write()
+            if not prompt:
+                channel.shutdown_write()
             wakeup = channel.fileno()  # readable while stdout or stderr bytes wait, and once closed
             while True:
                 # The deadline is checked on every pass, also while data keeps arriving.
@@ -362,14 +372,31 @@ class SshTransport(Transport):
                     output.add(output.out, channel.recv(CHUNK))
                     busy = True
                 if channel.recv_stderr_ready():
-                    output.add(output.err, channel.recv_stderr(CHUNK))
+                    data = channel.recv_stderr(CHUNK)
                     busy = True
+                    if prompt:
+                        seen += data
+                        if prompt in seen:
+                            if answered or password is None:
+                                return CommandResult(1, "", "sudo failed: " + (
+                                    "the password was refused" if answered else
+                                    "sudo asks for a password: give it with fab --prompt-for-sudo-password, "
+                                    "or allow the command with a NOPASSWD rule"))
+                            channel.sendall((password + "\n").encode("utf-8"))
+                            answered = True
+                            data = seen.replace(prompt, b"")
+                            seen = b""
+                        else:
+                            data, seen = seen[:-len(prompt)], seen[-len(prompt):]
+                    output.add(output.err, data)
                 if busy:
                     continue
                 if channel.eof_received or channel.closed:
                     break
                 wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
                 select.select([wakeup], [], [], wait)
+            if seen:
+                output.add(output.err, seen)
             status = channel.recv_exit_status()
         except (OSError, EOFError, paramiko.SSHException) as err:
             raise ConnectError(f"{self.host.name}: connection lost: {err or type(err).__name__}") from None
@@ -419,15 +446,13 @@ class SshTransport(Transport):
         who = self.run("id -u", timeout=30)
         if who.ok and who.stdout.strip() == "0":
             return self.run(command, timeout=timeout)
-        # Fabric's sudo answers the password prompt from --prompt-for-sudo-password
-        # (config only, never a file or the command line); a NOPASSWD rule needs nothing.
-        try:
-            done = self.connection.sudo(f"sh -c {shlex.quote(command)}", hide=True, warn=True,
-                                        in_stream=False, timeout=timeout)
-        except Exception as err:  # invoke raises several kinds (AuthFailure, Failure, timeouts)
-            text = str(err).strip()
-            return CommandResult(1, "", f"sudo failed: {text.splitlines()[-1] if text else type(err).__name__}")
-        return CommandResult(done.exited, done.stdout, done.stderr)
+        # sudo -S prints our prompt on stderr and reads the password on stdin: it is sent then,
+        # once, from --prompt-for-sudo-password (Fabric's config only, never a file or a command
+        # line); a NOPASSWD rule needs nothing. The output is bounded like run()'s.
+        password = self.connection.config.get("sudo", {}).get("password")
+        prompt = f"[sudo] beowulf {secrets.token_hex(8)}: "
+        return self._run(f"sudo -S -p {shlex.quote(prompt)} sh -c {shlex.quote(command)}", None, timeout,
+                         prompt=prompt.encode("ascii"), password=password)
 
     def close(self):
         if self._sftp is not None:
