@@ -27,12 +27,12 @@ import cluster.agents as agents
 from client import primes as client_primes
 from cluster.agents import ByteBudget, HostLink
 from cluster.coordinator import Coordinator
-from cluster.inventory import Host
+from cluster.inventory import Host, load_inventory
 from cluster.jobs.primes import PrimesJob
 from cluster.jobs.trivial import TrivialJob
 from cluster.store import Store
-from cluster.transport import MAX_OUTPUT_BYTES, MAX_STDERR_LINE, LocalTransport, Stream
-from harness import SshCluster, fab_argv, fab_env, require_sshd, run_fab
+from cluster.transport import MAX_OUTPUT_BYTES, MAX_STDERR_LINE, LocalTransport, SshTransport, Stream
+from harness import SshCluster, fab_argv, fab_env, load_fabric_config, require_sshd, run_fab
 
 # Peak RSS allowed to the fab process (with sshd hosts that is the coordinator alone).
 RSS_LIMIT_MB = 400
@@ -102,10 +102,10 @@ def test_endless_output_of_a_probe_is_stopped_and_reported(bounds_cluster, tmp_p
     h2 = [line for line in output.splitlines() if "h2" in line and "output too large" in line]
     assert h2, output[-3000:]
     assert rss_mb < RSS_LIMIT_MB, f"fab peaked at {rss_mb:.0f} MB"
-    assert not endless_left(cluster["h2"], endless), "the command was not stopped on the host"
+    assert not endless_left(cluster["h2"]), "the command was not stopped on the host"
 
 
-def endless_left(host, endless: Path) -> list:
+def endless_left(host) -> list:
     """The host's processes still running ``endless`` (after a few seconds' grace)."""
     deadline = time.monotonic() + 10
     while True:
@@ -119,6 +119,24 @@ def endless_left(host, endless: Path) -> list:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_ssh_command_output_is_capped_and_the_deadline_holds_while_data_flows(bounds_cluster, tmp_path):
+    cluster, config = bounds_cluster
+    host = load_inventory(cluster.write_inventory(tmp_path / "hosts.ini", hosts=["h1"]))[0]
+    with SshTransport.connect(host, load_fabric_config(config)) as remote:
+        for command in ("cat /dev/zero", "cat /dev/zero >&2", "sudo -n true 2>/dev/null; cat /dev/zero"):
+            with pytest.raises(agents.BeowulfError, match="output too large"):
+                remote.run(command, timeout=60)
+        began = time.monotonic()
+        with pytest.raises(agents.BeowulfError, match="timed out"):  # under the cap, never ending
+            remote.run("while :; do echo x; sleep 0.01; done", timeout=1)
+        assert time.monotonic() - began < 20
+        done = remote.run("head -c 1000000 /dev/zero; echo oops >&2; exit 3", timeout=30)
+        assert (done.returncode, len(done.stdout), done.stderr) == (3, 1_000_000, "oops\n")
+        assert remote.run("echo still usable", timeout=30).stdout == "still usable\n"
+    assert not endless_left(cluster["h1"])
 
 
 def test_local_command_output_is_capped_and_the_deadline_holds_while_data_flows():
