@@ -310,3 +310,56 @@ def test_held_back_hosts_are_not_lost_and_the_run_completes(tmp_path, monkeypatc
     with Store(db) as store:
         lost = [e for e in store.events() if e["kind"] in ("lost", "quarantine")]
     assert not lost, lost
+
+
+# ---------------------------------------------------------------- sudo
+
+
+@pytest.fixture
+def endless_sudo(tmp_path_factory):
+    """A throwaway login user allowed (NOPASSWD) to run one script as root: it prints zeros for
+    ever. Yields (user name, script, base folder for its sshd host)."""
+    import os
+    import secrets
+    import shutil
+    import tempfile
+
+    require_sshd()
+    missing = [tool for tool in ("sudo", "useradd", "userdel", "chpasswd", "visudo") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"needs {', '.join(missing)} (run tests/system-deps.sh as root)")
+    name = "bwbnd" + secrets.token_hex(4)
+    folder = Path(tempfile.mkdtemp(prefix="beowulf-bounds-"))
+    os.chmod(folder, 0o711)  # sshd reads the cluster's AuthorizedKeysFile as that user
+    endless = script(folder, "endless", "#!/bin/sh\nexec cat /dev/zero\n")
+    sudoers = Path(f"/etc/sudoers.d/beowulf-bounds-{name}")
+    try:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)
+        # A locked account (no password) may not log in over SSH: give it one nobody knows.
+        subprocess.run(["chpasswd"], input=f"{name}:Bw-{secrets.token_hex(16)}\n", text=True, check=True,
+                       capture_output=True)
+        rule = folder / "sudoers"
+        rule.write_text(f"{name} ALL=(root) NOPASSWD: /bin/sh -c {endless}, /usr/bin/sh -c {endless}\n")
+        subprocess.run(["visudo", "-c", "-q", "-f", str(rule)], check=True, capture_output=True)
+        os.chmod(rule, 0o440)
+        shutil.copy2(rule, sudoers)
+        yield name, endless, folder
+    finally:
+        sudoers.unlink(missing_ok=True)
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sudo_output_is_capped_too(endless_sudo, tmp_path):
+    # Through sudo (a login user that is not root), as `fab setup --tor` installs tor.
+    name, endless, folder = endless_sudo
+    with SshCluster(folder, 1, user=name) as cluster:
+        config = load_fabric_config(cluster.write_fabric_config(tmp_path / "fabric.yaml"))
+        host = load_inventory(cluster.write_inventory(tmp_path / "hosts.ini", extra={"h1": {"workdir": "~/bw"}}))[0]
+        with SshTransport.connect(host, config) as remote:
+            assert remote.run("id -u", timeout=30).stdout.strip() != "0"
+            with pytest.raises(agents.BeowulfError, match="output too large"):
+                remote.sudo(str(endless), timeout=60)
+            assert "a password" in remote.sudo("id -u", timeout=30).stderr  # no rule, no password: refused
+        assert not endless_left(cluster["h1"])
