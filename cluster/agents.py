@@ -9,6 +9,7 @@ events from the old connection are recognised and dropped.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -51,9 +52,66 @@ MAX_ERROR_CHARS = 500
 REMEMBERED_IDS = 4096
 # A JSON escape of a UTF-16 surrogate: only then can a decoded line hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# Results checked at once across all hosts: checking a full primes block builds a ~60 MB array,
-# so a few hosts finishing together must not multiply that (coordinator RSS stays flat).
-_checks = threading.BoundedSemaphore(2)
+# Results checked at once across all hosts: checking a full primes block builds ~60 MB of arrays,
+# so hosts finishing together must not multiply that (coordinator RSS stays flat).
+_checks = threading.BoundedSemaphore(1)
+# Bytes of agents' lines the coordinator holds at once, over all hosts: lines being read, checked,
+# and results waiting for the loop (the store's writer has its own bound, MAX_PENDING_BYTES).
+# A reader waits before reading more while they are spent, so a host's output waits in its SSH
+# window (back-pressure), not in the coordinator's memory.
+RESULT_BUDGET_BYTES = 8 * 1024 * 1024
+# Result fields that hold the encoded payload (primes: data, scrape: body): the check decodes
+# them into the payload, so they are dropped once checked (the encoded copy is not kept twice).
+_ENCODED_FIELDS = ("data", "body")
+
+
+class ByteBudget:
+    """Bytes in flight from all hosts' readers, bounded (RESULT_BUDGET_BYTES).
+
+    A reader calls ``wait(holding)`` before reading a piece and ``take(n)`` for what it read.
+    It waits while the budget is spent, except that a reader in the middle of a line goes on
+    when no finished line is waiting to be released: finished lines are released by the
+    coordinator without any reader's help, so waiting for them cannot deadlock, and lines
+    still being read all get finished. ``settle(n)`` marks a reader's bytes as a finished
+    line; ``release(n)`` gives them back (the coordinator handled the result).
+    """
+
+    def __init__(self, limit: Optional[int] = None):
+        self.limit = RESULT_BUDGET_BYTES if limit is None else limit
+        self.used = 0  # every byte taken and not released
+        self.settled = 0  # of which: finished lines, released without a reader's help
+        self._cond = threading.Condition()
+
+    def wait(self, holding: int, stop: Callable[[], bool], waiting: Callable[[bool], None]) -> None:
+        """Return once a reader holding ``holding`` bytes of an unfinished line may read more
+        (or ``stop()`` is true); ``waiting(True/False)`` is told when it starts and stops waiting."""
+        with self._cond:
+            if not self._must_wait(holding):
+                return
+            waiting(True)
+            try:
+                while self._must_wait(holding) and not stop():
+                    self._cond.wait(0.5)
+            finally:
+                waiting(False)
+
+    def _must_wait(self, holding: int) -> bool:
+        return self.used >= self.limit and (holding == 0 or self.settled > 0)
+
+    def take(self, size: int) -> None:
+        with self._cond:
+            self.used += size
+
+    def settle(self, size: int) -> None:
+        with self._cond:
+            self.settled += size
+
+    def release(self, size: int, settled: bool = True) -> None:
+        with self._cond:
+            self.used -= size
+            if settled:
+                self.settled -= size
+            self._cond.notify_all()
 
 
 @dataclass
@@ -67,6 +125,14 @@ class Event:
     checked: Any = None  # (found, payload) from the job's check, for valid results
     invalid: Optional[str] = None  # why a result was rejected
     reason: str = ""
+    claim: Optional[tuple] = None  # (ByteBudget, bytes) this result holds until release()
+
+    def release(self) -> None:
+        """Give back this result's share of the readers' byte budget (once; the coordinator
+        calls it when it is done with the event: the payload, if any, went to the store's writer)."""
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            claim[0].release(claim[1])
 
 
 class HostLink:
@@ -75,7 +141,7 @@ class HostLink:
     def __init__(self, host: Host, config, accept_new: bool, events: queue.Queue,
                  check: Callable[[int, int, dict], Any], bundle: str, beat_seconds: float = 2.0,
                  preload: str = "", prepare: Optional[Callable[[Transport], None]] = None,
-                 slot_factor: int = 1):
+                 slot_factor: int = 1, budget: Optional[ByteBudget] = None):
         self.host = host
         self.name = host.name
         self.config = config
@@ -87,6 +153,12 @@ class HostLink:
         self.preload = preload
         self.prepare = prepare
         self.slot_factor = slot_factor
+        self.budget = budget
+        if budget is not None:
+            _limit_heap_retention()
+        # Its reader is not reading (it handles a line, waits for its turn to check one, or for the
+        # byte budget): the agent's lines wait unread, and that silence is the coordinator's.
+        self.held_back = False
         self.generation = 0
         self.transport: Optional[Transport] = None
         self.stream: Optional[Stream] = None
@@ -127,6 +199,7 @@ class HostLink:
             self._sent.clear()
             self._finished.clear()
         self.protocol_error = ""
+        self.held_back = False
         generation = self.generation
         transport = self.transport = connect(self.host, self.config, accept_new=self.accept_new)
         self._check_retired()
@@ -190,7 +263,13 @@ class HostLink:
         threading.Thread(target=self.close, name=f"close-{self.name}", daemon=True).start()
 
     def silent_for(self, now: float) -> float:
-        """Seconds since the agent last sent anything: a whole line, or part of a long one."""
+        """Seconds since the agent last sent anything: a whole line, or part of a long one.
+
+        While the reader is held back (handling a line, waiting for its turn to check a result,
+        or for the byte budget) the agent's lines wait unread in the SSH window: that silence
+        is the coordinator's, not the host's, and counts as none."""
+        if self.held_back:
+            return 0.0
         stream = self.stream
         heard = max(self.last_heard, stream.last_received()) if stream is not None else self.last_heard
         return now - heard
@@ -234,41 +313,59 @@ class HostLink:
         junk = 0
         try:
             while True:
-                line = _read_line(stream)
+                line = self._read_line(stream)
                 if not line:
                     break
-                if line is _TOO_LONG or not line.endswith(b"\n"):
-                    reason = self._cut_off(stream, f"a line of over {MAX_LINE_BYTES // 2**20} MB (or cut short)")
-                    break
-                message = _parse(line)
-                if message is None:
-                    junk += 1
-                    if self.stream is stream and junk <= 3:
-                        log.warning("%s: not protocol: %r", self.name, line[:120])
-                    if junk > MAX_JUNK_LINES:
-                        reason = self._cut_off(stream, f"more than {MAX_JUNK_LINES} lines that are not protocol")
+                self.held_back = True  # until it reads again
+                # The line's bytes stay taken from the budget until it is handled: given back
+                # below, or, for a result with a payload, by the coordinator (Event.release).
+                claim = None
+                if self.budget is not None and line is not _TOO_LONG:
+                    claim = (self.budget, len(line))
+                    self.budget.settle(len(line))
+                try:
+                    if line is _TOO_LONG or not line.endswith(b"\n"):
+                        reason = self._cut_off(stream, f"a line of over {MAX_LINE_BYTES // 2**20} MB "
+                                                       "(or cut short)")
                         break
-                    continue
-                self.last_heard = time.monotonic()
-                kind = message.get("type")
-                if kind == "hello" and not said_hello:
-                    if len(line) > MAX_HELLO_BYTES:
-                        reason = self._cut_off(stream, f"a hello of over {MAX_HELLO_BYTES // 1024} kB")
-                        break
-                    said_hello = True
-                    hello_box.put(message)
-                elif kind == "result":
-                    event = self._result_event(message, generation)
-                    if event is None:
-                        reason = self._cut_off(stream, f"a result for task {_short(message.get('id'))}, "
-                                                       "which was never sent to it")
-                        break
-                    self.events.put(event)
-                elif kind == "beat":
-                    self.events.put(Event("beat", self, generation, message))
+                    message = _parse(line)
+                    if message is None:
+                        junk += 1
+                        if self.stream is stream and junk <= 3:
+                            log.warning("%s: not protocol: %r", self.name, line[:120])
+                        if junk > MAX_JUNK_LINES:
+                            reason = self._cut_off(stream, f"more than {MAX_JUNK_LINES} lines that are not protocol")
+                            break
+                        continue
+                    size, line = len(line), None  # the parsed message holds what is needed
+                    self.last_heard = time.monotonic()
+                    kind = message.get("type")
+                    if kind == "hello" and not said_hello:
+                        if size > MAX_HELLO_BYTES:
+                            reason = self._cut_off(stream, f"a hello of over {MAX_HELLO_BYTES // 1024} kB")
+                            break
+                        said_hello = True
+                        hello_box.put(message)
+                    elif kind == "result":
+                        event = self._result_event(message, generation)
+                        if event is None:
+                            reason = self._cut_off(stream, f"a result for task {_short(message.get('id'))}, "
+                                                           "which was never sent to it")
+                            break
+                        _drop_encoded(message)
+                        if event.checked is not None and event.checked[1] is not None:
+                            event.claim, claim = claim, None  # until the coordinator is done with it
+                        self.events.put(event)
+                    elif kind == "beat":
+                        self.events.put(Event("beat", self, generation, message))
+                finally:
+                    if claim is not None:
+                        claim[0].release(claim[1])
         except Exception as err:  # the reader must always report the link as lost
             reason = f"reader failed: {err}"
             log.exception("%s: reader failed", self.name)
+        if self.stream is stream:
+            self.held_back = False  # the host's silence counts again (it is lost anyway)
         if not said_hello:
             hello_box.put(None)
         else:
@@ -289,6 +386,44 @@ class HostLink:
         self._finished[task_id] = None
         while len(self._finished) > REMEMBERED_IDS:
             self._finished.popitem(last=False)
+
+    def _read_line(self, stream: Stream) -> bytes:
+        """_read_line(stream), within the byte budget (when there is one)."""
+        budget = self.budget
+        if budget is None:
+            self._resume_reading()
+            return _read_line(stream)
+        pieces: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                budget.wait(size, lambda: self.stream is not stream or self.retired, self._hold)
+                self._resume_reading()
+                piece = stream.readline(READ_PIECE)
+                if not piece:
+                    break
+                budget.take(len(piece))
+                pieces.append(piece)
+                size += len(piece)
+                if piece.endswith(b"\n"):
+                    break
+                if size > MAX_LINE_BYTES:
+                    return _TOO_LONG
+            size = 0  # the caller settles and releases the line's bytes
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        finally:
+            if size:
+                budget.release(size, settled=False)
+
+    def _hold(self, waiting: bool) -> None:
+        if waiting:
+            self.held_back = True
+
+    def _resume_reading(self) -> None:
+        """The reader goes back to its stream: from now on, silence is the host's again."""
+        if self.held_back:
+            self.last_heard = max(self.last_heard, time.monotonic())
+            self.held_back = False
 
     def _result_event(self, message: dict, generation: int) -> Optional[Event]:
         """The event for a result line; None for a result of a task never sent on this link."""
@@ -327,6 +462,36 @@ class HostLink:
 
 
 _TOO_LONG = b"(a line over MAX_LINE_BYTES)"
+
+
+_heap_tuned = False
+
+
+def _limit_heap_retention() -> None:
+    """Serve large buffers (result lines, payloads, the check's arrays) from mmap, so freeing
+    one gives its memory back. glibc raises its mmap threshold after each large free (up to
+    32 MB); from then on such buffers come from the heaps of the many reader threads, which
+    keep their pages: ~90 MB of RSS held for nothing with 3 SSH hosts (BENCHMARKS.md,
+    coordinator memory). Fixing the threshold turns that off; elsewhere this does nothing."""
+    global _heap_tuned
+    if _heap_tuned or not sys.platform.startswith("linux"):
+        return
+    _heap_tuned = True
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(256 * 1024))  # M_MMAP_THRESHOLD (glibc, musl ignores)
+    except (OSError, AttributeError):
+        pass
+
+
+def _drop_encoded(message: dict) -> None:
+    """Forget a result's encoded payload once it was checked (or rejected, or is a late copy):
+    what is kept is the decoded payload, not both."""
+    result = message.get("result")
+    if isinstance(result, dict):
+        for key in _ENCODED_FIELDS:
+            if isinstance(result.get(key), str):
+                result[key] = None
 
 
 def _read_line(stream: Stream) -> bytes:

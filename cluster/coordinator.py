@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .agents import PING_SECONDS, Event, HostLink
+from .agents import PING_SECONDS, ByteBudget, Event, HostLink
 from .errors import BeowulfError, JobError
 from .fanout import MAX_CONCURRENT_HOSTS
 from .inventory import Host
@@ -219,11 +219,13 @@ class Coordinator:
 
     def _start_links(self, store: Store) -> None:
         bundle = local_bundle_hash()
+        budget = ByteBudget()  # results in flight, in bytes, over all hosts (agents.RESULT_BUDGET_BYTES)
         for host in self.hosts:
             self.links[host.name] = HostLink(host, self.config, self.accept_new, self.events, self.job.check,
                                              bundle, beat_seconds=self.beat_seconds, preload=self.job.name,
                                              prepare=getattr(self.job, "prepare_host", None),
-                                             slot_factor=getattr(self.job, "slot_factor", lambda: 1)())
+                                             slot_factor=getattr(self.job, "slot_factor", lambda: 1)(),
+                                             budget=budget)
         # Each host starts working as soon as it has said hello: a slow host (or one
         # that never answers) must not hold the others back.
         for name in self.links:
@@ -473,6 +475,7 @@ class Coordinator:
         if event.kind == "committed":
             return self._committed(event)
         if event.generation != event.link.generation:
+            event.release()
             return  # from a connection we already gave up on
         stats = self.stats[name]
         if event.kind == "up":
@@ -511,7 +514,10 @@ class Coordinator:
             if name in self.up:
                 self._lose(name, f"connection lost ({event.reason})")
         elif event.kind == "result":
-            self._result(event, stats)
+            try:
+                self._result(event, stats)
+            finally:
+                event.release()  # its payload, if kept, is the store writer's now (bounded there)
 
     def _result(self, event: Event, stats: HostStats) -> None:
         message = event.message or {}

@@ -57,9 +57,11 @@ RUN_STATES = ("running", "done", "interrupted", "failed", "replaced")
 # Oldest SQLite we run on: UPSERT (ON CONFLICT ... DO NOTHING) arrived in 3.24.
 MIN_SQLITE = (3, 24, 0)
 # BlockWriter: cap on payload bytes committed in one transaction.
-MAX_BATCH_BYTES = 32 * 1024 * 1024
-# BlockWriter: put() waits while this many payload bytes are queued (back-pressure).
-MAX_PENDING_BYTES = 64 * 1024 * 1024
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+# BlockWriter: put() waits while this many payload bytes are queued (back-pressure: the
+# coordinator's loop waits, the hosts' readers then wait for their byte budget, and the
+# hosts' output waits in their SSH windows; BENCHMARKS.md, coordinator memory).
+MAX_PENDING_BYTES = 8 * 1024 * 1024
 # BlockWriter: times a batch is retried when the database stays locked (each waits 5 s).
 BUSY_RETRIES = 3
 

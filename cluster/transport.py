@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import secrets
+import select
 import shlex
 import signal
 import socket
@@ -28,6 +30,18 @@ from .inventory import Host
 from .ssh import open_connection
 
 log = logging.getLogger(__name__)
+# Most bytes of output (stdout and stderr together) kept from one command run with run(): probes,
+# setup and tor steps print a few kB. A host that sends more is stopped and reported (SECURITY.md).
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+# Longest stderr line of a long-running command (the agent) kept; the rest of the line is dropped.
+MAX_STDERR_LINE = 4096
+# Bytes read from a pipe or channel at a time.
+CHUNK = 65536
+# SSH window of an agent's channel: what the host may send before the coordinator reads it. The
+# coordinator reads results only as fast as it checks and stores them (agents.ByteBudget), so
+# this is memory held per host: 512 kB (Paramiko's default is 2 MB) still carries 5 MB/s over a
+# link with 100 ms round trips (BENCHMARKS.md, coordinator memory).
+AGENT_WINDOW_BYTES = 512 * 1024
 
 
 @dataclass
@@ -76,19 +90,45 @@ class Stream:
         """The last lines the command wrote to stderr (for error messages)."""
         return "\n".join(self._stderr_lines[-20:])
 
-    def _drain_stderr(self, readline, label: str) -> None:
-        """Keep the command's stderr flowing into our log (and a short tail) until EOF."""
+    def _drain_stderr(self, read, label: str) -> None:
+        """Keep the command's stderr flowing into our log (and a short tail) until EOF.
+
+        ``read(n)`` returns up to n bytes as they come (b"" at EOF). A line is kept up to
+        MAX_STDERR_LINE bytes and the rest of it dropped as it arrives: a host writing
+        gigabytes with no newline costs neither memory nor more than one pass over the bytes.
+        """
+        partial = bytearray()
+        dropped = 0
         while True:
             try:
-                line = readline()
+                chunk = read(CHUNK)
             except (OSError, EOFError, socket.timeout, ValueError):
-                return
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()
-            self._stderr_lines.append(text)
-            del self._stderr_lines[:-50]
-            log.debug("%s: %s", label, text)
+                chunk = b""
+            if not chunk:
+                break
+            start = 0
+            while start < len(chunk):
+                end = chunk.find(b"\n", start)
+                stop = len(chunk) if end < 0 else end
+                room = MAX_STDERR_LINE - len(partial)
+                if room > 0:
+                    partial += chunk[start:min(stop, start + room)]
+                dropped += max(0, stop - start - room)
+                if end < 0:
+                    break
+                self._stderr_line(partial, dropped, label)
+                partial, dropped = bytearray(), 0
+                start = end + 1
+        if partial or dropped:
+            self._stderr_line(partial, dropped, label)
+
+    def _stderr_line(self, line: bytearray, dropped: int, label: str) -> None:
+        text = bytes(line).decode("utf-8", "replace").rstrip()
+        if dropped:
+            text += f" ... ({dropped} more bytes of this line dropped)"
+        self._stderr_lines.append(text)
+        del self._stderr_lines[:-50]
+        log.debug("%s: %s", label, text)
 
 
 class Transport:
@@ -134,7 +174,7 @@ class LocalStream(Stream):
             ["sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True,
         )
-        threading.Thread(target=self._drain_stderr, args=(self.process.stderr.readline, label),
+        threading.Thread(target=self._drain_stderr, args=(self.process.stderr.read1, label),
                          daemon=True).start()
 
     def write(self, data: bytes) -> None:
@@ -176,13 +216,39 @@ class LocalTransport(Transport):
         self.host = host
 
     def run(self, command, stdin=None, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        output = _Output(self.host.name)
+        process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
         try:
-            done = subprocess.run(["sh", "-c", command], input=stdin or b"", capture_output=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise RemoteError(f"{self.host.name}: command timed out after {timeout:.0f}s") from None
-        return CommandResult(done.returncode, done.stdout.decode("utf-8", "replace"),
-                             done.stderr.decode("utf-8", "replace"))
+            _feed_stdin(process.stdin, stdin or b"")
+            streams = {process.stdout.fileno(): output.out, process.stderr.fileno(): output.err}
+            while streams:
+                # The deadline is checked on every pass, also while data keeps arriving.
+                wait = 1.0 if deadline is None else deadline - time.monotonic()
+                if wait <= 0:
+                    raise RemoteError(f"{self.host.name}: command timed out after {timeout:.0f}s")
+                ready, _, _ = select.select(list(streams), [], [], min(wait, 1.0))
+                for fd in ready:
+                    data = os.read(fd, CHUNK)
+                    if data:
+                        output.add(streams[fd], data)
+                    else:
+                        del streams[fd]
+            try:
+                returncode = process.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RemoteError(f"{self.host.name}: command timed out after {timeout:.0f}s") from None
+        finally:
+            if process.poll() is None:  # timed out, too much output, or interrupted: stop it all
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                process.wait()
+            process.stdout.close()
+            process.stderr.close()
+        return output.result(returncode)
 
     def put(self, data, path):
         target = os.path.expanduser(path)
@@ -225,8 +291,7 @@ class ChannelStream(Stream):
         self._stderr_lines: list[str] = []
         self.channel = channel
         self._stdout = _TimedChannelFile(channel, "rb")
-        stderr = channel.makefile_stderr("rb")
-        threading.Thread(target=self._drain_stderr, args=(stderr.readline, label), daemon=True).start()
+        threading.Thread(target=self._drain_stderr, args=(channel.recv_stderr, label), daemon=True).start()
 
     def write(self, data: bytes) -> None:
         try:
@@ -270,47 +335,75 @@ class SshTransport(Transport):
     def connect(cls, host: Host, config: Config, accept_new: bool = False) -> SshTransport:
         return cls(host, open_connection(host, config, accept_new=accept_new))
 
-    def _channel(self) -> paramiko.Channel:
+    def _channel(self, window: Optional[int] = None) -> paramiko.Channel:
         transport = self.connection.client.get_transport()
         if transport is None or not transport.is_active():
             raise ConnectError(f"{self.host.name}: connection lost")
         try:
-            return transport.open_session(timeout=30)
+            return transport.open_session(window_size=window, timeout=30)
         except (paramiko.SSHException, EOFError, OSError) as err:
             raise ConnectError(f"{self.host.name}: cannot open a session: {err}") from None
 
     def run(self, command, stdin=None, timeout=None):
+        return self._run(command, stdin, timeout)
+
+    def _run(self, command: str, stdin: Optional[bytes], timeout: Optional[float],
+             prompt: bytes = b"", password: Optional[str] = None) -> CommandResult:
+        """run(); with ``prompt``, stdin stays open and ``password`` answers the first ``prompt``
+        seen on stderr (sudo -S): a second one, or one with no password, stops the command."""
         channel = self._channel()
         deadline = None if timeout is None else time.monotonic() + timeout
-        stderr_chunks: list[bytes] = []
-        stdout = io.BytesIO()
+        output = _Output(self.host.name)
+        seen = b""  # stderr not yet searched for the prompt (its last bytes)
+        answered = False
         try:
             channel.exec_command(command)
             if stdin:
                 channel.sendall(stdin)
-            channel.shutdown_write()
+            if not prompt:
+                channel.shutdown_write()
+            wakeup = channel.fileno()  # readable while stdout or stderr bytes wait, and once closed
             while True:
+                # The deadline is checked on every pass, also while data keeps arriving.
+                if deadline is not None and time.monotonic() > deadline:
+                    raise RemoteError(f"{self.host.name}: command timed out after {timeout:.0f}s")
                 busy = False
                 if channel.recv_ready():
-                    stdout.write(channel.recv(65536))
+                    output.add(output.out, channel.recv(CHUNK))
                     busy = True
                 if channel.recv_stderr_ready():
-                    stderr_chunks.append(channel.recv_stderr(65536))
+                    data = channel.recv_stderr(CHUNK)
                     busy = True
+                    if prompt:
+                        seen += data
+                        if prompt in seen:
+                            if answered or password is None:
+                                return CommandResult(1, "", "sudo failed: " + (
+                                    "the password was refused" if answered else
+                                    "sudo asks for a password: give it with fab --prompt-for-sudo-password, "
+                                    "or allow the command with a NOPASSWD rule"))
+                            channel.sendall((password + "\n").encode("utf-8"))
+                            answered = True
+                            data = seen.replace(prompt, b"")
+                            seen = b""
+                        else:
+                            data, seen = seen[:-len(prompt)], seen[-len(prompt):]
+                    output.add(output.err, data)
                 if busy:
                     continue
                 if channel.eof_received or channel.closed:
                     break
-                if deadline is not None and time.monotonic() > deadline:
-                    raise RemoteError(f"{self.host.name}: command timed out after {timeout:.0f}s")
-                time.sleep(0.002)
+                wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+                select.select([wakeup], [], [], wait)
+            if seen:
+                output.add(output.err, seen)
             status = channel.recv_exit_status()
         except (OSError, EOFError, paramiko.SSHException) as err:
             raise ConnectError(f"{self.host.name}: connection lost: {err or type(err).__name__}") from None
         finally:
+            # Closing the channel stops the command: sshd closes its pipes (EOF, SIGPIPE).
             channel.close()
-        return CommandResult(status, stdout.getvalue().decode("utf-8", "replace"),
-                             b"".join(stderr_chunks).decode("utf-8", "replace"))
+        return output.result(status)
 
     def round_trip(self) -> float:
         """One SSH global request answered by sshd itself: network + sshd, no process started."""
@@ -342,7 +435,7 @@ class SshTransport(Transport):
             raise RemoteError(f"{self.host.name}: upload to {path} failed: {err}") from None
 
     def spawn(self, command):
-        channel = self._channel()
+        channel = self._channel(window=AGENT_WINDOW_BYTES)
         try:
             channel.exec_command(command)
         except (OSError, EOFError, paramiko.SSHException) as err:
@@ -353,15 +446,13 @@ class SshTransport(Transport):
         who = self.run("id -u", timeout=30)
         if who.ok and who.stdout.strip() == "0":
             return self.run(command, timeout=timeout)
-        # Fabric's sudo answers the password prompt from --prompt-for-sudo-password
-        # (config only, never a file or the command line); a NOPASSWD rule needs nothing.
-        try:
-            done = self.connection.sudo(f"sh -c {shlex.quote(command)}", hide=True, warn=True,
-                                        in_stream=False, timeout=timeout)
-        except Exception as err:  # invoke raises several kinds (AuthFailure, Failure, timeouts)
-            text = str(err).strip()
-            return CommandResult(1, "", f"sudo failed: {text.splitlines()[-1] if text else type(err).__name__}")
-        return CommandResult(done.exited, done.stdout, done.stderr)
+        # sudo -S prints our prompt on stderr and reads the password on stdin: it is sent then,
+        # once, from --prompt-for-sudo-password (Fabric's config only, never a file or a command
+        # line); a NOPASSWD rule needs nothing. The output is bounded like run()'s.
+        password = self.connection.config.get("sudo", {}).get("password")
+        prompt = f"[sudo] beowulf {secrets.token_hex(8)}: "
+        return self._run(f"sudo -S -p {shlex.quote(prompt)} sh -c {shlex.quote(command)}", None, timeout,
+                         prompt=prompt.encode("ascii"), password=password)
 
     def close(self):
         if self._sftp is not None:
@@ -370,6 +461,47 @@ class SshTransport(Transport):
             except (OSError, EOFError):
                 pass
         self.connection.close()
+
+
+class _Output:
+    """stdout and stderr of one command run(), at most MAX_OUTPUT_BYTES together."""
+
+    def __init__(self, host: str):
+        self.host = host
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunks: list[bytes], data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_OUTPUT_BYTES:
+            raise RemoteError(f"{self.host}: output too large (over {MAX_OUTPUT_BYTES // 2**20} MB); "
+                              "the command was stopped")
+        chunks.append(data)
+
+    def result(self, returncode: int) -> CommandResult:
+        return CommandResult(returncode, b"".join(self.out).decode("utf-8", "replace"),
+                             b"".join(self.err).decode("utf-8", "replace"))
+
+
+def _feed_stdin(pipe, data: bytes) -> None:
+    """Write ``data`` to a command's stdin and close it; from a thread when there is data, so that a
+    command that prints before it reads cannot block us with its output unread."""
+    def feed():
+        try:
+            pipe.write(data)
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    if data:
+        threading.Thread(target=feed, name="stdin-feeder", daemon=True).start()
+    else:
+        feed()
 
 
 def connect(host: Host, config: Config, accept_new: bool = False) -> Transport:
