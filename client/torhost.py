@@ -528,6 +528,9 @@ def control_status(address, configured, details=True):
         status["version"] = shown(getinfo(ctl, "version"), 60) or status["version"]
         pid = getinfo(ctl, "process/pid")
         status["pid"] = int(pid) if pid and pid.isdigit() and len(pid) < 10 else None
+        status.update(bootstrap_of(getinfo(ctl, "status/bootstrap-phase")))
+        circuit = getinfo(ctl, "status/circuit-established")
+        status["circuit"] = circuit if circuit in ("0", "1") else None
         if details:
             status["disable_network"] = shown(getconf(ctl, "DisableNetwork"), 10)
             status["socks_listeners"] = shown(getinfo(ctl, "net/listeners/socks"))
@@ -536,6 +539,30 @@ def control_status(address, configured, details=True):
     finally:
         ctl.close()
     return status
+
+
+def bootstrap_of(text):
+    """{"progress": 0-100 or None, "tag", "summary"} from GETINFO status/bootstrap-phase.
+
+    Tor answers e.g. ``NOTICE BOOTSTRAP PROGRESS=14 TAG=handshake_dir SUMMARY="Handshaking
+    with a relay"`` (a WARN line when bootstrapping has trouble); anything else is unknown.
+    """
+    found = {"progress": None, "tag": None, "summary": None}
+    words = (text or "").split(" ", 2)
+    if len(words) < 3 or words[1] != "BOOTSTRAP":
+        return found
+    try:
+        pairs = keywords(words[2])
+    except ControlError:
+        return found
+    progress = pairs.get("PROGRESS", "")
+    if progress.isdigit() and len(progress) <= 3 and int(progress) <= 100:
+        found["progress"] = int(progress)
+    found["tag"] = shown(pairs.get("TAG"), 40)
+    found["summary"] = shown(pairs.get("SUMMARY"), 100)
+    if words[0] == "WARN" and pairs.get("WARNING"):
+        found["warning"] = shown(pairs.get("WARNING"), 100)
+    return found
 
 
 def do_status(p):

@@ -144,6 +144,58 @@ def _control_line(control: dict) -> str:
     return "yes"
 
 
+def bootstrap_text(control: dict) -> str:
+    """Tor's bootstrap phase as shown: "100% done", "14% handshake_dir: Handshaking with a relay", or "?"."""
+    progress = control.get("progress")
+    if not isinstance(progress, int) or isinstance(progress, bool):
+        return "?"
+    tag, summary = control.get("tag") or "", control.get("summary") or ""
+    text = f"{progress}% {tag}".rstrip()
+    if summary and summary.lower() != tag.lower():
+        text += f": {summary}"
+    if control.get("warning"):
+        text += f" (warning: {control['warning']})"
+    return text
+
+
+def circuit_text(control: dict) -> str:
+    return {"1": "yes", "0": "no"}.get(control.get("circuit"), "?")
+
+
+def not_bootstrapped(control: dict) -> Optional[str]:
+    """Why tor cannot carry requests yet (bootstrap under 100%), or None when it can or nobody can tell.
+
+    Only a control port that authenticated counts (README.md, "Tor"): without one the
+    bootstrap state is unknown and only the SOCKS check decides.
+    """
+    progress = control.get("progress")
+    if not control.get("auth") or not isinstance(progress, int) or progress >= 100:
+        return None
+    why = f"tor is not bootstrapped ({bootstrap_text(control)}; circuit established: {circuit_text(control)})"
+    if control.get("disable_network") == "1":
+        why += "; tor has DisableNetwork 1"
+    return why
+
+
+def tor_ready(transport: Transport) -> None:
+    """ConnectError unless the host's tor can carry requests: SOCKS answers and tor is bootstrapped."""
+    from .errors import ConnectError
+
+    host = transport.host
+    answer = run_on_host(transport, "status", timeout=45)
+    socks, control = answer.get("socks") or {}, answer.get("control") or {}
+    if not socks.get("ok"):
+        raise ConnectError(f"{host.name}: --tor: Tor's SOCKS port {host.socks} does not answer "
+                           f"({socks.get('error')}); left out (fab tor.status, fab setup --tor)")
+    why = not_bootstrapped(control)
+    if why:
+        raise ConnectError(f"{host.name}: --tor: {why}; left out (fab tor.status)")
+    if control.get("progress") is None:
+        log.info("%s: --tor: tor's bootstrap state is unknown (control %s: %s); only its SOCKS port was checked",
+                 host.name, host.tor_control,
+                 control.get("error") or control.get("auth_error") or "no answer to status/bootstrap-phase")
+
+
 def tor_status(transport: Transport) -> dict:
     """SOCKS and control port of one host: what answers, tor's version, and why not."""
     answer = run_on_host(transport, "status", timeout=45)
@@ -157,10 +209,15 @@ def tor_status(transport: Transport) -> dict:
         "version": control.get("version") or "?",
         "pid": control.get("pid"),
         "disable_network": control.get("disable_network"),
+        "bootstrap": bootstrap_text(control),
+        "circuit": circuit_text(control),
+        "not_bootstrapped": not_bootstrapped(control),
     }
     notes = []
     if not row["socks_ok"] and control.get("disable_network") == "1":
         notes.append("tor has DisableNetwork 1, so it opens no SOCKS port")
+    elif row["not_bootstrapped"] and control.get("disable_network") == "1":
+        notes.append("tor has DisableNetwork 1")
     elif not row["socks_ok"] and control.get("auth") and control.get("socks_listeners") is not None:
         listeners = control.get("socks_listeners") or "none"
         notes.append(f"tor's SOCKS listeners: {listeners}")

@@ -66,32 +66,42 @@ def status(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
 
     The control port counts as answering when tor answers PROTOCOLINFO; the version
     comes from GETINFO after cookie authentication (the cookie is read on the host),
-    else from PROTOCOLINFO, else "?". Read-only. A host fails when its SOCKS port
-    does not answer: exit status 3 when some hosts fail, 1 when all do.
+    else from PROTOCOLINFO, else "?". So do tor's bootstrap progress (GETINFO
+    status/bootstrap-phase: "100% done" when tor can build circuits) and whether it
+    has built a circuit (status/circuit-established); "?" without authentication.
+    Read-only. A host fails when its SOCKS port does not answer or its tor is not
+    bootstrapped (`fab scrape --tor` leaves such a host out): exit status 3 when some
+    hosts fail, 1 when all do.
     """
     setup_logging(verbose, quiet)
     path, selected = load_hosts(c, inventory, hosts)
     outcomes = _run(c, selected, accept_new, PROBE_DEADLINE_SECONDS, tor_status)
-    rows, failed, controls = [], [], 0
+    rows, failed, controls, up, bootstrapped = [], [], 0, 0, 0
     for outcome in outcomes:
         host = outcome.host
         if not outcome.ok:
             failed.append(host.name)
-            rows.append([host.name, host.socks, "?", host.tor_control, "?", "", "", outcome.error])
+            rows.append([host.name, host.socks, "?", host.tor_control, "?", "", "", "?", "?", outcome.error])
             continue
         row = outcome.value
         controls += row["control_ok"]
-        if row["socks_ok"]:
+        up += row["socks_ok"]
+        bootstrapped += row["bootstrap"].startswith("100%")
+        if row["socks_ok"] and not row["not_bootstrapped"]:
             result = "ok"
+        elif row["socks_ok"]:
+            failed.append(host.name)
+            result = "; ".join(["not bootstrapped"] + row["notes"])
         else:
             failed.append(host.name)
             result = "; ".join(["SOCKS does not answer"] + row["notes"])
         rows.append([host.name, host.socks, row["socks"], host.tor_control, row["control"], row["auth"],
-                     row["version"], result])
-    headers = ["host", "socks", "answers", "control", "answers", "auth", "version", "result"]
-    up = len(outcomes) - len(failed)
+                     row["version"], row["bootstrap"], row["circuit"], result])
+    headers = ["host", "socks", "answers", "control", "answers", "auth", "version", "bootstrap", "circuit",
+               "result"]
     _finish(rows, headers, failed, len(outcomes),
-            f"{up} of {len(outcomes)} hosts answer SOCKS, {controls} control ports answer ({path})")
+            f"{up} of {len(outcomes)} hosts answer SOCKS, {controls} control ports answer, "
+            f"{bootstrapped} tors bootstrapped ({path})")
 
 
 @beowulf_task(help=dict(HOST_HELP))

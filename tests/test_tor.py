@@ -23,6 +23,7 @@ from cluster.transport import LocalTransport
 from harness import SshCluster, free_port, keygen, require_sshd, run_fab
 from harness.tor import (
     FakeControlPort,
+    FakeTor,
     SocksGreeter,
     TorProcess,
     require_tor,
@@ -229,15 +230,16 @@ def test_restart_refuses_a_config_that_does_not_verify(tmp_path, tor_bin):
 
 @pytest.mark.slow
 def test_status_table(cluster, tmp_path):
-    """h1: tor's control port + a SOCKS port that answers; h2: socks on a closed port -> exit 3."""
+    """h1: tor's control port + a SOCKS port that answers, but tor (DisableNetwork 1) is not
+    bootstrapped; local: a bootstrapped FakeTor; h2: socks on a closed port -> exit 3."""
     h1, h2 = cluster["h1"], cluster["h2"]
     with TorProcess(tmp_path, ip=h1.ip, name="tor1") as tor1, \
             TorProcess(tmp_path, ip=h2.ip, control="socket", name="tor2") as tor2, \
-            SocksGreeter(h1.ip) as greeter:
+            SocksGreeter(h1.ip) as greeter, FakeTor() as ready:
         inventory = cluster.write_inventory(tmp_path / "hosts.ini", local=True, extra={
             "h1": {"socks": greeter.address, **control(tor1)},
             "h2": {"socks": closed_port(h2.ip), **control(tor2)},
-            "local": {"socks": greeter.address, **control(tor2)},
+            "local": ready.inventory_keys(),
         })
         config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
         done = run_fab(["tor.status", "--inventory", inventory], config=config)
@@ -245,14 +247,16 @@ def test_status_table(cluster, tmp_path):
         table = rows(done.stdout)
         version = tor1.getinfo("version")
         assert version.startswith(TOR_VERSION_PREFIX)
-        for name in ("h1", "local"):
-            assert table[name].rstrip().endswith(" ok"), table[name]
-            assert " yes " in table[name] and " safecookie " in table[name] and version in table[name]
+        assert " yes " in table["h1"] and " safecookie " in table["h1"] and version in table["h1"]
+        # A real tor without network: the bootstrap phase it reports, and why.
+        assert " 0% starting " in table["h1"] and " no " in table["h1"]
+        assert table["h1"].rstrip().endswith("not bootstrapped; tor has DisableNetwork 1"), table["h1"]
+        assert table["local"].rstrip().endswith(" ok") and "100% done" in table["local"]
         assert "no: connection refused" in table["h2"]
         assert tor2.control_address in table["h2"] and " yes " in table["h2"] and version in table["h2"]
         assert "SOCKS does not answer; tor has DisableNetwork 1" in table["h2"]
-        assert "2 of 3 hosts answer SOCKS, 3 control ports answer" in done.stdout
-        assert "1 of 3 hosts failed: h2" in done.stderr
+        assert "2 of 3 hosts answer SOCKS, 3 control ports answer, 1 tors bootstrapped" in done.stdout
+        assert "2 of 3 hosts failed: h1, h2" in done.stderr
         assert greeter.greetings >= 2
 
         # Control down too on h1; on h2 the "control port" is not tor at all.

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cluster import __version__
-from cluster.errors import BeowulfError, ConnectError
+from cluster.errors import BeowulfError
 from cluster.politeness import DomainSchedule
 from cluster.scheduler import Block
 
@@ -150,14 +150,13 @@ class ScrapeJob:
     # ------------------------------------------------------------ per host
 
     def prepare_host(self, transport) -> None:
-        """--tor fails closed: a host whose Tor SOCKS port does not answer is left out."""
+        """--tor fails closed: a host whose Tor SOCKS port does not answer, or whose tor is not
+        bootstrapped (its control port says so), is left out before any request (cluster/tor.py)."""
         if not self.options.tor:
             return
-        from cluster.tor import socks_answers
+        from cluster.tor import tor_ready
 
-        if not socks_answers(transport):
-            raise ConnectError(f"{transport.host.name}: --tor: Tor's SOCKS port {transport.host.socks} does not "
-                               "answer; left out (fab tor.status, fab setup --tor)")
+        tor_ready(transport)
 
     def task_args_for(self, block: Block, link, task_id: int) -> dict:
         """The fetch of one URL by the host behind ``link`` (its proxy, one circuit per worker)."""

@@ -586,3 +586,146 @@ def share_host_key(cluster, source, *names: str) -> None:
         host.dir.mkdir(parents=True, exist_ok=True)
         for suffix in ("", ".pub"):
             Path(f"{host.host_key}{suffix}").symlink_to(f"{source}{suffix}")
+
+
+# ---------------------------------------------------------------- a tor that bootstraps as told
+
+DONE_BOOTSTRAP = 'PROGRESS=100 TAG=done SUMMARY="Done"'
+_SERVER_KEY = b"Tor safe cookie authentication server-to-controller hash"
+_CLIENT_KEY = b"Tor safe cookie authentication controller-to-server hash"
+
+
+class FakeTor:
+    """A stand-in tor on ``ip``: a real SOCKS5 proxy (``Socks5Server``) and a control port
+    speaking tor's control protocol with cookie authentication (SAFECOOKIE, the server's
+    hash computed from the real cookie file), threads in the test process.
+
+    ``bootstrap`` is what ``GETINFO status/bootstrap-phase`` reports after ``NOTICE
+    BOOTSTRAP`` (``'PROGRESS=14 TAG=handshake_dir SUMMARY="Handshaking with a relay"'``
+    plays a tor stuck without network; the default is done), ``circuit`` what
+    ``status/circuit-established`` says ("1" or "0"). Both may be changed while it runs.
+    It never names a pid (``process/pid`` is an unrecognised key): nothing may restart it.
+    ``socks`` is the proxy (its ``log`` lists every CONNECT); ``commands`` every control
+    line received (AUTHENTICATE's argument blanked). Inventories name ``socks_address``,
+    ``control_address`` and ``cookie_path`` (tor_cookie).
+    """
+
+    def __init__(self, ip: str = "127.0.0.1", bootstrap: str = DONE_BOOTSTRAP, circuit: str = "1"):
+        from .socks5 import Socks5Server
+
+        self.ip = _check_loopback(ip)
+        self.bootstrap = bootstrap
+        self.circuit = circuit
+        self.socks = Socks5Server(ip)
+        self.dir = Path(tempfile.mkdtemp(prefix="fake-tor-"))
+        self.cookie_path = self.dir / "control_auth_cookie"
+        self.cookie_path.write_bytes(os.urandom(32))
+        os.chmod(self.cookie_path, 0o600)
+        self.commands: List[str] = []
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind((self.ip, 0))
+        self._server.listen(16)
+        self.control_port = self._server.getsockname()[1]
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=f"fake-tor-{self.control_port}", daemon=True)
+
+    @property
+    def socks_address(self) -> str:
+        return self.socks.address
+
+    @property
+    def control_address(self) -> str:
+        return f"{self.ip}:{self.control_port}"
+
+    def inventory_keys(self) -> dict:
+        """hosts.ini keys naming this tor."""
+        return {"socks": self.socks_address, "tor_control": self.control_address, "tor_cookie": self.cookie_path}
+
+    def start(self) -> FakeTor:
+        self.socks.start()
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _answer(self, line: str, state: dict) -> List[str]:
+        import binascii
+        import hashlib
+        import hmac
+
+        words = line.split(" ")
+        verb = words[0].upper()
+        self.commands.append("AUTHENTICATE ..." if verb == "AUTHENTICATE" and len(words) > 1 else line)
+        if verb == "PROTOCOLINFO":
+            return ["250-PROTOCOLINFO 1", f'250-AUTH METHODS=COOKIE,SAFECOOKIE COOKIEFILE="{self.cookie_path}"',
+                    '250-VERSION Tor="0.4.8.10"', "250 OK"]
+        cookie = self.cookie_path.read_bytes()
+        if verb == "AUTHCHALLENGE" and len(words) == 3 and words[1] == "SAFECOOKIE":
+            client_nonce = binascii.unhexlify(words[2])
+            server_nonce = os.urandom(32)
+            message = cookie + client_nonce + server_nonce
+            state["expect"] = hmac.new(_CLIENT_KEY, message, hashlib.sha256).hexdigest()
+            server_hash = hmac.new(_SERVER_KEY, message, hashlib.sha256).hexdigest()
+            return [f"250 AUTHCHALLENGE SERVERHASH={server_hash} SERVERNONCE={server_nonce.hex()}"]
+        if verb == "AUTHENTICATE":
+            given = words[1].lower() if len(words) > 1 else ""
+            if given and given in (state.get("expect"), cookie.hex()):
+                state["auth"] = True
+                return ["250 OK"]
+            return ["515 Authentication failed"]
+        if not state.get("auth"):
+            return ["514 Authentication required."]
+        if verb == "GETINFO" and len(words) == 2:
+            values = {"version": "0.4.8.10", "status/bootstrap-phase": f"NOTICE BOOTSTRAP {self.bootstrap}",
+                      "status/circuit-established": self.circuit,
+                      "net/listeners/socks": f'"{self.socks_address}"'}
+            if words[1] not in values:
+                return [f'552 Unrecognized key "{words[1]}"']
+            return [f"250-{words[1]}={values[words[1]]}", "250 OK"]
+        if verb == "GETCONF" and len(words) == 2:
+            return [f"250 {words[1]}=0" if words[1].lower() == "disablenetwork" else f"250 {words[1]}"]
+        if verb in ("SETEVENTS", "SIGNAL"):
+            return ["250 OK"]
+        return [f'510 Unrecognized command "{words[0]}"']
+
+    def _session(self, conn: socket.socket) -> None:
+        state: dict = {}
+        buffer = b""
+        with conn:
+            conn.settimeout(10)
+            try:
+                while not self._stopped:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        reply = self._answer(line.rstrip(b"\r").decode("utf-8", "replace"), state)
+                        conn.sendall("".join(r + "\r\n" for r in reply).encode())
+            except (OSError, ValueError):
+                return
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._server.close()
+        self._thread.join(5)
+        self.socks.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> FakeTor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

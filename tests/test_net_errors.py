@@ -1,0 +1,95 @@
+"""Tor and network errors say what happened (README.md, "Tor" and "Scrape").
+
+- A tor that answers SOCKS but is not bootstrapped (a FakeTor stuck at 14%, no
+  circuit) is shown as such by ``fab tor.status`` and left out by ``fab scrape --tor``
+  before any request reaches the site.
+- A site that refuses connections (a real closed port on 127.0.0.x) or has no DNS
+  (a ``.invalid`` name: RFC 6761 reserves it, the resolver fails it) is reported with
+  that network error for each of its URLs, not as a robots.txt refusal.
+- Repeated identical errors are summarised once with a count.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from client import torhost
+from cluster.store import Store
+from harness import free_port
+from harness.tor import FakeTor
+from harness.web import WebServer
+
+STUCK = 'PROGRESS=14 TAG=handshake_dir SUMMARY="Handshaking with a relay"'
+
+
+def section(name: str, **keys) -> str:
+    return f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+
+
+def url_file(tmp_path, urls, name="urls.txt"):
+    path = tmp_path / name
+    path.write_text("\n".join(urls) + "\n")
+    return path
+
+
+def pages(db) -> dict:
+    with Store(db) as store:
+        run_id = store.runs()[-1]["id"]
+        return {record["url"]: record for record, _ in store.iter_pages(run_id)}
+
+
+# ---------------------------------------------------------------- 1. tor not bootstrapped
+
+
+def test_bootstrap_phase_parsing():
+    from cluster.tor import bootstrap_text, not_bootstrapped
+
+    phase = torhost.bootstrap_of('NOTICE BOOTSTRAP PROGRESS=14 TAG=handshake_dir SUMMARY="Handshaking with a relay"')
+    assert phase == {"progress": 14, "tag": "handshake_dir", "summary": "Handshaking with a relay"}
+    warned = torhost.bootstrap_of('WARN BOOTSTRAP PROGRESS=5 TAG=conn SUMMARY="Connecting" WARNING="No route"')
+    assert warned["progress"] == 5 and warned["warning"] == "No route"
+    for junk in (None, "", "NOTICE", "NOTICE BOOTSTRAP PROGRESS=999", "NOTICE OTHER PROGRESS=100",
+                 'NOTICE BOOTSTRAP PROGRESS=1 SUMMARY="\x1b[2Jx'):
+        assert torhost.bootstrap_of(junk)["progress"] in (None, 1)
+    hostile = torhost.bootstrap_of('NOTICE BOOTSTRAP PROGRESS=3 TAG=a SUMMARY="\x1b[31mred"')
+    assert "\x1b" not in hostile["summary"]
+    control = {"auth": "safecookie", "circuit": "0", **phase}
+    assert bootstrap_text(control) == "14% handshake_dir: Handshaking with a relay"
+    assert "not bootstrapped (14% handshake_dir" in not_bootstrapped(control)
+    assert not_bootstrapped({**control, "progress": 100}) is None
+    assert not_bootstrapped({**control, "auth": None}) is None  # unknown: only SOCKS decides
+
+
+def test_tor_not_bootstrapped_is_shown_and_refused_before_any_request(run_fab, tmp_path):
+    """A tor whose SOCKS port answers but which is stuck at 14%: tor.status says so; scrape --tor
+    leaves it out before any request (the site's log stays empty), and with no host left exits 1."""
+    with WebServer() as web, FakeTor(bootstrap=STUCK, circuit="0") as stuck, FakeTor() as ready:
+        inventory = tmp_path / "hosts.ini"
+        inventory.write_text(section("stuck", address="local", slots=1, **stuck.inventory_keys())
+                             + section("ready", address="local", slots=1, **ready.inventory_keys()))
+        done = run_fab(["tor.status", "--inventory", inventory])
+        assert done.returncode == 3, done.stdout + done.stderr
+        lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:-1]}
+        assert "14% handshake_dir: Handshaking with a relay" in lines["stuck"]
+        assert lines["stuck"].rstrip().endswith("not bootstrapped")
+        assert "100% done" in lines["ready"] and lines["ready"].rstrip().endswith(" ok")
+        assert "1 tors bootstrapped" in done.stdout and "1 of 2 hosts failed: stuck" in done.stderr
+
+        urls = url_file(tmp_path, [web.url(f"/page/{i}", host=f"s{i % 2}.test") for i in range(4)])
+        only_stuck = tmp_path / "stuck.ini"
+        only_stuck.write_text(section("stuck", address="local", slots=1, **stuck.inventory_keys()))
+        db = tmp_path / "r.db"
+        done = run_fab(["scrape", "--inventory", only_stuck, "--urls", urls, "--db", db, "--tor", "--delay", "0"])
+        assert done.returncode == 1, done.stdout + done.stderr
+        last = done.stderr.strip().splitlines()[-1]  # the error (after the live "left out" warning)
+        assert "Traceback" not in done.stderr and last.startswith("error: no host could start")
+        assert "stuck: --tor: tor is not bootstrapped (14% handshake_dir: Handshaking with a relay; " \
+               "circuit established: no)" in last
+        assert web.requests == [] and stuck.socks.log == []  # nothing sent, directly or through tor
+
+        done = run_fab(["scrape", "--inventory", inventory, "--urls", urls, "--db", db, "--tor", "--delay", "0"])
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "warning: left out: stuck: --tor: tor is not bootstrapped (14% handshake_dir" in done.stdout
+        got = pages(db)
+        assert len(got) == 4 and all(r["host"] == "ready" and r["tor"] == 1 for r in got.values())
+        assert stuck.socks.log == [] and len(ready.socks.log) == len(web.requests) == 4 + 2
