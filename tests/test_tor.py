@@ -257,7 +257,7 @@ def test_status_table(cluster, tmp_path):
         assert "SOCKS does not answer; tor has DisableNetwork 1" in table["h2"]
         assert "2 of 3 hosts answer SOCKS, 3 control ports answer, 1 tors bootstrapped" in done.stdout
         assert "2 of 3 hosts failed: h1, h2" in done.stderr
-        assert greeter.greetings >= 2
+        assert greeter.greetings >= 1
 
         # Control down too on h1; on h2 the "control port" is not tor at all.
         inventory = cluster.write_inventory(tmp_path / "hosts2.ini", extra={
