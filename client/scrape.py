@@ -109,11 +109,14 @@ MAX_ISOLATION_BYTES = 120
 # SOCKS5 reply codes that are about the target, not the proxy: (error_kind, text).
 SOCKS_TARGET_ERRORS = {
     0x02: ("connect", "connection not allowed by the proxy's rules"),
-    0x03: ("connect", "network unreachable (via proxy)"),
-    0x04: ("dns", "host unreachable or unknown (via proxy)"),
-    0x05: ("connect", "connection refused (via proxy)"),
-    0x06: ("timeout", "TTL expired: the proxy timed out reaching the host"),
+    0x03: ("connect", "network unreachable"),
+    0x04: ("dns", "DNS failure or host unreachable"),
+    0x05: ("connect", "connection refused"),
+    0x06: ("timeout", "timeout (TTL expired at the proxy)"),
 }
+# Error kinds that are about reaching the site at all: a robots.txt fetch that failed so is
+# reported as that error for each of the site's URLs, not as a robots.txt refusal.
+NETWORK_KINDS = ("connect", "dns", "timeout")
 ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots", "too_big", "other")
 DISALLOWED = "disallowed by robots.txt"
 DISALLOWED_UNREACHABLE = "disallowed by robots.txt (unreachable)"
@@ -146,6 +149,14 @@ def describe(exc):
     """A one-line description of an exception: its message, or its type name."""
     text = one_line(exc)
     return text or type(exc).__name__
+
+
+def reason(exc):
+    """The system's words for a socket error, lower case ("connection refused"), else describe()."""
+    text = one_line(getattr(exc, "strerror", None) or "")
+    if not text:
+        return describe(exc)
+    return text[0].lower() + text[1:]
 
 
 def shown(text, limit=MAX_SHOWN_CHARS):
@@ -336,11 +347,11 @@ class Route(object):
         try:
             sock = socket.create_connection((host, port), timeout=self.deadline.left())
         except socket.gaierror as exc:
-            raise PageError("dns", "cannot resolve %s: %s" % (host, describe(exc))) from None
+            raise PageError("dns", "DNS failure (%s: %s)" % (host, reason(exc))) from None
         except socket.timeout:
-            raise PageError("timeout", "timed out connecting to %s:%d" % (host, port)) from None
+            raise PageError("timeout", "timeout connecting (%s:%d)" % (host, port)) from None
         except OSError as exc:
-            raise PageError("connect", "cannot connect to %s:%d: %s" % (host, port, describe(exc))) from None
+            raise PageError("connect", "%s (%s:%d)" % (reason(exc), host, port)) from None
         _nodelay(sock)
         return sock
 
@@ -387,11 +398,11 @@ class Route(object):
             code = _socks_code(exc)
             if code in SOCKS_TARGET_ERRORS:
                 kind, text = SOCKS_TARGET_ERRORS[code]
-                return PageError(kind, "%s:%d: %s" % (host, port, text))
+                return PageError(kind, "%s (%s:%d, via proxy)" % (text, host, port))
             return ProxyError("%s failed: %s" % (where, describe(exc)))
         if isinstance(exc, socket.timeout):
             if connect_sent:  # the proxy took our request but could not reach the target in time
-                return PageError("timeout", "timed out reaching %s:%d through the proxy" % (host, port))
+                return PageError("timeout", "timeout connecting (%s:%d, via proxy)" % (host, port))
             return ProxyError("%s does not answer (timed out)" % where)
         return ProxyError("%s failed: %s" % (where, describe(exc)))
 
@@ -767,10 +778,12 @@ class Rules(object):
     by the coordinator decide exactly as the fetched ones did.
     """
 
-    def __init__(self, status, text, user_agent):
+    def __init__(self, status, text, user_agent, network=None):
         self.status = status
         self.user_agent = user_agent
         self.parser = None
+        # (kind, error) when robots.txt could not be fetched because the site cannot be reached
+        self.network = network if status is None else None
         if isinstance(status, int) and 200 <= status < 300:
             self.mode = "parse"
             self.parser = RobotFileParser()
@@ -784,6 +797,8 @@ class Rules(object):
 
     def check(self, url):
         """Raise PageError("robots") unless ``url`` may be fetched."""
+        if self.mode == "unreachable" and self.network:
+            raise PageError(self.network[0], self.network[1])
         if self.mode == "unreachable":
             raise PageError("robots", DISALLOWED_UNREACHABLE)
         if self.mode == "parse" and not self.parser.can_fetch(self.user_agent, url):
@@ -835,12 +850,15 @@ def fetch_robots(fetcher, origin):
 
     ``status`` is None when it could not be fetched (then everything is disallowed).
     """
-    answer, _ = follow(fetcher, origin + "/robots.txt", ROBOTS_MAX_BYTES, ROBOTS_MAX_REDIRECTS)
+    answer, redirects = follow(fetcher, origin + "/robots.txt", ROBOTS_MAX_BYTES, ROBOTS_MAX_REDIRECTS)
     report = {"status": answer.status, "text": None, "crawl_delay": None, "error": None}
     if answer.error:
         # A robots.txt that was not read completely decides nothing: treat it as unreachable.
         report["status"] = None
         report["error"] = "%s: %s" % (answer.kind, answer.error)
+        if answer.kind in NETWORK_KINDS and answer.status is None and not redirects:
+            # The site itself could not be reached: that is the error of each of its URLs.
+            report["error_kind"], report["network_error"] = answer.kind, answer.error
         return report
     if 200 <= answer.status < 300:
         report["text"] = robots_text(answer.body)
@@ -877,13 +895,19 @@ class RobotsCache(object):
         """Rules handed over by the coordinator for ``origin``."""
         self.rules[origin] = Rules(status, text, self.user_agent)
 
+    def network_failure(self, report):
+        """(kind, error) of a robots.txt report whose site could not be reached, else None."""
+        if report.get("error_kind") in NETWORK_KINDS and report.get("network_error"):
+            return report["error_kind"], report["network_error"]
+        return None
+
     def fetch(self, origin):
         """Fetch and remember the rules of ``origin``; returns the report."""
         refused = self.fetcher.refused
         report = fetch_robots(self.fetcher, origin)
         if self.fetcher.refused is not refused:
             self.refusals[origin] = self.fetcher.refused
-        rules = Rules(report["status"], report["text"], self.user_agent)
+        rules = Rules(report["status"], report["text"], self.user_agent, self.network_failure(report))
         report["crawl_delay"] = rules.crawl_delay
         self.rules[origin] = rules
         self.reports[origin] = report

@@ -11,6 +11,7 @@ from tabulate import tabulate
 
 from cluster.errors import JobError, UsageError
 from cluster.shown import shown, shown_rows
+from cluster.tally import tallied
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -135,7 +136,7 @@ def _print_summary(outcome, job, db_path: Path) -> None:
         print_run_summary(outcome, db_path)
     # Hosts still starting when a short run was done: one line, not a warning per host.
     note, warnings = still_starting(outcome.hosts, outcome.warnings)
-    for warning in warnings:
+    for warning in tallied(warnings):
         print(f"warning: {shown(warning)}")
     if note:
         print(shown(note))

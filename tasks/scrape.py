@@ -13,6 +13,7 @@ from invoke import Exit
 
 from cluster.errors import UsageError
 from cluster.shown import json_text, shown
+from cluster.tally import tallied
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -30,6 +31,9 @@ from .primes import store_path
 # and bytes inflated at a time.
 EXPORT_MAX_BYTES = 32_000_000
 EXPORT_CHUNK = 1 << 20
+# Distinct page errors listed under the summary (each once, with its count).
+SUMMARY_ERRORS = 10
+MAX_ERROR_SHOWN = 300  # characters of one error (a host sends it)
 
 
 @beowulf_task(help={
@@ -174,17 +178,22 @@ def _print_summary(outcome, job, db_path: Path) -> None:
         print_run_summary(outcome, db_path, workers=True)
     # Hosts still starting when a short run was done: one line, not a warning per host.
     note, warnings = still_starting(outcome.hosts, outcome.warnings)
-    for warning in warnings:
+    for warning in tallied(warnings):
         print(f"warning: {shown(warning)}")
     if note:
         print(shown(note))
     statuses: dict = {}
+    errors = []
     with Store(str(db_path)) as store:
         for record, _ in store.iter_pages(outcome.run_id):
             key = record["error_kind"] or (f"{record['status'] // 100}xx" if record["status"] else "?")
             statuses[key] = statuses.get(key, 0) + 1
+            if record["error"]:
+                errors.append(record["error"][:MAX_ERROR_SHOWN])
     breakdown = ", ".join(f"{shown(key)} {count}" for key, count in sorted(statuses.items()))
     print(f"{sum(statuses.values())} of {job.total} URLs fetched ({breakdown}) (run {outcome.run_id}, {db_path})")
+    for line in tallied(errors, limit=SUMMARY_ERRORS):  # each distinct error once, with its count
+        print(f"  error: {shown(line)}")
 
 
 def _record_politeness(db_path: Path, run_id: int, job) -> None:

@@ -328,11 +328,14 @@ def test_robots_500_disallows_all():
     assert result["robots"]["status"] == 500 and result["robots"]["error"]
 
 
-def test_robots_unreachable_disallows_all():
-    """robots.txt cannot be fetched at all: disallowed, status None, the reason given."""
-    result = fetch(f"http://127.0.0.1:{free_port()}/page/1", robots={"fetch": True})
-    assert result["error"] == "disallowed by robots.txt (unreachable)"
+def test_robots_unreachable_site_reports_the_network_error():
+    """robots.txt cannot be fetched because the site refuses connections: the page's error is
+    that network error (issue 10 §5), not a robots.txt refusal; the page is not requested."""
+    port = free_port()
+    result = fetch(f"http://127.0.0.1:{port}/page/1", robots={"fetch": True})
+    assert (result["error_kind"], result["error"]) == ("connect", f"connection refused (127.0.0.1:{port})")
     assert result["robots"]["status"] is None and result["robots"]["error"].startswith("connect")
+    assert result["robots"]["error_kind"] == "connect"
 
 
 def test_robots_given_rules_are_not_fetched(web):

@@ -28,7 +28,7 @@ from typing import Optional
 
 from cluster import __version__
 from cluster.errors import BeowulfError
-from cluster.politeness import DomainSchedule
+from cluster.politeness import UNKNOWN, DomainSchedule
 from cluster.scheduler import Block
 
 DEFAULT_USER_AGENT = f"beowulf/{__version__}"
@@ -226,7 +226,7 @@ class ScrapeJob:
         block.answered_at = result.get("answered_at")  # checked by the schedule before it is used
         robots = result.get("robots")
         if robots is not None and self.schedule is not None:
-            rules = {"status": robots.get("status"), "text": robots.get("text")}
+            rules = robots_rules(robots)
             self.schedule.set_robots(block, rules, robots.get("crawl_delay"))
         if block.attempts >= MAX_ATTEMPTS:
             return ("final",)
@@ -257,6 +257,17 @@ class ScrapeJob:
 # Result fields that are text (or null), and the error kinds a client reports.
 TEXT_FIELDS = ("url", "final_url", "content_type", "content_encoding", "sha256", "title", "error")
 ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots", "too_big", "other")
+# Kinds of a robots.txt fetch that could not reach the site (client/scrape.py NETWORK_KINDS).
+NETWORK_KINDS = ("connect", "dns", "timeout")
+
+
+def robots_rules(robots: dict):
+    """What a robots.txt report decides for its origin: the rules, or UNKNOWN when the site could
+    not be reached at all (a network error): then the next URL of the site tries robots.txt again,
+    and each URL records the network error it met itself (README.md, "Scrape")."""
+    if robots.get("status") is None and robots.get("error_kind") in NETWORK_KINDS:
+        return UNKNOWN
+    return {"status": robots.get("status"), "text": robots.get("text")}
 
 
 def _is_int(value) -> bool:
@@ -299,6 +310,10 @@ def _shape_problem(result, max_bytes: int) -> str:
         if text is not None and (len(text) > ROBOTS_MAX_BYTES
                                  or len(text.encode("utf-8", "surrogatepass")) > ROBOTS_MAX_BYTES):
             return f"robots text is over {ROBOTS_MAX_BYTES} bytes"
+        if robots.get("error_kind") not in (None, *NETWORK_KINDS):
+            return "unknown robots error_kind"
+        if robots.get("network_error") is not None and not isinstance(robots["network_error"], str):
+            return "robots network_error is not text"
         if robots.get("crawl_delay") is not None and not _is_seconds(robots["crawl_delay"]):
             return "robots crawl_delay is not a number of seconds"
     return ""
