@@ -93,3 +93,62 @@ def test_tor_not_bootstrapped_is_shown_and_refused_before_any_request(run_fab, t
         got = pages(db)
         assert len(got) == 4 and all(r["host"] == "ready" and r["tor"] == 1 for r in got.values())
         assert stuck.socks.log == [] and len(ready.socks.log) == len(web.requests) == 4 + 2
+
+
+# ---------------------------------------------------------------- 2, 3. unreachable sites, counted errors
+
+
+def summary_errors(stdout: str) -> list:
+    return [line.strip()[len("error: "):] for line in stdout.splitlines() if line.startswith("  error: ")]
+
+
+@pytest.mark.slow
+def test_unreachable_sites_report_their_network_error_over_an_ssh_host(ssh_cluster, run_fab, tmp_path):
+    """Over a real sshd host: a closed port on 127.0.0.9 (directly, then through tor) and a name
+    that does not resolve (``.invalid``, through tor: the test proxy never resolves it, so no
+    query leaves this computer) are recorded as connection refused / DNS failure for each URL,
+    and the summary says each distinct error once with its count."""
+    config = ssh_cluster.write_fabric_config(tmp_path / "fabric.yaml")
+    plain = ssh_cluster.write_inventory(tmp_path / "plain.ini", hosts=["h1"], extra={"h1": {"slots": 1}})
+    assert run_fab(["setup", "--inventory", plain, "--no-numpy"], config=config, timeout=300).returncode == 0
+    closed = free_port("127.0.0.9")
+    dead = [f"http://127.0.0.9:{closed}/page/{i}" for i in range(2)]
+    with WebServer() as web:
+        good = [web.url(f"/page/{i}") for i in range(2)]
+        db = tmp_path / "direct.db"
+        done = run_fab(["scrape", "--inventory", plain, "--urls", url_file(tmp_path, dead + good), "--db", db,
+                        "--delay", "0"], config=config, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        got = pages(db)
+        for url in dead:
+            assert got[url]["error_kind"] == "connect"
+            assert got[url]["error"] == f"connection refused (127.0.0.9:{closed})"
+            assert got[url]["host"] == "h1"
+        assert all(got[url]["status"] == 200 for url in good)
+        assert "robots" not in done.stdout and "(2xx 2, connect 2)" in done.stdout
+        assert summary_errors(done.stdout) == [f"2 x connection refused (127.0.0.9:{closed})"]
+
+    with WebServer() as web, FakeTor(ip=ssh_cluster["h1"].ip) as tor:
+        inventory = ssh_cluster.write_inventory(tmp_path / "tor.ini", hosts=["h1"],
+                                                extra={"h1": {"slots": 1, **tor.inventory_keys()}})
+        nowhere = [web.url(f"/page/{i}", host="nonexistent.invalid") for i in range(3)]
+        refused = [f"http://127.0.0.9:{closed}/tor"]
+        good = [web.url(f"/page/{i}", host="site.test") for i in range(2)]
+        db = tmp_path / "tor.db"
+        done = run_fab(["scrape", "--inventory", inventory, "--urls", url_file(tmp_path, nowhere + refused + good),
+                        "--db", db, "--tor", "--delay", "0"], config=config, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        got = pages(db)
+        port = web.port
+        for url in nowhere:
+            assert got[url]["error_kind"] == "dns"
+            assert got[url]["error"] == f"DNS failure or host unreachable (nonexistent.invalid:{port}, via proxy)"
+        assert got[refused[0]]["error"] == f"connection refused (127.0.0.9:{closed}, via proxy)"
+        assert all(got[url]["status"] == 200 and got[url]["tor"] == 1 for url in good)
+        assert "robots" not in done.stdout and "(2xx 2, connect 1, dns 3)" in done.stdout
+        assert summary_errors(done.stdout) == [
+            f"3 x DNS failure or host unreachable (nonexistent.invalid:{port}, via proxy)",
+            f"connection refused (127.0.0.9:{closed}, via proxy)"]
+        # The name was never resolved: the proxy answered 0x04 for it, and only site.test reached the server.
+        assert {entry.reply for entry in tor.socks.log if entry.host == "nonexistent.invalid"} == {4}
+        assert {request.vhost for request in web.requests} == {"site.test"}
