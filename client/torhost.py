@@ -560,8 +560,10 @@ def bootstrap_of(text):
         found["progress"] = int(progress)
     found["tag"] = shown(pairs.get("TAG"), 40)
     found["summary"] = shown(pairs.get("SUMMARY"), 100)
-    if words[0] == "WARN" and pairs.get("WARNING"):
-        found["warning"] = shown(pairs.get("WARNING"), 100)
+    # REASON names the trouble (NOROUTE, CONNECTREFUSED, ...); "DONE" (a connection closed) says nothing
+    said = [w for w in (pairs.get("REASON"), pairs.get("WARNING")) if w and w.upper() != "DONE"]
+    if words[0] == "WARN" and said:
+        found["warning"] = shown(", ".join(sorted(set(said), key=said.index)), 100)
     return found
 
 

@@ -162,14 +162,32 @@ def circuit_text(control: dict) -> str:
     return {"1": "yes", "0": "no"}.get(control.get("circuit"), "?")
 
 
-def not_bootstrapped(control: dict) -> Optional[str]:
+def serves_socks(control: dict, socks: Optional[str]) -> bool:
+    """False when the tor behind the control port lists its SOCKS listeners and ``socks`` is not one
+    of them (the control port then speaks for another tor); True otherwise."""
+    listeners = control.get("socks_listeners")
+    if not socks or not isinstance(listeners, str) or not listeners.strip():
+        return True
+    host, _, port = socks.rpartition(":")
+    for item in re.findall(r'"([^"]*)"|(\S+)', listeners):
+        where = item[0] or item[1]
+        l_host, _, l_port = where.rpartition(":")
+        if l_port == port and (l_host.strip("[]") in (host.strip("[]"), "0.0.0.0", "::")):
+            return True
+    return False
+
+
+def not_bootstrapped(control: dict, socks: Optional[str] = None) -> Optional[str]:
     """Why tor cannot carry requests yet (bootstrap under 100%), or None when it can or nobody can tell.
 
-    Only a control port that authenticated counts (README.md, "Tor"): without one the
-    bootstrap state is unknown and only the SOCKS check decides.
+    Only a control port that authenticated counts (README.md, "Tor on the hosts"), and only
+    for a tor that lists ``socks`` among its SOCKS listeners: otherwise the bootstrap state
+    of the tor behind ``socks`` is unknown and only the SOCKS check decides.
     """
     progress = control.get("progress")
     if not control.get("auth") or not isinstance(progress, int) or progress >= 100:
+        return None
+    if not serves_socks(control, socks):
         return None
     why = f"tor is not bootstrapped ({bootstrap_text(control)}; circuit established: {circuit_text(control)})"
     if control.get("disable_network") == "1":
@@ -187,13 +205,15 @@ def tor_ready(transport: Transport) -> None:
     if not socks.get("ok"):
         raise ConnectError(f"{host.name}: --tor: Tor's SOCKS port {host.socks} does not answer "
                            f"({socks.get('error')}); left out (fab tor.status, fab setup --tor)")
-    why = not_bootstrapped(control)
+    why = not_bootstrapped(control, host.socks)
     if why:
         raise ConnectError(f"{host.name}: --tor: {why}; left out (fab tor.status)")
-    if control.get("progress") is None:
+    if control.get("progress") is None or not serves_socks(control, host.socks):
+        why = control.get("error") or control.get("auth_error") or "no answer to status/bootstrap-phase"
+        if control.get("progress") is not None:
+            why = f"its tor does not list {host.socks} among its SOCKS listeners"
         log.info("%s: --tor: tor's bootstrap state is unknown (control %s: %s); only its SOCKS port was checked",
-                 host.name, host.tor_control,
-                 control.get("error") or control.get("auth_error") or "no answer to status/bootstrap-phase")
+                 host.name, host.tor_control, why)
 
 
 def tor_status(transport: Transport) -> dict:
@@ -211,13 +231,15 @@ def tor_status(transport: Transport) -> dict:
         "disable_network": control.get("disable_network"),
         "bootstrap": bootstrap_text(control),
         "circuit": circuit_text(control),
-        "not_bootstrapped": not_bootstrapped(control),
+        "not_bootstrapped": not_bootstrapped(control, transport.host.socks),
     }
     notes = []
     if not row["socks_ok"] and control.get("disable_network") == "1":
         notes.append("tor has DisableNetwork 1, so it opens no SOCKS port")
     elif row["not_bootstrapped"] and control.get("disable_network") == "1":
         notes.append("tor has DisableNetwork 1")
+    elif row["socks_ok"] and control.get("progress") is not None and not serves_socks(control, transport.host.socks):
+        notes.append(f"the control port's tor does not list {transport.host.socks} as a SOCKS listener")
     elif not row["socks_ok"] and control.get("auth") and control.get("socks_listeners") is not None:
         listeners = control.get("socks_listeners") or "none"
         notes.append(f"tor's SOCKS listeners: {listeners}")

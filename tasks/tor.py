@@ -88,7 +88,7 @@ def status(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
         up += row["socks_ok"]
         bootstrapped += row["bootstrap"].startswith("100%")
         if row["socks_ok"] and not row["not_bootstrapped"]:
-            result = "ok"
+            result = "; ".join(["ok"] + row["notes"])
         elif row["socks_ok"]:
             failed.append(host.name)
             result = "; ".join(["not bootstrapped"] + row["notes"])

@@ -46,8 +46,9 @@ def test_bootstrap_phase_parsing():
 
     phase = torhost.bootstrap_of('NOTICE BOOTSTRAP PROGRESS=14 TAG=handshake_dir SUMMARY="Handshaking with a relay"')
     assert phase == {"progress": 14, "tag": "handshake_dir", "summary": "Handshaking with a relay"}
-    warned = torhost.bootstrap_of('WARN BOOTSTRAP PROGRESS=5 TAG=conn SUMMARY="Connecting" WARNING="No route"')
-    assert warned["progress"] == 5 and warned["warning"] == "No route"
+    warned = torhost.bootstrap_of('WARN BOOTSTRAP PROGRESS=14 TAG=handshake SUMMARY="Handshaking with a relay" '
+                                  'WARNING="DONE" REASON=NOROUTE COUNT=3 RECOMMENDATION=ignore')
+    assert warned["progress"] == 14 and warned["warning"] == "NOROUTE"
     for junk in (None, "", "NOTICE", "NOTICE BOOTSTRAP PROGRESS=999", "NOTICE OTHER PROGRESS=100",
                  'NOTICE BOOTSTRAP PROGRESS=1 SUMMARY="\x1b[2Jx'):
         assert torhost.bootstrap_of(junk)["progress"] in (None, 1)
