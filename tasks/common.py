@@ -24,6 +24,7 @@ from invoke import Exit, task
 from cluster.errors import BeowulfError, UsageError
 from cluster.inventory import Host, load_inventory, select_hosts
 from cluster.shown import EscapingFormatter, shown
+from cluster.tally import RepeatFilter
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -185,6 +186,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False, log_file: Optional
     # Every line escaped, whatever module logged it: hosts and web servers send text (SECURITY.md).
     console.setFormatter(EscapingFormatter("%(levelname).1s %(message)s" if verbose else "%(message)s"))
     console._beowulf = True  # type: ignore[attr-defined]
+    if not verbose:  # lines repeating one shown but for their numbers are counted (cluster/tally.py)
+        console.addFilter(RepeatFilter())
     root.addHandler(console)
     logging.getLogger("paramiko").setLevel(logging.WARNING)
     # invoke's debug lines dump whole configs, prompted secrets included (sudo.password,

@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from cluster.errors import JobError, UsageError
 from cluster.shown import shown, shown_rows
-from cluster.tally import tallied
+from cluster.tally import repeats_not_shown, tallied
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -138,6 +138,8 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     note, warnings = still_starting(outcome.hosts, outcome.warnings)
     for warning in tallied(warnings):
         print(f"warning: {shown(warning)}")
+    for line in repeats_not_shown():  # console lines counted instead of repeated (cluster/tally.py)
+        print(f"({shown(line)})")
     if note:
         print(shown(note))
     if outcome.verified:

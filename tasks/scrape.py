@@ -13,7 +13,7 @@ from invoke import Exit
 
 from cluster.errors import UsageError
 from cluster.shown import json_text, shown
-from cluster.tally import tallied
+from cluster.tally import repeats_not_shown, tallied
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -180,6 +180,8 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     note, warnings = still_starting(outcome.hosts, outcome.warnings)
     for warning in tallied(warnings):
         print(f"warning: {shown(warning)}")
+    for line in repeats_not_shown():  # console lines counted instead of repeated (cluster/tally.py)
+        print(f"({shown(line)})")
     if note:
         print(shown(note))
     statuses: dict = {}

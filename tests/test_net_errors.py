@@ -99,6 +99,38 @@ def test_tor_not_bootstrapped_is_shown_and_refused_before_any_request(run_fab, t
 # ---------------------------------------------------------------- 2, 3. unreachable sites, counted errors
 
 
+def test_tallied_and_repeat_filter():
+    import logging
+
+    from cluster.tally import RepeatFilter, tallied
+
+    refused = "connection refused (127.0.0.9:1)"
+    assert tallied([refused] * 12 + ["DNS failure (x.invalid: name or service not known)"]) == [
+        f"12 x {refused}", "DNS failure (x.invalid: name or service not known)"]
+    assert tallied(["a", "b", "b", "c", "d"], limit=3) == ["2 x b", "a", "... and 2 other messages"]
+    assert tallied([]) == []
+    repeat = RepeatFilter(shown=2)
+
+    def record(message, *args, level=logging.INFO, name="cluster.coordinator"):
+        return logging.LogRecord(name, level, __file__, 1, message, args, None)
+
+    shown = [repeat.filter(record("%s: item %d again in %.1fs (%s)", "h1", item, 2.0, refused)) for item in range(5)]
+    assert shown == [True, True, False, False, False]
+    assert repeat.filter(record("h1: something else"))
+    assert repeat.filter(record("lost", level=logging.ERROR)) and repeat.filter(record("lost", level=logging.ERROR))
+    assert all(repeat.filter(record("%d%% done", n, name="cluster.progress")) for n in range(5))
+    assert repeat.summary() == [f"3 more like: h1: item 4 again in 2.0s ({refused})"]
+
+
+def repeated_lines(text: str) -> dict:
+    """Lines of a run's stderr that came more than twice but for their numbers (progress lines aside)."""
+    import re
+    from collections import Counter
+
+    counts = Counter(re.sub(r"\d+(?:\.\d+)?", "#", line) for line in text.splitlines() if "%" not in line)
+    return {line: n for line, n in counts.items() if n > 2}
+
+
 def summary_errors(stdout: str) -> list:
     return [line.strip()[len("error: "):] for line in stdout.splitlines() if line.startswith("  error: ")]
 
@@ -128,6 +160,9 @@ def test_unreachable_sites_report_their_network_error_over_an_ssh_host(ssh_clust
         assert all(got[url]["status"] == 200 for url in good)
         assert "robots" not in done.stdout and "(2xx 2, connect 2)" in done.stdout
         assert summary_errors(done.stdout) == [f"2 x connection refused (127.0.0.9:{closed})"]
+        # Each retry of a refused URL was one console line: now two are shown, the rest counted.
+        assert repeated_lines(done.stderr) == {}, done.stderr
+        assert "more like: h1: item" in done.stdout and f"(127.0.0.9:{closed}))" in done.stdout
 
     with WebServer() as web, FakeTor(ip=ssh_cluster["h1"].ip) as tor:
         inventory = ssh_cluster.write_inventory(tmp_path / "tor.ini", hosts=["h1"],
