@@ -33,8 +33,9 @@ def tallied(texts: Iterable[str], limit: Optional[int] = None) -> List[str]:
     return lines
 
 
-# Numbers in a log line (item numbers, seconds, ports): lines that differ only in these repeat.
-_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+# Numbers in a log line (item numbers, seconds, ports; not those in a name such as h2): lines
+# that differ only in these repeat.
+_NUMBERS = re.compile(r"(?<![A-Za-z_\d])\d+(?:\.\d+)?")
 # Times a line is shown on the console before its repeats are only counted.
 SHOWN_REPEATS = 2
 # Loggers whose lines are all shown: the progress lines (without a terminal) differ only in numbers.

@@ -117,6 +117,7 @@ def test_tallied_and_repeat_filter():
     shown = [repeat.filter(record("%s: item %d again in %.1fs (%s)", "h1", item, 2.0, refused)) for item in range(5)]
     assert shown == [True, True, False, False, False]
     assert repeat.filter(record("h1: something else"))
+    assert all(repeat.filter(record("left out: h%d: cannot connect", n)) for n in range(5))  # names differ
     assert repeat.filter(record("lost", level=logging.ERROR)) and repeat.filter(record("lost", level=logging.ERROR))
     assert all(repeat.filter(record("%d%% done", n, name="cluster.progress")) for n in range(5))
     assert repeat.summary() == [f"3 more like: h1: item 4 again in 2.0s ({refused})"]
