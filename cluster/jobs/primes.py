@@ -37,6 +37,13 @@ MAX_PRIMES_PER_BLOCK = 4_000_000
 # Cap on a count-mode block's width (its result is a few numbers; the client
 # sieves in bounded chunks, so this only bounds a block's run time).
 MAX_COUNT_BLOCK = 10**10
+# A count-mode block is cut into parts (client/primes.py part_bounds) whose counts
+# the host returns; the coordinator recounts one part, picked at random after the
+# result arrived (SECURITY.md "Count-only results"). At most COUNT_PARTS parts, each
+# at least MIN_COUNT_PART wide: a part is one call of the counting kernel, and
+# libprimesieve spends ~1 ms setting up each call (measured; BENCHMARKS.md).
+COUNT_PARTS = 32
+MIN_COUNT_PART = 1 << 26
 # Width of the first (probe) block given to a host.
 FIRST_BLOCK = 200_000
 # Primes spot-checked with Miller-Rabin per block (besides first and last);
@@ -265,8 +272,21 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[int], Optional[int]]:
-    """count, checksum, first, last of a result, checked for type and plausibility."""
+def count_parts(lo: int, hi: int) -> int:
+    """How many parts a count-mode block [lo, hi] is cut into (see COUNT_PARTS)."""
+    return max(1, min(COUNT_PARTS, (hi - lo + 1) // MIN_COUNT_PART))
+
+
+def part_bounds(lo: int, hi: int, parts: int) -> list:
+    """The parts (a, b) of [lo, hi], exactly as client/primes.py part_bounds cuts them."""
+    width = hi - lo + 1
+    return [(lo + i * width // parts, lo + (i + 1) * width // parts - 1) for i in range(parts)]
+
+
+def _check_fields(lo: int, hi: int, result: dict,
+                  mode: str = "list") -> Tuple[int, Optional[int], Optional[int], Optional[int]]:
+    """count, checksum (None in count mode), first, last of a result, checked for type
+    and plausibility."""
     if not isinstance(result, dict):
         raise InvalidResult("result is not an object")
     for key, want in (("lo", lo), ("hi", hi)):
@@ -277,27 +297,73 @@ def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[in
         raise InvalidResult(f"engine must be a short name, not {type(engine).__name__} of {len(str(engine))}")
     count, checksum = result.get("count"), result.get("checksum")
     first, last = result.get("first"), result.get("last")
-    if not _is_int(count) or not _is_int(checksum):
+    if mode == "count":
+        checksum = None  # counting generates no prime to sum: the parts are checked instead
+    elif not _is_int(checksum):
+        raise InvalidResult("count and checksum must be integers")
+    if not _is_int(count):
         raise InvalidResult("count and checksum must be integers")
     if not 0 <= count <= min(hi - lo + 1, _count_bound(hi - lo + 1)):
         raise InvalidResult(f"count {count} is impossible for [{lo}, {hi}]")
-    if not 0 <= checksum <= MASK64:
+    if checksum is not None and not 0 <= checksum <= MASK64:
         raise InvalidResult("checksum out of range")
     if count == 0:
-        if first is not None or last is not None or checksum != 0:
+        if first is not None or last is not None or checksum:
             raise InvalidResult("no primes but first/last/checksum are set")
         return count, checksum, None, None
     if not _is_int(first) or not _is_int(last):
         raise InvalidResult("first and last must be integers")
     if not lo <= first <= last <= hi:
         raise InvalidResult(f"first {first} / last {last} outside [{lo}, {hi}]")
-    if count == 1 and (first != last or checksum != first & MASK64):
+    if count == 1 and (first != last or (checksum is not None and checksum != first & MASK64)):
         raise InvalidResult("one prime but first/last/checksum disagree")
     if count >= 2 and first == last:
         raise InvalidResult(f"{count} primes but first == last")
-    if count * last <= MASK64 and not count * first <= checksum <= count * last:
+    if checksum is not None and count * last <= MASK64 and not count * first <= checksum <= count * last:
         raise InvalidResult(f"checksum is not a sum of {count} numbers in [first, last]")
     return count, checksum, first, last
+
+
+def _check_parts(lo: int, hi: int, result: dict, count: int, first: Optional[int],
+                 last: Optional[int]) -> list:
+    """The per-part counts of a count-mode result, checked for shape and against the
+    total, first and last; returns [(a, b, count)]."""
+    counts = result.get("counts")
+    parts = count_parts(lo, hi)
+    if not isinstance(counts, list) or len(counts) != parts or not all(_is_int(c) for c in counts):
+        raise InvalidResult(f"counts must be a list of {parts} integers (one per part of the block)")
+    bounds = part_bounds(lo, hi, parts)
+    for (a, b), c in zip(bounds, counts):
+        if not 0 <= c <= min(b - a + 1, _count_bound(b - a + 1)):
+            raise InvalidResult(f"count {c} is impossible for the part [{a}, {b}]")
+    if sum(counts) != count:
+        raise InvalidResult(f"the parts' counts add up to {sum(counts)}, not {count}")
+    if count:
+        nonzero = [i for i, c in enumerate(counts) if c]
+        a0, b0 = bounds[nonzero[0]]
+        a1, b1 = bounds[nonzero[-1]]
+        if not (a0 <= first <= b0 and a1 <= last <= b1):
+            raise InvalidResult("first/last are not in the first/last part that holds primes")
+    return [(a, b, c) for (a, b), c in zip(bounds, counts)]
+
+
+_recount_rng = random.SystemRandom()
+
+
+def recount(lo: int, hi: int) -> int:
+    """The primes in [lo, hi] counted here, by this machine's best engine of client/primes.py."""
+    from client import primes as local_primes
+
+    return int(local_primes.run({"lo": lo, "hi": hi, "mode": "count"})["count"])
+
+
+def _recount_one_part(parts: list) -> None:
+    """Recount one part, picked at random now (the host cannot know which): a host
+    that falsified the count of k of n parts is caught with probability k/n."""
+    a, b, claimed = parts[_recount_rng.randrange(len(parts))]
+    actual = recount(a, b)
+    if actual != claimed:
+        raise InvalidResult(f"[{a}, {b}] holds {actual} primes; result says {claimed}")
 
 
 def _spot_check_ends(lo: int, hi: int, first: Optional[int], last: Optional[int], rng) -> None:
@@ -315,11 +381,11 @@ def _spot_check_ends(lo: int, hi: int, first: Optional[int], last: Optional[int]
                 raise InvalidResult(f"prime {n} is missing from the result")
 
 
-def _full_check(lo: int, hi: int, count: int, checksum: int) -> list:
-    """A tiny block: every number tested; count and checksum must match exactly.
-    Returns the primes found."""
+def _full_check(lo: int, hi: int, count: int, checksum: Optional[int]) -> list:
+    """A tiny block: every number tested; count and checksum (list mode) must match
+    exactly. Returns the primes found."""
     found = [n for n in range(lo, hi + 1) if is_prime(n)]
-    if len(found) != count or sum(found) & MASK64 != checksum:
+    if len(found) != count or (checksum is not None and sum(found) & MASK64 != checksum):
         raise InvalidResult(f"[{lo}, {hi}] holds {len(found)} primes; result says {count} with checksum {checksum}")
     return found
 
@@ -356,15 +422,21 @@ def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, O
     sampled gaps and a few outside [first, last] composite. Blocks narrower
     than FULL_CHECK_WIDTH are checked number by number, in both modes.
     The payload is the raw zlib bytes of the data field (list mode only).
-    A count-mode result can only be checked for plausibility.
+    A count-mode result has no checksum (counting generates no prime): it
+    carries the counts of the block's parts (count_parts), which must add up;
+    besides the checks on first and last, one part picked at random is recounted
+    here (SECURITY.md "Count-only results").
     """
     if mode not in ("list", "count"):
         raise ValueError("mode must be 'list' or 'count'")
-    count, checksum, first, last = _check_fields(lo, hi, result)
-    rng = random.Random((lo * 1_000_003) ^ checksum ^ count)
+    count, checksum, first, last = _check_fields(lo, hi, result, mode)
+    parts = _check_parts(lo, hi, result, count, first, last) if mode == "count" else None
+    rng = random.Random((lo * 1_000_003) ^ (checksum or 0) ^ count)
     _spot_check_ends(lo, hi, first, last, rng)
     found = _full_check(lo, hi, count, checksum) if hi - lo < FULL_CHECK_WIDTH else None
     if mode == "count":
+        if found is None:
+            _recount_one_part(parts)
         return count, None
     payload = _payload_of(result)
     values = decode_varints(_inflate(payload, MAX_VARINT_BYTES * (count + 1)))
@@ -528,9 +600,12 @@ class PrimesJob:
         return {"start": self.start, "end": self.end, "mode": self.mode}
 
     def task_args(self, lo: int, hi: int) -> dict:
-        """Arguments of the client's run() for the block of numbers [lo, hi] (inclusive)."""
+        """Arguments of the client's run() for the block of numbers [lo, hi] (inclusive);
+        in count mode with the number of parts to count separately."""
         if not self.start <= lo <= hi <= self.end:
             raise ValueError(f"block [{lo}, {hi}] is outside [{self.start}, {self.end}]")
+        if self.count_only:
+            return {"lo": lo, "hi": hi, "mode": self.mode, "parts": count_parts(lo, hi)}
         return {"lo": lo, "hi": hi, "mode": self.mode}
 
     def check(self, lo: int, hi: int, result: dict) -> Tuple[int, Optional[bytes]]:

@@ -1,0 +1,190 @@
+"""`fab primes --count-only` end to end against `primesieve N -c` (all cores), side by side.
+
+    python bench/bench_count.py [--end 1e11] [--rounds 3] [--no-kernel]
+
+1. The whole command ``fab primes --start 1 --end N --count-only --db TMP/c.db
+   --fresh --quiet`` on the shipped default inventory (``address = local``: this
+   machine, one slot per core), wall time from start to exit (start-up, agent,
+   store, checks included), against ``primesieve N -c`` (all cores: its
+   default). Target: at most 1.2x at N = 1e11. The two run interleaved, ``--rounds``
+   pairs, alternating which goes first; the ratio is the median of the per-pair
+   ratios (a pair shares the machine's load of the moment). The load average
+   is printed beside each pair. The count is checked against pi(N).
+2. The counting kernel, one thread (libprimesieve through client/primes.py, as
+   a worker calls it), near N: nanoseconds per number of one call over a block
+   of 10^10 against the same block cut into parts (what a count-mode block
+   costs the host: one call per part, cluster/jobs/primes.py count_parts) and
+   against calls of 10^7..10^9 (what smaller blocks cost); the coordinator's
+   recount of one part; twin-prime counting (``primesieve_count_twins``) and
+   generating the primes to sum them (the old count mode) over the same 10^9
+   numbers, against counting them.
+
+Takes about 1.5 minutes at 1e11 with 3 rounds on 2 cores. Absolute times on a
+shared machine vary by 2x: quote the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from harness import fab_argv, fab_env  # noqa: E402
+
+PI = {10**9: 50_847_534, 10**10: 455_052_511, 10**11: 4_118_054_813, 2 * 10**10: 882_206_716,
+      10**12: 37_607_912_018}
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def timed(argv: list, cwd: Path, env=None) -> tuple[float, str]:
+    began = time.perf_counter()
+    done = subprocess.run(argv, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, argv))} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return seconds, done.stdout
+
+
+def primesieve_count(end: int, cwd: Path) -> float:
+    seconds, out = timed(["primesieve", str(end), "-c", "--no-status"], cwd)
+    found = re.search(r"Primes: (\d+)", out)
+    if end in PI and (not found or int(found.group(1)) != PI[end]):
+        raise SystemExit(f"primesieve says {out!r}")
+    return seconds
+
+
+def fab_count(end: int, db: Path, cwd: Path) -> float:
+    argv = fab_argv(["primes", "--start", "1", "--end", str(end), "--count-only", "--db", str(db), "--fresh",
+                     "--quiet"])
+    seconds, out = timed(argv, cwd, fab_env())
+    found = re.search(r"([\d,]+) primes in", out)
+    if not found or (end in PI and int(found.group(1).replace(",", "")) != PI[end]):
+        raise SystemExit(f"wrong count for 1..{end}:\n{out}")
+    return seconds
+
+
+def blocks_of(db: Path) -> str:
+    """How the last run was cut: blocks, median width, widest."""
+    from cluster.store import Store
+
+    with Store.open_readonly(db) as store:
+        run_id = store.runs()[-1]["id"]
+        widths = [b["hi"] - b["lo"] + 1 for b in store.blocks(run_id)]
+    return f"{len(widths)} blocks, median {statistics.median(widths):.2e}, widest {max(widths):.2e} numbers"
+
+
+def end_to_end(end: int, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as temp:
+        base = Path(temp)
+        shutil.copy(ROOT / "hosts.ini", base / "hosts.ini")  # the shipped default: this computer
+        db = base / "c.db"
+        fab_count(10**9, base / "warm.db", base)  # warm-up: imports, page cache, the local workdir
+        primesieve_count(10**9, base)
+        pairs = []
+        for r in range(rounds):
+            before = load()
+            if r % 2 == 0:
+                sieve = primesieve_count(end, base)
+                ours = fab_count(end, db, base)
+            else:
+                ours = fab_count(end, db, base)
+                sieve = primesieve_count(end, base)
+            pairs.append((ours, sieve, before, load()))
+        cut = blocks_of(db)
+        fixed = statistics.median(fab_count(1000, base / "fixed.db", base) for _ in range(3))
+    print(f"1. fab primes --start 1 --end {end:.0e} --count-only (local default, {os.cpu_count()} cores) "
+          f"against primesieve {end:.0e} -c (all cores)")
+    print(f"{'round':>5}  {'fab s':>7}  {'primesieve s':>12}  {'ratio':>6}  load before -> after (1/5/15 min)")
+    for i, (ours, sieve, before, after) in enumerate(pairs, 1):
+        print(f"{i:>5}  {ours:7.2f}  {sieve:12.2f}  {ours / sieve:5.2f}x  {before} -> {after}")
+    ratio = statistics.median(o / s for o, s, _, _ in pairs)
+    print(f"median ratio {ratio:.2f}x (target <= 1.2x: {'met' if ratio <= 1.2 else 'MISSED'}); "
+          f"the last run: {cut}; fixed cost of a count-only fab primes on 1..1000: {fixed:.2f} s")
+
+
+def best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def kernel(end: int) -> None:
+    from client import primes as client_primes
+    from cluster.jobs.primes import count_parts, part_bounds, recount
+
+    lib = client_primes._PRIMESIEVE
+    if lib is None:
+        print("2. no libprimesieve here: kernel figures skipped")
+        return
+    lo = max(1, end - 10**10)
+    width = 10**10
+    one = best(lambda: lib.count(lo, lo + width - 1), 2)
+    parts = count_parts(lo, lo + width - 1)
+    cut = best(lambda: client_primes.run({"lo": lo, "hi": lo + width - 1, "mode": "count", "parts": parts},
+                                         "primesieve"), 2)
+    a, b = part_bounds(lo, lo + width - 1, parts)[0]
+    again = best(lambda: recount(a, b))
+    print(f"2. counting kernel, 1 thread, near {end:.0e}, ns per number (lower is faster)")
+    print(f"   one call over 1e10 numbers:               {one / width * 1e9:.3f}")
+    print(f"   the same as a count-mode block ({parts} parts): {cut / width * 1e9:.3f}  "
+          f"({cut / one:.3f}x; first/last included)")
+    for w in (10**7, 10**8, 10**9):
+        calls = min(100, 10**10 // w)
+        t = best(lambda w=w, calls=calls: [lib.count(lo + i * w, lo + (i + 1) * w - 1) for i in range(calls)], 2)
+        print(f"   calls of {w:.0e} numbers:                   {t / (calls * w) * 1e9:.3f}")
+    print(f"   coordinator's recount of one part ({b - a + 1:.2e} numbers): {again * 1e3:.1f} ms = "
+          f"{again / cut:.3f} of the block's time")
+    span = 10**9
+    count = best(lambda: lib.count(lo, lo + span - 1))
+    extra = []
+    try:
+        clib = ctypes.CDLL(ctypes.util.find_library("primesieve"))
+        twins_fn = clib.primesieve_count_twins
+        twins_fn.restype = ctypes.c_uint64
+        twins_fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
+        twins = best(lambda: twins_fn(lo, lo + span - 1))
+        extra.append(f"twin primes {twins / count:.2f}x (both figures: {(count + twins) / count:.2f}x)")
+    except (OSError, AttributeError, TypeError):
+        extra.append("twin primes: no primesieve_count_twins here")
+    if lib.primes_np is not None:
+        gen = best(lambda: sum(int(lib.primes_np(x, min(lo + span, x + client_primes.PS_CHUNK) - 1).sum())
+                               for x in range(lo, lo + span, client_primes.PS_CHUNK)))
+        extra.append(f"generate and sum (the old count mode) {gen / count:.2f}x")
+    print(f"   over 1e9 numbers, against counting them ({count * 1e3:.0f} ms): " + "; ".join(extra))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--end", default="1e11", help="N of the range 1..N (default 1e11)")
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (default 3)")
+    parser.add_argument("--no-kernel", action="store_true", help="skip part 2")
+    args = parser.parse_args()
+    end = int(float(args.end))
+    if not shutil.which("primesieve"):
+        raise SystemExit("needs the primesieve command (apt install primesieve)")
+    end_to_end(end, args.rounds)
+    if not args.no_kernel:
+        kernel(end)
+
+
+if __name__ == "__main__":
+    import ctypes.util  # noqa: F401  (used by kernel())
+
+    main()
