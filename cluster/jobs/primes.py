@@ -412,7 +412,8 @@ def _spot_check_list(primes: np.ndarray, values: np.ndarray, rng) -> None:
                 raise InvalidResult(f"prime {x} is missing from the result")
 
 
-def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, Optional[bytes]]:
+def validate(lo: int, hi: int, result: dict, mode: str = "list",
+             recount_part: bool = True) -> Tuple[int, Optional[bytes]]:
     """Check a host's result for block [lo, hi]; return (count, payload to store or None).
 
     Raises InvalidResult with the reason when anything is off: fields, counts
@@ -425,7 +426,7 @@ def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, O
     A count-mode result has no checksum (counting generates no prime): it
     carries the counts of the block's parts (count_parts), which must add up;
     besides the checks on first and last, one part picked at random is recounted
-    here (SECURITY.md "Count-only results").
+    here unless ``recount_part`` is False (SECURITY.md "Count-only results").
     """
     if mode not in ("list", "count"):
         raise ValueError("mode must be 'list' or 'count'")
@@ -435,7 +436,7 @@ def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, O
     _spot_check_ends(lo, hi, first, last, rng)
     found = _full_check(lo, hi, count, checksum) if hi - lo < FULL_CHECK_WIDTH else None
     if mode == "count":
-        if found is None:
+        if found is None and recount_part:
             _recount_one_part(parts)
         return count, None
     payload = _payload_of(result)
@@ -543,14 +544,16 @@ def _byte_sink(fileobj: Union[BinaryIO, TextIO]):
 _ASCII_SUPERSETS = ("ascii", "utf-8", "latin-1", "iso8859-1", "iso8859-15", "cp1252")
 
 
-def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[BinaryIO, TextIO]) -> int:
+def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[BinaryIO, TextIO],
+               start: int = 0, end: int = MAX_END) -> int:
     """Write the primes of stored blocks, one per line in ascending order; return how many.
 
     ``blocks`` yields (lo, payload) pairs in ascending lo order (payloads as
     stored: raw zlib bytes). Streams: one block in memory at a time. ``fileobj``
-    may be binary (fastest) or text. Raises ValueError when the blocks are out
-    of order, overlap or have no payload (a count-only run), InvalidResult when
-    a payload does not decode.
+    may be binary (fastest) or text. Only primes in [start, end] are written (a
+    smaller range answered from a bigger run). Raises ValueError when the blocks
+    are out of order, overlap or have no payload (a count-only run),
+    InvalidResult when a payload does not decode.
     """
     write, flush = _byte_sink(fileobj)
     written = 0
@@ -559,6 +562,9 @@ def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[Bin
         if payload is None:
             raise ValueError(f"block at lo={lo} has no stored primes (a count-only run?)")
         primes = payload_to_array(lo, payload)
+        if primes.size and (int(primes[0]) < start or int(primes[-1]) > end):
+            primes = primes[int(np.searchsorted(primes, np.uint64(start))):
+                            int(np.searchsorted(primes, np.uint64(end), side="right"))]
         if not primes.size:
             continue
         if int(primes[0]) <= previous:
@@ -570,6 +576,31 @@ def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[Bin
     if flush is not None:
         flush()
     return written
+
+
+def count_between(blocks: Iterable[Tuple[int, int, int, Optional[bytes]]], start: int, end: int) -> int:
+    """The primes in [start, end] from stored list-mode blocks (lo, hi, found, payload)
+    that tile a range covering it: a block inside counts its stored total, a block
+    cut by start or end is decoded. ValueError when the blocks leave a gap."""
+    total = 0
+    covered = start
+    for lo, hi, found, payload in blocks:
+        if hi < start or lo > end:
+            continue
+        if lo > covered:
+            raise ValueError(f"no block covers {covered}")
+        covered = max(covered, hi + 1)
+        if start <= lo and hi <= end:
+            total += found
+            continue
+        if payload is None:
+            raise ValueError(f"block at lo={lo} has no stored primes")
+        primes = payload_to_array(lo, payload)
+        total += int(np.searchsorted(primes, np.uint64(end), side="right")) - int(
+            np.searchsorted(primes, np.uint64(start)))
+    if covered <= end:
+        raise ValueError(f"no block covers {covered}")
+    return total
 
 
 # ---------------------------------------------------------------- the job
@@ -594,6 +625,9 @@ class PrimesJob:
         self.count_only = bool(count_only)
         self.mode = "count" if self.count_only else "list"
         self.total = end - start + 1
+        # Count-mode blocks sent to a host other than this machine (address = local):
+        # only their results are recounted in part (SECURITY.md "Count-only results").
+        self._sent_remote: set = set()
 
     def params(self) -> dict:
         """The run's identity: range and mode (hosts and block sizes are not part of it)."""
@@ -608,9 +642,17 @@ class PrimesJob:
             return {"lo": lo, "hi": hi, "mode": self.mode, "parts": count_parts(lo, hi)}
         return {"lo": lo, "hi": hi, "mode": self.mode}
 
+    def task_args_for(self, block, link, task_id: int) -> dict:
+        """task_args() of ``block`` for the host behind ``link``; notes a count-mode block
+        sent to a host that is not this machine (its result is recounted in part)."""
+        if self.count_only and not getattr(getattr(link, "host", None), "is_local", False):
+            self._sent_remote.add((block.lo, block.hi))
+        return self.task_args(block.lo, block.hi)
+
     def check(self, lo: int, hi: int, result: dict) -> Tuple[int, Optional[bytes]]:
-        """validate() for this job's mode: (count, payload or None); raises InvalidResult."""
-        return validate(lo, hi, result, self.mode)
+        """validate() for this job's mode: (count, payload or None); raises InvalidResult.
+        A count-mode block only ever sent to this machine's own agent is not recounted."""
+        return validate(lo, hi, result, self.mode, recount_part=(lo, hi) in self._sent_remote)
 
     def max_block(self) -> int:
         """Widest block to hand out: in list mode at most ~4e6 primes (a ~3-4 MB result)
