@@ -522,7 +522,10 @@ class _Primesieve(object):
 
 def _package_primesieve():
     """The ``primesieve`` Python package, or None."""
-    import primesieve as pkg
+    try:
+        import primesieve as pkg
+    except Exception:  # ImportError, or a build that cannot load here
+        return None
 
     setter = getattr(pkg, "set_num_threads", None)
     if setter is not None:
