@@ -28,10 +28,34 @@ from array import array
 from itertools import compress
 from operator import sub
 
-try:
-    import numpy as np
-except Exception:  # ImportError, or a numpy that cannot load on this CPU
-    np = None
+# numpy, once _numpy() has imported it: only what needs it imports it (count mode
+# with libprimesieve never does; importing numpy costs a worker ~0.1-0.4 s).
+np = None
+_NUMPY_TRIED = []
+
+
+def _numpy():
+    """numpy, imported on first need; None when it cannot be imported here."""
+    global np
+    if not _NUMPY_TRIED:
+        _NUMPY_TRIED.append(True)
+        try:
+            import numpy
+        except Exception:  # ImportError, or a numpy that cannot load on this CPU
+            numpy = None
+        np = numpy
+    return np
+
+
+def _numpy_installed():
+    """True when numpy can be found here (found, not imported)."""
+    try:
+        from importlib.util import find_spec
+
+        return find_spec("numpy") is not None
+    except Exception:
+        return False
+
 
 ENCODING = "gapvarint-zlib-b64"
 MAX_HI = 10**15
@@ -128,6 +152,7 @@ def python_base_primes(limit):
 
 def numpy_base_primes(limit):
     """Odd primes <= ``limit`` as an int64 numpy array, from the process cache."""
+    _numpy()
     cache = _np_base
     if limit > cache["limit"]:
         new = _grow_to(limit, cache["limit"])
@@ -184,6 +209,7 @@ def encode_varints(values):
 
 def encode_varints_np(v):
     """LEB128 bytes of a numpy integer array (values >= 0), vectorised."""
+    _numpy()
     if v.size == 0:
         return b""
     if v.dtype.kind == "i" and int(v.min()) < 0:
@@ -477,6 +503,8 @@ def _first_index(sb, ps):
 
 def _run_numpy(lo, hi, acc):
     """The numpy engine: odd-only boolean chunks, presieved by pattern copy."""
+    if _numpy() is None:
+        raise RuntimeError("the numpy engine needs numpy, which cannot be imported here")
     if lo <= 2 <= hi:
         acc.add_list([2])
     base = _odd_start(lo)
@@ -499,10 +527,11 @@ class _Primesieve(object):
     host runs one worker per slot (README.md "hosts.ini": a slot is a core).
 
     ``count(lo, hi)``: how many primes in [lo, hi]; ``primes(lo, hi)``: them, as
-    a list; ``primes_np(lo, hi)``: them, as a uint64 numpy array (None without numpy).
+    a list; ``primes_np(lo, hi)``: them, as a uint64 numpy array (once _numpy()
+    has imported numpy).
     """
 
-    def __init__(self, count, primes, primes_np=None):
+    def __init__(self, count, primes, primes_np):
         self.count = count
         self.primes = primes
         self.primes_np = primes_np
@@ -512,12 +541,7 @@ class _Primesieve(object):
         if self.count(0, 100) != 25 or self.count(7, 7) != 1 or self.count(8, 10) != 0:
             return False
         small = self.primes(0, 100)
-        if len(small) != 25 or sum(small) != 1060 or self.primes(8, 10):
-            return False
-        if self.primes_np is not None:
-            arr = self.primes_np(0, 100)
-            return int(arr.size) == 25 and int(arr.sum()) == 1060
-        return True
+        return len(small) == 25 and sum(small) == 1060 and not self.primes(8, 10)
 
 
 def _package_primesieve():
@@ -530,16 +554,14 @@ def _package_primesieve():
     setter = getattr(pkg, "set_num_threads", None)
     if setter is not None:
         setter(1)
-    primes_np = None
-    if np is not None:
+
+    def primes_np(lo, hi):
         try:
             from primesieve.numpy import primes as _np_primes
+        except ImportError:  # a package built without its numpy module
+            return np.asarray(pkg.primes(lo, hi), dtype=np.uint64)
+        return np.asarray(_np_primes(lo, hi), dtype=np.uint64)
 
-            def primes_np(lo, hi):
-                return np.asarray(_np_primes(lo, hi), dtype=np.uint64)
-
-        except Exception:
-            primes_np = None
     count_one = getattr(pkg, "count_primes", None)
     if count_one is None:
         return None
@@ -596,11 +618,7 @@ def _ctypes_primesieve():
     def count(lo, hi):
         return int(count_fn(lo, hi))
 
-    return _Primesieve(
-        count,
-        lambda lo, hi: generated(lo, hi, to_list),
-        (lambda lo, hi: generated(lo, hi, to_np)) if np is not None else None,
-    )
+    return _Primesieve(count, lambda lo, hi: generated(lo, hi, to_list), lambda lo, hi: generated(lo, hi, to_np))
 
 
 def _load_primesieve():
@@ -617,9 +635,10 @@ def _load_primesieve():
 
 def _run_primesieve(lo, hi, acc):
     """The primesieve engine: primes from the C++ library; numpy encoder when there is numpy."""
+    with_numpy = _numpy() is not None
     for a in range(lo, hi + 1, PS_CHUNK):
         b = min(hi, a + PS_CHUNK - 1)
-        if _PRIMESIEVE.primes_np is not None:
+        if with_numpy:
             acc.add_np(_PRIMESIEVE.primes_np(a, b))
         else:
             acc.add_list(_PRIMESIEVE.primes(a, b))
@@ -657,7 +676,10 @@ def _count_primesieve(lo, hi, parts):
 _PRIMESIEVE = _load_primesieve()
 
 _ENGINES = {"python": _run_python}
-if np is not None:
+# Without libprimesieve numpy is the best engine: import it now (a numpy that cannot
+# load is then not listed); with it, numpy is imported only for list mode.
+_FORCED = os.environ.get("BEOWULF_PRIMES_ENGINE", "").strip().lower()
+if (_numpy() is not None) if (_PRIMESIEVE is None or _FORCED == "numpy") else _numpy_installed():
     _ENGINES["numpy"] = _run_numpy
 if _PRIMESIEVE is not None:
     _ENGINES["primesieve"] = _run_primesieve
@@ -666,7 +688,7 @@ _COUNTERS = {"primesieve": _count_primesieve}
 
 
 def _pick_engine():
-    forced = os.environ.get("BEOWULF_PRIMES_ENGINE", "").strip().lower()
+    forced = _FORCED
     if forced:
         if forced in _ENGINES:
             return forced
