@@ -311,12 +311,25 @@ def test_count_job_recounts_only_blocks_sent_to_another_machine(small_parts, mon
     local = SimpleNamespace(host=SimpleNamespace(is_local=True))
     remote = SimpleNamespace(host=SimpleNamespace(is_local=False))
     args = c.task_args_for(block, local, 1)
-    assert args == c.task_args(lo, hi) and args["parts"] == 20
-    good = client.run(args)
-    assert c.check(lo, hi, good) == (good["count"], None) and not recounted
-    c.task_args_for(block, remote, 2)  # a duplicate (or --verify copy) on an SSH host
-    assert c.check(lo, hi, good) == (good["count"], None) and len(recounted) == 1
-    assert PrimesJob(lo, hi).task_args_for(block, remote, 3) == {"lo": lo, "hi": hi, "mode": "list"}
+    assert args == dict(c.task_args(lo, hi), parts=1)  # this machine counts it whole: nothing recounts it
+    whole = client.run(args)
+    assert c.check(lo, hi, whole) == (whole["count"], None) and not recounted
+    remote_args = c.task_args_for(block, remote, 2)  # a duplicate (or --verify copy) on an SSH host
+    assert remote_args == c.task_args(lo, hi) and remote_args["parts"] == 20
+    parts = client.run(remote_args)
+    assert c.check(lo, hi, parts) == (parts["count"], None) and len(recounted) == 1
+    assert recounted[0] in job.part_bounds(lo, hi, 20)
+    # a one-part result of a block also sent elsewhere may be anyone's: recounted whole
+    assert c.check(lo, hi, whole) == (whole["count"], None) and recounted[1] == (lo, hi)
+    lie = dict(whole, count=whole["count"] + 1, counts=[whole["count"] + 1])
+    with pytest.raises(InvalidResult, match="holds"):
+        c.check(lo, hi, lie)
+    # a block sent only to SSH hosts: one part is not accepted
+    other = SimpleNamespace(lo=lo + 1, hi=hi)
+    c.task_args_for(other, remote, 3)
+    with pytest.raises(InvalidResult, match="counts must be a list of"):
+        c.check(lo + 1, hi, client.run({"lo": lo + 1, "hi": hi, "mode": "count"}))
+    assert PrimesJob(lo, hi).task_args_for(block, remote, 4) == {"lo": lo, "hi": hi, "mode": "list"}
 
 
 # ------------------------------------------------------------------ a smaller range from a finished run

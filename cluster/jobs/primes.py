@@ -325,11 +325,14 @@ def _check_fields(lo: int, hi: int, result: dict,
 
 
 def _check_parts(lo: int, hi: int, result: dict, count: int, first: Optional[int],
-                 last: Optional[int]) -> list:
+                 last: Optional[int], whole: bool = False) -> list:
     """The per-part counts of a count-mode result, checked for shape and against the
-    total, first and last; returns [(a, b, count)]."""
+    total, first and last; returns [(a, b, count)]. ``whole``: one part (the whole
+    block) is also accepted."""
     counts = result.get("counts")
     parts = count_parts(lo, hi)
+    if isinstance(counts, list) and len(counts) == 1 and whole:
+        parts = 1
     if not isinstance(counts, list) or len(counts) != parts or not all(_is_int(c) for c in counts):
         raise InvalidResult(f"counts must be a list of {parts} integers (one per part of the block)")
     bounds = part_bounds(lo, hi, parts)
@@ -412,8 +415,8 @@ def _spot_check_list(primes: np.ndarray, values: np.ndarray, rng) -> None:
                 raise InvalidResult(f"prime {x} is missing from the result")
 
 
-def validate(lo: int, hi: int, result: dict, mode: str = "list",
-             recount_part: bool = True) -> Tuple[int, Optional[bytes]]:
+def validate(lo: int, hi: int, result: dict, mode: str = "list", recount_part: bool = True,
+             whole: bool = False) -> Tuple[int, Optional[bytes]]:
     """Check a host's result for block [lo, hi]; return (count, payload to store or None).
 
     Raises InvalidResult with the reason when anything is off: fields, counts
@@ -427,11 +430,13 @@ def validate(lo: int, hi: int, result: dict, mode: str = "list",
     carries the counts of the block's parts (count_parts), which must add up;
     besides the checks on first and last, one part picked at random is recounted
     here unless ``recount_part`` is False (SECURITY.md "Count-only results").
+    ``whole``: a count of the whole block as one part is accepted too (and, when
+    recounted, recounted whole).
     """
     if mode not in ("list", "count"):
         raise ValueError("mode must be 'list' or 'count'")
     count, checksum, first, last = _check_fields(lo, hi, result, mode)
-    parts = _check_parts(lo, hi, result, count, first, last) if mode == "count" else None
+    parts = _check_parts(lo, hi, result, count, first, last, whole) if mode == "count" else None
     rng = random.Random((lo * 1_000_003) ^ (checksum or 0) ^ count)
     _spot_check_ends(lo, hi, first, last, rng)
     found = _full_check(lo, hi, count, checksum) if hi - lo < FULL_CHECK_WIDTH else None
@@ -627,7 +632,9 @@ class PrimesJob:
         self.total = end - start + 1
         # Count-mode blocks sent to a host other than this machine (address = local):
         # only their results are recounted in part (SECURITY.md "Count-only results").
+        # Blocks sent to this machine's agent: counted whole (no parts: nothing recounts them).
         self._sent_remote: set = set()
+        self._sent_local: set = set()
 
     def params(self) -> dict:
         """The run's identity: range and mode (hosts and block sizes are not part of it)."""
@@ -643,16 +650,27 @@ class PrimesJob:
         return {"lo": lo, "hi": hi, "mode": self.mode}
 
     def task_args_for(self, block, link, task_id: int) -> dict:
-        """task_args() of ``block`` for the host behind ``link``; notes a count-mode block
-        sent to a host that is not this machine (its result is recounted in part)."""
-        if self.count_only and not getattr(getattr(link, "host", None), "is_local", False):
-            self._sent_remote.add((block.lo, block.hi))
-        return self.task_args(block.lo, block.hi)
+        """task_args() of ``block`` for the host behind ``link``. In count mode this
+        machine's own agent (address = local) counts the block whole, in one call of
+        the kernel: its result is not recounted, so parts would only cost it time
+        (~1 ms a part with libprimesieve); other hosts count it in parts."""
+        args = self.task_args(block.lo, block.hi)
+        if self.count_only:
+            if getattr(getattr(link, "host", None), "is_local", False):
+                self._sent_local.add((block.lo, block.hi))
+                args["parts"] = 1
+            else:
+                self._sent_remote.add((block.lo, block.hi))
+        return args
 
     def check(self, lo: int, hi: int, result: dict) -> Tuple[int, Optional[bytes]]:
         """validate() for this job's mode: (count, payload or None); raises InvalidResult.
-        A count-mode block only ever sent to this machine's own agent is not recounted."""
-        return validate(lo, hi, result, self.mode, recount_part=(lo, hi) in self._sent_remote)
+        A count-mode block only ever sent to this machine's own agent is not recounted; a
+        block also sent elsewhere (an endgame duplicate, a --verify copy) is, and a result
+        of it counted whole (as this machine's is) is then recounted whole."""
+        key = (lo, hi)
+        return validate(lo, hi, result, self.mode, recount_part=key in self._sent_remote,
+                        whole=key in self._sent_local)
 
     def max_block(self) -> int:
         """Widest block to hand out: in list mode at most ~4e6 primes (a ~3-4 MB result)
