@@ -106,9 +106,12 @@ def primesieve_count(end: int, cwd: Path) -> tuple[float, float]:
     return seconds, cpu
 
 
+BLOCK_SECONDS = ["--block-seconds", "2"]
+
+
 def fab_count(end: int, db: Path, cwd: Path) -> tuple[float, float]:
     argv = fab_argv(["primes", "--start", "1", "--end", str(end), "--count-only", "--db", str(db), "--fresh",
-                     "--quiet"])
+                     "--quiet", *BLOCK_SECONDS])
     seconds, cpu, out = timed(argv, cwd, fab_env())
     found = re.search(r"([\d,]+) primes in", out)
     if not found or (end in PI and int(found.group(1).replace(",", "")) != PI[end]):
@@ -145,8 +148,8 @@ def end_to_end(end: int, rounds: int) -> None:
             pairs.append((ours, sieve, before, load()))
         cut = blocks_of(db)
         fixed = statistics.median(fab_count(1000, base / "fixed.db", base)[0] for _ in range(3))
-    print(f"1. fab primes --start 1 --end {end:.0e} --count-only (local default, {os.cpu_count()} cores) "
-          f"against primesieve {end:.0e} -c (all cores)")
+    print(f"1. fab primes --start 1 --end {end:.0e} --count-only --block-seconds {BLOCK_SECONDS[1]} (local "
+          f"default, {os.cpu_count()} cores) against primesieve {end:.0e} -c (all cores)")
     print(f"{'round':>5}  {'fab s':>7}  {'primesieve s':>12}  {'ratio':>6}  {'fab cpu':>8}  {'ps cpu':>7}  "
           f"{'ratio':>6}  load before -> after (1/5/15 min)")
     for i, ((ours, ours_cpu), (sieve, sieve_cpu), before, after) in enumerate(pairs, 1):
@@ -219,7 +222,9 @@ def main() -> None:
     parser.add_argument("--end", default="1e11", help="N of the range 1..N (default 1e11)")
     parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (default 3)")
     parser.add_argument("--no-kernel", action="store_true", help="skip part 2")
+    parser.add_argument("--block-seconds", default="2", help="fab primes --block-seconds (default 2, fab's own)")
     args = parser.parse_args()
+    BLOCK_SECONDS[1] = args.block_seconds
     end = int(float(args.end))
     if not shutil.which("primesieve"):
         raise SystemExit("needs the primesieve command (apt install primesieve)")
