@@ -210,7 +210,7 @@ def kernel(end: int) -> None:
         extra.append(f"twin primes {twins / count:.2f}x (both figures: {(count + twins) / count:.2f}x)")
     except (OSError, AttributeError, TypeError):
         extra.append("twin primes: no primesieve_count_twins here")
-    if lib.primes_np is not None:
+    if client_primes._numpy() is not None:
         gen = best(lambda: sum(int(lib.primes_np(x, min(lo + span, x + client_primes.PS_CHUNK) - 1).sum())
                                for x in range(lo, lo + span, client_primes.PS_CHUNK)))
         extra.append(f"generate and sum (the old count mode) {gen / count:.2f}x")
