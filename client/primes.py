@@ -524,7 +524,7 @@ def _run_numpy(lo, hi, acc):
 class _Primesieve(object):
     """The primesieve library, from the ``primesieve`` Python package or the system's
     ``libprimesieve`` through ctypes (no numpy needed). One thread per call: a
-    host runs one worker per slot (README.md "hosts.ini": a slot is a core).
+    host runs one worker per slot, one slot per core by default (README.md, "slots").
 
     ``count(lo, hi)``: how many primes in [lo, hi]; ``primes(lo, hi)``: them, as
     a list; ``primes_np(lo, hi)``: them, as a uint64 numpy array (once _numpy()
