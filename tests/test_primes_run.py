@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -162,6 +163,21 @@ def test_count_only_and_fresh(run_fab, tmp_path):
         assert all(payload is None for _, _, payload in store.iter_payloads(run_id))
     fresh = primes(run_fab, inventory, 1, 10**7, db, "--count-only", "--fresh")
     assert "already complete" not in fresh.stdout and count_of(fresh.stdout) == 664579
+
+
+def test_count_only_exact_at_1e10_and_against_primesieve(run_fab, tmp_path):
+    """pi(10^10) = 455,052,511; a range off the powers of ten against the primesieve command."""
+    inventory = local_inventory(tmp_path)
+    done = primes(run_fab, inventory, 1, "1e10", tmp_path / "a.db", "--count-only")
+    assert done.returncode == 0 and count_of(done.stdout) == 455_052_511, done.stdout + done.stderr
+    start, end = 123_456_789_012, 123_456_789_012 + 3 * 10**9 + 17
+    done = primes(run_fab, inventory, start, end, tmp_path / "b.db", "--count-only", "--block-seconds", "0.2")
+    assert done.returncode == 0, done.stderr
+    if shutil.which("primesieve"):
+        cli = subprocess.run(["primesieve", str(start), str(end), "-c", "--no-status"], capture_output=True,
+                             text=True, check=True).stdout
+        assert count_of(done.stdout) == int(cli.split("Primes:")[1].split()[0])
+    assert len(assert_blocks_tile(tmp_path / "b.db", start, end)) > 2
 
 
 def test_count_only_and_smaller_ranges_answered_from_a_finished_list_run(run_fab, tmp_path):
