@@ -1,6 +1,6 @@
 """`fab primes --count-only` end to end against `primesieve N -c` (all cores), side by side.
 
-    python bench/bench_count.py [--end 1e11] [--rounds 3] [--no-kernel]
+    python bench/bench_count.py [--end 1e11] [--rounds 3] [--no-kernel | --kernel-only]
 
 1. The whole command ``fab primes --start 1 --end N --count-only --db TMP/c.db
    --fresh --quiet`` on the shipped default inventory (``address = local``: this
@@ -224,13 +224,15 @@ def main() -> None:
     parser.add_argument("--end", default="1e11", help="N of the range 1..N (default 1e11)")
     parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (default 3)")
     parser.add_argument("--no-kernel", action="store_true", help="skip part 2")
+    parser.add_argument("--kernel-only", action="store_true", help="skip part 1")
     parser.add_argument("--block-seconds", default="2", help="fab primes --block-seconds (default 2, fab's own)")
     args = parser.parse_args()
     BLOCK_SECONDS[1] = args.block_seconds
     end = int(float(args.end))
     if not shutil.which("primesieve"):
         raise SystemExit("needs the primesieve command (apt install primesieve)")
-    end_to_end(end, args.rounds)
+    if not args.kernel_only:
+        end_to_end(end, args.rounds)
     if not args.no_kernel:
         kernel(end)
 
