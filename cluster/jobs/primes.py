@@ -2,8 +2,9 @@
 
 A block is a range of numbers [lo, hi], both inclusive. The host runs
 ``client/primes.py``'s ``run({"lo", "hi", "mode"})`` and answers with a dict
-(see that module): count, checksum (sum of the primes mod 2**64), first, last
-and, in list mode, the primes encoded as ``ENCODING``: the first prime's offset
+(see that module): count, first, last and, in list mode, the checksum (sum of
+the primes mod 2**64) and the primes encoded as ``ENCODING`` (in count mode,
+the counts of the block's parts instead: ``count_parts``): the first prime's offset
 from ``lo``, then the gaps between successive primes, each an unsigned LEB128
 varint, zlib-compressed, then base64.
 
