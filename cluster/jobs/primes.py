@@ -3,10 +3,10 @@
 A block is a range of numbers [lo, hi], both inclusive. The host runs
 ``client/primes.py``'s ``run({"lo", "hi", "mode"})`` and answers with a dict
 (see that module): count, first, last and, in list mode, the checksum (sum of
-the primes mod 2**64) and the primes encoded as ``ENCODING`` (in count mode,
-the counts of the block's parts instead: ``count_parts``): the first prime's offset
-from ``lo``, then the gaps between successive primes, each an unsigned LEB128
-varint, zlib-compressed, then base64.
+the primes mod 2**64) and the primes encoded as ``ENCODING``: the first prime's
+offset from ``lo``, then the gaps between successive primes, each an unsigned
+LEB128 varint, zlib-compressed, then base64. In count mode it sends the counts
+of the block's parts (``count_parts``) instead of a checksum and the primes.
 
 The store keeps a block's payload as the raw zlib bytes (base64-decoded, not
 re-encoded) beside the block's ``lo``: ``payload_to_array(lo, payload)`` gives
