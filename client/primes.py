@@ -4,7 +4,9 @@ Shipped to every host: standard library only, Python 3.6 syntax. Optional
 speed-ups are used when they import on the host:
 
 * ``primesieve``: the ``primesieve`` Python package, or the system library
-  ``libprimesieve`` through ctypes; either one needs numpy for the encoder.
+  ``libprimesieve`` through ctypes. Count mode calls its counting function
+  (no prime is generated) and needs no numpy; list mode encodes with numpy
+  when there is numpy, else with the stdlib encoder.
 * ``numpy``: an odd-only boolean sieve, vectorised.
 * ``python``: an odd-only bytearray sieve with slice assignment.
 
@@ -26,10 +28,34 @@ from array import array
 from itertools import compress
 from operator import sub
 
-try:
-    import numpy as np
-except Exception:  # ImportError, or a numpy that cannot load on this CPU
-    np = None
+# numpy, once _numpy() has imported it: only what needs it imports it (count mode
+# with libprimesieve never does; importing numpy costs a worker ~0.1-0.4 s).
+np = None
+_NUMPY_TRIED = []
+
+
+def _numpy():
+    """numpy, imported on first need; None when it cannot be imported here."""
+    global np
+    if not _NUMPY_TRIED:
+        _NUMPY_TRIED.append(True)
+        try:
+            import numpy
+        except Exception:  # ImportError, or a numpy that cannot load on this CPU
+            numpy = None
+        np = numpy
+    return np
+
+
+def _numpy_installed():
+    """True when numpy can be found here (found, not imported)."""
+    try:
+        from importlib.util import find_spec
+
+        return find_spec("numpy") is not None
+    except Exception:
+        return False
+
 
 ENCODING = "gapvarint-zlib-b64"
 MAX_HI = 10**15
@@ -45,6 +71,8 @@ PY_SEGMENT_MAX = 1 << 22
 NP_CHUNK_ODDS = 1 << 23
 # Numbers per chunk asked of libprimesieve (bounds memory: 8 bytes a prime).
 PS_CHUNK = 1 << 25
+# Most parts a count-mode block may be cut into (each part's count is returned).
+MAX_PARTS = 1024
 # In the numpy engine a base prime with fewer expected hits in a chunk than
 # this is crossed off by a vectorised scatter instead of a slice assignment.
 NP_SCATTER_HITS = 64
@@ -124,6 +152,7 @@ def python_base_primes(limit):
 
 def numpy_base_primes(limit):
     """Odd primes <= ``limit`` as an int64 numpy array, from the process cache."""
+    _numpy()
     cache = _np_base
     if limit > cache["limit"]:
         new = _grow_to(limit, cache["limit"])
@@ -180,6 +209,7 @@ def encode_varints(values):
 
 def encode_varints_np(v):
     """LEB128 bytes of a numpy integer array (values >= 0), vectorised."""
+    _numpy()
     if v.size == 0:
         return b""
     if v.dtype.kind == "i" and int(v.min()) < 0:
@@ -267,7 +297,8 @@ class _Accumulator(object):
         if not primes:
             return
         self.count += len(primes)
-        self.total += sum(primes)
+        if self.comp is not None:
+            self.total += sum(primes)
         if self.first is None:
             self.first = primes[0]
         if self.comp is not None:
@@ -285,8 +316,9 @@ class _Accumulator(object):
         first = int(primes[0])
         last = int(primes[-1])
         self.count += n
-        # exact: int64/uint64 sums wrap mod 2**64, which is what the checksum is
-        self.total += int(primes.sum(dtype=np.uint64))
+        if self.comp is not None:
+            # exact: int64/uint64 sums wrap mod 2**64, which is what the checksum is
+            self.total += int(primes.sum(dtype=np.uint64))
         if self.first is None:
             self.first = first
         if self.comp is not None:
@@ -298,6 +330,14 @@ class _Accumulator(object):
 
     def add_odd_flags_np(self, base, flags):
         """A numpy bool array: flags[i] is True when base + 2i is prime."""
+        if self.comp is None:  # count mode: no index list, no sum
+            n = int(np.count_nonzero(flags))
+            if n:
+                self.count += n
+                if self.first is None:
+                    self.first = base + 2 * int(np.argmax(flags))
+                self.last = base + 2 * (int(flags.size) - 1 - int(np.argmax(flags[::-1])))
+            return
         idx = np.flatnonzero(flags)
         n = int(idx.size)
         if not n:
@@ -317,17 +357,17 @@ class _Accumulator(object):
         self.prev = self.last = last
 
     def result(self, engine):
-        """The JSON-ready result dict."""
+        """The JSON-ready result dict (list mode: with the checksum and the data)."""
         out = {
             "lo": self.lo,
             "hi": self.hi,
             "count": self.count,
-            "checksum": self.total & MASK64,
             "first": self.first,
             "last": self.last,
             "engine": engine,
         }
         if self.comp is not None:
+            out["checksum"] = self.total & MASK64
             self.parts.append(self.comp.flush())
             out["encoding"] = ENCODING
             out["data"] = base64.b64encode(b"".join(self.parts)).decode("ascii")
@@ -369,18 +409,16 @@ def _run_python(lo, hi, acc):
             i = (m - sb) >> 1
             if i < n:
                 seg[i::p] = zeros[: (n - 1 - i) // p + 1]
-        numbers = range(sb, shi + 1, 2)
         if acc.comp is None:
-            # count mode: no list needed, but the checksum is the sum of the primes
+            # count mode: no list, no sum
             count = seg.count(1)
             if count:
                 acc.count += count
-                acc.total += sum(compress(numbers, seg))
                 if acc.first is None:
                     acc.first = sb + 2 * seg.find(1)
                 acc.last = sb + 2 * seg.rfind(1)
         else:
-            acc.add_list(list(compress(numbers, seg)))
+            acc.add_list(list(compress(range(sb, shi + 1, 2), seg)))
 
 
 _np_pattern = {}
@@ -465,6 +503,8 @@ def _first_index(sb, ps):
 
 def _run_numpy(lo, hi, acc):
     """The numpy engine: odd-only boolean chunks, presieved by pattern copy."""
+    if _numpy() is None:
+        raise RuntimeError("the numpy engine needs numpy, which cannot be imported here")
     if lo <= 2 <= hi:
         acc.add_list([2])
     base = _odd_start(lo)
@@ -481,37 +521,55 @@ def _run_numpy(lo, hi, acc):
 # ------------------------------------------------------------ primesieve
 
 
-def _load_primesieve():
-    """A function (lo, hi) -> uint64 numpy array of the primes in [lo, hi], from
-    the primesieve package or libprimesieve; None when neither works here."""
-    if np is None:
-        return None
-    candidates = []
-    try:
-        from primesieve.numpy import primes as _pkg_primes
+class _Primesieve(object):
+    """The primesieve library, from the ``primesieve`` Python package or the system's
+    ``libprimesieve`` through ctypes (no numpy needed). One thread per call: a
+    host runs one worker per slot, one slot per core by default (README.md, "slots").
 
-        candidates.append(lambda lo, hi: np.asarray(_pkg_primes(lo, hi), dtype=np.uint64))
-    except Exception:
-        pass
+    ``count(lo, hi)``: how many primes in [lo, hi]; ``primes(lo, hi)``: them, as
+    a list; ``primes_np(lo, hi)``: them, as a uint64 numpy array (once _numpy()
+    has imported numpy).
+    """
+
+    def __init__(self, count, primes, primes_np):
+        self.count = count
+        self.primes = primes
+        self.primes_np = primes_np
+
+    def works(self):
+        """True when it gets known answers right (a broken build is not trusted)."""
+        if self.count(0, 100) != 25 or self.count(7, 7) != 1 or self.count(8, 10) != 0:
+            return False
+        small = self.primes(0, 100)
+        return len(small) == 25 and sum(small) == 1060 and not self.primes(8, 10)
+
+
+def _package_primesieve():
+    """The ``primesieve`` Python package, or None."""
     try:
-        candidates.append(_ctypes_primesieve())
-    except Exception:
-        pass
-    for fn in candidates:
-        if fn is None:
-            continue
-        try:  # trust it only when it gets a known answer right
-            small = fn(0, 100)
-            if int(small.size) == 25 and int(small.sum()) == 1060 and int(fn(7, 7)[0]) == 7:
-                if int(fn(8, 10).size) == 0:
-                    return fn
-        except Exception:
-            continue
-    return None
+        import primesieve as pkg
+    except Exception:  # ImportError, or a build that cannot load here
+        return None
+
+    setter = getattr(pkg, "set_num_threads", None)
+    if setter is not None:
+        setter(1)
+
+    def primes_np(lo, hi):
+        try:
+            from primesieve.numpy import primes as _np_primes
+        except ImportError:  # a package built without its numpy module
+            return np.asarray(pkg.primes(lo, hi), dtype=np.uint64)
+        return np.asarray(_np_primes(lo, hi), dtype=np.uint64)
+
+    count_one = getattr(pkg, "count_primes", None)
+    if count_one is None:
+        return None
+    return _Primesieve(lambda lo, hi: int(count_one(lo, hi)), lambda lo, hi: list(pkg.primes(lo, hi)), primes_np)
 
 
 def _ctypes_primesieve():
-    """libprimesieve's primesieve_generate_primes through ctypes, or None."""
+    """libprimesieve's C API (primesieve.h, stable since 5.0) through ctypes, or None."""
     import ctypes
     import ctypes.util
 
@@ -519,49 +577,118 @@ def _ctypes_primesieve():
     if not name:
         return None
     lib = ctypes.CDLL(name)
+    u64 = ctypes.c_uint64
+    count_fn = lib.primesieve_count_primes
+    count_fn.restype = u64
+    count_fn.argtypes = [u64, u64]
     gen = lib.primesieve_generate_primes
     gen.restype = ctypes.c_void_p
-    gen.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_size_t), ctypes.c_int]
+    gen.argtypes = [u64, u64, ctypes.POINTER(ctypes.c_size_t), ctypes.c_int]
     free = lib.primesieve_free
     free.restype = None
     free.argtypes = [ctypes.c_void_p]
+    threads = lib.primesieve_set_num_threads
+    threads.restype = None
+    threads.argtypes = [ctypes.c_int]
+    threads(1)
     uint64_primes = 13  # enum value of UINT64_PRIMES in primesieve.h (stable since 5.0)
 
-    def generate(lo, hi):
+    def generated(lo, hi, take):
         size = ctypes.c_size_t(0)
         ptr = gen(lo, hi, ctypes.byref(size), uint64_primes)
         if not ptr:
             if size.value:
                 raise MemoryError("primesieve_generate_primes failed")
-            return np.zeros(0, dtype=np.uint64)
+            return take(None, 0)
         try:
-            if not size.value:
-                return np.zeros(0, dtype=np.uint64)
-            buf = (ctypes.c_uint64 * size.value).from_address(ptr)
-            return np.frombuffer(buf, dtype=np.uint64).copy()
+            return take(ptr, size.value)
         finally:
             free(ptr)
 
-    return generate
+    def to_list(ptr, n):
+        if not n:
+            return []
+        return list((u64 * n).from_address(ptr))
+
+    def to_np(ptr, n):
+        if not n:
+            return np.zeros(0, dtype=np.uint64)
+        return np.frombuffer((u64 * n).from_address(ptr), dtype=np.uint64).copy()
+
+    def count(lo, hi):
+        return int(count_fn(lo, hi))
+
+    return _Primesieve(count, lambda lo, hi: generated(lo, hi, to_list), lambda lo, hi: generated(lo, hi, to_np))
+
+
+def _load_primesieve():
+    """A working _Primesieve (the package first, then libprimesieve), or None."""
+    for loader in (_package_primesieve, _ctypes_primesieve):
+        try:
+            lib = loader()
+            if lib is not None and lib.works():
+                return lib
+        except Exception:  # not installed, a broken build, a foreign ABI: try the next
+            continue
+    return None
 
 
 def _run_primesieve(lo, hi, acc):
-    """The primesieve engine: primes from the C++ library, numpy encoder."""
+    """The primesieve engine: primes from the C++ library; numpy encoder when there is numpy."""
+    with_numpy = _numpy() is not None
     for a in range(lo, hi + 1, PS_CHUNK):
-        acc.add_np(_PRIMESIEVE(a, min(hi, a + PS_CHUNK - 1)))
+        b = min(hi, a + PS_CHUNK - 1)
+        if with_numpy:
+            acc.add_np(_PRIMESIEVE.primes_np(a, b))
+        else:
+            acc.add_list(_PRIMESIEVE.primes(a, b))
+
+
+def _edge_prime(lo, hi, lowest):
+    """The smallest (``lowest``) or largest prime in [lo, hi] by primesieve, or None:
+    searched in windows growing from that end (prime gaps below 10**15 are < 1500)."""
+    width = 512
+    a, b = lo, hi
+    while a <= b:
+        if lowest:
+            found = _PRIMESIEVE.primes(a, min(b, a + width - 1))
+            if found:
+                return found[0]
+            a += width
+        else:
+            found = _PRIMESIEVE.primes(max(a, b - width + 1), b)
+            if found:
+                return found[-1]
+            b -= width
+        width *= 4
+    return None
+
+
+def _count_primesieve(lo, hi, parts):
+    """Count mode of the primesieve engine: primesieve_count_primes per part (no prime
+    is generated), first and last from small windows at the ends."""
+    counts = [_PRIMESIEVE.count(a, b) for a, b in part_bounds(lo, hi, parts)]
+    if not sum(counts):
+        return counts, None, None
+    return counts, _edge_prime(lo, hi, True), _edge_prime(lo, hi, False)
 
 
 _PRIMESIEVE = _load_primesieve()
 
 _ENGINES = {"python": _run_python}
-if np is not None:
+# Without libprimesieve numpy is the best engine: import it now (a numpy that cannot
+# load is then not listed); with it, numpy is imported only for list mode.
+_FORCED = os.environ.get("BEOWULF_PRIMES_ENGINE", "").strip().lower()
+if (_numpy() is not None) if (_PRIMESIEVE is None or _FORCED == "numpy") else _numpy_installed():
     _ENGINES["numpy"] = _run_numpy
 if _PRIMESIEVE is not None:
     _ENGINES["primesieve"] = _run_primesieve
+# Engines with their own count mode (the others count what their sieve finds).
+_COUNTERS = {"primesieve": _count_primesieve}
 
 
 def _pick_engine():
-    forced = os.environ.get("BEOWULF_PRIMES_ENGINE", "").strip().lower()
+    forced = _FORCED
     if forced:
         if forced in _ENGINES:
             return forced
@@ -576,39 +703,67 @@ ENGINE = _pick_engine()
 AVAILABLE = tuple(name for name in ("primesieve", "numpy", "python") if name in _ENGINES)
 
 
+def part_bounds(lo, hi, parts):
+    """The ``parts`` consecutive ranges (a, b), both inclusive, that a count-mode
+    block [lo, hi] is cut into: as equal as integers allow. The coordinator cuts
+    the same way (cluster/jobs/primes.py) to recount one part itself."""
+    width = hi - lo + 1
+    return [(lo + i * width // parts, lo + (i + 1) * width // parts - 1) for i in range(parts)]
+
+
 def _check_args(args):
-    """(lo, hi, mode) from run()'s args, or ValueError."""
+    """(lo, hi, mode, parts) from run()'s args, or ValueError."""
     if not isinstance(args, dict):
         raise ValueError("args must be a dict with lo, hi and mode")
     lo = args.get("lo")
     hi = args.get("hi")
     mode = args.get("mode", "list")
-    for name, value in (("lo", lo), ("hi", hi)):
+    parts = args.get("parts", 1)
+    for name, value in (("lo", lo), ("hi", hi), ("parts", parts)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError("%s must be an integer, got %r" % (name, value))
     if not 0 <= lo <= hi <= MAX_HI:
         raise ValueError("need 0 <= lo <= hi <= 10**15, got lo=%d hi=%d" % (lo, hi))
     if mode not in ("list", "count"):
         raise ValueError("mode must be 'list' or 'count', got %r" % (mode,))
-    return lo, hi, mode
+    if not 1 <= parts <= min(MAX_PARTS, hi - lo + 1) or (parts > 1 and mode != "count"):
+        raise ValueError("parts must be 1..%d and at most the block's width (count mode only), got %d"
+                         % (MAX_PARTS, parts))
+    return lo, hi, mode, parts
 
 
 def run(args, engine=None):
     """Find the primes p with lo <= p <= hi (both inclusive).
 
     ``args``: ``{"lo": int, "hi": int, "mode": "list" | "count"}`` with
-    0 <= lo <= hi <= 10**15; anything else raises ValueError. ``engine``
-    overrides ``ENGINE`` (tests compare engines in one process).
+    0 <= lo <= hi <= 10**15, and in count mode optionally ``"parts": k``
+    (1..MAX_PARTS, at most the width); anything else raises ValueError.
+    ``engine`` overrides ``ENGINE`` (tests compare engines in one process).
 
-    Returns ``{"lo", "hi" (echoed), "count", "checksum" (sum of the primes
-    mod 2**64), "first", "last" (None when there is no prime), "engine"}`` and,
-    in list mode, ``"encoding": ENCODING`` and ``"data"`` (ascii): the first
-    prime's offset from lo, then the gaps, as LEB128 varints, zlib, base64.
+    Returns ``{"lo", "hi" (echoed), "count", "first", "last" (None when there
+    is no prime), "engine"}``; in list mode also ``"checksum"`` (sum of the
+    primes mod 2**64), ``"encoding": ENCODING`` and ``"data"`` (ascii): the
+    first prime's offset from lo, then the gaps, as LEB128 varints, zlib,
+    base64; in count mode also ``"counts"``: the count of each of the k parts
+    of ``part_bounds(lo, hi, k)`` (no checksum: counting generates no prime).
     """
-    lo, hi, mode = _check_args(args)
+    lo, hi, mode, parts = _check_args(args)
     name = engine or ENGINE
     if name not in _ENGINES:
         raise ValueError("engine %r is not available here (have %s)" % (name, ", ".join(AVAILABLE)))
-    acc = _Accumulator(lo, hi, mode == "list")
-    _ENGINES[name](lo, hi, acc)
-    return acc.result(name)
+    if mode == "list":
+        acc = _Accumulator(lo, hi, True)
+        _ENGINES[name](lo, hi, acc)
+        return acc.result(name)
+    if name in _COUNTERS:
+        counts, first, last = _COUNTERS[name](lo, hi, parts)
+    else:
+        acc = _Accumulator(lo, hi, False)
+        counts = []
+        for a, b in part_bounds(lo, hi, parts):
+            before = acc.count
+            _ENGINES[name](a, b, acc)
+            counts.append(acc.count - before)
+        first, last = acc.first, acc.last
+    return {"lo": lo, "hi": hi, "count": sum(counts), "counts": counts, "first": first, "last": last,
+            "engine": name}

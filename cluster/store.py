@@ -685,6 +685,20 @@ class Store:
             with self._lock:
                 cur.close()
 
+    def payloads_between(self, run_id: int, lo: int, hi: int, limit: int = 1) -> list[tuple[int, int, bytes | None]]:
+        """(lo, hi, payload) of the first ``limit`` committed blocks of a run that overlap
+        [lo, hi], in order of lo: a smaller range answered from a finished run, a few
+        blocks at a time."""
+        with self._lock, self._errors("reading results"):
+            cur = self._conn.cursor()
+            cur.row_factory = None
+            return cur.execute(
+                "SELECT b.lo, b.hi, p.data FROM blocks b LEFT JOIN payloads p"
+                " ON p.run_id = b.run_id AND p.lo = b.lo"
+                " WHERE b.run_id = ? AND b.hi >= ? AND b.lo <= ? ORDER BY b.lo LIMIT ?",
+                (run_id, lo, hi, max(1, limit)),
+            ).fetchall()
+
     def blocks(self, run_id: int) -> list[dict]:
         """A run's blocks in order of lo, for stats: everything but the payload, plus
         ``bytes`` (the payload's size, None without one) and ``meta`` as a dict."""

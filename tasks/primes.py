@@ -62,7 +62,7 @@ def _size(count: float) -> str:
     "db": "results store (SQLite file; default results.db, or beowulf.db in fabric.yaml)",
     "block_seconds": "aim for blocks that take about this long on each host (default 2)",
     "export": "write the primes, one per line in ascending order, to this file",
-    "count_only": "store counts and checksums but not the primes themselves (for huge ranges)",
+    "count_only": "count the primes without storing them (for huge ranges; at the counting kernel's speed)",
     "fresh": "start the run over instead of resuming it",
     "verify": "re-run this fraction of blocks (0..1) on a different host and compare",
 })
@@ -97,6 +97,8 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     if fraction > 0 and len(selected) < 2:
         log.warning("warning: --verify needs two hosts or more (a block is re-run on a different host); "
                     "nothing will be verified")
+    if not fresh and _answer_from_finished_run(db_path, first, last, count_only, export_path):
+        return
     job = PrimesJob(first, last, count_only=count_only)
     _check_disk(db_path, job)
     coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
@@ -112,6 +114,91 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     _print_summary(outcome, job, db_path)
     if export_path is not None:
         _export(db_path, outcome.run_id, export_path)
+
+
+def _finished_list_run(store, first: int, last: int, count_only: bool):
+    """The newest finished list-mode primes run whose range covers [first, last] (in list
+    mode a bigger one: the same range is the run itself), or None."""
+    for run in reversed(store.runs()):
+        params = run["params"]
+        if run["job"] != "primes" or run["state"] != "done" or params.get("mode") != "list":
+            continue
+        start, end = params.get("start"), params.get("end")
+        if isinstance(start, int) and isinstance(end, int) and start <= first and last <= end \
+                and (count_only or (start, end) != (first, last)):
+            return run
+    return None
+
+
+def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: bool,
+                              export_path) -> bool:
+    """Answer [first, last] from a finished list run of the store that covers it: count
+    it, and export it, without computing anything. False when there is none."""
+    from cluster.errors import StoreError
+    from cluster.jobs.primes import count_between
+    from cluster.store import Store
+
+    if not db_path.is_file():
+        return False
+    try:
+        store = Store.open_readonly(db_path)
+    except StoreError:
+        return False  # the run itself reports what is wrong with the store
+    with store:
+        run = _finished_list_run(store, first, last, count_only)
+        if run is None:
+            return False
+        run_id = run["id"]
+        blocks = []
+        for block in store.blocks(run_id):
+            lo, hi = block["lo"], block["hi"]
+            if hi < first or lo > last:
+                continue
+            payload = None
+            if lo < first or hi > last:  # cut by the range: count from its primes
+                payload = store.payloads_between(run_id, lo, lo)[0][2]
+            blocks.append((lo, hi, block["found"], payload))
+        try:
+            found = count_between(blocks, first, last)
+        except ValueError as err:
+            log.warning("run %d cannot answer [%d, %d] (%s): computing it", run_id, first, last, err)
+            return False
+        if export_path is not None:
+            _export_between(store, run_id, first, last, export_path, db_path)
+    span = f"[{run['params']['start']:,}, {run['params']['end']:,}]"
+    mode = "counted" if count_only else "taken"
+    print(f"{found:,} primes in [{first:,}, {last:,}] ({mode} from finished run {run_id} of {span} "
+          f"in {db_path}: nothing computed)")
+    if export_path is not None:
+        print(f"exported to {export_path}")
+    return True
+
+
+def _export_between(store, run_id: int, first: int, last: int, export_path: Path, db_path: Path) -> None:
+    """--export of [first, last] from a finished run's stored blocks, streamed block by block."""
+    from cluster.jobs.primes import write_text
+
+    def blocks():
+        lo = first
+        while lo <= last:
+            rows = store.payloads_between(run_id, lo, last, limit=16)
+            if not rows:
+                return
+            for row in rows:
+                yield row[0], row[2]
+            lo = rows[-1][1] + 1
+
+    temp = export_path.with_name(f".{export_path.name}.part")
+    try:
+        with open(temp, "w", encoding="ascii") as handle:
+            write_text(blocks(), handle, first, last)
+        os.replace(temp, export_path)
+    except OSError as err:
+        raise JobError(f"--export: cannot write {export_path}: {err.strerror or err}; the primes are kept in "
+                       f"{db_path}: run the command again to export") from None
+    finally:
+        if temp.exists():
+            temp.unlink()
 
 
 def _check_disk(db_path: Path, job) -> None:

@@ -54,7 +54,10 @@ def check_against(lo, hi, expected, engine):
         assert res["engine"] == engine
         assert (res["lo"], res["hi"]) == (lo, hi)
         assert res["count"] == len(expected), (lo, hi, engine, mode)
-        assert res["checksum"] == sum(expected) % 2**64
+        if mode == "list":
+            assert res["checksum"] == sum(expected) % 2**64
+        else:
+            assert "checksum" not in res and res["counts"] == [len(expected)]
         assert res["first"] == (expected[0] if expected else None)
         assert res["last"] == (expected[-1] if expected else None)
         if mode == "list":
@@ -148,9 +151,8 @@ def test_near_the_top_python_engine_full_width_block():
     """The stdlib engine must manage a 10^6-wide block near 10^15 (base primes to 3.2e7)."""
     lo, hi = 10**15 - 10**6, 10**15
     res = run(lo, hi, "count", "python")
-    other = ENGINES[-1]
-    assert res["count"] == run(lo, hi, "count", other)["count"]
-    assert res["checksum"] == run(lo, hi, "count", other)["checksum"]
+    other = run(lo, hi, "count", ENGINES[-1])
+    assert (res["count"], res["first"], res["last"]) == (other["count"], other["first"], other["last"])
     assert is_prime(res["first"]) and is_prime(res["last"])
 
 
@@ -199,7 +201,7 @@ def test_numpy_chunk_boundary_full_size():
     ref = ENGINES[-1] if ENGINES[-1] != "numpy" else "python"
     a = run(lo, lo + width, "count", "numpy")
     b = run(lo, lo + width, "count", ref)
-    assert (a["count"], a["checksum"], a["first"], a["last"]) == (b["count"], b["checksum"], b["first"], b["last"])
+    assert (a["count"], a["first"], a["last"]) == (b["count"], b["first"], b["last"])
 
 
 def test_bad_args_raise_value_error():
@@ -213,6 +215,12 @@ def test_bad_args_raise_value_error():
         {"lo": 0, "hi": 4, "mode": "sum"},
         {"hi": 4, "mode": "list"},
         [0, 4],
+        {"lo": 0, "hi": 4, "mode": "count", "parts": 0},
+        {"lo": 0, "hi": 4, "mode": "count", "parts": 6},  # wider than the block
+        {"lo": 0, "hi": 10**6, "mode": "count", "parts": primes.MAX_PARTS + 1},
+        {"lo": 0, "hi": 10**6, "mode": "count", "parts": 2.0},
+        {"lo": 0, "hi": 10**6, "mode": "count", "parts": True},
+        {"lo": 0, "hi": 10**6, "mode": "list", "parts": 2},
     ]:
         with pytest.raises(ValueError):
             primes.run(args)
@@ -228,6 +236,54 @@ def test_result_is_json_and_no_integer_lists():
     assert json.loads(text) == res
     assert "[" not in text
     assert set(res) == {"lo", "hi", "count", "checksum", "first", "last", "engine", "encoding", "data"}
+
+
+# pi(x) of the counting function, known values (OEIS A006880 and A007053: pi(10^n), pi(2^n)).
+KNOWN_PI = {10**8: 5761455, 10**9: 50847534, 2**32: 203280221, 10**10: 455052511}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_count_parts_add_up_and_match_the_cut(engine):
+    lo, hi = 10**9 - 12345, 10**9 + 10**6
+    expected = primes.decode_primes(lo, run(lo, hi, "list", engine)["data"])
+    for parts in (1, 2, 7, 64):
+        res = primes.run({"lo": lo, "hi": hi, "mode": "count", "parts": parts}, engine=engine)
+        bounds = primes.part_bounds(lo, hi, parts)
+        assert bounds[0][0] == lo and bounds[-1][1] == hi
+        assert all(b[0] == a[1] + 1 for a, b in zip(bounds, bounds[1:]))
+        assert res["counts"] == [sum(1 for p in expected if a <= p <= b) for a, b in bounds]
+        assert (res["count"], res["first"], res["last"]) == (len(expected), expected[0], expected[-1])
+    # parts as wide as a single number
+    res = primes.run({"lo": 2, "hi": 12, "mode": "count", "parts": 11}, engine=engine)
+    assert res["counts"] == [1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0]
+
+
+@pytest.mark.skipif("primesieve" not in primes.AVAILABLE, reason="libprimesieve is not installed")
+@pytest.mark.parametrize("n", sorted(KNOWN_PI))
+def test_count_mode_known_pi_primesieve(n):
+    res = primes.run({"lo": 0, "hi": n, "mode": "count", "parts": 32}, engine="primesieve")
+    assert res["count"] == KNOWN_PI[n] and sum(res["counts"]) == KNOWN_PI[n]
+    assert res["first"] == 2 and is_prime(res["last"]) and not any(is_prime(x) for x in range(res["last"] + 1, n + 1))
+
+
+@pytest.mark.skipif("primesieve" not in primes.AVAILABLE, reason="libprimesieve is not installed")
+def test_count_mode_matches_the_primesieve_command():
+    """Counts of random ranges against the primesieve CLI (the same library, another door)."""
+    import shutil
+
+    if not shutil.which("primesieve"):
+        pytest.skip("the primesieve command is not installed")
+    rng = random.Random(99)
+    for _ in range(6):
+        lo = rng.randrange(0, 10**12)
+        hi = lo + rng.randrange(0, 10**8)
+        out = subprocess.run(["primesieve", str(lo), str(hi), "-c", "--no-status"], capture_output=True,
+                             text=True, check=True).stdout
+        cli = int(out.split("Primes:")[1].split()[0])
+        res = primes.run({"lo": lo, "hi": hi, "mode": "count", "parts": 5}, engine="primesieve")
+        assert res["count"] == cli, (lo, hi)
+        py = run(hi - 2000 if hi - lo > 2000 else lo, hi, "count", "python")
+        assert res["last"] == py["last"]
 
 
 def test_encoding_layout():
@@ -337,7 +393,8 @@ def test_client_parses_as_python_36_and_imports_only_stdlib():
 
 
 def test_client_runs_without_numpy(tmp_path):
-    """With numpy unimportable the stdlib engine is picked and still right."""
+    """With numpy unimportable: libprimesieve through ctypes when the host has it (both
+    modes; count mode never needed numpy), else the stdlib engine; and still right."""
     (tmp_path / "numpy.py").write_text("raise ImportError('no numpy here')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
     env.pop("BEOWULF_PRIMES_ENGINE", None)
@@ -346,7 +403,10 @@ def test_client_runs_without_numpy(tmp_path):
             sys.executable,
             "-c",
             "from client import primes; r = primes.run({'lo': 0, 'hi': 10**6, 'mode': 'list'});"
-            "print(primes.ENGINE, r['count'], len(primes.decode_primes(0, r['data'])))",
+            "c = primes.run({'lo': 0, 'hi': 10**9, 'mode': 'count', 'parts': 3}) if primes.ENGINE == 'primesieve'"
+            " else {'count': 50847534, 'counts': 3};"
+            "print(primes.ENGINE, r['count'], len(primes.decode_primes(0, r['data'])), c['count'], len(c['counts']),"
+            " primes.np is None)",
         ],
         env=env,
         capture_output=True,
@@ -354,4 +414,5 @@ def test_client_runs_without_numpy(tmp_path):
         check=True,
         cwd=str(ROOT),
     ).stdout.split()
-    assert out == ["python", "78498", "78498"]
+    engine = "primesieve" if "primesieve" in primes.AVAILABLE else "python"
+    assert out == [engine, "78498", "78498", "50847534", "3", "True"]

@@ -233,9 +233,126 @@ def test_validate_count_mode_plausibility():
     _bad(lo, hi, dict(good, count=600), "count")  # more than any interval of 1001 can hold
     _bad(lo, hi, dict(good, first=1001), "count")  # not prime
     _bad(lo, hi, dict(good, last=1999 + 2), "count")
-    _bad(lo, hi, dict(good, count=0, first=None, last=None, checksum=0), "count")  # primes missed
-    _bad(lo, hi, dict(good, checksum=1), "count")
+    _bad(lo, hi, dict(good, count=0, counts=[0], first=None, last=None), "count")  # primes missed
+    _bad(lo, hi, dict(good, count=good["count"] - 1, counts=[good["count"] - 1]), "count")  # checked in full
     assert validate(24, 28, real(24, 28, "count"), "count") == (0, None)
+
+
+# A count-mode block cut into parts of 10^4 here (not 2^26): blocks of a test's size have many parts.
+@pytest.fixture
+def small_parts(monkeypatch):
+    monkeypatch.setattr(job, "MIN_COUNT_PART", 10**4)
+
+
+def counted(lo, hi):
+    """An honest count-mode result, as the coordinator asks for it (task_args)."""
+    return client.run(PrimesJob(lo, hi, count_only=True).task_args(lo, hi))
+
+
+def test_count_mode_parts_shape_and_sums(small_parts):
+    lo, hi = 10**9, 10**9 + 2 * 10**5 - 1
+    good = counted(lo, hi)
+    assert len(good["counts"]) == job.count_parts(lo, hi) == 20 and "checksum" not in good
+    assert validate(lo, hi, good, "count") == (good["count"], None)
+    counts = good["counts"]
+    _bad(lo, hi, {k: v for k, v in good.items() if k != "counts"}, "count", match="counts")
+    _bad(lo, hi, dict(good, counts=counts[:-1]), "count", match="counts")
+    _bad(lo, hi, dict(good, counts=counts + [0]), "count", match="counts")
+    _bad(lo, hi, dict(good, counts=[float(c) for c in counts]), "count", match="counts")
+    _bad(lo, hi, dict(good, counts="1,2,3"), "count", match="counts")
+    _bad(lo, hi, dict(good, count=good["count"] + 1), "count", match="add up")
+    _bad(lo, hi, dict(good, counts=[5000] + counts[1:], count=good["count"] - counts[0] + 5000), "count",
+         match="impossible")
+    _bad(lo, hi, dict(good, counts=[-1, counts[1] + 1 + counts[0]] + counts[2:]), "count", match="impossible")
+    # the first prime must lie in the first part that holds primes
+    _bad(lo, hi, dict(good, counts=[0, counts[0] + counts[1]] + counts[2:]), "count", match="first")
+
+
+def test_count_mode_a_lie_in_every_part_is_caught(small_parts):
+    lo, hi = 10**9, 10**9 + 2 * 10**5 - 1
+    good = counted(lo, hi)
+    lie = dict(good, counts=[c + 1 for c in good["counts"]], count=good["count"] + len(good["counts"]))
+    for _ in range(5):
+        _bad(lo, hi, lie, "count", match="holds")
+
+
+def test_count_mode_the_recounted_part_is_picked_after_the_result(small_parts, monkeypatch):
+    """A lie in one part is caught when that part is recounted, and only then: the part
+    is drawn from the system's random source once the result is in (SECURITY.md)."""
+    assert isinstance(job._recount_rng, random.SystemRandom)
+    lo, hi = 10**9, 10**9 + 2 * 10**5 - 1
+    good = counted(lo, hi)
+    counts = list(good["counts"])
+    counts[7] -= 1
+    lie = dict(good, counts=counts, count=good["count"] - 1)
+    monkeypatch.setattr(job._recount_rng, "randrange", lambda n: 7)
+    _bad(lo, hi, lie, "count", match=r"holds \d+ primes; result says")
+    monkeypatch.setattr(job._recount_rng, "randrange", lambda n: 3)
+    assert validate(lo, hi, lie, "count") == (good["count"] - 1, None)  # one part in 20: this one escapes
+    picks = set()
+    monkeypatch.undo()
+    monkeypatch.setattr(job, "MIN_COUNT_PART", 10**4)
+    real_recount = job.recount
+    monkeypatch.setattr(job, "recount", lambda a, b: picks.add(a) or real_recount(a, b))
+    for _ in range(200):
+        validate(lo, hi, good, "count")
+    assert len(picks) > 10  # not always the same part
+
+
+def test_count_job_recounts_only_blocks_sent_to_another_machine(small_parts, monkeypatch):
+    from types import SimpleNamespace
+
+    lo, hi = 10**9, 10**9 + 2 * 10**5 - 1
+    c = PrimesJob(lo, hi, count_only=True)
+    recounted = []
+    monkeypatch.setattr(job, "recount", lambda a, b: recounted.append((a, b)) or client.run(
+        {"lo": a, "hi": b, "mode": "count"})["count"])
+    block = SimpleNamespace(lo=lo, hi=hi)
+    local = SimpleNamespace(host=SimpleNamespace(is_local=True))
+    remote = SimpleNamespace(host=SimpleNamespace(is_local=False))
+    args = c.task_args_for(block, local, 1)
+    assert args == dict(c.task_args(lo, hi), parts=1)  # this machine counts it whole: nothing recounts it
+    whole = client.run(args)
+    assert c.check(lo, hi, whole) == (whole["count"], None) and not recounted
+    remote_args = c.task_args_for(block, remote, 2)  # a duplicate (or --verify copy) on an SSH host
+    assert remote_args == c.task_args(lo, hi) and remote_args["parts"] == 20
+    parts = client.run(remote_args)
+    assert c.check(lo, hi, parts) == (parts["count"], None) and len(recounted) == 1
+    assert recounted[0] in job.part_bounds(lo, hi, 20)
+    # a one-part result of a block also sent elsewhere may be anyone's: recounted whole
+    assert c.check(lo, hi, whole) == (whole["count"], None) and recounted[1] == (lo, hi)
+    lie = dict(whole, count=whole["count"] + 1, counts=[whole["count"] + 1])
+    with pytest.raises(InvalidResult, match="holds"):
+        c.check(lo, hi, lie)
+    # a block sent only to SSH hosts: one part is not accepted
+    other = SimpleNamespace(lo=lo + 1, hi=hi)
+    c.task_args_for(other, remote, 3)
+    with pytest.raises(InvalidResult, match="counts must be a list of"):
+        c.check(lo + 1, hi, client.run({"lo": lo + 1, "hi": hi, "mode": "count"}))
+    assert PrimesJob(lo, hi).task_args_for(block, remote, 4) == {"lo": lo, "hi": hi, "mode": "list"}
+
+
+# ------------------------------------------------------------------ a smaller range from a finished run
+
+
+def test_count_between_and_write_text_of_a_subrange():
+    ranges = [(0, 999), (1000, 50_000), (50_001, 50_001), (50_002, 200_000)]
+    stored = _stored(ranges)
+    rows = [(lo, hi, len(reference(lo, hi)) if hi < 2000 else real(lo, hi)["count"], payload)
+            for (lo, hi), (_, payload) in zip(ranges, stored)]
+    for start, end in [(0, 200_000), (1, 1), (2, 2), (500, 120_000), (1000, 50_000), (999, 50_002),
+                       (7, 7), (8, 10), (199_999, 200_000), (50_001, 50_001)]:
+        expected = [p for p in client.decode_primes(0, real(0, 200_000)["data"]) if start <= p <= end]
+        only_cut = [(lo, hi, found, payload if (lo < start or hi > end) else None)
+                    for lo, hi, found, payload in rows]
+        assert job.count_between(only_cut, start, end) == len(expected), (start, end)
+        out = io.BytesIO()
+        assert job.write_text(iter(stored), out, start, end) == len(expected)
+        assert out.getvalue().decode() == "".join(f"{p}\n" for p in expected)
+    with pytest.raises(ValueError, match="covers"):
+        job.count_between(rows[:1] + rows[2:], 0, 200_000)
+    with pytest.raises(ValueError, match="covers"):
+        job.count_between(rows[:-1], 0, 200_000)
 
 
 def test_invalid_result_is_a_beowulf_error():
@@ -389,7 +506,8 @@ def test_primes_job_interface():
     assert 0 < j.first_block() <= j.max_block() <= j.total
     c = PrimesJob(0, 10**15, count_only=True)
     assert c.params()["mode"] == "count"
-    assert c.task_args(5, 9)["mode"] == "count"
+    assert c.task_args(5, 9) == {"lo": 5, "hi": 9, "mode": "count", "parts": 1}
+    assert c.task_args(0, 10**10 - 1)["parts"] == job.COUNT_PARTS
     assert c.check(0, 100, client.run(c.task_args(0, 100))) == (25, None)
     assert c.max_block() >= 10**9
     small = PrimesJob(5, 5)

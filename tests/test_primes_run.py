@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -164,6 +165,45 @@ def test_count_only_and_fresh(run_fab, tmp_path):
     assert "already complete" not in fresh.stdout and count_of(fresh.stdout) == 664579
 
 
+def test_count_only_exact_at_1e10_and_against_primesieve(run_fab, tmp_path):
+    """pi(10^10) = 455,052,511; a range off the powers of ten against the primesieve command."""
+    inventory = local_inventory(tmp_path)
+    done = primes(run_fab, inventory, 1, "1e10", tmp_path / "a.db", "--count-only")
+    assert done.returncode == 0 and count_of(done.stdout) == 455_052_511, done.stdout + done.stderr
+    start, end = 123_456_789_012, 123_456_789_012 + 3 * 10**9 + 17
+    done = primes(run_fab, inventory, start, end, tmp_path / "b.db", "--count-only", "--block-seconds", "0.2")
+    assert done.returncode == 0, done.stderr
+    if shutil.which("primesieve"):
+        cli = subprocess.run(["primesieve", str(start), str(end), "-c", "--no-status"], capture_output=True,
+                             text=True, check=True).stdout
+        assert count_of(done.stdout) == int(cli.split("Primes:")[1].split()[0])
+    assert len(assert_blocks_tile(tmp_path / "b.db", start, end)) > 2
+
+
+def test_count_only_and_smaller_ranges_answered_from_a_finished_list_run(run_fab, tmp_path):
+    inventory, db, out = local_inventory(tmp_path), tmp_path / "r.db", tmp_path / "sub.txt"
+    done = primes(run_fab, inventory, 1, 10**6, db, "--block-seconds", "0.05")
+    assert done.returncode == 0 and count_of(done.stdout) == 78498
+    assert len(assert_blocks_tile(db, 1, 10**6)) > 3  # so that the ranges below cut blocks
+    reference = [n for n in range(1000, 500_001) if is_prime(n)]
+    for args, expected in ((("1000", "5e5", "--count-only"), len(reference)),
+                           (("1", "1e6", "--count-only"), 78498),
+                           (("2", "10", "--count-only"), 4),
+                           (("1000", "500000", "--export", out), len(reference))):
+        answered = primes(run_fab, inventory, args[0], args[1], db, *args[2:])
+        assert answered.returncode == 0, answered.stderr
+        assert count_of(answered.stdout) == expected, answered.stdout
+        assert "nothing computed" in answered.stdout and "finished run 1" in answered.stdout
+    assert out.read_text() == "".join(f"{p}\n" for p in reference)
+    with Store(db) as store:
+        assert [r["id"] for r in store.runs()] == [1]  # no run was opened, nothing computed
+    # --fresh computes; a range the finished run does not cover is computed too
+    for args in (("1000", "5e5", "--count-only", "--fresh"), ("1000", "2e6", "--count-only")):
+        computed = primes(run_fab, inventory, args[0], args[1], db, *args[2:])
+        assert computed.returncode == 0 and "nothing computed" not in computed.stdout
+    assert count_of(computed.stdout) == 148933 - 168
+
+
 def test_resume_after_sigkill_of_coordinator(tmp_path, run_fab):
     inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
     argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "3e8", "--db", db,
@@ -199,6 +239,62 @@ def test_resume_after_sigkill_of_coordinator(tmp_path, run_fab):
 
 
 # ---------------------------------------------------------------- ssh hosts
+
+# The "python" of a host: hands everything to the real python3, then edits what its agent
+# says. "slow": an honest host that starts 5 s late; "count": every count-mode result
+# claims one prime more in each part than there is (the total adds up).
+LYING_PYTHON = r'''#!/usr/bin/env python3
+import json, os, subprocess, sys, time
+MODE = %(mode)r
+if MODE == "slow":
+    time.sleep(5)
+    os.execvp("python3", ["python3"] + sys.argv[1:])
+agent = subprocess.Popen(["python3"] + sys.argv[1:], stdin=sys.stdin, stdout=subprocess.PIPE)
+try:
+    for line in agent.stdout:
+        message = json.loads(line)
+        result = message.get("result") if message.get("type") == "result" and message.get("ok") else None
+        if isinstance(result, dict) and "data" not in result and result.get("count"):
+            counts = result.get("counts") or [0]
+            result["counts"] = [c + 1 for c in counts]
+            result["count"] += len(counts)
+            line = (json.dumps(message) + "\n").encode()
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+except OSError:
+    pass
+finally:
+    agent.kill()
+'''
+
+
+def lying_python(folder: Path, mode: str) -> Path:
+    path = folder / f"python-{mode}"
+    path.write_text(LYING_PYTHON % {"mode": mode})
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow
+def test_count_only_lying_host_is_caught_by_the_recount(ssh_env, run_fab, tmp_path):
+    """h2's agent inflates every count (parts and total consistent); h1 is honest but starts
+    5 s late, so h2 gets the first blocks. Its results are rejected, nothing it said is kept."""
+    cluster, _, config = ssh_env
+    inventory = cluster.write_inventory(tmp_path / "liar.ini", hosts=["h1", "h2"], extra={
+        "h1": {"python": lying_python(tmp_path, "slow"), "slots": 1},
+        "h2": {"python": lying_python(tmp_path, "count"), "slots": 1},
+    })
+    db = tmp_path / "r.db"
+    done = primes(run_fab, inventory, 1, "1e9", db, "--count-only", config=config)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert count_of(done.stdout) == 50847534, output
+    with Store(db) as store:
+        run_id = store.runs()[-1]["id"]
+        events = [e for e in store.events(run_id) if e["host"] == "h2" and e["kind"] == "invalid"]
+    blocks = assert_blocks_tile(db, 1, 10**9)
+    assert events and all("primes; result says" in e["detail"] for e in events), events
+    assert all(b["host"] != "h2" for b in blocks)
 
 @pytest.mark.slow
 def test_pi_over_ssh_and_local(ssh_env, run_fab, tmp_path):

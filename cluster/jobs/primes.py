@@ -2,10 +2,11 @@
 
 A block is a range of numbers [lo, hi], both inclusive. The host runs
 ``client/primes.py``'s ``run({"lo", "hi", "mode"})`` and answers with a dict
-(see that module): count, checksum (sum of the primes mod 2**64), first, last
-and, in list mode, the primes encoded as ``ENCODING``: the first prime's offset
-from ``lo``, then the gaps between successive primes, each an unsigned LEB128
-varint, zlib-compressed, then base64.
+(see that module): count, first, last and, in list mode, the checksum (sum of
+the primes mod 2**64) and the primes encoded as ``ENCODING``: the first prime's
+offset from ``lo``, then the gaps between successive primes, each an unsigned
+LEB128 varint, zlib-compressed, then base64. In count mode it sends the counts
+of the block's parts (``count_parts``) instead of a checksum and the primes.
 
 The store keeps a block's payload as the raw zlib bytes (base64-decoded, not
 re-encoded) beside the block's ``lo``: ``payload_to_array(lo, payload)`` gives
@@ -37,6 +38,13 @@ MAX_PRIMES_PER_BLOCK = 4_000_000
 # Cap on a count-mode block's width (its result is a few numbers; the client
 # sieves in bounded chunks, so this only bounds a block's run time).
 MAX_COUNT_BLOCK = 10**10
+# A count-mode block is cut into parts (client/primes.py part_bounds) whose counts
+# the host returns; the coordinator recounts one part, picked at random after the
+# result arrived (SECURITY.md "Count-only results"). At most COUNT_PARTS parts, each
+# at least MIN_COUNT_PART wide: a part is one call of the counting kernel, and
+# libprimesieve spends ~1 ms setting up each call (measured; BENCHMARKS.md).
+COUNT_PARTS = 32
+MIN_COUNT_PART = 1 << 26
 # Width of the first (probe) block given to a host.
 FIRST_BLOCK = 200_000
 # Primes spot-checked with Miller-Rabin per block (besides first and last);
@@ -265,8 +273,21 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[int], Optional[int]]:
-    """count, checksum, first, last of a result, checked for type and plausibility."""
+def count_parts(lo: int, hi: int) -> int:
+    """How many parts a count-mode block [lo, hi] is cut into (see COUNT_PARTS)."""
+    return max(1, min(COUNT_PARTS, (hi - lo + 1) // MIN_COUNT_PART))
+
+
+def part_bounds(lo: int, hi: int, parts: int) -> list:
+    """The parts (a, b) of [lo, hi], exactly as client/primes.py part_bounds cuts them."""
+    width = hi - lo + 1
+    return [(lo + i * width // parts, lo + (i + 1) * width // parts - 1) for i in range(parts)]
+
+
+def _check_fields(lo: int, hi: int, result: dict,
+                  mode: str = "list") -> Tuple[int, Optional[int], Optional[int], Optional[int]]:
+    """count, checksum (None in count mode), first, last of a result, checked for type
+    and plausibility."""
     if not isinstance(result, dict):
         raise InvalidResult("result is not an object")
     for key, want in (("lo", lo), ("hi", hi)):
@@ -277,27 +298,76 @@ def _check_fields(lo: int, hi: int, result: dict) -> Tuple[int, int, Optional[in
         raise InvalidResult(f"engine must be a short name, not {type(engine).__name__} of {len(str(engine))}")
     count, checksum = result.get("count"), result.get("checksum")
     first, last = result.get("first"), result.get("last")
-    if not _is_int(count) or not _is_int(checksum):
+    if mode == "count":
+        checksum = None  # counting generates no prime to sum: the parts are checked instead
+    elif not _is_int(checksum):
+        raise InvalidResult("count and checksum must be integers")
+    if not _is_int(count):
         raise InvalidResult("count and checksum must be integers")
     if not 0 <= count <= min(hi - lo + 1, _count_bound(hi - lo + 1)):
         raise InvalidResult(f"count {count} is impossible for [{lo}, {hi}]")
-    if not 0 <= checksum <= MASK64:
+    if checksum is not None and not 0 <= checksum <= MASK64:
         raise InvalidResult("checksum out of range")
     if count == 0:
-        if first is not None or last is not None or checksum != 0:
+        if first is not None or last is not None or checksum:
             raise InvalidResult("no primes but first/last/checksum are set")
         return count, checksum, None, None
     if not _is_int(first) or not _is_int(last):
         raise InvalidResult("first and last must be integers")
     if not lo <= first <= last <= hi:
         raise InvalidResult(f"first {first} / last {last} outside [{lo}, {hi}]")
-    if count == 1 and (first != last or checksum != first & MASK64):
+    if count == 1 and (first != last or (checksum is not None and checksum != first & MASK64)):
         raise InvalidResult("one prime but first/last/checksum disagree")
     if count >= 2 and first == last:
         raise InvalidResult(f"{count} primes but first == last")
-    if count * last <= MASK64 and not count * first <= checksum <= count * last:
+    if checksum is not None and count * last <= MASK64 and not count * first <= checksum <= count * last:
         raise InvalidResult(f"checksum is not a sum of {count} numbers in [first, last]")
     return count, checksum, first, last
+
+
+def _check_parts(lo: int, hi: int, result: dict, count: int, first: Optional[int],
+                 last: Optional[int], whole: bool = False) -> list:
+    """The per-part counts of a count-mode result, checked for shape and against the
+    total, first and last; returns [(a, b, count)]. ``whole``: one part (the whole
+    block) is also accepted."""
+    counts = result.get("counts")
+    parts = count_parts(lo, hi)
+    if isinstance(counts, list) and len(counts) == 1 and whole:
+        parts = 1
+    if not isinstance(counts, list) or len(counts) != parts or not all(_is_int(c) for c in counts):
+        raise InvalidResult(f"counts must be a list of {parts} integers (one per part of the block)")
+    bounds = part_bounds(lo, hi, parts)
+    for (a, b), c in zip(bounds, counts):
+        if not 0 <= c <= min(b - a + 1, _count_bound(b - a + 1)):
+            raise InvalidResult(f"count {c} is impossible for the part [{a}, {b}]")
+    if sum(counts) != count:
+        raise InvalidResult(f"the parts' counts add up to {sum(counts)}, not {count}")
+    if count:
+        nonzero = [i for i, c in enumerate(counts) if c]
+        a0, b0 = bounds[nonzero[0]]
+        a1, b1 = bounds[nonzero[-1]]
+        if not (a0 <= first <= b0 and a1 <= last <= b1):
+            raise InvalidResult("first/last are not in the first/last part that holds primes")
+    return [(a, b, c) for (a, b), c in zip(bounds, counts)]
+
+
+_recount_rng = random.SystemRandom()
+
+
+def recount(lo: int, hi: int) -> int:
+    """The primes in [lo, hi] counted here, by this machine's best engine of client/primes.py."""
+    from client import primes as local_primes
+
+    return int(local_primes.run({"lo": lo, "hi": hi, "mode": "count"})["count"])
+
+
+def _recount_one_part(parts: list) -> None:
+    """Recount one part, picked at random now (the host cannot know which): a host
+    that falsified the count of k of n parts is caught with probability k/n."""
+    a, b, claimed = parts[_recount_rng.randrange(len(parts))]
+    actual = recount(a, b)
+    if actual != claimed:
+        raise InvalidResult(f"[{a}, {b}] holds {actual} primes; result says {claimed}")
 
 
 def _spot_check_ends(lo: int, hi: int, first: Optional[int], last: Optional[int], rng) -> None:
@@ -315,11 +385,11 @@ def _spot_check_ends(lo: int, hi: int, first: Optional[int], last: Optional[int]
                 raise InvalidResult(f"prime {n} is missing from the result")
 
 
-def _full_check(lo: int, hi: int, count: int, checksum: int) -> list:
-    """A tiny block: every number tested; count and checksum must match exactly.
-    Returns the primes found."""
+def _full_check(lo: int, hi: int, count: int, checksum: Optional[int]) -> list:
+    """A tiny block: every number tested; count and checksum (list mode) must match
+    exactly. Returns the primes found."""
     found = [n for n in range(lo, hi + 1) if is_prime(n)]
-    if len(found) != count or sum(found) & MASK64 != checksum:
+    if len(found) != count or (checksum is not None and sum(found) & MASK64 != checksum):
         raise InvalidResult(f"[{lo}, {hi}] holds {len(found)} primes; result says {count} with checksum {checksum}")
     return found
 
@@ -346,7 +416,8 @@ def _spot_check_list(primes: np.ndarray, values: np.ndarray, rng) -> None:
                 raise InvalidResult(f"prime {x} is missing from the result")
 
 
-def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, Optional[bytes]]:
+def validate(lo: int, hi: int, result: dict, mode: str = "list", recount_part: bool = True,
+             whole: bool = False) -> Tuple[int, Optional[bytes]]:
     """Check a host's result for block [lo, hi]; return (count, payload to store or None).
 
     Raises InvalidResult with the reason when anything is off: fields, counts
@@ -356,15 +427,23 @@ def validate(lo: int, hi: int, result: dict, mode: str = "list") -> Tuple[int, O
     sampled gaps and a few outside [first, last] composite. Blocks narrower
     than FULL_CHECK_WIDTH are checked number by number, in both modes.
     The payload is the raw zlib bytes of the data field (list mode only).
-    A count-mode result can only be checked for plausibility.
+    A count-mode result has no checksum (counting generates no prime): it
+    carries the counts of the block's parts (count_parts), which must add up;
+    besides the checks on first and last, one part picked at random is recounted
+    here unless ``recount_part`` is False (SECURITY.md "Count-only results").
+    ``whole``: a count of the whole block as one part is accepted too (and, when
+    recounted, recounted whole).
     """
     if mode not in ("list", "count"):
         raise ValueError("mode must be 'list' or 'count'")
-    count, checksum, first, last = _check_fields(lo, hi, result)
-    rng = random.Random((lo * 1_000_003) ^ checksum ^ count)
+    count, checksum, first, last = _check_fields(lo, hi, result, mode)
+    parts = _check_parts(lo, hi, result, count, first, last, whole) if mode == "count" else None
+    rng = random.Random((lo * 1_000_003) ^ (checksum or 0) ^ count)
     _spot_check_ends(lo, hi, first, last, rng)
     found = _full_check(lo, hi, count, checksum) if hi - lo < FULL_CHECK_WIDTH else None
     if mode == "count":
+        if found is None and recount_part:
+            _recount_one_part(parts)
         return count, None
     payload = _payload_of(result)
     values = decode_varints(_inflate(payload, MAX_VARINT_BYTES * (count + 1)))
@@ -471,14 +550,16 @@ def _byte_sink(fileobj: Union[BinaryIO, TextIO]):
 _ASCII_SUPERSETS = ("ascii", "utf-8", "latin-1", "iso8859-1", "iso8859-15", "cp1252")
 
 
-def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[BinaryIO, TextIO]) -> int:
+def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[BinaryIO, TextIO],
+               start: int = 0, end: int = MAX_END) -> int:
     """Write the primes of stored blocks, one per line in ascending order; return how many.
 
     ``blocks`` yields (lo, payload) pairs in ascending lo order (payloads as
     stored: raw zlib bytes). Streams: one block in memory at a time. ``fileobj``
-    may be binary (fastest) or text. Raises ValueError when the blocks are out
-    of order, overlap or have no payload (a count-only run), InvalidResult when
-    a payload does not decode.
+    may be binary (fastest) or text. Only primes in [start, end] are written (a
+    smaller range answered from a bigger run). Raises ValueError when the blocks
+    are out of order, overlap or have no payload (a count-only run),
+    InvalidResult when a payload does not decode.
     """
     write, flush = _byte_sink(fileobj)
     written = 0
@@ -487,6 +568,9 @@ def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[Bin
         if payload is None:
             raise ValueError(f"block at lo={lo} has no stored primes (a count-only run?)")
         primes = payload_to_array(lo, payload)
+        if primes.size and (int(primes[0]) < start or int(primes[-1]) > end):
+            primes = primes[int(np.searchsorted(primes, np.uint64(start))):
+                            int(np.searchsorted(primes, np.uint64(end), side="right"))]
         if not primes.size:
             continue
         if int(primes[0]) <= previous:
@@ -498,6 +582,31 @@ def write_text(blocks: Iterable[Tuple[int, Optional[bytes]]], fileobj: Union[Bin
     if flush is not None:
         flush()
     return written
+
+
+def count_between(blocks: Iterable[Tuple[int, int, int, Optional[bytes]]], start: int, end: int) -> int:
+    """The primes in [start, end] from stored list-mode blocks (lo, hi, found, payload)
+    that tile a range covering it: a block inside counts its stored total, a block
+    cut by start or end is decoded. ValueError when the blocks leave a gap."""
+    total = 0
+    covered = start
+    for lo, hi, found, payload in blocks:
+        if hi < start or lo > end:
+            continue
+        if lo > covered:
+            raise ValueError(f"no block covers {covered}")
+        covered = max(covered, hi + 1)
+        if start <= lo and hi <= end:
+            total += found
+            continue
+        if payload is None:
+            raise ValueError(f"block at lo={lo} has no stored primes")
+        primes = payload_to_array(lo, payload)
+        total += int(np.searchsorted(primes, np.uint64(end), side="right")) - int(
+            np.searchsorted(primes, np.uint64(start)))
+    if covered <= end:
+        raise ValueError(f"no block covers {covered}")
+    return total
 
 
 # ---------------------------------------------------------------- the job
@@ -522,20 +631,47 @@ class PrimesJob:
         self.count_only = bool(count_only)
         self.mode = "count" if self.count_only else "list"
         self.total = end - start + 1
+        # Count-mode blocks sent to a host other than this machine (address = local):
+        # only their results are recounted in part (SECURITY.md "Count-only results").
+        # Blocks sent to this machine's agent: counted whole (no parts: nothing recounts them).
+        self._sent_remote: set = set()
+        self._sent_local: set = set()
 
     def params(self) -> dict:
         """The run's identity: range and mode (hosts and block sizes are not part of it)."""
         return {"start": self.start, "end": self.end, "mode": self.mode}
 
     def task_args(self, lo: int, hi: int) -> dict:
-        """Arguments of the client's run() for the block of numbers [lo, hi] (inclusive)."""
+        """Arguments of the client's run() for the block of numbers [lo, hi] (inclusive);
+        in count mode with the number of parts to count separately."""
         if not self.start <= lo <= hi <= self.end:
             raise ValueError(f"block [{lo}, {hi}] is outside [{self.start}, {self.end}]")
+        if self.count_only:
+            return {"lo": lo, "hi": hi, "mode": self.mode, "parts": count_parts(lo, hi)}
         return {"lo": lo, "hi": hi, "mode": self.mode}
 
+    def task_args_for(self, block, link, task_id: int) -> dict:
+        """task_args() of ``block`` for the host behind ``link``. In count mode this
+        machine's own agent (address = local) counts the block whole, in one call of
+        the kernel: its result is not recounted, so parts would only cost it time
+        (~1 ms a part with libprimesieve); other hosts count it in parts."""
+        args = self.task_args(block.lo, block.hi)
+        if self.count_only:
+            if getattr(getattr(link, "host", None), "is_local", False):
+                self._sent_local.add((block.lo, block.hi))
+                args["parts"] = 1
+            else:
+                self._sent_remote.add((block.lo, block.hi))
+        return args
+
     def check(self, lo: int, hi: int, result: dict) -> Tuple[int, Optional[bytes]]:
-        """validate() for this job's mode: (count, payload or None); raises InvalidResult."""
-        return validate(lo, hi, result, self.mode)
+        """validate() for this job's mode: (count, payload or None); raises InvalidResult.
+        A count-mode block only ever sent to this machine's own agent is not recounted; a
+        block also sent elsewhere (an endgame duplicate, a --verify copy) is, and a result
+        of it counted whole (as this machine's is) is then recounted whole."""
+        key = (lo, hi)
+        return validate(lo, hi, result, self.mode, recount_part=key in self._sent_remote,
+                        whole=key in self._sent_local)
 
     def max_block(self) -> int:
         """Widest block to hand out: in list mode at most ~4e6 primes (a ~3-4 MB result)
