@@ -65,7 +65,25 @@ def _last_column_width(rows, headers) -> Optional[int]:
     return max(30, shutil.get_terminal_size((100, 24)).columns - others)
 
 
-def _finish(outcomes, rows, headers, summary: str) -> None:
+ENGINES = ("primesieve", "numpy", "python")
+
+
+def _engine(facts: dict) -> str:
+    """The primes engine the probe says the host would pick ("?" from an older client or a bad answer)."""
+    engine = facts.get("engine")
+    return engine if engine in ENGINES else "?"
+
+
+def _engine_hint(outcomes) -> Optional[str]:
+    """What to run when hosts are on the pure-Python sieve (README, "Adding machines")."""
+    slow = [o.host.name for o in outcomes if o.ok and _engine(o.value["facts"]) == "python"]
+    if not slow:
+        return None
+    return (f"{', '.join(slow)}: pure-Python sieve (5-50x slower); on Debian/Ubuntu/Raspbian with the system python3, "
+            "run `sudo apt install python3-numpy primesieve` there, then `fab setup` (README: Adding machines)")
+
+
+def _finish(outcomes, rows, headers, summary: str, hint: Optional[str] = None) -> None:
     from invoke import Exit
 
     rows = shown_rows([row[:-1] + ["" if row[-1] is None else row[-1]] for row in rows])
@@ -74,6 +92,8 @@ def _finish(outcomes, rows, headers, summary: str) -> None:
     widths = None if width is None else [None] * (len(headers) - 1) + [width]
     print(tabulate(rows, headers=headers, maxcolwidths=widths))
     print(shown(summary))
+    if hint:
+        print(shown(hint))
     code = _exit_for(outcomes)
     if code:
         failed = [o.host.name for o in outcomes if not o.ok]
@@ -154,14 +174,18 @@ def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
             temp = facts.get("temp")
             rows.append([host.name, host.address, "yes", f"{value['latency_ms']:.1f} ms", value["bundle"],
                          facts.get("python"), facts.get("cores"), _slots(host, facts), _memory(facts),
-                         f"{load[0]:.2f}" if load else "?", f"{temp:.0f}°C" if temp is not None else "?",
-                         facts.get("os")])
+                         _engine(facts), f"{load[0]:.2f}" if load else "?",
+                         f"{temp:.0f}°C" if temp is not None else "?", facts.get("os")])
         else:
-            rows.append([host.name, host.address, "no", "", "", "", "", "", "", "", "", _error_cell(outcome)])
+            rows.append([host.name, host.address, "no", "", "", "", "", "", "", "", "", "", _error_cell(outcome)])
     headers = ["host", "address", "reachable", "latency", "bundle", "python", "cores", "slots", "memory",
-               "load", "temp", "os / error"]
+               "engine", "load", "temp", "os / error"]
     up = sum(o.ok for o in outcomes)
-    _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})")
+    if not up:  # no engine to show: the room goes to the errors
+        at = headers.index("engine")
+        headers.pop(at)
+        rows = [row[:at] + row[at + 1:] for row in rows]
+    _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})", _engine_hint(outcomes))
 
 
 @beowulf_task(help={**HOST_HELP, "yes": "do not ask for confirmation"})

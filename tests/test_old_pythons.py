@@ -189,8 +189,32 @@ def test_hosts_table(hosts):
     for name, version in VERSIONS.items():
         assert cell(table, name, "reachable") == "yes" and cell(table, name, "bundle") == "fresh"
         assert cell(table, name, "python").startswith(version + ".")
-        if "engine" in table[name]:  # `fab hosts` shows the engine once it has that column
-            assert cell(table, name, "engine") in FAST_ENGINES
+        assert cell(table, name, "engine") in FAST_ENGINES
+    assert "pure-Python sieve" not in done.stdout
+
+
+def test_hosts_table_says_which_host_runs_pure_python(hosts, tmp_path):
+    """A host with no numpy and no libprimesieve shows ``python`` and the summary says what to install.
+
+    h2's workdir is a fresh one (setup --no-numpy: no numpy there) and its python runs
+    with BEOWULF_PRIMES_ENGINE=python (libprimesieve is on this machine): the probe says
+    what the client picks, as the client does (client/primes.py).
+    """
+    extra = {"h2": {"workdir": tmp_path / "bare"}}
+    wrapper = tmp_path / "no-libs-h2"
+    wrapper.write_text(f'#!/bin/sh\nBEOWULF_PRIMES_ENGINE=python exec {hosts.pythons["h2"]} "$@"\n')
+    wrapper.chmod(0o755)
+    extra["h2"]["python"] = wrapper
+    inventory = hosts.cluster.write_inventory(tmp_path / "bare.ini", extra=extra)
+    setup = run_fab(["setup", "--inventory", inventory, "--hosts", "h2", "--no-numpy"], config=hosts.config,
+                    timeout=300)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    done = run_fab(["hosts", "--inventory", inventory], config=hosts.config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = rows(done.stdout)
+    assert cell(table, "h1", "engine") in FAST_ENGINES and cell(table, "h2", "engine") == "python", done.stdout
+    hint = [line for line in done.stdout.splitlines() if "pure-Python sieve" in line]
+    assert len(hint) == 1 and hint[0].startswith("h2:") and "sudo apt install python3-numpy primesieve" in hint[0]
 
 
 def test_primes_list_and_count_exact(hosts, tmp_path):
@@ -205,6 +229,9 @@ def test_primes_list_and_count_exact(hosts, tmp_path):
         assert count_of(listed.stdout) == pi(1, 10**7)
         assert exported.read_bytes().split() == reference.stdout.split()
         assert cell(rows(listed.stdout), name, "engine") in FAST_ENGINES
+        stats = run_fab(["stats", "--db", tmp_path / f"list-{name}.db", "--last"], config=hosts.config)
+        assert stats.returncode == 0, stats.stdout + stats.stderr
+        assert cell(rows(stats.stdout), name, "engine") in FAST_ENGINES, stats.stdout
     counted = run_fab(["primes", "--inventory", hosts.inventory, "--start", "1e9", "--end", "4e9",
                        "--db", tmp_path / "count.db", "--count-only", "--block-seconds", "0.3"],
                       config=hosts.config, timeout=300)
