@@ -74,9 +74,8 @@ def _engine(facts: dict) -> str:
     return engine if engine in ENGINES else "?"
 
 
-def _engine_hint(outcomes) -> Optional[str]:
-    """What to run when hosts are on the pure-Python sieve (README, "Adding machines")."""
-    slow = [o.host.name for o in outcomes if o.ok and _engine(o.value["facts"]) == "python"]
+def _engine_hint(slow) -> Optional[str]:
+    """What to run when the hosts named ``slow`` are on the pure-Python sieve (README, "Adding machines")."""
     if not slow:
         return None
     return (f"{', '.join(slow)}: pure-Python sieve (5-50x slower); on Debian/Ubuntu/Raspbian with the system python3, "
@@ -147,7 +146,8 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
     else:
         what = "nothing uploaded"
     _finish(outcomes, rows, headers,
-            f"{ok} of {_hosts(len(selected))} from {path} provisioned in {time.monotonic() - began:.1f}s; {what}")
+            f"{ok} of {_hosts(len(selected))} from {path} provisioned in {time.monotonic() - began:.1f}s; {what}",
+            _engine_hint([o.host.name for o in outcomes if o.ok and o.value.engine.startswith("python")]))
 
 
 @beowulf_task(name="hosts", help=dict(HOST_HELP))
@@ -185,7 +185,8 @@ def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
         at = headers.index("engine")
         headers.pop(at)
         rows = [row[:at] + row[at + 1:] for row in rows]
-    _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})", _engine_hint(outcomes))
+    _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})", _engine_hint(
+        [o.host.name for o in outcomes if o.ok and _engine(o.value["facts"]) == "python"]))
 
 
 @beowulf_task(help={**HOST_HELP, "yes": "do not ask for confirmation"})

@@ -321,10 +321,13 @@ def test_setup_says_why_a_host_runs_pure_python(hosts, tmp_path):
     python313 = pyenv_python("3.13")
     if python313 is None:
         _fail_or_skip("no pyenv CPython 3.13 on this machine (pyenv install 3.13)")
-    extra = {}
+    extra, setarch = {}, shutil.which("setarch")
     for name, python in (("h1", hosts.pythons["h1"]), ("h2", python313)):
         wrapper = tmp_path / f"i686-{name}"
-        wrapper.write_text(f'#!/bin/sh\nexec setarch i686 {python} "$@"\n')
+        # libprimesieve hidden too (it would make the engine primesieve, numpy or not): in a
+        # mount namespace of its own ldconfig finds nothing, and no gcc/ld on the PATH.
+        wrapper.write_text(f"#!/bin/sh\nexec unshare --mount sh -c 'mount --bind /bin/false /sbin/ldconfig && "
+                           f"PATH=/nonexistent exec {setarch} i686 {python} \"$@\"' sh \"$@\"\n")
         wrapper.chmod(0o755)
         extra[name] = {"python": wrapper, "workdir": tmp_path / f"work-{name}"}
     inventory = hosts.cluster.write_inventory(tmp_path / "i686.ini", extra=extra)
@@ -335,3 +338,5 @@ def test_setup_says_why_a_host_runs_pure_python(hosts, tmp_path):
     assert cell(table, "h1", "engine") == "python: numpy does not import on this host"
     assert cell(table, "h2", "engine") == "python: no numpy wheel for cp313 i686"
     assert "no numpy" in cell(table, "h2", "packages")
+    hint = [line for line in done.stdout.splitlines() if "pure-Python sieve" in line]
+    assert len(hint) == 1 and hint[0].startswith("h1, h2:") and "apt install python3-numpy primesieve" in hint[0]
