@@ -340,3 +340,43 @@ def test_setup_says_why_a_host_runs_pure_python(hosts, tmp_path):
     assert "no numpy" in cell(table, "h2", "packages")
     hint = [line for line in done.stdout.splitlines() if "pure-Python sieve" in line]
     assert len(hint) == 1 and hint[0].startswith("h1, h2:") and "apt install python3-numpy primesieve" in hint[0]
+
+
+# Blocks for the payload comparison: the start, the first gap >= 128 (132 after 1357201) and
+# one >= 256 (282 after 436273009) inside, 1e9 and near the top.
+PAYLOAD_BLOCKS = [(0, 10**6), (1_357_000, 1_358_000), (436_273_000, 436_274_000),
+                  (10**9, 10**9 + 2 * 10**6), (10**12, 10**12 + 10**6),
+                  (10**15 - 10**6, 10**15)]
+
+
+def test_list_payload_without_numpy_is_the_numpy_engines(tmp_path):
+    """On a real CPython 3.6 with no numpy, list mode runs on libprimesieve with the stdlib
+    encoder, and each block's result (data, checksum, count, first, last) is byte for byte
+    the numpy engine's here."""
+    import json
+
+    from client import primes
+
+    if "numpy" not in primes.AVAILABLE:
+        _fail_or_skip("numpy is not importable in the test environment")
+    if "primesieve" not in primes.AVAILABLE:
+        _fail_or_skip("needs libprimesieve (tests/system-deps.sh)")
+    python = pyenv_python("3.6")
+    if python is None:
+        _fail_or_skip("no pyenv CPython 3.6 on this machine (pyenv install 3.6)")
+    root = Path(__file__).resolve().parent.parent
+    script = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom client import primes\n"
+              "assert primes._numpy() is None, 'numpy importable'\n"
+              "blocks = json.loads(sys.argv[2])\n"
+              "print(json.dumps([primes.ENGINE] + [primes.run({'lo': lo, 'hi': hi, 'mode': 'list'}) "
+              "for lo, hi in blocks]))\n")
+    done = subprocess.run([str(python), "-I", "-c", script, str(root), json.dumps(PAYLOAD_BLOCKS)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    engine, *results = json.loads(done.stdout)
+    assert engine == "primesieve"
+    for (lo, hi), got in zip(PAYLOAD_BLOCKS, results):
+        want = primes.run({"lo": lo, "hi": hi, "mode": "list"}, engine="numpy")
+        assert got.pop("engine") == "primesieve" and want.pop("engine") == "numpy"
+        assert got == want, (lo, hi)
+    assert len(results) == len(PAYLOAD_BLOCKS)
