@@ -79,7 +79,7 @@ def _engine_hint(slow) -> Optional[str]:
     if not slow:
         return None
     return (f"{', '.join(slow)}: pure-Python sieve (5-50x slower); on Debian/Ubuntu/Raspbian with the system python3, "
-            "run `sudo apt install python3-numpy primesieve` there, then `fab setup` (README: Adding machines)")
+            "run `fab setup --system-packages` (README: Adding machines)")
 
 
 def _finish(outcomes, rows, headers, summary: str, hint: Optional[str] = None) -> None:
@@ -100,8 +100,10 @@ def _finish(outcomes, rows, headers, summary: str, hint: Optional[str] = None) -
 
 
 @beowulf_task(help={**HOST_HELP, "tor": "also install tor where missing (apt via sudo) and make sure it runs",
-                    "no_numpy": "do not install numpy on hosts (they use the pure-Python sieve)"})
-def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=False,
+                    "no_numpy": "do not install numpy on hosts (they use the pure-Python sieve)",
+                    "system_packages": "on Debian/Ubuntu/Raspbian hosts whose python is the system python3, "
+                                       "install python3-numpy and libprimesieve (apt via sudo, once per machine)"})
+def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=False, system_packages=False,
           verbose=False, quiet=False):
     """Provision every host: probe, upload the client, unpack packages (all hosts at once).
 
@@ -110,7 +112,7 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
     """
     setup_logging(verbose, quiet)
     path, selected = load_hosts(c, inventory, hosts)
-    provisioner = Provisioner(WheelCache(), tor=tor, numpy=not no_numpy)
+    provisioner = Provisioner(WheelCache(), tor=tor, numpy=not no_numpy, system_packages=system_packages)
     transports = {}
 
     def work(host, outcome):
