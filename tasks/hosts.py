@@ -66,6 +66,7 @@ def _last_column_width(rows, headers) -> Optional[int]:
 
 
 ENGINES = ("primesieve", "numpy", "python")
+APT_SYSTEMS = ("Debian", "Ubuntu", "Raspbian")  # as cluster/provision.py's --system-packages
 
 
 def _engine(facts: dict) -> str:
@@ -75,11 +76,19 @@ def _engine(facts: dict) -> str:
 
 
 def _engine_hint(slow) -> Optional[str]:
-    """What to run when the hosts named ``slow`` are on the pure-Python sieve (README, "Adding machines")."""
+    """What to run for the hosts on the pure-Python sieve, ``slow``: (name, facts) pairs (README, "Adding machines")."""
     if not slow:
         return None
-    return (f"{', '.join(slow)}: pure-Python sieve (5-50x slower); on Debian/Ubuntu/Raspbian with the system python3, "
-            "run `fab setup --system-packages` (README: Adding machines)")
+    apt = [name for name, facts in slow if any(word in str(facts.get("os") or "") for word in APT_SYSTEMS)]
+    other = [name for name, _ in slow if name not in apt]
+    hints = []
+    if apt:
+        hints.append(f"{', '.join(apt)}: pure-Python sieve (5-50x slower); if its python is the system python3, "
+                     "run `fab setup --system-packages` (README: Adding machines)")
+    if other:
+        hints.append(f"{', '.join(other)}: pure-Python sieve (5-50x slower); install numpy or libprimesieve "
+                     "for its python, then `fab setup` (README: Adding machines)")
+    return "\n".join(hints)
 
 
 def _finish(outcomes, rows, headers, summary: str, hint: Optional[str] = None) -> None:
@@ -91,8 +100,8 @@ def _finish(outcomes, rows, headers, summary: str, hint: Optional[str] = None) -
     widths = None if width is None else [None] * (len(headers) - 1) + [width]
     print(tabulate(rows, headers=headers, maxcolwidths=widths))
     print(shown(summary))
-    if hint:
-        print(shown(hint))
+    for line in (hint or "").splitlines():
+        print(shown(line))
     code = _exit_for(outcomes)
     if code:
         failed = [o.host.name for o in outcomes if not o.ok]
@@ -149,7 +158,8 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
         what = "nothing uploaded"
     _finish(outcomes, rows, headers,
             f"{ok} of {_hosts(len(selected))} from {path} provisioned in {time.monotonic() - began:.1f}s; {what}",
-            _engine_hint([o.host.name for o in outcomes if o.ok and o.value.engine.startswith("python")]))
+            _engine_hint([(o.host.name, o.value.facts) for o in outcomes
+                          if o.ok and o.value.engine.startswith("python")]))
 
 
 @beowulf_task(name="hosts", help=dict(HOST_HELP))
@@ -188,7 +198,7 @@ def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
         headers.pop(at)
         rows = [row[:at] + row[at + 1:] for row in rows]
     _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})", _engine_hint(
-        [o.host.name for o in outcomes if o.ok and _engine(o.value["facts"]) == "python"]))
+        [(o.host.name, o.value["facts"]) for o in outcomes if o.ok and _engine(o.value["facts"]) == "python"]))
 
 
 @beowulf_task(help={**HOST_HELP, "yes": "do not ask for confirmation"})
