@@ -25,7 +25,7 @@ import os
 import sys
 import zlib
 from array import array
-from itertools import compress
+from itertools import compress, islice
 from operator import sub
 
 # numpy, once _numpy() has imported it: only what needs it imports it (count mode
@@ -197,14 +197,23 @@ def varint_bytes(v):
 
 
 def encode_varints(values):
-    """LEB128 bytes of a list of integers >= 0 (stdlib)."""
+    """LEB128 bytes of a list of integers >= 0 (stdlib).
+
+    Prime gaps are almost all below 128 (one byte each): the runs between the
+    few larger values are converted by bytes() in C, only those values one by one.
+    """
+    values = values if isinstance(values, list) else list(values)
+    big = [i for i, v in enumerate(values) if v > 127]
     table = _varint_table()
-    if values and min(values) < 0:
-        raise ValueError("varints are unsigned")
-    try:
-        return b"".join(map(table.__getitem__, values))
-    except IndexError:
-        return b"".join(map(varint_bytes, values))
+    pieces = []
+    at = 0
+    for i in big:
+        pieces.append(bytes(values[at:i]))  # a negative value raises ValueError here
+        v = values[i]
+        pieces.append(table[v] if v < 1 << 14 else varint_bytes(v))
+        at = i + 1
+    pieces.append(bytes(values[at:]))
+    return b"".join(pieces)
 
 
 def encode_varints_np(v):
@@ -302,9 +311,8 @@ class _Accumulator(object):
         if self.first is None:
             self.first = primes[0]
         if self.comp is not None:
-            previous = [self.prev]
-            previous.extend(primes[:-1])
-            gaps = list(map(sub, primes, previous))
+            gaps = [primes[0] - self.prev]
+            gaps.extend(map(sub, islice(primes, 1, None), primes))
             self.parts.append(self.comp.compress(encode_varints(gaps)))
         self.prev = self.last = primes[-1]
 
@@ -608,7 +616,8 @@ def _ctypes_primesieve():
     def to_list(ptr, n):
         if not n:
             return []
-        return list((u64 * n).from_address(ptr))
+        # through a memoryview: tolist() in C, ~5x faster than iterating the ctypes array
+        return memoryview((u64 * n).from_address(ptr)).cast("B").cast("Q").tolist()
 
     def to_np(ptr, n):
         if not n:

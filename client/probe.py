@@ -127,6 +127,29 @@ def has_module(name):
         return False
 
 
+def has_library(name):
+    """Whether the C library ``lib<name>`` can be found, without loading it."""
+    try:
+        import ctypes.util
+        return ctypes.util.find_library(name) is not None
+    except Exception:
+        return False
+
+
+def primes_engine():
+    """The primes engine the client would pick here (client/primes.py), found, not imported:
+    ``primesieve`` (package or libprimesieve), else ``numpy``, else ``python``. Cheap, so
+    `fab hosts` can show it; `fab setup` runs the client itself for the exact answer.
+    BEOWULF_PRIMES_ENGINE forces one when it is there, as in the client."""
+    found = ["python"]
+    if has_module("numpy"):
+        found.insert(0, "numpy")
+    if has_module("primesieve") or has_library("primesieve"):
+        found.insert(0, "primesieve")
+    forced = os.environ.get("BEOWULF_PRIMES_ENGINE", "").strip().lower()
+    return forced if forced in found else found[0]
+
+
 def installed_bundle(workdir):
     """Hash of the client files actually in WORKDIR/client (None when there are none).
 
@@ -181,6 +204,7 @@ def facts(workdir):
         "bundle": installed_bundle(workdir),
         "numpy": has_module("numpy"),
         "installed": installed_packages(workdir),
+        "engine": primes_engine(),
     }
 
 

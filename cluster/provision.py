@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import secrets
 import shlex
 import tarfile
@@ -132,6 +133,15 @@ def probe(transport: Transport, workdir_word: Optional[str] = None, timeout: flo
     return facts
 
 
+# --system-packages: distributions whose python3-numpy and libprimesieve apt installs (os-release's
+# PRETTY_NAME), the system Python they are built for, and the library's package name (libprimesieve11,
+# libprimesieve11t64 ...: the soname differs between releases).
+_APT_SYSTEMS = ("Debian", "Ubuntu", "Raspbian")
+_SYSTEM_PYTHON = "import os, sys; print(os.path.realpath(sys.executable), sys.prefix)"
+_SYSTEM_EXECUTABLE = re.compile(r"^/usr/bin/python3(\.[0-9]{1,2})?$")
+_PRIMESIEVE_PACKAGE = re.compile(r"^libprimesieve[0-9]{1,3}(t64)?$")
+
+
 @dataclass
 class SetupReport:
     """One row of `fab setup`'s table."""
@@ -147,8 +157,9 @@ class SetupReport:
 class Provisioner:
     """Provision hosts (one Provisioner for a whole `fab setup`, shared by the host threads)."""
 
-    def __init__(self, wheels: WheelCache, tor: bool = False, numpy: bool = True):
+    def __init__(self, wheels: WheelCache, tor: bool = False, numpy: bool = True, system_packages: bool = False):
         self.wheels = wheels
+        self.system_packages = system_packages
         self.tor = tor
         self.numpy = numpy
         self.bundle_hash = local_bundle_hash()
@@ -185,6 +196,10 @@ class Provisioner:
         if files:
             report.uploaded_bytes += self.upload(transport, facts["workdir"], files, new_bundle, new_packages)
         report.bundle = "uploaded" if new_bundle else "up to date"
+        if self.system_packages:
+            notes.append(self.install_system_packages(transport, facts))
+            if notes[-1].startswith("apt: installed"):  # numpy and libprimesieve may now be there
+                report.facts = facts = probe(transport, host_workdir(host))
         if self.numpy:
             numpy_note = self.install_numpy(transport, facts, report)
             notes.append("no numpy" if numpy_note.startswith("python:") else numpy_note)
@@ -268,6 +283,31 @@ class Provisioner:
         marker = shlex.quote(f"{lib}/.installed")
         self._check(transport.run(f"umask 077 && printf '%s\\n' {shlex.quote(name)} >> {marker}", timeout=30),
                     transport.host, "cannot record installed package")
+
+    def install_system_packages(self, transport: Transport, facts: dict) -> str:
+        """``python3-numpy`` and libprimesieve from the host's own distribution (apt through
+        sudo, once per machine), only when the host's ``python`` is the system Python they are
+        built for (README: Adding machines). A note for the packages column."""
+        if not any(name in (facts.get("os") or "") for name in _APT_SYSTEMS):
+            return "apt: not Debian/Ubuntu/Raspbian, nothing installed"
+        check = transport.run(f"{host_python(transport.host)} -c {shlex.quote(_SYSTEM_PYTHON)}", timeout=60)
+        words = check.stdout.strip().split("\n")[-1].split(" ") if check.ok else []
+        if len(words) != 2 or not _SYSTEM_EXECUTABLE.match(words[0]) or words[1] != "/usr":
+            return "apt: python is not the system python3, nothing installed"
+        machine = machine_of(transport, facts.get("machine_id"))
+        return self.once.run(machine, ("system-packages",), lambda: self._apt_install(transport))
+
+    def _apt_install(self, transport: Transport) -> str:
+        names = transport.run("apt-cache pkgnames libprimesieve", timeout=120)
+        libs = sorted((n for n in names.stdout.split() if _PRIMESIEVE_PACKAGE.match(n)),
+                      key=lambda n: int(re.sub(r"\D", "", n) or 0)) if names.ok else []
+        packages = ["python3-numpy"] + libs[-1:]
+        done = transport.sudo("DEBIAN_FRONTEND=noninteractive apt-get install -y -q " + " ".join(packages),
+                              timeout=1800)
+        if not done.ok:
+            raise SetupError(f"{transport.host.name}: apt-get install {' '.join(packages)} failed: "
+                             f"{done.error_line()}")
+        return "apt: installed " + " ".join(packages)
 
     def setup_tor(self, transport: Transport, facts: dict) -> str:
         """Install tor if missing (apt through sudo, once per machine) and make sure it runs."""

@@ -65,7 +65,33 @@ def _last_column_width(rows, headers) -> Optional[int]:
     return max(30, shutil.get_terminal_size((100, 24)).columns - others)
 
 
-def _finish(outcomes, rows, headers, summary: str) -> None:
+ENGINES = ("primesieve", "numpy", "python")
+APT_SYSTEMS = ("Debian", "Ubuntu", "Raspbian")  # as cluster/provision.py's --system-packages
+
+
+def _engine(facts: dict) -> str:
+    """The primes engine the probe says the host would pick ("?" from an older client or a bad answer)."""
+    engine = facts.get("engine")
+    return engine if engine in ENGINES else "?"
+
+
+def _engine_hint(slow) -> Optional[str]:
+    """What to run for the hosts on the pure-Python sieve, ``slow``: (name, facts) pairs (README, "Adding machines")."""
+    if not slow:
+        return None
+    apt = [name for name, facts in slow if any(word in str(facts.get("os") or "") for word in APT_SYSTEMS)]
+    other = [name for name, _ in slow if name not in apt]
+    hints = []
+    if apt:
+        hints.append(f"{', '.join(apt)}: pure-Python sieve (5-50x slower); if its python is the system python3, "
+                     "run `fab setup --system-packages` (README: Adding machines)")
+    if other:
+        hints.append(f"{', '.join(other)}: pure-Python sieve (5-50x slower); install numpy or libprimesieve "
+                     "for its python, then `fab setup` (README: Adding machines)")
+    return "\n".join(hints)
+
+
+def _finish(outcomes, rows, headers, summary: str, hint: Optional[str] = None) -> None:
     from invoke import Exit
 
     rows = shown_rows([row[:-1] + ["" if row[-1] is None else row[-1]] for row in rows])
@@ -74,6 +100,8 @@ def _finish(outcomes, rows, headers, summary: str) -> None:
     widths = None if width is None else [None] * (len(headers) - 1) + [width]
     print(tabulate(rows, headers=headers, maxcolwidths=widths))
     print(shown(summary))
+    for line in (hint or "").splitlines():
+        print(shown(line))
     code = _exit_for(outcomes)
     if code:
         failed = [o.host.name for o in outcomes if not o.ok]
@@ -81,8 +109,10 @@ def _finish(outcomes, rows, headers, summary: str) -> None:
 
 
 @beowulf_task(help={**HOST_HELP, "tor": "also install tor where missing (apt via sudo) and make sure it runs",
-                    "no_numpy": "do not install numpy on hosts (they use the pure-Python sieve)"})
-def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=False,
+                    "no_numpy": "do not install numpy on hosts (they use the pure-Python sieve)",
+                    "system_packages": "on Debian/Ubuntu/Raspbian hosts whose python is the system python3, "
+                                       "install python3-numpy and libprimesieve (apt via sudo, once per machine)"})
+def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=False, system_packages=False,
           verbose=False, quiet=False):
     """Provision every host: probe, upload the client, unpack packages (all hosts at once).
 
@@ -91,7 +121,7 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
     """
     setup_logging(verbose, quiet)
     path, selected = load_hosts(c, inventory, hosts)
-    provisioner = Provisioner(WheelCache(), tor=tor, numpy=not no_numpy)
+    provisioner = Provisioner(WheelCache(), tor=tor, numpy=not no_numpy, system_packages=system_packages)
     transports = {}
 
     def work(host, outcome):
@@ -127,7 +157,9 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
     else:
         what = "nothing uploaded"
     _finish(outcomes, rows, headers,
-            f"{ok} of {_hosts(len(selected))} from {path} provisioned in {time.monotonic() - began:.1f}s; {what}")
+            f"{ok} of {_hosts(len(selected))} from {path} provisioned in {time.monotonic() - began:.1f}s; {what}",
+            _engine_hint([(o.host.name, o.value.facts) for o in outcomes
+                          if o.ok and o.value.engine.startswith("python")]))
 
 
 @beowulf_task(name="hosts", help=dict(HOST_HELP))
@@ -154,14 +186,19 @@ def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
             temp = facts.get("temp")
             rows.append([host.name, host.address, "yes", f"{value['latency_ms']:.1f} ms", value["bundle"],
                          facts.get("python"), facts.get("cores"), _slots(host, facts), _memory(facts),
-                         f"{load[0]:.2f}" if load else "?", f"{temp:.0f}°C" if temp is not None else "?",
-                         facts.get("os")])
+                         _engine(facts), f"{load[0]:.2f}" if load else "?",
+                         f"{temp:.0f}°C" if temp is not None else "?", facts.get("os")])
         else:
-            rows.append([host.name, host.address, "no", "", "", "", "", "", "", "", "", _error_cell(outcome)])
+            rows.append([host.name, host.address, "no", "", "", "", "", "", "", "", "", "", _error_cell(outcome)])
     headers = ["host", "address", "reachable", "latency", "bundle", "python", "cores", "slots", "memory",
-               "load", "temp", "os / error"]
+               "engine", "load", "temp", "os / error"]
     up = sum(o.ok for o in outcomes)
-    _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})")
+    if not up:  # no engine to show: the room goes to the errors
+        at = headers.index("engine")
+        headers.pop(at)
+        rows = [row[:at] + row[at + 1:] for row in rows]
+    _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})", _engine_hint(
+        [(o.host.name, o.value["facts"]) for o in outcomes if o.ok and _engine(o.value["facts"]) == "python"]))
 
 
 @beowulf_task(help={**HOST_HELP, "yes": "do not ask for confirmation"})

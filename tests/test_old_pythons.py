@@ -189,8 +189,32 @@ def test_hosts_table(hosts):
     for name, version in VERSIONS.items():
         assert cell(table, name, "reachable") == "yes" and cell(table, name, "bundle") == "fresh"
         assert cell(table, name, "python").startswith(version + ".")
-        if "engine" in table[name]:  # `fab hosts` shows the engine once it has that column
-            assert cell(table, name, "engine") in FAST_ENGINES
+        assert cell(table, name, "engine") in FAST_ENGINES
+    assert "pure-Python sieve" not in done.stdout
+
+
+def test_hosts_table_says_which_host_runs_pure_python(hosts, tmp_path):
+    """A host with no numpy and no libprimesieve shows ``python`` and the summary says what to install.
+
+    h2's workdir is a fresh one (setup --no-numpy: no numpy there) and its python runs
+    with BEOWULF_PRIMES_ENGINE=python (libprimesieve is on this machine): the probe says
+    what the client picks, as the client does (client/primes.py).
+    """
+    extra = {"h2": {"workdir": tmp_path / "bare"}}
+    wrapper = tmp_path / "no-libs-h2"
+    wrapper.write_text(f'#!/bin/sh\nBEOWULF_PRIMES_ENGINE=python exec {hosts.pythons["h2"]} "$@"\n')
+    wrapper.chmod(0o755)
+    extra["h2"]["python"] = wrapper
+    inventory = hosts.cluster.write_inventory(tmp_path / "bare.ini", extra=extra)
+    setup = run_fab(["setup", "--inventory", inventory, "--hosts", "h2", "--no-numpy"], config=hosts.config,
+                    timeout=300)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    done = run_fab(["hosts", "--inventory", inventory], config=hosts.config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = rows(done.stdout)
+    assert cell(table, "h1", "engine") in FAST_ENGINES and cell(table, "h2", "engine") == "python", done.stdout
+    hint = [line for line in done.stdout.splitlines() if "pure-Python sieve" in line]
+    assert len(hint) == 1 and hint[0].startswith("h2:") and "fab setup --system-packages" in hint[0]
 
 
 def test_primes_list_and_count_exact(hosts, tmp_path):
@@ -205,6 +229,9 @@ def test_primes_list_and_count_exact(hosts, tmp_path):
         assert count_of(listed.stdout) == pi(1, 10**7)
         assert exported.read_bytes().split() == reference.stdout.split()
         assert cell(rows(listed.stdout), name, "engine") in FAST_ENGINES
+        stats = run_fab(["stats", "--db", tmp_path / f"list-{name}.db", "--last"], config=hosts.config)
+        assert stats.returncode == 0, stats.stdout + stats.stderr
+        assert cell(rows(stats.stdout), name, "engine") in FAST_ENGINES, stats.stdout
     counted = run_fab(["primes", "--inventory", hosts.inventory, "--start", "1e9", "--end", "4e9",
                        "--db", tmp_path / "count.db", "--count-only", "--block-seconds", "0.3"],
                       config=hosts.config, timeout=300)
@@ -294,10 +321,13 @@ def test_setup_says_why_a_host_runs_pure_python(hosts, tmp_path):
     python313 = pyenv_python("3.13")
     if python313 is None:
         _fail_or_skip("no pyenv CPython 3.13 on this machine (pyenv install 3.13)")
-    extra = {}
+    extra, setarch = {}, shutil.which("setarch")
     for name, python in (("h1", hosts.pythons["h1"]), ("h2", python313)):
         wrapper = tmp_path / f"i686-{name}"
-        wrapper.write_text(f'#!/bin/sh\nexec setarch i686 {python} "$@"\n')
+        # libprimesieve hidden too (it would make the engine primesieve, numpy or not): in a
+        # mount namespace of its own ldconfig finds nothing, and no gcc/ld on the PATH.
+        wrapper.write_text(f"#!/bin/sh\nexec unshare --mount sh -c 'mount --bind /bin/false /sbin/ldconfig && "
+                           f"PATH=/nonexistent exec {setarch} i686 {python} \"$@\"' sh \"$@\"\n")
         wrapper.chmod(0o755)
         extra[name] = {"python": wrapper, "workdir": tmp_path / f"work-{name}"}
     inventory = hosts.cluster.write_inventory(tmp_path / "i686.ini", extra=extra)
@@ -308,3 +338,45 @@ def test_setup_says_why_a_host_runs_pure_python(hosts, tmp_path):
     assert cell(table, "h1", "engine") == "python: numpy does not import on this host"
     assert cell(table, "h2", "engine") == "python: no numpy wheel for cp313 i686"
     assert "no numpy" in cell(table, "h2", "packages")
+    hint = [line for line in done.stdout.splitlines() if "pure-Python sieve" in line]
+    assert len(hint) == 1 and hint[0].startswith("h1, h2:") and "fab setup --system-packages" in hint[0]
+
+
+# Blocks for the payload comparison: the start, the first gap >= 128 (132 after 1357201) and
+# one >= 256 (282 after 436273009) inside, 1e9 and near the top.
+PAYLOAD_BLOCKS = [(0, 10**6), (1_357_000, 1_358_000), (436_273_000, 436_274_000),
+                  (10**9, 10**9 + 2 * 10**6), (10**12, 10**12 + 10**6),
+                  (10**15 - 10**6, 10**15)]
+
+
+def test_list_payload_without_numpy_is_the_numpy_engines(tmp_path):
+    """On a real CPython 3.6 with no numpy, list mode runs on libprimesieve with the stdlib
+    encoder, and each block's result (data, checksum, count, first, last) is byte for byte
+    the numpy engine's here."""
+    import json
+
+    from client import primes
+
+    if "numpy" not in primes.AVAILABLE:
+        _fail_or_skip("numpy is not importable in the test environment")
+    if "primesieve" not in primes.AVAILABLE:
+        _fail_or_skip("needs libprimesieve (tests/system-deps.sh)")
+    python = pyenv_python("3.6")
+    if python is None:
+        _fail_or_skip("no pyenv CPython 3.6 on this machine (pyenv install 3.6)")
+    root = Path(__file__).resolve().parent.parent
+    script = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom client import primes\n"
+              "assert primes._numpy() is None, 'numpy importable'\n"
+              "blocks = json.loads(sys.argv[2])\n"
+              "print(json.dumps([primes.ENGINE] + [primes.run({'lo': lo, 'hi': hi, 'mode': 'list'}) "
+              "for lo, hi in blocks]))\n")
+    done = subprocess.run([str(python), "-I", "-c", script, str(root), json.dumps(PAYLOAD_BLOCKS)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    engine, *results = json.loads(done.stdout)
+    assert engine == "primesieve"
+    for (lo, hi), got in zip(PAYLOAD_BLOCKS, results):
+        want = primes.run({"lo": lo, "hi": hi, "mode": "list"}, engine="numpy")
+        assert got.pop("engine") == "primesieve" and want.pop("engine") == "numpy"
+        assert got == want, (lo, hi)
+    assert len(results) == len(PAYLOAD_BLOCKS)
