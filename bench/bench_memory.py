@@ -30,15 +30,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from peak import run_with_peak  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import SshCluster, fab_env, run_fab  # noqa: E402
@@ -53,40 +52,13 @@ def clean_shell(cluster: SshCluster) -> None:
         host._config_text = lambda original=original: original() + "AcceptEnv SHLVL\nSetEnv SHLVL=1\n"
 
 
-def vm_hwm(pid: int) -> int:
-    """Peak resident set of ``pid`` so far, in kB (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def fab_peak(repo: Path, args: list, config: Path, cwd: Path) -> tuple[float, int, str]:
     """Run ``fab ARGS`` from checkout ``repo``: (wall seconds, peak RSS of the fab process in kB, stdout)."""
     argv = [sys.executable, "-m", "fabric", "-r", str(repo), "-f", str(config), *map(str, args)]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        began = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=str(cwd), env=fab_env(), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, start_new_session=True)
-        peak = 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            peak = max(peak, vm_hwm(proc.pid))
-            time.sleep(0.02)
-        seconds = time.perf_counter() - began
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
-    code = os.waitstatus_to_exitcode(status)
+    seconds, own, reaped, code, stdout, stderr = run_with_peak(argv, cwd, fab_env())
     if code != 0:
         raise SystemExit(f"fab {' '.join(map(str, args))} from {repo} failed ({code}):\n{stdout}\n{stderr}")
-    return seconds, max(peak, usage.ru_maxrss), stdout
+    return seconds, max(own, reaped), stdout
 
 
 def measure(n: int, base: Path, args, trees: list[Path]) -> list[dict]:

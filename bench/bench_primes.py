@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from peak import run_with_peak  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from harness import fab_argv, fab_env  # noqa: E402
@@ -56,39 +57,12 @@ PI = {10**7: 664_579, 10**8: 5_761_455, 10**9: 50_847_534, 2 * 10**9: 98_222_287
 LAST_PRIME = {10**7: 9_999_991, 10**8: 99_999_989, 10**9: 999_999_937}
 
 
-def vm_hwm(pid: int) -> int:
-    """Peak resident set of ``pid`` so far, in kB (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_fab(args: list[str], cwd: Path) -> tuple[float, int, int, str]:
     """Run fab on this repo: (wall seconds, fab's own peak RSS kB, largest in its tree kB, stdout)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        began = time.perf_counter()
-        proc = subprocess.Popen(fab_argv(args), cwd=str(cwd), env=fab_env(), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True)
-        own = 0
-        while True:  # poll fab's peak RSS until it exits; reap it with its resource usage
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            own = max(own, vm_hwm(proc.pid))
-            time.sleep(0.02)
-        seconds = time.perf_counter() - began
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
-    if proc.returncode != 0:
-        raise SystemExit(f"fab {' '.join(args)} failed ({proc.returncode}):\n{stdout}\n{stderr}")
-    return seconds, own, usage.ru_maxrss, stdout
+    seconds, own, largest, code, stdout, stderr = run_with_peak(fab_argv(args), cwd, fab_env())
+    if code != 0:
+        raise SystemExit(f"fab {' '.join(args)} failed ({code}):\n{stdout}\n{stderr}")
+    return seconds, own, largest, stdout
 
 
 def primesieve(end: int, target: str) -> float:

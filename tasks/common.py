@@ -24,7 +24,7 @@ from invoke import Exit, task
 from cluster.errors import BeowulfError, UsageError
 from cluster.inventory import Host, load_inventory, select_hosts
 from cluster.shown import EscapingFormatter, shown
-from cluster.tally import RepeatFilter
+from cluster.tally import RepeatFilter, repeats_not_shown, tallied
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -148,6 +148,20 @@ def beowulf_config(c) -> dict:
     """The ``beowulf:`` section of fabric.yaml (or of ``fab -f FILE``), as a plain dict."""
     section = c.config.get("beowulf") or {}
     return dict(section)
+
+
+def print_warnings(outcome) -> None:
+    """A run's warnings (each distinct one once), the console lines counted instead of repeated, and
+    the hosts still starting when the run was done (one line, not a warning per host)."""
+    from cluster.report import still_starting
+
+    note, warnings = still_starting(outcome.hosts, outcome.warnings)
+    for warning in tallied(warnings):
+        print(f"warning: {shown(warning)}")
+    for line in repeats_not_shown():  # console lines counted instead of repeated (cluster/tally.py)
+        print(f"({shown(line)})")
+    if note:
+        print(shown(note))
 
 
 def inventory_path(c, inventory: Optional[str]) -> Path:

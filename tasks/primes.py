@@ -11,7 +11,6 @@ from tabulate import tabulate
 
 from cluster.errors import JobError, UsageError
 from cluster.shown import shown, shown_rows
-from cluster.tally import repeats_not_shown, tallied
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -21,6 +20,7 @@ from .common import (
     load_hosts,
     parse_float,
     parse_int,
+    print_warnings,
     setup_logging,
 )
 
@@ -188,10 +188,15 @@ def _export_between(store, run_id: int, first: int, last: int, export_path: Path
                 yield row[0], row[2]
             lo = rows[-1][1] + 1
 
+    _write_export(export_path, db_path, lambda handle: write_text(blocks(), handle, first, last))
+
+
+def _write_export(export_path: Path, db_path: Path, write) -> None:
+    """--export: ``write(handle)`` into a temporary file beside ``export_path``, then put it in place."""
     temp = export_path.with_name(f".{export_path.name}.part")
     try:
         with open(temp, "w", encoding="ascii") as handle:
-            write_text(blocks(), handle, first, last)
+            write(handle)
         os.replace(temp, export_path)
     except OSError as err:
         raise JobError(f"--export: cannot write {export_path}: {err.strerror or err}; the primes are kept in "
@@ -215,20 +220,11 @@ def _check_disk(db_path: Path, job) -> None:
 
 
 def _print_summary(outcome, job, db_path: Path) -> None:
-    from cluster.report import still_starting
-
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to compute")
     else:
         print_run_summary(outcome, db_path)
-    # Hosts still starting when a short run was done: one line, not a warning per host.
-    note, warnings = still_starting(outcome.hosts, outcome.warnings)
-    for warning in tallied(warnings):
-        print(f"warning: {shown(warning)}")
-    for line in repeats_not_shown():  # console lines counted instead of repeated (cluster/tally.py)
-        print(f"({shown(line)})")
-    if note:
-        print(shown(note))
+    print_warnings(outcome)
     if outcome.verified:
         print(f"--verify: {outcome.verified} blocks re-run elsewhere, {outcome.verify_mismatches} disagreed")
     print(f"{outcome.found_total:,} primes in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")
@@ -252,15 +248,7 @@ def _export(db_path: Path, run_id: int, export_path: Path) -> None:
     from cluster.jobs.primes import write_text
     from cluster.store import Store
 
-    temp = export_path.with_name(f".{export_path.name}.part")
-    try:
-        with Store(str(db_path)) as store, open(temp, "w", encoding="ascii") as handle:
-            write_text(((lo, payload) for lo, _hi, payload in store.iter_payloads(run_id)), handle)
-        os.replace(temp, export_path)
-    except OSError as err:
-        raise JobError(f"--export: cannot write {export_path}: {err.strerror or err}; the primes are kept in "
-                       f"{db_path}: run the command again to export") from None
-    finally:
-        if temp.exists():
-            temp.unlink()
+    with Store(str(db_path)) as store:
+        _write_export(export_path, db_path, lambda handle: write_text(
+            ((lo, payload) for lo, _hi, payload in store.iter_payloads(run_id)), handle))
     print(f"exported to {export_path}")

@@ -13,7 +13,7 @@ from invoke import Exit
 
 from cluster.errors import UsageError
 from cluster.shown import json_text, shown
-from cluster.tally import repeats_not_shown, tallied
+from cluster.tally import tallied
 
 from .common import (
     EXIT_INTERRUPTED,
@@ -23,6 +23,7 @@ from .common import (
     load_hosts,
     parse_float,
     parse_int,
+    print_warnings,
     setup_logging,
 )
 from .primes import store_path
@@ -166,7 +167,6 @@ def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: 
 
 
 def _print_summary(outcome, job, db_path: Path) -> None:
-    from cluster.report import still_starting
     from cluster.store import Store
 
     from .primes import print_run_summary
@@ -176,14 +176,7 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     else:
         _record_politeness(db_path, outcome.run_id, job)
         print_run_summary(outcome, db_path, workers=True)
-    # Hosts still starting when a short run was done: one line, not a warning per host.
-    note, warnings = still_starting(outcome.hosts, outcome.warnings)
-    for warning in tallied(warnings):
-        print(f"warning: {shown(warning)}")
-    for line in repeats_not_shown():  # console lines counted instead of repeated (cluster/tally.py)
-        print(f"({shown(line)})")
-    if note:
-        print(shown(note))
+    print_warnings(outcome)
     statuses: dict = {}
     errors = []
     with Store(str(db_path)) as store:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import queue
 import subprocess
@@ -31,57 +30,25 @@ from cluster.inventory import Host, load_inventory
 from cluster.jobs.primes import PrimesJob
 from cluster.jobs.trivial import TrivialJob
 from cluster.store import Store
-from cluster.transport import MAX_OUTPUT_BYTES, MAX_STDERR_LINE, LocalTransport, SshTransport, Stream
-from harness import SshCluster, fab_argv, fab_env, load_fabric_config, require_sshd, run_fab
+from cluster.transport import MAX_OUTPUT_BYTES, MAX_STDERR_LINE, LocalTransport, SshTransport
+from harness import SshCluster, hostile, load_fabric_config, require_sshd
+from harness.hostile import LinesStream, executable, provisioned_cluster, session_pids_running
 
 # Peak RSS allowed to the fab process (with sshd hosts that is the coordinator alone).
 RSS_LIMIT_MB = 400
 FAB_TIMEOUT = 150
 
-# Runs fab, then writes the largest peak RSS (kB) among fab and the children it reaped.
-_RSS_SHIM = ("import resource, subprocess, sys\n"
-             "code = subprocess.call(sys.argv[2:])\n"
-             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
-             "sys.exit(code)\n")
-
 
 def fab_measured(args, tmp_path: Path, config=None, timeout: float = FAB_TIMEOUT):
     """Run ``fab ARGS``: (CompletedProcess, peak RSS of the fab process in MB)."""
-    rss_file = tmp_path / f"rss-{time.monotonic_ns()}"
-    argv = [sys.executable, "-c", _RSS_SHIM, str(rss_file), *fab_argv(args, config)]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=fab_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"fab did not finish within {timeout}s:\n{out[-3000:]}\n{err[-3000:]}") from None
-    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-    return done, int(rss_file.read_text()) / 1024
-
-
-def script(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
+    done, rss_mb, _ = hostile.fab_measured(args, tmp_path, config=config, timeout=timeout, tail=3000)
+    return done, rss_mb
 
 
 @pytest.fixture(scope="module")
 def bounds_cluster(tmp_path_factory):
     """Two provisioned sshd hosts, h1 and h2 (h2 made hostile per test)."""
-    require_sshd()
-    base = tmp_path_factory.mktemp("bounds")
-    with SshCluster(base / "cluster", 2) as cluster:
-        config = cluster.write_fabric_config(base / "fabric.yaml")
-        done = run_fab(["setup", "--inventory", cluster.write_inventory(base / "setup.ini"), "--no-numpy"],
-                       config=config, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        yield cluster, config
+    yield from provisioned_cluster(tmp_path_factory, "bounds", 2)
 
 
 # ---------------------------------------------------------------- command output
@@ -92,7 +59,7 @@ def bounds_cluster(tmp_path_factory):
 def test_endless_output_of_a_probe_is_stopped_and_reported(bounds_cluster, tmp_path, task):
     # h2's "python" prints zeros for ever (whatever it is asked to run): the probe's output.
     cluster, config = bounds_cluster
-    endless = script(tmp_path, "python-endless", "#!/bin/sh\nexec cat /dev/zero\n")
+    endless = executable(tmp_path, "python-endless", "#!/bin/sh\nexec cat /dev/zero\n")
     inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={"h2": {"python": endless}})
     args = [task, "--inventory", inventory] + (["--no-numpy"] if task == "setup" else [])
     done, rss_mb = fab_measured(args, tmp_path, config=config)
@@ -109,13 +76,7 @@ def endless_left(host) -> list:
     """The host's processes still running ``endless`` (after a few seconds' grace)."""
     deadline = time.monotonic() + 10
     while True:
-        left = []
-        for pid in host.session_pids():
-            try:
-                if b"/dev/zero" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    left.append(pid)
-            except OSError:
-                pass
+        left = session_pids_running(host, b"/dev/zero")
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
@@ -163,7 +124,7 @@ STDERR_BOMB = 200 * 1000 * 1000
 def test_agent_with_a_200_mb_stderr_line_is_bounded_and_the_run_completes(bounds_cluster, tmp_path):
     # h2's agent first writes 200 MB to stderr with no newline, then works honestly.
     cluster, config = bounds_cluster
-    bomb = script(tmp_path, "python-stderr", "#!/bin/sh\n"
+    bomb = executable(tmp_path, "python-stderr", "#!/bin/sh\n"
                   f"head -c {STDERR_BOMB} /dev/zero >&2\n"
                   'exec python3 "$@"\n')
     inventory = cluster.write_inventory(tmp_path / "hosts.ini", hosts=["h2"], extra={"h2": {"python": bomb}})
@@ -240,20 +201,6 @@ def test_byte_budget_blocks_while_spent_and_releases():
     assert (budget.used, budget.settled) == (0, 0)
 
 
-class _Lines(Stream):
-    """A stream whose stdout is the given bytes."""
-
-    def __init__(self, data: bytes):
-        self._stderr_lines = []
-        self._data = io.BytesIO(data)
-
-    def readline(self, limit: int = -1) -> bytes:
-        return self._data.readline(limit)
-
-    def kill(self) -> None:
-        pass
-
-
 _PRIMES = PrimesJob(1, 10**6)
 _GOOD = {"type": "result", "id": 7, "ok": True, "elapsed": 0.01,
          "result": client_primes.run({"lo": 1, "hi": 1000, "mode": "list"})}
@@ -275,7 +222,7 @@ def test_reader_gives_back_every_byte_it_took(ending, monkeypatch):
     link = HostLink(Host("h", "u@h", user="u", hostname="h"), None, False, events, _PRIMES.check, "b",
                     budget=budget)
     link._sent = {7: (1, 1000), 8: (1, 1000)}
-    link.stream = stream = _Lines(b"".join(_LINES) + ending)
+    link.stream = stream = LinesStream(b"".join(_LINES) + ending)
     link._read(stream, link.generation, queue.Queue())
     held = []
     while not events.empty():
@@ -331,7 +278,7 @@ def endless_sudo(tmp_path_factory):
     name = "bwbnd" + secrets.token_hex(4)
     folder = Path(tempfile.mkdtemp(prefix="beowulf-bounds-"))
     os.chmod(folder, 0o711)  # sshd reads the cluster's AuthorizedKeysFile as that user
-    endless = script(folder, "endless", "#!/bin/sh\nexec cat /dev/zero\n")
+    endless = executable(folder, "endless", "#!/bin/sh\nexec cat /dev/zero\n")
     sudoers = Path(f"/etc/sudoers.d/beowulf-bounds-{name}")
     try:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)

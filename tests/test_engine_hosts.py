@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from cluster.store import Store
-from harness import SshCluster, require_sshd, run_fab
+from harness import run_fab
+from harness.hostile import executable, provisioned_cluster
 from harness.web import WebServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -59,21 +60,11 @@ finally:
 @pytest.fixture(scope="module")
 def hosts3(tmp_path_factory):
     """Three provisioned sshd hosts."""
-    require_sshd()
-    base = tmp_path_factory.mktemp("engine")
-    with SshCluster(base / "cluster", 3) as cluster:
-        config = cluster.write_fabric_config(base / "fabric.yaml")
-        done = run_fab(["setup", "--inventory", cluster.write_inventory(base / "setup.ini"), "--no-numpy"],
-                       config=config, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        yield cluster, config
+    yield from provisioned_cluster(tmp_path_factory, "engine", 3)
 
 
 def fake_python(folder: Path, mode: str) -> str:
-    path = folder / f"python-{mode.replace(':', '-')}"
-    path.write_text(FAKE_PYTHON % {"mode": mode})
-    path.chmod(0o755)
-    return str(path)
+    return str(executable(folder, f"python-{mode.replace(':', '-')}", FAKE_PYTHON % {"mode": mode}))
 
 
 def fab(args, config, timeout=FAB_TIMEOUT):

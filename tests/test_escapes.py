@@ -21,6 +21,7 @@ import pytest
 
 from cluster.shown import EscapingFormatter, json_text, shown, shown_rows
 from harness import fab_argv, fab_env
+from harness.hostile import executable
 from harness.web import WebServer, _Handler, _Server
 
 # What a hostile host or server sends: title, colour, C1 CSI, RLO, line separator, DEL, NEL.
@@ -120,10 +121,7 @@ finally:
 
 
 def fake_python(folder: Path, mode: str) -> Path:
-    path = folder / f"python-{mode}"
-    path.write_text(FAKE_PYTHON % {"mode": mode, "evil": EVIL})
-    path.chmod(0o755)
-    return path
+    return executable(folder, f"python-{mode}", FAKE_PYTHON % {"mode": mode, "evil": EVIL})
 
 
 # ---------------------------------------------------------------- a hostile web server

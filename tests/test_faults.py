@@ -35,6 +35,7 @@ from cluster.inventory import load_inventory
 from cluster.jobs.trivial import TrivialJob
 from cluster.store import Store
 from harness import SshCluster, agent_pids, fab_argv, fab_env, pid_alive, require_sshd, run_fab
+from harness.hostile import count_of, session_pids_running
 
 PI_1E8 = 5_761_455
 # The in-process coordinators' heartbeat: agents beat every BEAT s, silence for BEAT_TIMEOUT s is a loss.
@@ -202,21 +203,9 @@ def assert_tiles(db: Path, start: int, end: int, complete: bool = True) -> list:
     return blocks
 
 
-def count_of(stdout: str) -> int:
-    line = [x for x in stdout.splitlines() if " primes in [" in x][-1]
-    return int(line.split()[0].replace(",", ""))
-
-
 def sshd_sessions(host) -> list:
     """The per-connection sshd processes under a host's listener."""
-    found = []
-    for pid in host.session_pids():
-        try:
-            if b"sshd" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            pass
-    return found
+    return session_pids_running(host, b"sshd")
 
 
 # ---------------------------------------------------------------- partition

@@ -17,16 +17,14 @@ Traffic stays on 127.0.0.0/8 and no name is ever resolved.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cluster.agents import MAX_JUNK_LINES, MAX_LINE_BYTES
 from cluster.store import Store
-from harness import SshCluster, fab_argv, fab_env, require_sshd, run_fab
+from harness import hostile
+from harness.hostile import count_of, executable, provisioned_cluster
 from harness.web import BINARY_BODY, WebServer, gzip_bomb
 
 pytestmark = pytest.mark.slow
@@ -36,37 +34,10 @@ PI_1E7 = 664579
 RSS_LIMIT_MB = 400
 FAB_TIMEOUT = 240
 
-# Runs fab, then writes the largest peak RSS (kB) among fab and every descendant it reaped.
-_RSS_SHIM = ("import resource, subprocess, sys\n"
-             "code = subprocess.call(sys.argv[2:])\n"
-             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
-             "sys.exit(code)\n")
-
 
 def fab_measured(args, tmp_path: Path, config=None, timeout: float = FAB_TIMEOUT):
     """run ``fab ARGS``; (CompletedProcess, peak RSS of the fab process tree in MB, seconds)."""
-    rss_file = tmp_path / f"rss-{time.monotonic_ns()}"
-    argv = [sys.executable, "-c", _RSS_SHIM, str(rss_file), *fab_argv(args, config)]
-    began = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=fab_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"fab did not finish within {timeout}s:\n{out}\n{err}") from None
-    seconds = time.monotonic() - began
-    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-    return done, int(rss_file.read_text()) / 1024, seconds
-
-
-def primes_total(stdout: str) -> int:
-    line = [line for line in stdout.splitlines() if " primes in [" in line][-1]
-    return int(line.split()[0].replace(",", ""))
+    return hostile.fab_measured(args, tmp_path, config=config, timeout=timeout)
 
 
 # ---------------------------------------------------------------- hostile agents
@@ -145,21 +116,11 @@ MODES = {
 @pytest.fixture(scope="module")
 def hostile_cluster(tmp_path_factory):
     """Two provisioned sshd hosts: h1 (honest, made slow to start) and h2 (made hostile per test)."""
-    require_sshd()
-    base = tmp_path_factory.mktemp("hostile")
-    with SshCluster(base / "cluster", 2) as cluster:
-        config = cluster.write_fabric_config(base / "fabric.yaml")
-        done = run_fab(["setup", "--inventory", cluster.write_inventory(base / "setup.ini"), "--no-numpy"],
-                       config=config, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        yield cluster, config
+    yield from provisioned_cluster(tmp_path_factory, "hostile", 2)
 
 
 def fake_python(folder: Path, mode: str) -> Path:
-    path = folder / f"python-{mode}"
-    path.write_text(FAKE_PYTHON % {"mode": mode})
-    path.chmod(0o755)
-    return path
+    return executable(folder, f"python-{mode}", FAKE_PYTHON % {"mode": mode})
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -177,7 +138,7 @@ def test_hostile_agent_cannot_break_the_run(hostile_cluster, tmp_path, mode):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "Traceback" not in output
-    assert primes_total(done.stdout) == PI_1E7
+    assert count_of(done.stdout) == PI_1E7
     with Store(db) as store:
         run_id = store.runs()[-1]["id"]
         events = store.events(run_id)

@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 from cluster.jobs.scrape import FetchOptions, InvalidPage, ScrapeJob, inflate
 from cluster.scheduler import Block
 from cluster.store import Store
-from harness import SshCluster, require_sshd, run_fab
+from harness import run_fab
+from harness.hostile import executable, provisioned_cluster
 from harness.socks5 import Socks5Server
 from harness.web import RawServer, WebServer
 
@@ -429,21 +430,7 @@ SLOW_PYTHON = "#!/bin/sh\nsleep 4\nexec python3 \"$@\"\n"
 @pytest.fixture(scope="module")
 def web_cluster(tmp_path_factory):
     """Two provisioned sshd hosts: h1 (honest, starts 4 s late) and h2 (its python replaced per test)."""
-    require_sshd()
-    base = tmp_path_factory.mktemp("hostile-web")
-    with SshCluster(base / "cluster", 2) as cluster:
-        config = cluster.write_fabric_config(base / "fabric.yaml")
-        done = run_fab(["setup", "--inventory", cluster.write_inventory(base / "setup.ini"), "--no-numpy"],
-                       config=config, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        yield cluster, config
-
-
-def _program(folder: Path, name: str, text: str) -> Path:
-    path = folder / name
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
+    yield from provisioned_cluster(tmp_path_factory, "hostile-web", 2)
 
 
 def _pages(db: Path) -> tuple[dict, dict]:
@@ -463,8 +450,8 @@ def test_host_sending_a_zlib_bomb_or_cut_stream_stores_nothing_of_it(web_cluster
     cluster, config = web_cluster
     max_bytes = 1000
     inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={
-        "h1": {"python": _program(tmp_path, "python-slow", SLOW_PYTHON), "slots": 1},
-        "h2": {"python": _program(tmp_path, "python-evil", FAKE_PYTHON % {"mode": mode, "max_bytes": max_bytes}),
+        "h1": {"python": executable(tmp_path, "python-slow", SLOW_PYTHON), "slots": 1},
+        "h2": {"python": executable(tmp_path, "python-evil", FAKE_PYTHON % {"mode": mode, "max_bytes": max_bytes}),
                "slots": 1},
     })
     with WebServer(robots=NO_ROBOTS_DELAY) as site:

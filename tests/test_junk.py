@@ -13,7 +13,6 @@ or safe to decide on and store. tests/test_hostile.py does the same with real pr
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -34,8 +33,8 @@ from cluster.errors import InventoryError, UsageError
 from cluster.inventory import KEYS, MAX_SLOTS, Host, parse_inventory
 from cluster.jobs.primes import PrimesJob
 from cluster.jobs.scrape import FetchOptions, InvalidPage, ScrapeJob
-from cluster.transport import Stream
 from cluster.urls import normalise, read_url_file
+from harness.hostile import LinesStream
 from tasks.common import parse_float, parse_int
 from tasks.primes import MAX_END
 from tasks.stats import MAX_START
@@ -381,20 +380,6 @@ _agent_line = st.one_of(
 )
 
 
-class _Lines(Stream):
-    """A stream whose stdout is the given bytes."""
-
-    def __init__(self, data: bytes):
-        self._stderr_lines = []
-        self._data = io.BytesIO(data)
-
-    def readline(self, limit: int = -1) -> bytes:
-        return self._data.readline(limit)
-
-    def kill(self) -> None:
-        pass
-
-
 @JUNK
 @given(st.lists(_agent_line, max_size=25))
 @example([b"\xff\n"] * 20)
@@ -407,7 +392,7 @@ def test_agent_reader_survives_any_lines(caplog, lines):
     events: queue.Queue = queue.Queue()
     link = HostLink(Host("h", "u@h", user="u", hostname="h"), None, False, events, _PRIMES.check, "b")
     link._sent = dict(_SENT)
-    link.stream = stream = _Lines(b"".join(lines))
+    link.stream = stream = LinesStream(b"".join(lines))
     hello_box: queue.Queue = queue.Queue()
     with caplog.at_level(logging.WARNING, logger="cluster.agents"):
         link._read(stream, link.generation, hello_box)

@@ -25,6 +25,7 @@ import pytest
 
 from cluster.store import Store
 from harness import SshCluster, agent_pids, fab_argv, fab_env, in_ci, require_sshd, run_fab
+from harness.hostile import assert_blocks_tile, count_of
 from harness.sshd import pyenv_python
 from harness.web import WebServer
 
@@ -74,11 +75,6 @@ def cell(table: dict, host: str, column: str) -> str:
     return table[host][column]
 
 
-def count_of(stdout: str) -> int:
-    line = [line for line in stdout.splitlines() if " primes in [" in line][-1]
-    return int(line.split()[0].replace(",", ""))
-
-
 def blocks_by_host(db: Path) -> dict:
     if not db.exists():
         return {}
@@ -96,16 +92,6 @@ def wait_for(predicate, timeout: float, what: str):
             raise AssertionError(f"{what}: not within {timeout:.0f}s")
         time.sleep(0.1)
     return value
-
-
-def assert_blocks_tile(db: Path, start: int, end: int) -> list:
-    with Store(db) as store:
-        run_id = store.runs()[-1]["id"]
-        blocks = sorted(store.blocks(run_id), key=lambda b: b["lo"])
-        assert store.integrity_ok()
-    assert blocks[0]["lo"] == start and blocks[-1]["hi"] == end
-    assert all(after["lo"] == before["hi"] + 1 for before, after in zip(blocks, blocks[1:]))
-    return blocks
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pytest
 from cluster.jobs.primes import is_prime
 from cluster.store import Store
 from harness import agent_pids, fab_argv, fab_env
+from harness.hostile import assert_blocks_tile, count_of, executable, provision
 
 PI = {10: 4, 100: 25, 1000: 168, 10**4: 1229, 10**5: 9592, 10**6: 78498, 10**7: 664579, 10**8: 5761455}
 
@@ -30,34 +31,11 @@ def primes(run_fab, inventory, start, end, db, *extra, config=None, timeout=300)
                    config=config, timeout=timeout)
 
 
-def total_line(stdout: str) -> str:
-    return [line for line in stdout.splitlines() if " primes in [" in line][-1]
-
-
-def count_of(stdout: str) -> int:
-    return int(total_line(stdout).split()[0].replace(",", ""))
-
-
-def assert_blocks_tile(db: Path, start: int, end: int) -> list:
-    """One committed row per block, the blocks tiling [start, end] with no gap and no overlap."""
-    with Store(db) as store:
-        run_id = store.runs()[-1]["id"]
-        blocks = sorted(store.blocks(run_id), key=lambda b: b["lo"])
-        assert store.integrity_ok()
-    assert blocks[0]["lo"] == start and blocks[-1]["hi"] == end
-    for before, after in zip(blocks, blocks[1:]):
-        assert after["lo"] == before["hi"] + 1, (before, after)
-    return blocks
-
-
 @pytest.fixture
-def ssh_env(make_cluster, tmp_path, run_fab):
+def ssh_env(make_cluster, tmp_path):
     """Three provisioned sshd hosts plus the config to reach them."""
     cluster = make_cluster(3)
-    inventory = cluster.write_inventory(tmp_path / "hosts.ini")
-    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
-    done = run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config)
-    assert done.returncode == 0, done.stdout + done.stderr
+    inventory, config = provision(cluster, tmp_path)
     return cluster, inventory, config
 
 
@@ -269,10 +247,7 @@ finally:
 
 
 def lying_python(folder: Path, mode: str) -> Path:
-    path = folder / f"python-{mode}"
-    path.write_text(LYING_PYTHON % {"mode": mode})
-    path.chmod(0o755)
-    return path
+    return executable(folder, f"python-{mode}", LYING_PYTHON % {"mode": mode})
 
 
 @pytest.mark.slow
@@ -351,11 +326,9 @@ def test_kill_one_sshd_mid_run(ssh_env, run_fab, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_host_lost_is_exit_1_and_resumable(make_cluster, run_fab, tmp_path):
+def test_every_host_lost_is_exit_1_and_resumable(make_cluster, tmp_path):
     cluster = make_cluster(1)
-    inventory = cluster.write_inventory(tmp_path / "one.ini")
-    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
-    assert run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config).returncode == 0
+    inventory, config = provision(cluster, tmp_path, "one.ini")
     db = tmp_path / "r.db"
     argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "1e9", "--db", db,
                      "--block-seconds", "0.3"], config=config)

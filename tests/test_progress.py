@@ -18,6 +18,7 @@ import pytest
 from cluster.errors import JobError
 from cluster.progress import Progress, first_line, host_lines
 from harness import fab_argv, fab_env
+from harness.hostile import provision
 
 # rich's own sequences: colours and styles, cursor shown/hidden.
 SGR = re.compile(r"\x1b\[[0-9;]*m|\x1b\[\?25[lh]")
@@ -130,11 +131,9 @@ def test_interrupted_run_ends_on_the_figure_reached_and_why(local_inventory, tmp
 
 
 @pytest.mark.slow
-def test_run_with_every_host_lost_ends_on_the_figure_reached_and_why(make_cluster, tmp_path, run_fab):
+def test_run_with_every_host_lost_ends_on_the_figure_reached_and_why(make_cluster, tmp_path):
     cluster = make_cluster(1)
-    inventory = cluster.write_inventory(tmp_path / "one.ini")
-    config = cluster.write_fabric_config(tmp_path / "fabric.yaml")
-    assert run_fab(["setup", "--inventory", inventory, "--no-numpy"], config=config).returncode == 0
+    inventory, config = provision(cluster, tmp_path, "one.ini")
 
     def started(text: str) -> bool:
         return bool(re.search(r"ETA \d", SGR.sub("", text)))

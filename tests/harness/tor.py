@@ -320,7 +320,54 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-class SocksGreeter:
+class _Listener:
+    """A TCP listener on ``ip`` (port chosen by the system) served by a daemon thread, which hands
+    each connection to ``_accepted``; ``_stop_listening`` closes it and waits for the thread."""
+
+    def _listen(self, ip: str, name: str) -> int:
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind((ip, 0))
+        self._server.listen(16)
+        port = self._server.getsockname()[1]
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=f"{name}-{port}", daemon=True)
+        return port
+
+    def _serve(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _stop_listening(self) -> None:
+        self._stopped = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._server.close()
+        self._thread.join(5)
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SocksGreeter(_Listener):
     """A stand-in SOCKS5 server on ``ip``: answers the greeting (version 5, no authentication), then closes.
 
     Tor with ``DisableNetwork 1`` opens no SOCKS port, so tests that need a SOCKS
@@ -331,13 +378,7 @@ class SocksGreeter:
     def __init__(self, ip: str = "127.0.0.1"):
         self.ip = _check_loopback(ip)
         self.greetings = 0
-        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind((self.ip, 0))
-        self._server.listen(16)
-        self.port = self._server.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, name=f"socks-greeter-{self.port}", daemon=True)
-        self._stopped = False
+        self.port = self._listen(self.ip, "socks-greeter")
 
     @property
     def address(self) -> str:
@@ -347,36 +388,19 @@ class SocksGreeter:
         self._thread.start()
         return self
 
-    def _serve(self) -> None:
-        while not self._stopped:
+    def _accepted(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
             try:
-                conn, _ = self._server.accept()
+                hello = conn.recv(3)
+                if hello[:1] == b"\x05":
+                    conn.sendall(b"\x05\x00")
+                    self.greetings += 1
             except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    hello = conn.recv(3)
-                    if hello[:1] == b"\x05":
-                        conn.sendall(b"\x05\x00")
-                        self.greetings += 1
-                except OSError:
-                    pass
+                pass
 
     def stop(self) -> None:
-        self._stopped = True
-        try:
-            self._server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._server.close()
-        self._thread.join(5)
-
-    def __enter__(self) -> SocksGreeter:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self._stop_listening()
 
 
 # ---------------------------------------------------------------- a hostile control port
@@ -595,7 +619,7 @@ _SERVER_KEY = b"Tor safe cookie authentication server-to-controller hash"
 _CLIENT_KEY = b"Tor safe cookie authentication controller-to-server hash"
 
 
-class FakeTor:
+class FakeTor(_Listener):
     """A stand-in tor on ``ip``: a real SOCKS5 proxy (``Socks5Server``) and a control port
     speaking tor's control protocol with cookie authentication (SAFECOOKIE, the server's
     hash computed from the real cookie file), threads in the test process.
@@ -622,13 +646,7 @@ class FakeTor:
         self.cookie_path.write_bytes(os.urandom(32))
         os.chmod(self.cookie_path, 0o600)
         self.commands: List[str] = []
-        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind((self.ip, 0))
-        self._server.listen(16)
-        self.control_port = self._server.getsockname()[1]
-        self._stopped = False
-        self._thread = threading.Thread(target=self._serve, name=f"fake-tor-{self.control_port}", daemon=True)
+        self.control_port = self._listen(self.ip, "fake-tor")
 
     @property
     def socks_address(self) -> str:
@@ -647,13 +665,8 @@ class FakeTor:
         self._thread.start()
         return self
 
-    def _serve(self) -> None:
-        while not self._stopped:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _answer(self, line: str, state: dict) -> List[str]:
         import binascii
@@ -714,18 +727,6 @@ class FakeTor:
                 return
 
     def stop(self) -> None:
-        self._stopped = True
-        try:
-            self._server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._server.close()
-        self._thread.join(5)
+        self._stop_listening()
         self.socks.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> FakeTor:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
