@@ -242,6 +242,10 @@ def print_run_summary(outcome, db_path: Path, workers: bool = False) -> None:
     headers, rows = summary_table(report, {h.name: h.state for h in outcome.hosts}, workers)
     print(tabulate(shown_rows(rows), headers=headers, disable_numparse=True))
     print(shown(summary_total(report)))
+    slow = [h["host"] for h in report["hosts"] if h["engine"] == "python" and h["blocks"]]
+    if slow and not workers:
+        print(shown(f"note: {', '.join(slow)} ran the pure-Python sieve (5-50x slower than numpy or libprimesieve): "
+                    "`fab hosts` says what to run for it (README: Adding machines)"))
 
 
 def _export(db_path: Path, run_id: int, export_path: Path) -> None:

@@ -26,9 +26,9 @@ def local_inventory(tmp_path: Path) -> Path:
     return path
 
 
-def primes(run_fab, inventory, start, end, db, *extra, config=None, timeout=300):
+def primes(run_fab, inventory, start, end, db, *extra, config=None, timeout=300, env=None):
     return run_fab(["primes", "--inventory", inventory, "--start", start, "--end", end, "--db", db, *extra],
-                   config=config, timeout=timeout)
+                   config=config, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -431,3 +431,14 @@ def test_list_that_cannot_fit_on_disk_is_refused(run_fab, tmp_path):
     assert done.returncode == 1
     assert "need about" in done.stderr and "GB free" in done.stderr and "--count-only" in done.stderr
     assert not db.exists()
+
+
+def test_summary_names_a_host_on_the_pure_python_sieve(run_fab, tmp_path):
+    """A host that ran the pure-Python sieve is named under the summary with where to look (issue 11)."""
+    inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
+    done = primes(run_fab, inventory, 1, "1e6", db, env={"BEOWULF_PRIMES_ENGINE": "python"})
+    assert done.returncode == 0, done.stderr
+    assert count_of(done.stdout) == 78498
+    assert "note: this computer ran the pure-Python sieve" in done.stdout and "fab hosts" in done.stdout
+    fast = primes(run_fab, inventory, 1, "1e6", tmp_path / "f.db")
+    assert fast.returncode == 0 and "pure-Python" not in fast.stdout
