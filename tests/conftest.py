@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Callable, List
 
@@ -9,6 +10,12 @@ import pytest
 
 from harness import REPO_ROOT, SshCluster, require_sshd
 from harness import run_fab as _run_fab
+
+# A shell without job control starts background commands with SIGINT ignored, and an ignored
+# signal stays ignored across exec: the fab children of the Ctrl-C tests would never see it.
+# A handler here is reset to the default in every child, so they get Ctrl-C as a user's fab does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
