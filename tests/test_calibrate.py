@@ -117,6 +117,7 @@ def test_calibrate_scrape_in_pages_per_minute(tmp_path, web):
     assert "no runs yet" in shown.stderr
 
 
+@pytest.mark.slow
 def test_stats_uses_only_a_comparable_calibration(tmp_path):
     """A count-mode calibration far away (1e11) gives a near list-mode run no efficiency;
     fab calibrate --run N measures the run's own mode and range, and then it has one."""

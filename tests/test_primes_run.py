@@ -158,6 +158,7 @@ def test_count_only_exact_at_1e10_and_against_primesieve(run_fab, tmp_path):
     assert len(assert_blocks_tile(tmp_path / "b.db", start, end)) > 2
 
 
+@pytest.mark.slow
 def test_count_only_and_smaller_ranges_answered_from_a_finished_list_run(run_fab, tmp_path):
     inventory, db, out = local_inventory(tmp_path), tmp_path / "r.db", tmp_path / "sub.txt"
     done = primes(run_fab, inventory, 1, 10**6, db, "--block-seconds", "0.05")
@@ -364,6 +365,7 @@ def test_junk_python_and_stale_bundle_left_out(ssh_env, run_fab, tmp_path):
     assert "left out: h3: client bundle is stale" in done.stdout and "run fab setup" in done.stdout
 
 
+@pytest.mark.slow
 def test_host_still_starting_at_the_end_is_named(ssh_env, run_fab, tmp_path):
     cluster, _, config = ssh_env
     slow = tmp_path / "slowpython"

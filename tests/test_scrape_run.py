@@ -51,6 +51,7 @@ def pages(db) -> dict:
         return {record["url"]: record for record, _ in store.iter_pages(run_id)}
 
 
+@pytest.mark.slow
 def test_pages_statuses_robots_and_retries(run_fab, tmp_path):
     with WebServer(robots=NO_ROBOTS_DELAY, flaky=1, retry_after=1) as web:
         urls = [web.url(p) for p in ("/page/1", "/page/2", "/redirect/2", "/404", "/flaky", "/429",
@@ -79,6 +80,7 @@ def test_pages_statuses_robots_and_retries(run_fab, tmp_path):
         assert "8 of 8 URLs fetched" in done.stdout
 
 
+@pytest.mark.slow
 def test_delay_holds_across_hosts_from_the_server_log(run_fab, tmp_path):
     with WebServer(robots=NO_ROBOTS_DELAY) as web:
         urls = [web.url(f"/page/{i}") for i in range(8)]
@@ -91,6 +93,7 @@ def test_delay_holds_across_hosts_from_the_server_log(run_fab, tmp_path):
         assert min(gaps) >= 0.5, gaps
 
 
+@pytest.mark.slow
 def test_crawl_delay_from_robots_is_honoured(run_fab, tmp_path):
     with WebServer(robots="User-agent: *\nCrawl-delay: 0.7\n") as web:
         urls = [web.url(f"/page/{i}") for i in range(4)]
@@ -101,6 +104,7 @@ def test_crawl_delay_from_robots_is_honoured(run_fab, tmp_path):
         assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.7
 
 
+@pytest.mark.slow
 def test_crawl_delay_holds_while_busy_hosts_queue_other_sites(run_fab, tmp_path):
     # Two workers, many quick sites: the host is always busy, so it holds a queue of the
     # quick sites' URLs; the Crawl-delay site's requests must still start 0.6 s apart.
@@ -190,6 +194,7 @@ def test_bad_flags(run_fab, tmp_path, args, words):
     assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_resume_fetches_only_the_rest_and_export(run_fab, tmp_path):
     with WebServer(robots=NO_ROBOTS_DELAY) as web:
         urls = [web.url(f"/page/{i}") for i in range(12)]
@@ -259,6 +264,7 @@ def wait_for(condition, timeout=60):
     assert condition()
 
 
+@pytest.mark.slow
 def test_proxy_dying_mid_run_sends_its_urls_elsewhere(tmp_path):
     with WebServer(robots=NO_ROBOTS_DELAY, latency=0.2) as web, Socks5Server() as doomed, \
             Socks5Server() as steady:
@@ -283,6 +289,7 @@ def test_proxy_dying_mid_run_sends_its_urls_elsewhere(tmp_path):
         assert len(steady.log) <= len(web.requests) <= len(doomed.log) + len(steady.log)
 
 
+@pytest.mark.slow
 def test_last_proxy_dying_stops_the_run_with_nothing_sent_directly(tmp_path):
     with WebServer(robots=NO_ROBOTS_DELAY, latency=0.2) as web, Socks5Server() as proxy:
         inv = tmp_path / "one.ini"

@@ -449,6 +449,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_locked_store_is_a_one_line_error(tmp_path, clock):
     db = tmp_path / "r.db"
     build_two_sessions(db, clock)
@@ -498,6 +499,7 @@ print(lo // 100, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_stats_reads_while_another_process_writes(tmp_path):
     db = tmp_path / "r.db"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(REPO), "4"], stdout=subprocess.PIPE,
