@@ -482,12 +482,11 @@ class Coordinator:
             self.reconnecting.discard(name)
             self.up.add(name)
             self.writer_event(name, "up", f"{event.link.slots} slots")
+            engine = str((event.link.hello.get("engines") or {}).get(self.job.name) or "")
             try:
                 self.store.upsert_host(name, event.link.hello)
                 # What the host is in this run, kept with the run (fab stats of past runs).
-                self.store.record_run_host(
-                    self.run_id, name, event.link.hello, event.link.slots,
-                    str((event.link.hello.get("engines") or {}).get(self.job.name) or ""))
+                self.store.record_run_host(self.run_id, name, event.link.hello, event.link.slots, engine)
             except BeowulfError as err:
                 log.warning("cannot record host %s: %s", name, err)
             stats.state = "up"
@@ -495,7 +494,7 @@ class Coordinator:
             stats.slots = event.link.slots
             stats.reconnects_failed = 0
             stats.failures_in_row = 0
-            stats.engine = str((event.link.hello.get("engines") or {}).get(self.job.name) or "")
+            stats.engine = engine
             ended, reason = event.link.ended
             if ended == event.generation:  # its lost event came first, while it was not up yet
                 self._lose(name, f"connection lost ({reason})")
