@@ -77,7 +77,7 @@ MAX_RESPAWN_DELAY = 10.0
 BUILTIN_MODULE = "jobs_builtin"
 BUILTIN_JOBS = ("noop", "sleep", "spin", "fail", "crash", "echo", "blob")
 # The whitelist: job name -> (module in the bundle or --lib, function called with args).
-JOBS = dict([("primes", ("primes", "run")), ("scrape", ("scrape", "run"))]
+JOBS = dict([("primes", ("primes", "run")), ("scrape", ("scrape", "run")), ("map", ("mapper", "run"))]
             + [(name, (BUILTIN_MODULE, name)) for name in BUILTIN_JOBS])
 
 logger = logging.getLogger("agent")
