@@ -82,8 +82,8 @@ HEX = re.compile(r"^[0-9a-f]{16,64}$")
 # GNU parallel's replacement strings (README.md, "fab map"), checked against parallel
 # 20221122: {} the item; {.} without its extension; {/} basename; {//} dirname (POSIX
 # dirname(1)); {/.} basename without extension; {#} sequence number (1-based); {%} slot
-# (1-based); {N} column N (negative: from the end; past the last: empty), also with the
-# modifiers: {N.} {N/} {N//} {N/.}; a column past the end renders as nothing. ``${...}`` belongs to the shell and is never replaced.
+# (1-based); {N} column N (negative: from the end; past the last: nothing), also with the
+# modifiers: {N.} {N/} {N//} {N/.}. ``${...}`` belongs to the shell and is never replaced.
 _CANDIDATE = re.compile(r"\{(=[^\n]*?=|[-+]?[0-9]*[^\w\s{}'\"$`\\]*)\}")
 _KNOWN = re.compile(r"^(?:(-?[1-9][0-9]*)?(\.|/|//|/\.)?|#|%)$")
 _EXTENSION = re.compile(r"\.[^/.]*$")
