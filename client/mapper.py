@@ -373,9 +373,10 @@ def ship_folder(ship):
 
 
 def inside(path, folder):
-    """True when the real ``path`` lies inside the real ``folder``."""
-    folder = os.path.realpath(folder)
-    return os.path.realpath(path).startswith(folder.rstrip(os.sep) + os.sep)
+    """True when the real ``path`` lies inside the real ``folder`` (str or bytes, compared as bytes)."""
+    path = path if isinstance(path, bytes) else fs(path)
+    folder = os.path.realpath(folder if isinstance(folder, bytes) else fs(folder))
+    return os.path.realpath(path).startswith(folder.rstrip(b"/") + b"/")
 
 
 # ------------------------------------------------------------------------ functions

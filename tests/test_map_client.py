@@ -1,0 +1,251 @@
+"""client/mapper.py through a real agent: map tasks sent over its pipes, as the coordinator will.
+
+The agent runs from a copy of client/ inside a temporary workdir (as ``fab setup`` lays
+it out), so the run folders (WORKDIR/map/RUN) and shipped folders (WORKDIR/ship/HEX)
+live there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from test_agent import Agent, gone, wait_gone
+
+from client import mapper
+
+CLIENT = Path(__file__).resolve().parent.parent / "client"
+RUN = "ab" * 16
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A workdir holding a copy of client/, like a host's after fab setup."""
+    work = tmp_path / "work"
+    shutil.copytree(CLIENT, work / "client", ignore=shutil.ignore_patterns("__pycache__"))
+    return work
+
+
+@pytest.fixture
+def agent(workdir, monkeypatch):
+    """An agent with 2 slots started from the workdir's copy of client/."""
+    import test_agent
+    monkeypatch.setattr(test_agent, "AGENT", workdir / "client" / "agent.py")
+    started = Agent(slots=2)
+    yield started
+    started.close()
+
+
+def ship(workdir: Path, files: dict) -> str:
+    """Put ``files`` (relative name -> text) in a content-addressed shipped folder; its name."""
+    digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:32]
+    folder = workdir / "ship" / digest
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return digest
+
+
+def run_map(agent, task_id="t", wait=60.0, **args):
+    args.setdefault("run", RUN)
+    agent.task(task_id, "map", **args)
+    message = agent.results(1, timeout=wait)[task_id]
+    return message
+
+
+def items(*values):
+    return [{"seq": seq, "value": value} for seq, value in enumerate(values, 1)]
+
+
+HOSTILE = ["; touch pwned", "a b", "it's", 'say "hi"', "$HOME", "`touch pwned`", "$(touch pwned)",
+           "two\nlines", "-rf", "--help", "", "*", "caf\u00e9", "raw\udcffbyte"]
+
+
+def test_command_values_are_arguments_never_code(agent, workdir):
+    message = run_map(agent, mode="command", command="printf '[%s]' {} {#}", items=items(*HOSTILE))
+    assert message["ok"], message
+    results = message["result"]["items"]
+    assert [r["seq"] for r in results] == list(range(1, len(HOSTILE) + 1))
+    for value, result in zip(HOSTILE, results):
+        assert result["ok"] and result["exit"] == 0 and result["signal"] is None, result
+        expected = ("[%s][%d]" % (value, result["seq"])).encode("utf-8", "surrogateescape")
+        got = base64.b64decode(result["stdout"]) if result["stdout_b64"] else result["stdout"].encode()
+        assert got == expected
+    assert not list(workdir.rglob("pwned"))
+    assert (workdir / "map" / RUN).is_dir()  # the commands' cwd
+
+
+def test_appended_item_exit_codes_stderr_and_env(agent):
+    message = run_map(agent, mode="command", command="sh -c 'echo err >&2; echo $PARALLEL_SEQ; exit \"$0\"'",
+                      items=items("0", "3"))
+    first, second = message["result"]["items"]
+    assert first["ok"] and first["stdout"] == "1\n" and first["stderr"] == "err\n"
+    assert not second["ok"] and second["exit"] == 3 and second["stdout"] == "2\n"
+    assert second["start"] > 1.6e9 and second["seconds"] >= 0
+
+
+def test_timeout_kills_the_whole_process_group(agent, tmp_path):
+    pids = tmp_path / "pids"
+    command = "sleep 300 & echo $! > " + str(pids) + "; sleep 300; echo never {}"
+    message = run_map(agent, mode="command", command=command, items=items("x"), timeout=1.5)
+    result = message["result"]["items"][0]
+    assert result["timed_out"] and not result["ok"] and result["signal"] == signal.SIGKILL
+    assert "timed out" in result["error"] and result["seconds"] < 30
+    assert wait_gone([int(pids.read_text())], 10) == []
+
+
+def test_background_child_holding_stdout_does_not_hang_the_item(agent):
+    message = run_map(agent, mode="command", command="(sleep 300; echo late) & echo now {}", items=items("x"),
+                      timeout=60)
+    result = message["result"]["items"][0]
+    assert result["ok"] and result["stdout"] == "now x\n" and result["seconds"] < 20
+
+
+@pytest.mark.slow
+def test_50mb_stdout_is_capped_not_buffered(agent):
+    message = run_map(agent, mode="command", command="head -c 52428800 /dev/zero | tr '\\0' a; echo {}",
+                      items=items("x"), stdout_cap=1000, timeout=120)
+    result = message["result"]["items"][0]
+    assert result["ok"] and result["truncated"] and result["stdout"] == "a" * 1000
+
+
+def test_non_utf8_output_is_base64_and_stderr_tail(agent):
+    message = run_map(agent, mode="command", command="printf 'caf\\351'; seq 1 5000 >&2; true {}",
+                      items=items("x"), stderr_tail=20)
+    result = message["result"]["items"][0]
+    assert result["stdout_b64"] and base64.b64decode(result["stdout"]) == b"caf\xe9"
+    assert result["stderr"] == "4997\n4998\n4999\n5000\n"[-20:]
+
+
+def test_unknown_replacement_string_fails_the_task(agent):
+    message = run_map(agent, mode="command", command="echo {..}", items=items("x"))
+    assert not message["ok"] and "unknown replacement string" in message["error"]
+
+
+def test_files_in_and_returned_files_out(agent, workdir):
+    data = b"hello \xff world\n" * 100
+    digest = hashlib.sha256(data).hexdigest()
+    item = {"seq": 1, "value": "photos/-a b;c.txt",
+            "file": {"name": "-a b;c.txt", "sha256": digest, "data": base64.b64encode(data).decode()}}
+    message = run_map(agent, mode="command", command="gzip -9 -c {} > {.}.gz && echo {/}",
+                      items=[item], **{"return": ["{.}.gz", "{.}.missing"]})
+    result = message["result"]["items"][0]
+    assert result["stdout"] == "-a b;c.txt\n"
+    gz, missing = result["returned"]
+    assert gz["path"] == result["path"][:-4] + ".gz" and missing["error"] == "no such file"
+    raw = base64.b64decode(gz["data"])
+    assert hashlib.sha256(raw).hexdigest() == gz["sha256"] and gz["size"] == len(raw)
+    import gzip
+    assert gzip.decompress(raw) == data
+    assert not result["ok"] and "missing" in result["error"]  # a --return file that is not there
+    assert list((workdir / "map" / RUN / "in").iterdir()) == []  # the input folder is removed
+    bad = dict(item, file=dict(item["file"], sha256="0" * 64))
+    message = run_map(agent, "t2", mode="command", command="cat {}", items=[bad])
+    assert not message["ok"] and "does not match its sha256" in message["error"]
+
+
+def test_return_outside_the_run_folder_is_refused(agent, workdir, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    message = run_map(agent, mode="command", command="true", items=items("v"),
+                      **{"return": [str(secret), "../../client/agent.py"]})
+    returned = message["result"]["items"][0]["returned"]
+    assert [entry["error"] for entry in returned] == ["outside the run's work folder"] * 2
+    assert secret.exists() and (workdir / "client" / "agent.py").exists()
+
+
+def test_function_called_with_items_imported_once(agent, workdir):
+    digest = ship(workdir, {"score.py": "import os\nLOADS = []\nLOADS.append(1)\n"
+                                        "def score(x):\n    return {'x': x, 'sq': x * x, 'loads': len(LOADS),"
+                                        " 'pid': os.getpid()}\n"})
+    answers = []
+    for number in range(3):
+        message = run_map(agent, f"f{number}", mode="function", function="score.py:score", ship=digest,
+                          items=[{"seq": 1, "value": 7}, {"seq": 2, "value": 8}])
+        answers += message["result"]["items"]
+    assert [a["value"]["sq"] for a in answers] == [49, 64] * 3
+    assert {a["value"]["loads"] for a in answers} == {1}  # imported once per worker
+
+
+def test_function_failures(agent, workdir):
+    digest = ship(workdir, {"f.py": "import time\n"
+                                    "def boom(x):\n    raise ValueError('bad item %s' % x)\n"
+                                    "def weird(x):\n    return {1, 2}\n"
+                                    "def slow(x):\n    try:\n        time.sleep(300)\n"
+                                    "    except Exception:\n        return 'swallowed'\n"
+                                    "def fine(x):\n    return x\n"})
+    boom = run_map(agent, "a", mode="function", function="f:boom", ship=digest, items=items("q"))
+    error = boom["result"]["items"][0]["error"]
+    assert "ValueError: bad item q" in error and "in boom" in error and len(error) <= mapper.MAX_TRACEBACK_CHARS
+    weird = run_map(agent, "b", mode="function", function="f:weird", ship=digest, items=items("q"))
+    assert "not JSON-serialisable" in weird["result"]["items"][0]["error"]
+    slow = run_map(agent, "c", mode="function", function="f:slow", ship=digest, items=items("q", "r"),
+                   timeout=0.5)
+    assert [r["timed_out"] for r in slow["result"]["items"]] == [True, True]
+    fine = run_map(agent, "d", mode="function", function="f:fine", ship=digest, items=items("ok"))
+    assert fine["result"]["items"][0]["value"] == "ok"  # the worker survived the timeouts
+
+
+@pytest.mark.parametrize("function,ship_name,error", [
+    ("os:system", None, "not one of the shipped files"),
+    ("json:dumps", None, "not one of the shipped files"),
+    ("antigravity:geohash", None, "no module antigravity in the shipped files"),
+    ("../evil:f", None, "MODULE:FUNC"),
+    ("/tmp/evil:f", None, "MODULE:FUNC"),
+    ("mod:f", "../../etc", "hex digest"),
+    ("mod:f", "/tmp", "hex digest"),
+    ("mod:f", "cd" * 16, "no shipped folder"),
+])
+def test_functions_only_from_the_shipped_folder(agent, workdir, function, ship_name, error):
+    digest = ship(workdir, {"mod.py": "def f(x):\n    return x\n"})
+    message = run_map(agent, mode="function", function=function, ship=ship_name or digest, items=items("x"))
+    assert not message["ok"] and error in message["error"], message
+
+
+def test_symlinked_ship_folder_out_of_ship_is_refused(agent, workdir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "mod.py").write_text("def f(x):\n    return 'pwned'\n")
+    (workdir / "ship").mkdir(exist_ok=True)
+    (workdir / "ship" / ("ef" * 16)).symlink_to(outside)
+    message = run_map(agent, mode="function", function="mod:f", ship="ef" * 16, items=items("x"))
+    assert not message["ok"] and "no shipped folder" in message["error"]
+
+
+def test_function_killing_its_worker_ends_the_task(agent, workdir):
+    digest = ship(workdir, {"k.py": "import os\ndef k(x):\n    os._exit(3) if x == 'die' else None\n"
+                                    "    return x\n"})
+    message = run_map(agent, mode="function", function="k:k", ship=digest, items=items("a", "die"))
+    assert not message["ok"] and "worker died" in message["error"]
+    again = run_map(agent, "t2", mode="function", function="k:k", ship=digest, items=items("b"))
+    assert again["ok"] and again["result"]["items"][0]["value"] == "b"
+
+
+def test_cancel_kills_the_running_command(agent, tmp_path):
+    """The agent SIGKILLs a cancelled task's worker; the reaper kills the command's group too."""
+    pids = tmp_path / "pids"
+    agent.task("long", "map", run=RUN, mode="command", items=items("x"),
+               command="sleep 300 & echo $! > " + str(pids) + "; sleep 300 {}")
+    deadline = time.monotonic() + 20
+    while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pids.read_text())
+    assert not gone(child)
+    agent.send({"type": "cancel", "id": "long"})
+    assert wait_gone([child], 10) == []
+    assert agent.quiet(0.5) == []
+
+
+def test_result_budget_leaves_items_for_later(agent, monkeypatch):
+    message = run_map(agent, mode="command", command="head -c 900000 /dev/zero | tr '\\0' a; true {}",
+                      items=items(*["v"] * 60), timeout=120)
+    result = message["result"]
+    done = len(result["items"])
+    assert result["left"] == list(range(done + 1, 61)) and 30 < done < 60
+    assert all(os.path.basename(mapper.__file__) for _ in [0])
