@@ -12,11 +12,12 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_agent import Agent, gone, wait_gone
+from test_agent import PYTHON36, Agent, gone, wait_gone
 
 from client import mapper
 
@@ -32,12 +33,19 @@ def workdir(tmp_path):
     return work
 
 
-@pytest.fixture
-def agent(workdir, monkeypatch):
-    """An agent with 2 slots started from the workdir's copy of client/."""
+@pytest.fixture(params=["current", "3.6"])
+def agent(request, workdir, monkeypatch):
+    """An agent with 2 slots started from the workdir's copy of client/, on this Python and on 3.6."""
     import test_agent
+    python = sys.executable
+    if request.param == "3.6":
+        python = PYTHON36
+        if python is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("no Python 3.6 interpreter (the oldest the client supports)")
+            pytest.skip("no Python 3.6 interpreter on this machine")
     monkeypatch.setattr(test_agent, "AGENT", workdir / "client" / "agent.py")
-    started = Agent(slots=2)
+    started = Agent(slots=2, python=python)
     yield started
     started.close()
 
@@ -74,7 +82,7 @@ def test_command_values_are_arguments_never_code(agent, workdir):
     assert [r["seq"] for r in results] == list(range(1, len(HOSTILE) + 1))
     for value, result in zip(HOSTILE, results):
         assert result["ok"] and result["exit"] == 0 and result["signal"] is None, result
-        expected = ("[%s][%d]" % (value, result["seq"])).encode("utf-8", "surrogateescape")
+        expected = f"[{value}][{result['seq']}]".encode("utf-8", "surrogateescape")
         got = base64.b64decode(result["stdout"]) if result["stdout_b64"] else result["stdout"].encode()
         assert got == expected
     assert not list(workdir.rglob("pwned"))

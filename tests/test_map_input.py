@@ -69,7 +69,7 @@ def test_every_value_is_one_argument_never_code(value, tmp_path):
                           timeout=30)
     assert done.returncode == 0, done.stderr
     words = [value, "x" + value + "y"] + [mapper.modify(value, m) for m in (".", "/", "//", "/.")] + [value]
-    assert done.stdout == "".join("[%s]" % word for word in words).encode("utf-8", "surrogateescape")
+    assert done.stdout == "".join(f"[{word}]" for word in words).encode("utf-8", "surrogateescape")
     assert not (tmp_path / "pwned").exists()
 
 
