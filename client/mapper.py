@@ -661,7 +661,7 @@ def run_command(command, cwd, env, timeout, capture):
                         poller.unregister(fd)
         # Both pipes closed: wait for the shell (its timeout still counts), then kill what it
         # left behind in its group while its pid is still ours (not yet reaped).
-        pause = 0.0005
+        pause = 0.0001
         while not exited(proc):
             now = time.monotonic()
             if deadline is not None and now >= deadline:

@@ -257,3 +257,53 @@ def test_result_budget_leaves_items_for_later(agent, monkeypatch):
     done = len(result["items"])
     assert result["left"] == list(range(done + 1, 61)) and 30 < done < 60
     assert all(os.path.basename(mapper.__file__) for _ in [0])
+
+
+class SshAgent(Agent):
+    """An agent started over real ssh on a harness sshd host (its session is the agent's stdio)."""
+
+    def __init__(self, cluster, host, workdir: Path):
+        import queue
+        import subprocess
+        import threading
+        cluster.write_known_hosts()
+        command = f"python3 {workdir}/client/agent.py --host {host.name} --slots 2 --beat 60 --nice 0"
+        self.proc = subprocess.Popen(
+            ["ssh", "-i", str(cluster.client_key), "-p", str(host.port), "-o", "BatchMode=yes",
+             "-o", f"UserKnownHostsFile={cluster.known_hosts_path}", "-o", "StrictHostKeyChecking=yes",
+             host.address, command],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.inbox = queue.Queue()
+        self.stderr, self.bad_lines, self.beats = [], [], []
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.hello = self.next_message(timeout=60)
+        assert self.hello["type"] == "hello", self.hello
+
+
+@pytest.mark.slow
+def test_over_real_ssh_quoting_and_link_loss(ssh_cluster, tmp_path):
+    """On an sshd host: hostile values stay arguments; when the link drops mid-item the agent
+    and its workers exit and the reaper kills the running command's process group."""
+    h1 = ssh_cluster["h1"]
+    work = h1.workdir / f"map-{os.getpid()}"
+    shutil.copytree(CLIENT, work / "client", ignore=shutil.ignore_patterns("__pycache__"))
+    agent = SshAgent(ssh_cluster, h1, work)
+    try:
+        message = run_map(agent, mode="command", command="printf '[%s]' {}", items=items(*HOSTILE[:-1]))
+        outs = [result["stdout"] for result in message["result"]["items"]]
+        assert outs == [f"[{value}]" for value in HOSTILE[:-1]]
+        assert not list(work.rglob("pwned"))
+        pids = tmp_path / "pids"
+        agent.task("long", "map", run=RUN, mode="command", items=items("x"),
+                   command="sleep 300 & echo $! > " + str(pids) + "; sleep 300 {}")
+        deadline = time.monotonic() + 30
+        while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pids.read_text())
+        assert not gone(child)
+        agent.proc.kill()  # the coordinator's end of the link is gone
+        assert wait_gone([child], 15) == []
+    finally:
+        agent.close()
+        shutil.rmtree(work, ignore_errors=True)
