@@ -1,5 +1,8 @@
 """``fab map --export FILE`` and ``--joblog FILE``: per-item records written to files.
 
+``parse_item_result`` turns one item result sent by a host (client/mapper.py) into an
+``ItemRecord`` and its returned files, checking every field: a host is not trusted.
+
 Both files are written to a temporary name beside the target and renamed over it, so a
 reader never sees half a file.
 
@@ -15,11 +18,17 @@ reader never sees half a file.
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Optional
+
+from client import mapper
 
 JOBLOG_COLUMNS = ("Seq", "Host", "Starttime", "JobRuntime", "Send", "Receive", "Exitval", "Signal",
                   "Command")
@@ -47,6 +56,11 @@ class ItemRecord:
     stderr: bytes = b""
     send: int = 0
     receive: int = 0
+    attempt: int = 1
+    timed_out: bool = False
+    truncated: bool = False
+    error: str = ""
+    value: object = None
 
 
 def _bytes(text) -> bytes:
@@ -148,3 +162,122 @@ def joblog_lines(records: Iterable[ItemRecord]) -> Iterable[bytes]:
 def write_joblog(path: str, records: Iterable[ItemRecord]) -> int:
     """``--joblog FILE``: GNU parallel's columns, one line per attempt; bytes written."""
     return _write_atomically(path, joblog_lines(records))
+
+
+# ------------------------------------------------------------------------ a host's item result
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Longest error text or returned-file path accepted from a host.
+MAX_ERROR_CHARS = 2 * mapper.MAX_TRACEBACK_CHARS
+MAX_PATH_CHARS = 4096
+
+
+class ResultError(ValueError):
+    """A host sent an item result that breaks the protocol (the message is safe to show)."""
+
+
+@dataclass
+class ReturnedFile:
+    """A --return file as a host sent it: checked content, or the host's reason it has none."""
+
+    path: str
+    sha256: str = ""
+    data: bytes = b""
+    error: str = ""
+
+
+def _field(raw: dict, name: str, kinds, optional: bool = False):
+    value = raw.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ResultError(f"field {name!r} is {type(value).__name__}")
+    return value
+
+
+def _number(raw: dict, name: str, low: float, high: float) -> float:
+    value = _field(raw, name, (int, float))
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ResultError(f"field {name!r} out of range")
+    return float(value)
+
+
+def _output(raw: dict, name: str, cap: int) -> bytes:
+    text = _field(raw, name, (str,))
+    if _field(raw, name + "_b64", (bool,), optional=True):
+        if len(text) > (cap + 2) // 3 * 4:
+            raise ResultError(f"field {name!r} over {cap} bytes")
+        try:
+            return base64.b64decode(text.encode("ascii"), validate=True)
+        except (ValueError, binascii.Error, UnicodeEncodeError):
+            raise ResultError(f"field {name!r} is not base64") from None
+    if len(text) > cap:
+        raise ResultError(f"field {name!r} over {cap} bytes")
+    data = text.encode("utf-8", "replace")
+    if len(data) > cap:
+        raise ResultError(f"field {name!r} over {cap} bytes")
+    return data
+
+
+def _returned(entry, return_cap: int) -> ReturnedFile:
+    if not isinstance(entry, dict):
+        raise ResultError("a returned file is not an object")
+    path = _field(entry, "path", (str,))
+    if len(path) > MAX_PATH_CHARS:
+        raise ResultError("a returned file's path is too long")
+    if entry.get("error") is not None:
+        error = _field(entry, "error", (str,))
+        return ReturnedFile(path, error=error[:mapper.MAX_ERROR_CHARS])
+    digest = _field(entry, "sha256", (str,))
+    if not _SHA256.match(digest):
+        raise ResultError("a returned file's sha256 is not a hex digest")
+    data = _output({"data": _field(entry, "data", (str,)), "data_b64": True}, "data", return_cap)
+    if hashlib.sha256(data).hexdigest() != digest or entry.get("size") != len(data):
+        raise ResultError(f"returned file {path!r}: content does not match its sha256 or size")
+    return ReturnedFile(path, digest, data)
+
+
+def parse_item_result(raw, expected: dict, host: str, mode: str, returns: int = 0,
+                      stdout_cap: int = mapper.DEFAULT_STDOUT_CAP, stderr_tail: int = mapper.DEFAULT_STDERR_TAIL,
+                      return_cap: int = mapper.DEFAULT_RETURN_CAP, attempt: int = 1) -> tuple:
+    """``(ItemRecord, [ReturnedFile])`` from one entry of a map task's ``items``, or ResultError.
+
+    ``expected`` maps the seqs sent in the task to their item values; the status is
+    derived from the exit code, signal, timeout and error, never from the host's ``ok``.
+    ``command`` and ``send`` of the record are the caller's to fill.
+    """
+    if not isinstance(raw, dict):
+        raise ResultError("an item result is not an object")
+    seq = _field(raw, "seq", (int,))
+    if seq not in expected:
+        raise ResultError(f"item {seq} was not sent")
+    start = _number(raw, "start", 0, 1e11)
+    seconds = _number(raw, "seconds", 0, 1e8)
+    timed_out = bool(_field(raw, "timed_out", (bool,), optional=True))
+    error = _field(raw, "error", (str,), optional=True) or ""
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[-MAX_ERROR_CHARS:]
+    record = ItemRecord(seq, expected[seq], "failed", host=host, start=start, runtime=seconds,
+                        attempt=attempt, timed_out=timed_out, error=error)
+    files = []
+    if mode == "function":
+        record.value = raw.get("value")
+        ok = not error and not timed_out
+    else:
+        exitval = _field(raw, "exit", (int,), optional=True)
+        signal = _field(raw, "signal", (int,), optional=True)
+        if exitval is not None and not 0 <= exitval <= 255 or signal is not None and not 1 <= signal <= 128:
+            raise ResultError("exit code or signal out of range")
+        record.exitval, record.signal = exitval, signal
+        record.stdout = _output(raw, "stdout", stdout_cap)
+        record.stderr = _output(raw, "stderr", min(stderr_tail, mapper.MAX_STDERR_TAIL))
+        record.truncated = bool(_field(raw, "truncated", (bool,), optional=True))
+        entries = _field(raw, "returned", (list,), optional=True) or []
+        if len(entries) > returns:
+            raise ResultError(f"{len(entries)} returned files for {returns} --return patterns")
+        files = [_returned(entry, return_cap) for entry in entries]
+        record.receive = len(record.stdout) + sum(len(f.data) for f in files)
+        ok = (exitval == 0 and signal is None and not timed_out and not error
+              and len(files) == returns and not any(f.error for f in files))
+    record.status = "ok" if ok else "timeout" if timed_out else "failed"
+    return record, files

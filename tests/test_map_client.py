@@ -20,6 +20,7 @@ import pytest
 from test_agent import PYTHON36, Agent, gone, wait_gone
 
 from client import mapper
+from cluster import mapexport
 
 CLIENT = Path(__file__).resolve().parent.parent / "client"
 RUN = "ab" * 16
@@ -87,6 +88,9 @@ def test_command_values_are_arguments_never_code(agent, workdir):
         assert got == expected
     assert not list(workdir.rglob("pwned"))
     assert (workdir / "map" / RUN).is_dir()  # the commands' cwd
+    expected = dict(enumerate(HOSTILE, 1))
+    records = [mapexport.parse_item_result(result, expected, "testhost", "command")[0] for result in results]
+    assert [record.stdout for record in records][1] == b"[a b][2]" and {r.status for r in records} == {"ok"}
 
 
 def test_appended_item_exit_codes_stderr_and_env(agent):
@@ -152,6 +156,8 @@ def test_files_in_and_returned_files_out(agent, workdir):
     import gzip
     assert gzip.decompress(raw) == data
     assert not result["ok"] and "missing" in result["error"]  # a --return file that is not there
+    record, files = mapexport.parse_item_result(result, {1: item["value"]}, "testhost", "command", returns=2)
+    assert record.status == "failed" and files[0].data == raw and files[1].error == "no such file"
     assert list((workdir / "map" / RUN / "in").iterdir()) == []  # the input folder is removed
     bad = dict(item, file=dict(item["file"], sha256="0" * 64))
     message = run_map(agent, "t2", mode="command", command="cat {}", items=[bad])

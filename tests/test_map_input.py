@@ -273,3 +273,42 @@ def test_joblog_has_gnu_parallels_columns(tmp_path):
     out = subprocess.run([PARALLEL, "--will-cite", "--resume", "--joblog", str(ours), "echo", ":::", "a", "b", "c",
                           "d"], capture_output=True, timeout=60)
     assert out.stdout.split() == [b"d"]
+
+
+# ------------------------------------------------------------------------ a host's results
+
+HELLO_SHA256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+
+
+def good_result(**changes):
+    result = {"seq": 2, "ok": True, "exit": 0, "signal": None, "timed_out": False, "stdout": "hi\n",
+              "stdout_b64": False, "truncated": False, "stderr": "/w8=", "stderr_b64": True, "error": None,
+              "returned": [{"path": "in/x/a.gz", "sha256": HELLO_SHA256, "size": 5, "data": "aGVsbG8="}],
+              "start": 1700000000.5, "seconds": 0.25}
+    result.update(changes)
+    return result
+
+
+def test_parse_item_result():
+    record, files = mapexport.parse_item_result(good_result(), {2: "a.txt"}, "h1", "command", returns=1)
+    assert (record.status, record.stdout, record.stderr, record.receive) == ("ok", b"hi\n", b"\xff\x0f", 8)
+    assert files[0].data == b"hello" and files[0].path == "in/x/a.gz"
+    record, _ = mapexport.parse_item_result(good_result(ok=True, exit=3), {2: "a"}, "h1", "command", returns=1)
+    assert record.status == "failed"  # the host's "ok" is not what decides
+    record, _ = mapexport.parse_item_result({"seq": 2, "value": [1, 2], "error": None, "timed_out": False,
+                                             "start": 1.0, "seconds": 0.0}, {2: 5}, "h", "function")
+    assert record.status == "ok" and record.value == [1, 2]
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"seq": 9}, "not sent"), ({"seq": True}, "seq"), ({"exit": 999}, "out of range"),
+    ({"signal": -1}, "out of range"), ({"start": float("nan")}, "start"), ({"seconds": -1}, "seconds"),
+    ({"stdout": "x" * 2_000_000}, "over"), ({"stdout": "!!", "stdout_b64": True}, "not base64"),
+    ({"stderr": "A" * 10000, "stderr_b64": True}, "over"),
+    ({"returned": [{"path": "p", "sha256": "0" * 64, "size": 5, "data": "aGVsbG8="}]}, "does not match"),
+    ({"returned": [{"path": "p", "error": "x"}, {"path": "q", "error": "y"}]}, "2 returned files"),
+    ({"returned": "nope"}, "returned"), ({"stdout": 5}, "stdout"),
+])
+def test_parse_item_result_refuses_hostile_fields(changes, message):
+    with pytest.raises(mapexport.ResultError, match=message):
+        mapexport.parse_item_result(good_result(**changes), {2: "a"}, "h1", "command", returns=1)
