@@ -313,3 +313,26 @@ def test_over_real_ssh_quoting_and_link_loss(ssh_cluster, tmp_path):
     finally:
         agent.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_shipped_package_and_sibling_files_and_a_new_run_in_the_same_worker(workdir):
+    """A package with a relative import and a --ship'd sibling; a second run's same-named module wins."""
+    import test_agent
+    sub = "from .helper import twice\nimport lib\ndef f(x):\n    return lib.TAG + twice(x)\n"
+    first = ship(workdir, {"pkg/__init__.py": "", "pkg/sub.py": sub,
+                           "pkg/helper.py": "def twice(x):\n    return x * 2\n", "lib.py": "TAG = 'one:'\n"})
+    second = ship(workdir, {"pkg/__init__.py": "", "pkg/sub.py": "import lib\ndef f(x):\n    return lib.TAG + x\n",
+                            "lib.py": "TAG = 'two:'\n"})
+    old = test_agent.AGENT
+    test_agent.AGENT = workdir / "client" / "agent.py"
+    try:
+        agent = Agent(slots=1)
+    finally:
+        test_agent.AGENT = old
+    try:
+        one = run_map(agent, "a", mode="function", function="pkg.sub:f", ship=first, items=items("ab"))
+        two = run_map(agent, "b", mode="function", function="pkg.sub:f", ship=second, items=items("ab"))
+        back = run_map(agent, "c", mode="function", function="pkg.sub:f", ship=first, items=items("x"))
+        assert [m["result"]["items"][0]["value"] for m in (one, two, back)] == ["one:abab", "two:ab", "one:xx"]
+    finally:
+        agent.close()
