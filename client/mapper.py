@@ -447,8 +447,36 @@ class ItemTimeout(BaseException):
     """Raised inside a function call by SIGALRM (BaseException: ``except Exception`` misses it)."""
 
 
+# The item now running: [monotonic start, timeout] ([None, None] between items). The timer
+# ticks every TICK_FRACTION of the timeout while a task runs (no system call per item);
+# an item is stopped at most one tick after its timeout.
+_CLOCK = [None, None]
+TICK_FRACTION = 0.1
+MAX_TICK_SECONDS = 1.0
+
+
 def _alarm(signum, frame):
-    raise ItemTimeout()
+    started, limit = _CLOCK
+    if started is not None and time.monotonic() - started >= limit:
+        _CLOCK[0] = None
+        raise ItemTimeout()
+
+
+def arm_timer(timeout):
+    """Start the ticking timer for items of ``timeout`` seconds; False where there is no setitimer."""
+    if timeout is None or not hasattr(signal, "setitimer"):
+        return False
+    if signal.getsignal(signal.SIGALRM) is not _alarm:
+        signal.signal(signal.SIGALRM, _alarm)
+    tick = max(0.005, min(timeout * TICK_FRACTION, MAX_TICK_SECONDS))
+    signal.setitimer(signal.ITIMER_REAL, tick, tick)
+    return True
+
+
+def disarm_timer():
+    _CLOCK[0] = None
+    if hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def traceback_tail(exc):
@@ -459,20 +487,22 @@ def traceback_tail(exc):
 
 
 def run_function_item(function, item, timeout, cap):
-    """Call ``function(value)``; the result dict described in the module docstring."""
+    """Call ``function(value)``: ``(result dict described in the module docstring, its size)``.
+
+    A timeout needs the timer started by ``arm_timer``.
+    """
     result = {"seq": item["seq"], "ok": False, "value": None, "error": None, "timed_out": False,
               "start": time.time()}
+    size = 200
     started = time.perf_counter()
-    timer = timeout is not None and hasattr(signal, "setitimer")
     try:
-        if timer:
-            signal.signal(signal.SIGALRM, _alarm)
-            signal.setitimer(signal.ITIMER_REAL, timeout)
+        if timeout is not None:
+            _CLOCK[1] = timeout
+            _CLOCK[0] = time.monotonic()
         try:
             value = function(item.get("value"))
         finally:
-            if timer:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            _CLOCK[0] = None
         try:
             encoded = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -484,13 +514,14 @@ def run_function_item(function, item, timeout, cap):
             else:
                 result["ok"] = True
                 result["value"] = value
+                size += len(encoded)
     except ItemTimeout:
         result["timed_out"] = True
         result["error"] = "timed out after %gs" % timeout
     except BaseException as exc:  # the item's failure, whatever it raised (SystemExit too)
         result["error"] = traceback_tail(exc)
     result["seconds"] = round(time.perf_counter() - started, 6)
-    return result
+    return result, size + len(result["error"] or "")
 
 
 # ------------------------------------------------------------------------ commands
@@ -788,8 +819,6 @@ def _size(result):
     total += len(result.get("error") or "")
     for entry in result.get("returned") or ():
         total += len(entry.get("data") or "")
-    if result.get("value") is not None:
-        total += len(json.dumps(result["value"]))
     return total + 200
 
 
@@ -821,13 +850,17 @@ def run(args):
     if mode == "function":
         function = load_function(args.get("ship"), args.get("function"))
         run_folder(args.get("run"))
-        for item in items:
-            if used > RESULT_BUDGET_BYTES:
-                left.append(item["seq"])
-                continue
-            result = run_function_item(function, item, timeout, stdout_cap)
-            used += _size(result)
-            results.append(result)
+        arm_timer(timeout)
+        try:
+            for item in items:
+                if used > RESULT_BUDGET_BYTES:
+                    left.append(item["seq"])
+                    continue
+                result, size = run_function_item(function, item, timeout, stdout_cap)
+                used += size
+                results.append(result)
+        finally:
+            disarm_timer()
         return {"items": results, "left": left}
     if mode != "command":
         raise TaskError("mode must be command or function, not %r" % (mode,))
