@@ -29,6 +29,17 @@ worker so two copies of an item never share one) and ``{}`` is that path relativ
 cwd; the folder is removed after the item. Returned files must lie inside the run's
 work folder; they are removed once read.
 
+Caps: stdout DEFAULT_STDOUT_CAP (1 MiB, at most MAX_STDOUT_CAP; also the cap on a
+function's JSON value), stderr tail DEFAULT_STDERR_TAIL (4 KiB), input and returned files
+MAX_FILE_BYTES (16 MiB each), a task's result RESULT_BUDGET_BYTES (40 MiB), a traceback
+TRACEBACK_LINES lines / MAX_TRACEBACK_CHARS.
+
+Processes: a command runs as ``/bin/sh -c`` in its own session (stdin /dev/null); a
+timeout, or the shell's exit while something it started still holds its pipes, kills
+the whole process group; a per-worker ``Reaper`` kills it if the worker itself is killed
+(a cancel). A function's timeout is a SIGALRM timer ticking while the task runs (the
+function must not use SIGALRM itself).
+
 Standard library only, Python 3.6 syntax: this file is shipped to hosts.
 """
 import base64

@@ -149,7 +149,7 @@ class ArgsInput(MapInput):
     def __init__(self, path: str, colsep: Optional[str] = None):
         self.colsep = colsep
         self.pattern = _compile_colsep(colsep)
-        self.name = "stdin" if path == "-" else path
+        self.name = "stdin" if path == "-" else _shown(path)
         self.spool = None
         if path == "-":
             self.spool = tempfile.TemporaryFile(prefix="beowulf-map-args-")
