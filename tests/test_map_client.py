@@ -336,3 +336,20 @@ def test_shipped_package_and_sibling_files_and_a_new_run_in_the_same_worker(work
         assert [m["result"]["items"][0]["value"] for m in (one, two, back)] == ["one:abab", "two:ab", "one:xx"]
     finally:
         agent.close()
+
+
+def test_hostile_file_names_reach_the_command_as_one_argument(agent, workdir):
+    names = ["x\ny'$(touch pwned)\udcff.txt", "--rm -rf .txt", "`touch pwned`.txt", "sp ace.tar.gz"]
+    sent = []
+    for seq, name in enumerate(names, 1):
+        data = name.encode("utf-8", "surrogateescape")
+        sent.append({"seq": seq, "value": "local/" + name,
+                     "file": {"name": name, "sha256": hashlib.sha256(data).hexdigest(),
+                              "data": base64.b64encode(data).decode()}})
+    message = run_map(agent, mode="command", command="cat {}; printf '|%s' {/} {/.}", items=sent)
+    for name, result in zip(names, message["result"]["items"]):
+        raw = name.encode("utf-8", "surrogateescape")
+        stem = mapper.modify(name, ".").encode("utf-8", "surrogateescape")
+        out = base64.b64decode(result["stdout"]) if result["stdout_b64"] else result["stdout"].encode()
+        assert result["ok"] and out == raw + b"|" + raw + b"|" + stem, result
+    assert not list(workdir.rglob("pwned"))
