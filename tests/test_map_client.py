@@ -353,3 +353,11 @@ def test_hostile_file_names_reach_the_command_as_one_argument(agent, workdir):
         out = base64.b64decode(result["stdout"]) if result["stdout_b64"] else result["stdout"].encode()
         assert result["ok"] and out == raw + b"|" + raw + b"|" + stem, result
     assert not list(workdir.rglob("pwned"))
+
+
+def test_slot_and_seq_strings_and_parallel_variables(agent):
+    message = run_map(agent, mode="command", command="echo {%} $PARALLEL_JOBSLOT {#} $PARALLEL_SEQ",
+                      items=items("a", "b"))
+    lines = [result["stdout"].split() for result in message["result"]["items"]]
+    assert [line[2:] for line in lines] == [["1", "1"], ["2", "2"]]
+    assert all(line[0] == line[1] and line[0] in ("1", "2") for line in lines)
