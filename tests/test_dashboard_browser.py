@@ -163,8 +163,9 @@ def test_live_run_over_sshd_hosts(make_cluster, tmp_path, browser):
         browser.get(url)
         wait_for(browser, lambda s: s["updates"] >= 1, 30, "a first update")
         assert "no store yet" in browser.find_element("id", "error").text
-        run = subprocess.Popen(fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "8e8", "--db", db,
-                                         "--block-seconds", "0.4", "--dashboard"], config),
+        run = subprocess.Popen(fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "2e11",
+                                         "--count-only", "--db", db, "--block-seconds", "0.5", "--dashboard"],
+                                        config),
                                env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
         # fab primes --dashboard prints its own dashboard's URL: it serves the same page.
@@ -210,7 +211,7 @@ def test_live_run_over_sshd_hosts(make_cluster, tmp_path, browser):
 
         # Another coordinator's run, into the same store: the page follows it, no restart.
         cluster["h3"].start()
-        again = subprocess.run(fab_argv(["primes", "--inventory", inventory, "--start", "1e9", "--end", "1.2e9",
+        again = subprocess.run(fab_argv(["primes", "--inventory", inventory, "--start", "1e9", "--end", "1.1e9",
                                          "--db", db, "--block-seconds", "0.4", "--quiet"], config),
                                env=fab_env(), capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr

@@ -58,7 +58,8 @@ def clock(spans: list[list[float]]):
     return at
 
 
-def rate_series(blocks: list[dict], names: list[str], at, wall: float, points: int = SERIES_POINTS) -> dict:
+def rate_series(blocks: list[dict], names: list[str], at, wall: float, points: int = SERIES_POINTS,
+                live: bool = False) -> dict:
     """Each host's rate (items/s) over run time: ``{'step': seconds, 'hosts': {name: [rate, ...]}}``.
 
     A block's items are spread evenly over its compute span [finished - seconds, finished]
@@ -68,7 +69,7 @@ def rate_series(blocks: list[dict], names: list[str], at, wall: float, points: i
         return {"step": 0.0, "hosts": {name: [] for name in names}}
     count = max(2, min(points, int(wall * 4) + 1))  # a point per quarter second at least
     step = wall / count
-    series = {name: [0.0] * count for name in names}
+    series: dict[str, list] = {name: [0.0] * count for name in names}
     for block in blocks:
         line = series.get(block["host"])
         if line is None or not block["items"]:
@@ -84,7 +85,20 @@ def rate_series(blocks: list[dict], names: list[str], at, wall: float, points: i
             overlap = min(x1, (i + 1) * step) - max(x0, i * step)
             if overlap > 0:
                 line[i] += per_second * overlap / step
-    return {"step": step, "hosts": {name: [round(v, 6) for v in line] for name, line in series.items()}}
+    if live:
+        # Blocks in flight are not in the store yet: a host's last block-length of time would
+        # read low. Its line stops where its committed blocks still tell the whole story.
+        for name, line in series.items():
+            mine = [b for b in blocks if b["host"] == name]
+            if not mine:
+                continue
+            typical = sorted(b["seconds"] for b in mine)[len(mine) // 2]
+            cutoff = at(max(b["finished"] for b in mine)) - typical
+            for i in range(count):
+                if (i + 1) * step > cutoff:
+                    line[i] = None
+    return {"step": step, "hosts": {name: [None if v is None else round(v, 6) for v in line]
+                                    for name, line in series.items()}}
 
 
 def lanes(blocks: list[dict], at, slots: int) -> list[list[float]]:
@@ -201,7 +215,7 @@ def run_view(store, run_id: int, now: float) -> dict:
     view = {
         "report": report,
         "hosts": hosts,
-        "series": rate_series(blocks, names, at, wall),
+        "series": rate_series(blocks, names, at, wall, live=live),
         "timeline": {"bars": timeline, "marks": marks, "wall": wall, "shown_blocks": len(latest),
                      "blocks": len(blocks)},
         "events": shown_events,

@@ -314,7 +314,9 @@
     frame(node, W, H);
     const scale = report.unit.scale;
     let max = 0;
-    names.forEach(function (n) { (series.hosts[n] || []).forEach(function (v) { max = Math.max(max, v * scale); }); });
+    names.forEach(function (n) {
+      (series.hosts[n] || []).forEach(function (v) { if (v !== null) max = Math.max(max, v * scale); });
+    });
     max = niceMax(max);
     yAxis(node, L, W - R, T, H - B, max);
     const wall = report.wall_seconds;
@@ -322,10 +324,12 @@
     names.forEach(function (n, index) {
       const line = series.hosts[n] || [];
       if (!line.length || !series.step) return;
-      const pts = line.map(function (v, i) {
+      const pts = [];
+      line.forEach(function (v, i) {
+        if (v === null) return;
         const x = L + (W - L - R) * ((i + 0.5) * series.step) / wall;
         const y = (H - B) - (H - B - T) * (v * scale) / max;
-        return x.toFixed(1) + "," + y.toFixed(1);
+        pts.push(x.toFixed(1) + "," + y.toFixed(1));
       });
       const poly = svg("polyline", { points: pts.join(" "), fill: "none", stroke: colourOf(n, index), "stroke-width": 1.6 });
       poly.appendChild(svg("title", {}, n));
