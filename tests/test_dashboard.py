@@ -157,22 +157,28 @@ def test_missing_store_says_so(tmp_path):
     assert not (tmp_path / "none.db").exists()
 
 
+def big_store(db: Path, hosts: int = 100, blocks: int = 20000, events: int = 300) -> None:
+    """A map run of 1e6 items over ``hosts`` hosts in ``blocks`` blocks, with long event details."""
+    names = [f"host{i:03d}" for i in range(hosts)]
+    with Store(db) as store:
+        run_id = store.open_run("map", {"items": 10**6}, 10**6)
+        for name in names:
+            store.record_run_host(run_id, name, {"python": "3.11.2", "cores": 4}, 4, "python")
+        t0 = time.time() - 600
+        per = 10**6 // blocks
+        rows = [BlockRow(run_id=run_id, lo=i * per, hi=i * per + per - 1, host=names[i % hosts],
+                         started=t0 + i * 0.03, finished=t0 + i * 0.03 + 1.0, seconds=1.0, items=per, found=0)
+                for i in range(blocks)]
+        for start in range(0, len(rows), 2000):
+            store.commit_blocks(rows[start:start + 2000])
+        for i in range(events):
+            store.add_event(run_id, names[i % hosts], "failure", "x" * 10000)
+
+
 def test_snapshot_stays_bounded_with_100_hosts_and_a_million_items(tmp_path):
     """100 hosts, 20,000 blocks of a 1e6-item run, hostile long strings: the snapshot is bounded."""
     db = tmp_path / "big.db"
-    hosts = [f"host{i:03d}" for i in range(100)]
-    with Store(db) as store:
-        run_id = store.open_run("map", {"items": 10**6}, 10**6)
-        for name in hosts:
-            store.record_run_host(run_id, name, {"python": "3.11.2", "cores": 4}, 4, "python")
-        t0 = time.time() - 600
-        rows = [BlockRow(run_id=run_id, lo=i * 50, hi=i * 50 + 49, host=hosts[i % 100], started=t0 + i * 0.03,
-                         finished=t0 + i * 0.03 + 1.0, seconds=1.0, items=50, found=0, payload=None)
-                for i in range(20000)]
-        for start in range(0, len(rows), 2000):
-            store.commit_blocks(rows[start:start + 2000])
-        for i in range(300):
-            store.add_event(run_id, hosts[i % 100], "failure", "x" * 10000)
+    big_store(db)
     with Store.open_readonly(db) as store:
         snap = data.snapshot(store)
     body = json.dumps(snap)

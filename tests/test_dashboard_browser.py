@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,10 @@ def test_live_run_over_sshd_hosts(make_cluster, tmp_path, browser):
                                start_new_session=True)
         # fab primes --dashboard prints its own dashboard's URL: it serves the same page.
         beside = run.stderr.readline()
-        assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ ", beside), beside
+        found = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/) ", beside)
+        assert found, beside
+        with urllib.request.urlopen(found.group(1) + "api/state", timeout=30) as answer:
+            assert answer.status == 200 and "runs" in json.loads(answer.read())
         first = wait_for(browser, lambda s: s["progress"] is not None and 0 < s["progress"] < 0.5, 120,
                          "the run started")
         browser.save_screenshot(str(shots / "dashboard-running.png"))
@@ -302,3 +306,27 @@ def test_hostile_host_name_and_page_title_run_nothing(tmp_path, browser):
     finally:
         evil.shutdown()
         evil.server_close()
+
+
+@pytest.mark.slow
+def test_page_keeps_updating_with_100_hosts_and_a_million_items(tmp_path, browser):
+    """100 hosts, 20,000 blocks of a 1e6-item run: every host is listed, the page keeps polling and drawing."""
+    from test_dashboard import big_store
+
+    db = tmp_path / "big.db"
+    big_store(db)
+    board, url = start_dashboard(db)
+    try:
+        browser.get(url)
+        state = wait_for(browser, lambda s: len(s["hosts"]) == 100, 60, "100 hosts")
+        assert state["progress_text"] == "100.0%"
+        later = next_update(browser, next_update(browser, next_update(browser, state)))
+        assert len(later["hosts"]) == 100
+        bars = browser.execute_script("return document.querySelectorAll('#timeline-chart rect').length")
+        assert 4000 <= bars <= 4100  # the latest 4,000 blocks, plus the tail's shade
+        render_ms = browser.execute_script("return Number(document.body.getAttribute('data-render-ms'))")
+        print(f"render of one update with 100 hosts: {render_ms} ms")
+        browser.save_screenshot(str(artifacts(tmp_path) / "dashboard-100-hosts.png"))
+        no_alert(browser)
+    finally:
+        stop(board)

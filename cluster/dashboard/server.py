@@ -22,6 +22,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -114,7 +115,6 @@ class _Handler(BaseHTTPRequestHandler):
     # -- methods: GET only
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         board = self.server.dashboard
-        board.requests += 1
         parts = urllib.parse.urlsplit(self.path)
         path = parts.path
         query = urllib.parse.parse_qs(parts.query, max_num_fields=8)
@@ -159,7 +159,6 @@ class Dashboard:
         self.bind = bind
         self.token = token if token is not None else (None if is_loopback_default(bind) else
                                                       secrets.token_urlsafe(24))
-        self.requests = 0
         self._lock = threading.Lock()
         self._cache: dict = {}  # wanted run -> (signature, time, live, body)
         self._rows: dict = {}   # finished runs' rows of the runs list (data.runs_list)
@@ -250,5 +249,17 @@ class Dashboard:
 def _json(value) -> bytes:
     # ensure_ascii: every non-ASCII character (controls, bidi) travels as \uXXXX; the page
     # escapes them again for display.
-    return json.dumps(value, ensure_ascii=True, allow_nan=False, default=str,
-                      separators=(",", ":")).encode()
+    try:
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, default=str, separators=(",", ":")).encode()
+    except ValueError:  # a NaN or infinity (JSON has none): null, as the page shows no value
+        return json.dumps(_finite(value), ensure_ascii=True, default=str, separators=(",", ":")).encode()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -105,7 +105,9 @@
       })
       .then(function (state) {
         lastGood = Date.now();
+        const began = performance.now();
         render(state);
+        document.body.setAttribute("data-render-ms", (performance.now() - began).toFixed(1));
         $("status").textContent = "updated " + new Date().toTimeString().slice(0, 8);
         document.body.setAttribute("data-updates", String(Number(document.body.getAttribute("data-updates") || 0) + 1));
       })
