@@ -62,8 +62,12 @@ def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         message = "needs chromium and chromium-driver (tests/system-deps.sh installs them)"
         pytest.fail(message) if in_ci() else pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        message = "needs selenium (pip install -r requirements-dev.txt)"
+        pytest.fail(message) if in_ci() else pytest.skip(message)
 
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
