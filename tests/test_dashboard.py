@@ -115,8 +115,9 @@ def test_token_required_on_another_address(finished_store, tmp_path):
         parts = urllib.parse.urlsplit(url)
         token = urllib.parse.parse_qs(parts.query)["token"][0]
         assert parts.hostname == "127.0.0.2" and len(token) >= 32
-        for path in ("/", "/api/state", "/api/state?token=", "/api/state?token=" + token[:-1] + "x",
-                     "/?token=" + token.upper()):
+        wrong = token[:-1] + ("x" if token[-1] != "x" else "y")
+        for path in ("/", "/api/state", "/api/state?token=", "/api/state?token=" + wrong,
+                     "/api/state?token=" + token[:-1], "/?token=" + token.swapcase()):
             status, _, body = get("127.0.0.2", parts.port, path)
             assert status == 403 and b"runs" not in body, path
         status, _, body = get("127.0.0.2", parts.port, f"/api/state?token={token}")
