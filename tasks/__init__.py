@@ -5,7 +5,7 @@ Each task parses its flags, reads the config, calls ``cluster/`` and prints.
 
 from invoke import Collection
 
-from . import hosts, info, primes, scrape, stats
+from . import dashboard, hosts, info, primes, scrape, stats
 from . import tor as tor_tasks
 from .common import usage_errors_exit_2
 
@@ -20,5 +20,6 @@ ns.add_task(primes.primes)
 ns.add_task(scrape.scrape)
 ns.add_task(stats.stats)
 ns.add_task(stats.calibrate)
+ns.add_task(dashboard.dashboard)
 ns.configure({"beowulf": {"inventory": None, "known_hosts": None}})
 ns.add_collection(tor_tasks.ns, name="tor")

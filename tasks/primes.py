@@ -65,9 +65,11 @@ def _size(count: float) -> str:
     "count_only": "count the primes without storing them (for huge ranges; at the counting kernel's speed)",
     "fresh": "start the run over instead of resuming it",
     "verify": "re-run this fraction of blocks (0..1) on a different host and compare",
+    "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
 })
 def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_seconds="2", export=None,
-           count_only=False, fresh=False, verify="0", accept_new=False, verbose=False, quiet=False):
+           count_only=False, fresh=False, verify="0", accept_new=False, verbose=False, quiet=False,
+           dashboard=False):
     """Find every prime p with START <= p <= END (both inclusive) on all hosts; resumable.
 
     Running the same command again resumes: finished blocks are kept. --export writes the
@@ -103,8 +105,11 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     _check_disk(db_path, job)
     coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
                               accept_new=accept_new, verify=fraction)
+    from .dashboard import beside  # fab primes --dashboard (tasks/dashboard.py)
+
     try:
-        with Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
+        with beside(db_path, dashboard), \
+                Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
             coordinator.progress = progress
             outcome = coordinator.run()
             progress.finish(outcome.items_total, job.total)

@@ -7,7 +7,7 @@
 # - Not root: says what to install; fails only when sshd itself is missing.
 set -eu
 
-PACKAGES="openssh-server openssh-client primesieve parallel tor iproute2 procps sudo"
+PACKAGES="openssh-server openssh-client primesieve parallel tor iproute2 procps sudo chromium chromium-driver"
 
 have() {
     # A command on PATH or in an sbin folder (not on PATH for ordinary users).
@@ -16,12 +16,12 @@ have() {
 
 missing=""
 [ -x /usr/sbin/sshd ] || missing="$missing sshd"
-for cmd in ssh-keygen primesieve parallel tor ip ps sudo; do
+for cmd in ssh-keygen primesieve parallel tor ip ps sudo chromium chromedriver; do
     have "$cmd" || missing="$missing $cmd"
 done
 
 if [ -z "$missing" ]; then
-    echo "system-deps: all present (sshd ssh-keygen primesieve parallel tor ip ps sudo)"
+    echo "system-deps: all present (sshd ssh-keygen primesieve parallel tor ip ps sudo chromium chromedriver)"
     exit 0
 fi
 echo "system-deps: missing:$missing"
