@@ -62,8 +62,10 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The agent's workdir: client/ lives in it (cluster/provision.py installs it so).
-WORKDIR = os.path.dirname(HERE)
+# The agent's workdir: client/ lives in it (cluster/provision.py installs it so); this
+# computer's agent runs the checkout's client/, so fab map names its workdir in the
+# environment (beside the store; cluster/mapship.py local_workdir).
+WORKDIR = os.environ.get("BEOWULF_MAP_WORKDIR") or os.path.dirname(HERE)
 SHIP_FOLDER = "ship"
 RUN_FOLDER = "map"
 # Bytes of stdout kept per item (the rest is read and discarded, ``truncated`` set).
