@@ -76,6 +76,7 @@ class MapSchedule(Schedule):
         # Per item seq, only for items that went wrong: attempts used so far (failures and
         # crashes both number attempts), retries used (failures), times it killed its worker.
         self.attempts: dict = {}
+        self.failures: dict = {}
         self.crashes: dict = {}
 
     # ------------------------------------------------------------ queries
