@@ -306,6 +306,32 @@ class ScrapeJob(Job):
         }
 
 
+# ---------------------------------------------------------------- reading the pages table
+
+
+def iter_pages(store, run_id: int):
+    """Yield (page record, compressed body or None) of a scrape run in URL order, streaming
+    (nothing for a store no scrape run ever used)."""
+    if not store.has_table("pages"):
+        return
+    columns = ", ".join(f"p.{key}" for key in PAGE_COLUMNS)
+    rows = store.iter_query(
+        f"SELECT p.lo, {columns}, d.data FROM pages p LEFT JOIN payloads d"
+        " ON d.run_id = p.run_id AND d.lo = p.lo WHERE p.run_id = ? ORDER BY p.lo", (run_id,))
+    for row in rows:
+        yield dict(zip(("index", *PAGE_COLUMNS), row[:-1])), row[-1]
+
+
+def recent_pages(store, run_id: int, limit: int) -> list:
+    """The latest ``limit`` pages of a scrape run (by URL index, highest first), without bodies:
+    lo, url, final_url, status, title, host, error, error_kind."""
+    if not store.has_table("pages"):
+        return []
+    return store.query(
+        "SELECT lo, url, final_url, status, title, host, error, error_kind FROM pages"
+        " WHERE run_id = ? ORDER BY lo DESC LIMIT ?", (run_id, int(limit)))
+
+
 # Result fields that are text (or null), and the error kinds a client reports.
 TEXT_FIELDS = ("url", "final_url", "content_type", "content_encoding", "sha256", "title", "error")
 ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots", "too_big", "other")
