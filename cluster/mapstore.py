@@ -179,6 +179,8 @@ _SELECT_ITEMS = ("SELECT seq, item, status, host, start, seconds, exit, signal, 
 def _record(row, range_input) -> ItemRecord:
     (seq, item, status, host, start, seconds, exitval, signal, stdout, stderr, attempt, truncated,
      error, value, send, receive) = row
+    if value is not None and not stdout:  # a function's value is its output (JSON, a line)
+        stdout = value.encode("utf-8", "surrogateescape") + b"\n"
     return ItemRecord(seq, _item_value(item, seq, range_input), status, host=host, start=start or 0.0,
                       runtime=seconds or 0.0, exitval=exitval, signal=signal, stdout=bytes(stdout or b""),
                       stderr=bytes(stderr or b""), attempt=attempt, truncated=bool(truncated),

@@ -902,7 +902,11 @@ def _check_select(sql: str) -> None:
 
 
 def _insert_job_rows(conn: sqlite3.Connection, run_id: int, lo: int, rows: Sequence[tuple]) -> None:
-    for table, record in rows:
+    for entry in rows:
+        if len(entry) == 3:  # columnar: (table, column names, [row tuple, ...]): one executemany
+            _insert_many(conn, run_id, lo, *entry)
+            continue
+        table, record = entry
         columns = list(record)
         if not _IDENTIFIER.match(table) or not all(_IDENTIFIER.match(str(c)) for c in columns):
             raise ValueError(f"bad job table or column name in {table!r}: {columns}")
@@ -911,6 +915,18 @@ def _insert_job_rows(conn: sqlite3.Connection, run_id: int, lo: int, rows: Seque
             f" VALUES (?, ?{', ?' * len(columns)})",
             (run_id, lo, *(record[c] for c in columns)),
         )
+
+
+def _insert_many(conn: sqlite3.Connection, run_id: int, lo: int, table: str, columns: Sequence[str],
+                 values: Sequence[tuple]) -> None:
+    """Many rows of one job table at once (a block of a million-item map run: one statement)."""
+    if not _IDENTIFIER.match(table) or not all(_IDENTIFIER.match(str(c)) for c in columns):
+        raise ValueError(f"bad job table or column name in {table!r}: {list(columns)}")
+    conn.executemany(
+        f"INSERT INTO {table} (run_id, lo{''.join(', ' + c for c in columns)})"
+        f" VALUES ({run_id:d}, {lo:d}{', ?' * len(columns)})",
+        values,
+    )
 
 
 def _run_dict(row: dict) -> dict:

@@ -261,8 +261,8 @@ class MapJob(Job):
         return sum(1 for entry in checked if entry[1] == "ok"), None
 
     def _check_function(self, raw_items: list, expected: dict) -> list:
-        """(seq, status, None, None, b"", False, b"", start, seconds, value JSON, error, 0, [])
-        per item; the hot path: one pass, no object per item beyond the tuple."""
+        """(seq, status, exit (0 ok, 1 not), None, b"", False, b"", start, seconds, value JSON, error,
+        bytes received, []) per item; the hot path: one pass, no object per item beyond the tuple."""
         checked = []
         seen = set()
         cap = self.spec.stdout_cap
@@ -288,10 +288,10 @@ class MapJob(Job):
                 text = str(value) if kind is int else json.dumps(value, allow_nan=False, ensure_ascii=False)
                 if len(text) > cap:
                     raise ResultError(f"item {seq}: value over {cap} bytes of JSON")
-                checked.append((seq, "ok", None, None, b"", False, b"", start, seconds, text, None, len(text), []))
+                checked.append((seq, "ok", 0, None, b"", False, b"", start, seconds, text, None, len(text), []))
             else:
                 error = (error or "timed out")[-mapper.MAX_TRACEBACK_CHARS:]
-                checked.append((seq, "timeout" if timed_out else "failed", None, None, b"", False, b"", start,
+                checked.append((seq, "timeout" if timed_out else "failed", 1, None, b"", False, b"", start,
                                 seconds, None, error, 0, []))
         return checked
 
@@ -367,7 +367,7 @@ class MapJob(Job):
                     own.append(entry[8])
                 if item is None and not prior and seq not in schedule.attempts:  # the hot path: a range item
                     value = range_input.start + (seq - 1) * range_input.step
-                    finals.append((str(value), seq, None, "ok", None, None, None, 0, None, host, entry[7],
+                    finals.append((str(value), seq, None, "ok", 0, None, None, 0, None, host, entry[7],
                                    entry[8], 1, entry[9], None, 0, entry[11]))
                     continue
                 finals.append(self._row(seq, item, entry, host))
@@ -442,8 +442,11 @@ class MapJob(Job):
         """The block's final items (map_items) and earlier attempts (map_attempts), stored in
         the block's transaction."""
         finals, attempts_rows = result.pop("_rows", ([], []))
-        rows = [("map_items", dict(zip(mapstore.ITEM_COLUMNS, row))) for row in finals]
-        rows.extend(("map_attempts", dict(zip(mapstore.ATTEMPT_COLUMNS, row))) for row in attempts_rows)
+        rows = []
+        if finals:  # columnar (cluster/store.py _insert_many): one statement for the block's items
+            rows.append(("map_items", mapstore.ITEM_COLUMNS, finals))
+        if attempts_rows:
+            rows.append(("map_attempts", mapstore.ATTEMPT_COLUMNS, attempts_rows))
         return rows
 
 
