@@ -357,7 +357,7 @@ class MapJob(Job):
         own = self.host_samples.setdefault(host, deque(maxlen=TIMEOUT_SAMPLES))
         timing = self.spec.timeout_percent is not None
         range_input = self.range
-        prior = self.prior
+        fast = self.spec.mode == "function" and not self.prior
         for entry in checked:
             seq, status = entry[0], entry[1]
             item = items[seq] if items is not None else None
@@ -365,7 +365,7 @@ class MapJob(Job):
                 if timing:
                     samples.append(entry[8])
                     own.append(entry[8])
-                if item is None and not prior and seq not in schedule.attempts:  # the hot path: a range item
+                if fast and item is None and seq not in schedule.attempts:  # the hot path: a function over a range
                     value = range_input.start + (seq - 1) * range_input.step
                     finals.append((str(value), seq, None, "ok", 0, None, None, 0, None, host, entry[7],
                                    entry[8], 1, entry[9], None, 0, entry[11]))
