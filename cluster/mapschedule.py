@@ -61,10 +61,12 @@ class MapSchedule(Schedule):
     ``weight(item)`` is an item's bytes in a task (its --files file), for ``max_task_bytes``.
     """
 
-    def __init__(self, pending: Iterator[tuple], left: int, base: int, min_block: int = 1,
+    def __init__(self, pending, left: int, base: int, min_block: int = 1,
                  duplicates: bool = True, weight=None, max_task_bytes: int = 0):
         super().__init__(1, 0, [], min_block)
-        self.pending = iter(pending)
+        # --range: the seqs left as [lo, hi] gaps, cut as range objects (nothing per item)
+        self.seq_gaps = pending if isinstance(pending, list) else None
+        self.pending = iter(()) if self.seq_gaps is not None else iter(pending)
         self.left = left
         self.remaining_at_start = left
         self.total = left
@@ -110,6 +112,8 @@ class MapSchedule(Schedule):
         if not self.left:
             return None
         size = max(self.min_block, size)
+        if self.seq_gaps is not None:
+            return self._cut_range(host, size)
         seqs, items, weight = [], [], 0
         while len(seqs) < size:
             nxt = self._next_pending()
@@ -132,6 +136,20 @@ class MapSchedule(Schedule):
             self.left = 0
         keep = items if any(item is not None for item in items) else None
         return self._assign(self.new_block(seqs, keep), host)
+
+    def _cut_range(self, host: str, size: int) -> Optional[tuple]:
+        if not self.seq_gaps:
+            self.left = 0
+            return None
+        gap = self.seq_gaps[0]
+        hi = min(gap[1], gap[0] + size - 1)
+        seqs = range(gap[0], hi + 1)
+        if hi == gap[1]:
+            self.seq_gaps.pop(0)
+        else:
+            gap[0] = hi + 1
+        self.left = max(0, self.left - len(seqs))
+        return self._assign(self.new_block(seqs, None), host)
 
     def _next_pending(self) -> Optional[tuple]:
         if self._peeked is None:

@@ -981,8 +981,16 @@ def _process_alive(pid: int, token: str | None) -> bool:
 # -- the writer thread -------------------------------------------------------------------
 
 
+# A job row queued in the writer counts as this many bytes (MAX_PENDING_BYTES bounds them too:
+# a map block holds thousands of item rows and no payload).
+JOB_ROW_BYTES = 256
+
+
 def _payload_size(row: BlockRow) -> int:
-    return len(row.payload) if row.payload is not None else 0
+    size = len(row.payload) if row.payload is not None else 0
+    for entry in row.rows:
+        size += JOB_ROW_BYTES * (len(entry[2]) if len(entry) == 3 else 1)
+    return size
 
 
 def _is_busy(exc: BaseException) -> bool:

@@ -151,8 +151,8 @@ class MapJob(Job):
                 self.prior = {key: (top, 0, 0) for key, (top, _, _) in self.prior.items()}
             if self.range is not None:
                 ranges = mapstore.done_seq_ranges(conn, self.run_id)
-                pending = _range_pending(self.total, ranges)
-                left = self.total - sum(hi - lo + 1 for lo, hi in ranges if lo <= self.total)
+                pending = _range_gaps(self.total, ranges)
+                left = sum(hi - lo + 1 for lo, hi in pending)
             else:
                 prefixes = mapstore.done_key_prefixes(conn, self.run_id)
                 left = sum(1 for item in self.input if mapstore.key_prefix(item.key) not in prefixes)
@@ -184,10 +184,11 @@ class MapJob(Job):
     def engine_of(self, hello: dict) -> str:
         return "function" if self.spec.mode == "function" else "sh"
 
-    def key_of(self, seq: int, item) -> str:
+    def key_of(self, seq: int, item):
+        """An item's key: its content key, or for --range its value (an integer)."""
         if item is not None:
             return item.key
-        return str(self.range.start + (seq - 1) * self.range.step)
+        return self.range.start + (seq - 1) * self.range.step
 
     def value_of(self, seq: int, item):
         if item is not None:
@@ -219,9 +220,13 @@ class MapJob(Job):
         if block.verdict:
             args["items"] = []
             return args
-        if block.items is None:  # --range: computed, one small dict an item
+        if block.items is None:  # --range: the host makes the items
             start, step = self.range.start, self.range.step
-            args["items"] = [{"seq": seq, "value": start + (seq - 1) * step} for seq in block.seqs]
+            seqs = block.seqs
+            if _consecutive(seqs):
+                args["range"] = [seqs[0], len(seqs), start + (seqs[0] - 1) * step, step]
+            else:
+                args["items"] = [{"seq": seq, "value": start + (seq - 1) * step} for seq in seqs]
         elif self.input.kind == "files":
             args["items"] = [item.task_item(_file_data(item.path)) for item in block.items]
         else:
@@ -241,7 +246,12 @@ class MapJob(Job):
         raw_items, left = result.get("items"), result.get("left", [])
         if not isinstance(raw_items, list) or not isinstance(left, list):
             raise InvalidMapResult("items and left must be lists")
-        expected = {} if block.verdict else dict(zip(block.seqs, block.items or [None] * len(block.seqs)))
+        if block.verdict:
+            expected = {}
+        elif block.items is None:
+            expected = block.seqs if isinstance(block.seqs, range) else set(block.seqs)
+        else:
+            expected = dict(zip(block.seqs, block.items))
         try:
             if self.spec.mode == "function":
                 checked = self._check_function(raw_items, expected)
@@ -258,7 +268,9 @@ class MapJob(Job):
             raise InvalidMapResult(f"block {lo}: {len(expected) - len(seen)} items sent got no answer")
         result["_map"] = (checked, list(left))
         result["items"] = None  # the checked copy is what is kept
-        return sum(1 for entry in checked if entry[1] == "ok"), None
+        ok = sum(1 for entry in checked if entry[1] == "ok")
+        result["_all_ok"] = ok == len(checked) and not left
+        return ok, None
 
     def _check_function(self, raw_items: list, expected: dict) -> list:
         """(seq, status, exit (0 ok, 1 not), None, b"", False, b"", start, seconds, value JSON, error,
@@ -295,7 +307,9 @@ class MapJob(Job):
                                 seconds, None, error, 0, []))
         return checked
 
-    def _check_command(self, raw_items: list, expected: dict) -> list:
+    def _check_command(self, raw_items: list, expected) -> list:
+        if not isinstance(expected, dict):
+            expected = dict.fromkeys(expected)
         values = {seq: self.value_of(seq, item) for seq, item in expected.items()}
         checked = []
         seen = set()
@@ -347,35 +361,35 @@ class MapJob(Job):
         """Final items become rows of the block; items with a retry left go out again."""
         schedule = self.schedule
         checked, left = result.get("_map") or ([], [])
+        if self.spec.timeout_percent is not None:
+            own = self.host_samples.setdefault(host, deque(maxlen=TIMEOUT_SAMPLES))
+            for entry in checked:
+                if entry[1] == "ok":
+                    self.samples.append(entry[8])
+                    own.append(entry[8])
+        fast = []
+        if (self.spec.mode == "function" and block.items is None and not block.verdict and not self.prior
+                and not schedule.attempts and result.get("_all_ok")):
+            # The hot path (a function over a range, every item ok at its first try): one
+            # comprehension, the narrow row (mapstore.FAST_COLUMNS).
+            start, step = self.range.start, self.range.step
+            fast = [(start + (e[0] - 1) * step, e[0], "ok", 0, host, e[7], e[8], 1, e[9], e[11]) for e in checked]
+            checked = ()
         items = dict(zip(block.seqs, block.items)) if block.items is not None else None
         finals, attempts_rows, again = [], [], []
         retries = self.spec.retries
         if block.verdict:
             for seq in block.seqs:
                 finals.append(self._crashed_row(block, seq, items.get(seq) if items else None))
-        samples = self.samples
-        own = self.host_samples.setdefault(host, deque(maxlen=TIMEOUT_SAMPLES))
-        timing = self.spec.timeout_percent is not None
-        range_input = self.range
-        fast = self.spec.mode == "function" and not self.prior
         for entry in checked:
             seq, status = entry[0], entry[1]
             item = items[seq] if items is not None else None
             if status == "ok":
-                if timing:
-                    samples.append(entry[8])
-                    own.append(entry[8])
-                if fast and item is None and seq not in schedule.attempts:  # the hot path: a function over a range
-                    value = range_input.start + (seq - 1) * range_input.step
-                    finals.append((str(value), seq, None, "ok", 0, None, None, 0, None, host, entry[7],
-                                   entry[8], 1, entry[9], None, 0, entry[11]))
-                    continue
                 finals.append(self._row(seq, item, entry, host))
                 continue
             key = self.key_of(seq, item)
-            top, failures, _ = self._attempt_base(key)
-            used = failures + schedule.failures.get(seq, 0)
-            if used < retries:
+            _, failures, _ = self._attempt_base(key)
+            if failures + schedule.failures.get(seq, 0) < retries:
                 attempts_rows.append(self._row(seq, item, entry, host, attempt_row=True))
                 schedule.attempts[seq] = schedule.attempts.get(seq, 0) + 1
                 schedule.failures[seq] = schedule.failures.get(seq, 0) + 1
@@ -387,8 +401,8 @@ class MapJob(Job):
                              avoid=host)
         if left:
             schedule.requeue(left, [items[seq] for seq in left] if items is not None else None)
-        block.final = len(finals)
-        result["_rows"] = (finals, attempts_rows)
+        block.final = len(finals) + len(fast)
+        result["_rows"] = (fast, finals, attempts_rows)
         return Decision(COMMIT)
 
     def _row(self, seq: int, item, entry: tuple, host: str, attempt_row: bool = False) -> tuple:
@@ -441,8 +455,10 @@ class MapJob(Job):
     def rows(self, block, result: dict, host: str) -> list:
         """The block's final items (map_items) and earlier attempts (map_attempts), stored in
         the block's transaction."""
-        finals, attempts_rows = result.pop("_rows", ([], []))
+        fast, finals, attempts_rows = result.pop("_rows", ([], [], []))
         rows = []
+        if fast:
+            rows.append(("map_items", mapstore.FAST_COLUMNS, fast))
         if finals:  # columnar (cluster/store.py _insert_many): one statement for the block's items
             rows.append(("map_items", mapstore.ITEM_COLUMNS, finals))
         if attempts_rows:
@@ -466,15 +482,27 @@ def safe_relative(path: str) -> str:
     return os.path.join(*parts) if parts else "_"
 
 
-def _range_pending(total: int, done: list):
-    """Seqs 1..total not covered by the sorted, merged ``done`` ranges: (seq, None)."""
-    cursor = 1
+def _range_gaps(total: int, done: list) -> list:
+    """The [lo, hi] runs of seqs 1..total not covered by the sorted, merged ``done`` ranges."""
+    gaps, cursor = [], 1
     for lo, hi in done:
-        for seq in range(cursor, min(lo, total + 1)):
-            yield seq, None
+        if lo > cursor:
+            gaps.append([cursor, min(lo - 1, total)])
         cursor = max(cursor, hi + 1)
-    for seq in range(cursor, total + 1):
-        yield seq, None
+        if cursor > total:
+            break
+    if cursor <= total:
+        gaps.append([cursor, total])
+    return [gap for gap in gaps if gap[0] <= gap[1]]
+
+
+def _consecutive(seqs) -> bool:
+    """Whether ``seqs`` are n, n+1, n+2, ... (a task then carries them as a range)."""
+    if not seqs:
+        return False
+    if isinstance(seqs, range):
+        return seqs.step == 1
+    return seqs[-1] - seqs[0] + 1 == len(seqs) and all(b == a + 1 for a, b in zip(seqs, seqs[1:]))
 
 
 def _file_weight(item) -> int:
