@@ -10,6 +10,8 @@ or a function spec:
             "ship": HEX,                    # WORKDIR/ship/HEX, content-addressed (function: required)
             "items": [{"seq": N, "value": STR or INT, "columns": [STR, ...],
                        "file": {"name": BASENAME, "sha256": HEX, "data": BASE64}}, ...],
+            # or, for integers (fab map --range): items SEQ .. SEQ+COUNT-1, valued START + i*STEP
+            "range": [SEQ, COUNT, START, STEP],
             "timeout": SECONDS or null, "stdout_cap": BYTES, "stderr_tail": BYTES,
             "return": [PATTERN, ...], "return_cap": BYTES}
 
@@ -62,8 +64,10 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The agent's workdir: client/ lives in it (cluster/provision.py installs it so).
-WORKDIR = os.path.dirname(HERE)
+# The agent's workdir: client/ lives in it (cluster/provision.py installs it so); this
+# computer's agent runs the checkout's client/, so fab map names its workdir in the
+# environment (beside the store; cluster/mapship.py local_workdir).
+WORKDIR = os.environ.get("BEOWULF_MAP_WORKDIR") or os.path.dirname(HERE)
 SHIP_FOLDER = "ship"
 RUN_FOLDER = "map"
 # Bytes of stdout kept per item (the rest is read and discarded, ``truncated`` set).
@@ -849,10 +853,28 @@ def _check_items(items):
     return items
 
 
+# Items of one ``range`` task at most.
+MAX_RANGE_ITEMS = 10 ** 6
+
+
+def _range_items(spec):
+    """The items of a task's ``range`` [SEQ, COUNT, START, STEP], made one at a time."""
+    if not isinstance(spec, list) or len(spec) != 4 or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in spec):
+        raise TaskError("range must be [SEQ, COUNT, START, STEP] integers")
+    seq, count, start, step = spec
+    if seq < 1 or not 0 <= count <= MAX_RANGE_ITEMS:
+        raise TaskError("range holds %r items from %r" % (count, seq))
+    return ({"seq": seq + i, "value": start + i * step} for i in range(count))
+
+
 def run(args):
     """The ``map`` job: run a block of items; see the module docstring for args and result."""
     mode = args.get("mode")
-    items = _check_items(args.get("items"))
+    if "range" in args:
+        items = _range_items(args.get("range"))
+    else:
+        items = _check_items(args.get("items"))
     timeout = check_timeout(args.get("timeout"))
     stdout_cap = check_bytes(args, "stdout_cap", DEFAULT_STDOUT_CAP, MAX_STDOUT_CAP)
     results = []

@@ -123,6 +123,10 @@ def export_lines(records: Iterable[ItemRecord], jsonl: bool) -> Iterable[bytes]:
         line = {"seq": record.seq, "item": item, "status": record.status}
         if item_b64 is not None:
             line["item_base64"] = item_b64
+        if record.value is not None:  # a function's return value (stored as JSON text)
+            line["value"] = json.loads(record.value) if isinstance(record.value, str) else record.value
+        if record.error:
+            line["error"] = record.error
         for name in ("stdout", "stderr"):
             text, encoded = _text_or_base64(getattr(record, name))
             line[name] = text

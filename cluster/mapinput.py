@@ -228,6 +228,12 @@ class RangeInput(MapInput):
         self.start, self.stop, self.step = parse_range(text)
         self.count = (self.stop - self.start) // self.step + 1
 
+    @property
+    def form(self) -> dict:
+        """The range itself is the input's form: 1:10 and 1:99 are two runs (an item's key is
+        its value, its seq follows from it)."""
+        return {"kind": self.kind, "colsep": None, "start": self.start, "stop": self.stop, "step": self.step}
+
     def item(self, seq: int) -> Item:
         """Item number ``seq`` (1-based)."""
         if not 1 <= seq <= self.count:

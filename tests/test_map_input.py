@@ -214,7 +214,10 @@ def test_files_items(tmp_path):
 def test_run_identity():
     form = mapinput.open_input(range_text="1:10").form
     base = mapinput.run_identity("command", "echo {}", form)
-    assert base == mapinput.run_identity("command", "echo {}", mapinput.open_input(range_text="1:99").form)
+    assert base == mapinput.run_identity("command", "echo {}", mapinput.open_input(range_text=" 1:10 ").form)
+    # The range's bounds are part of the identity (an item's key is its value).
+    assert base != mapinput.run_identity("command", "echo {}", mapinput.open_input(range_text="1:99").form)
+    assert base != mapinput.run_identity("command", "echo {}", mapinput.open_input(range_text="1:10:2").form)
     assert base != mapinput.run_identity("command", "echo {} ", form)
     assert base != mapinput.run_identity("function", "echo {}", form)
     assert base != mapinput.run_identity("command", "echo {}", form, shipped="ab" * 8)

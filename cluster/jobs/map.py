@@ -1,0 +1,523 @@
+"""The map job (``fab map``): a user's command or Python function over items, on the job interface.
+
+Hosts run client/mapper.py's ``run`` on a block of items (its docstring has the task and
+result formats). Here, on the coordinator:
+
+- the run's identity and its pending items (cluster/mapinput.py, cluster/mapstore.py): the
+  items already final in the store are skipped, the others are cut into blocks by
+  cluster/mapschedule.py, sized from each host's measured rate like any job's blocks;
+- ``prepare_host``: the shipped files uploaded once per host (content-addressed) and a
+  --function imported there once; a host where it fails is left out with the reason
+  (cluster/mapship.py);
+- ``check`` (the host's reader thread): every field of every item result checked
+  (cluster/mapexport.py ``parse_item_result`` for commands, a columnar loop for functions,
+  the hot path of a million tiny calls); returned files written into --outdir (a temporary
+  name renamed into place, first copy wins);
+- ``decide``: final items (ok, or failed with no retry left) become ``map_items`` rows and
+  earlier attempts ``map_attempts`` rows, stored with the block in its transaction (``rows``);
+  items to retry go out again as a new block, elsewhere when another host is up;
+- ``failure``: a worker that died splits its block until the item that killed it is alone;
+  an item that killed its worker MAX_CRASHES times is committed as ``crashed``.
+
+docs/ARCHITECTURE.md ("The job interface") describes the hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from client import mapper
+from cluster import mapship, mapstore
+from cluster.errors import BeowulfError
+from cluster.jobs.base import COMMIT, GIVE_BACK, KIND_DIED, RETRY, Decision, Job
+from cluster.mapexport import ResultError, parse_item_result
+from cluster.mapinput import MapInput, RangeInput, run_identity, value_bytes
+from cluster.mapschedule import MapBlock, MapSchedule
+
+# Items in one block at most: a function's results (~100 bytes of JSON an item, several
+# times that once parsed) and a command's (up to its caps) stay a few MB per task.
+MAX_FUNCTION_BLOCK = 20_000
+MAX_COMMAND_BLOCK = 1_000
+# First (probe) block on a host: its rate sizes the next ones (README.md, "fab map").
+FIRST_FUNCTION_BLOCK = 64
+FIRST_COMMAND_BLOCK = 1
+# --files data in one task at most (base64 adds a third on the wire).
+MAX_TASK_FILE_BYTES = 32 << 20
+# Without --timeout a block is never overdue before this (an item may take hours: a render);
+# stragglers are the endgame duplicates' business.
+NO_TIMEOUT_FLOOR = 3600.0
+# Samples of item seconds kept for --timeout N% (per host and overall).
+TIMEOUT_SAMPLES = 1000
+# A percentage timeout applies once this many items of the run (or of the host) are timed.
+TIMEOUT_MIN_SAMPLES = 3
+
+
+class InvalidMapResult(BeowulfError):
+    """A host's map result breaks the protocol (the block is redone elsewhere)."""
+
+
+@dataclass
+class MapSpec:
+    """What a map run does (flags of ``fab map``; tasks/map.py checks them)."""
+
+    mode: str  # "command" | "function"
+    command: str = ""  # the template (command mode)
+    function: str = ""  # MODULE:FUNC as the user gave it (function mode)
+    returns: tuple = ()
+    retries: int = 2
+    timeout: Optional[float] = None  # seconds
+    timeout_percent: Optional[float] = None  # of the median item time
+    stdout_cap: int = mapper.DEFAULT_STDOUT_CAP
+    stderr_tail: int = mapper.DEFAULT_STDERR_TAIL
+    duplicates: bool = True
+    retry_failed: bool = False
+    outdir: str = "results"
+    parts: list = field(default_factory=list)
+    return_parts: list = field(default_factory=list)
+
+
+class MapJob(Job):
+    """Run a command or a function over every item of the input, exactly once (see module docstring)."""
+
+    name = "map"
+    migrations = mapstore.MIGRATIONS
+    unit = ("item", "items")
+
+    def __init__(self, spec: MapSpec, map_input: MapInput, shipment=None):
+        self.spec = spec
+        self.input = map_input
+        self.shipment = shipment
+        self.total = len(map_input)
+        self.start, self.end = 1, self.total
+        self.range = map_input if isinstance(map_input, RangeInput) else None
+        self.identity = run_identity(spec.mode, spec.command if spec.mode == "command" else spec.function,
+                                     map_input.form, shipment.digest if shipment else None, spec.returns)
+        self.run_hex = self.identity[:32]
+        if spec.mode == "command":
+            self.parts = spec.parts or mapper.parse_template(spec.command)
+            self.return_parts = spec.return_parts or [mapper.parse_template(p) for p in spec.returns]
+        else:
+            self.parts, self.return_parts = [], []
+        self.schedule: Optional[MapSchedule] = None
+        self.prior: dict = {}  # key -> (highest attempt, failures, crashes) from earlier sessions
+        self.keys: dict = {}  # seq -> key, for items whose key is needed again (retries, crashes)
+        self.reset = 0
+        self.samples: deque = deque(maxlen=TIMEOUT_SAMPLES)
+        self.host_samples: dict = {}
+        self.returned_files = 0
+
+    # ------------------------------------------------------------ identity and shape
+
+    def params(self) -> dict:
+        """The run's identity (README.md, "fab map": the command or function, the shipped
+        files' content, the --return patterns and the input form; not the items, not the hosts)."""
+        shown = self.spec.command if self.spec.mode == "command" else self.spec.function
+        return {"identity": self.identity, "mode": self.spec.mode, "spec": shown, "input": self.input.kind}
+
+    def bind(self, run_id: int, store) -> None:
+        super().bind(run_id, store)
+        path = getattr(store, "path", None)
+        if path is None:
+            return
+        mapstore.ensure_tables(path)
+        if self.spec.retry_failed:
+            self.reset = mapstore.reset_failed(path, run_id)
+
+    def min_block(self) -> int:
+        return 1
+
+    def first_block(self) -> int:
+        first = FIRST_FUNCTION_BLOCK if self.spec.mode == "function" else FIRST_COMMAND_BLOCK
+        return max(1, min(first, self.total))
+
+    def max_block(self) -> int:
+        return MAX_FUNCTION_BLOCK if self.spec.mode == "function" else MAX_COMMAND_BLOCK
+
+    def make_schedule(self, done: list, min_block: int = 1) -> MapSchedule:
+        """The items not final in the store, in input order; block numbers past every one used."""
+        conn = mapstore.connect(self.store.path)
+        try:
+            base = max([hi for _, hi in done] + [mapstore.max_block(conn, self.run_id)]) + 1
+            self.prior = mapstore.prior_attempts(conn, self.run_id)
+            if self.spec.retry_failed:  # fresh retries; the attempt numbers go on
+                self.prior = {key: (top, 0, 0) for key, (top, _, _) in self.prior.items()}
+            if self.range is not None:
+                ranges = mapstore.done_seq_ranges(conn, self.run_id)
+                pending = _range_gaps(self.total, ranges)
+                left = sum(hi - lo + 1 for lo, hi in pending)
+            else:
+                prefixes = mapstore.done_key_prefixes(conn, self.run_id)
+                left = sum(1 for item in self.input if mapstore.key_prefix(item.key) not in prefixes)
+                pending = ((item.seq, item) for item in self.input
+                           if mapstore.key_prefix(item.key) not in prefixes)
+        finally:
+            conn.close()
+        weight = _file_weight if self.input.kind == "files" else None
+        self.schedule = MapSchedule(pending, max(0, left), base, min_block=1, duplicates=self.spec.duplicates,
+                                    weight=weight, max_task_bytes=MAX_TASK_FILE_BYTES)
+        return self.schedule
+
+    def task_floor(self) -> Optional[float]:
+        if self.spec.timeout:
+            return 2 * self.spec.timeout + 30.0
+        return NO_TIMEOUT_FLOOR
+
+    # ------------------------------------------------------------ per host
+
+    def prepare_host(self, transport) -> None:
+        """Ship the files once (content-addressed) and import a --function there once: a
+        host where that fails is left out with the reason."""
+        workdir = mapship.host_workdir_path(transport)
+        if self.shipment is not None:
+            mapship.upload(transport, workdir, self.shipment)
+            if self.spec.mode == "function":
+                mapship.import_check(transport, workdir, self.shipment)
+
+    def engine_of(self, hello: dict) -> str:
+        return "function" if self.spec.mode == "function" else "sh"
+
+    def key_of(self, seq: int, item):
+        """An item's key: its content key, or for --range its value (an integer)."""
+        if item is not None:
+            return item.key
+        return self.range.start + (seq - 1) * self.range.step
+
+    def value_of(self, seq: int, item):
+        if item is not None:
+            return item.value
+        return self.range.start + (seq - 1) * self.range.step
+
+    def _timeout_for(self, host: str) -> Optional[float]:
+        if self.spec.timeout:
+            return self.spec.timeout
+        if not self.spec.timeout_percent:
+            return None
+        samples = self.host_samples.get(host)
+        if not samples or len(samples) < TIMEOUT_MIN_SAMPLES:
+            samples = self.samples
+        if len(samples) < TIMEOUT_MIN_SAMPLES:
+            return None
+        return min(mapper.MAX_TIMEOUT, max(0.05, statistics.median(samples) * self.spec.timeout_percent / 100))
+
+    def task_args_for(self, block, link, task_id: int) -> dict:
+        spec = self.spec
+        args = {"run": self.run_hex, "mode": spec.mode, "timeout": self._timeout_for(link.name),
+                "stdout_cap": spec.stdout_cap}
+        if self.shipment is not None:
+            args["ship"] = self.shipment.digest
+        if spec.mode == "function":
+            args["function"] = self.shipment.function
+        else:
+            args.update(command=spec.command, stderr_tail=spec.stderr_tail, **{"return": list(spec.returns)})
+        if block.verdict:
+            args["items"] = []
+            return args
+        if block.items is None:  # --range: the host makes the items
+            start, step = self.range.start, self.range.step
+            seqs = block.seqs
+            if _consecutive(seqs):
+                args["range"] = [seqs[0], len(seqs), start + (seqs[0] - 1) * step, step]
+            else:
+                args["items"] = [{"seq": seq, "value": start + (seq - 1) * step} for seq in seqs]
+        elif self.input.kind == "files":
+            args["items"] = [item.task_item(_file_data(item.path)) for item in block.items]
+        else:
+            args["items"] = [item.task_item() for item in block.items]
+        return args
+
+    # ------------------------------------------------------------ results
+
+    def check(self, lo: int, hi: int, result: dict) -> tuple:
+        """Every item result checked (runs in the host's reader thread); (items ok, None).
+        The checked items are kept on the result (``_map``) for ``decide``; the raw ones dropped."""
+        block = self.schedule.in_flight.get(lo) if self.schedule is not None else None
+        if block is None:
+            raise InvalidMapResult(f"block {lo} is not in flight (a late copy)")
+        if not isinstance(result, dict):
+            raise InvalidMapResult("result is not an object")
+        raw_items, left = result.get("items"), result.get("left", [])
+        if not isinstance(raw_items, list) or not isinstance(left, list):
+            raise InvalidMapResult("items and left must be lists")
+        if block.verdict:
+            expected = {}
+        elif block.items is None:
+            expected = block.seqs if isinstance(block.seqs, range) else set(block.seqs)
+        else:
+            expected = dict(zip(block.seqs, block.items))
+        try:
+            if self.spec.mode == "function":
+                checked = self._check_function(raw_items, expected)
+            else:
+                checked = self._check_command(raw_items, expected)
+        except ResultError as exc:
+            raise InvalidMapResult(f"block {lo}: {exc}") from None
+        seen = {entry[0] for entry in checked}
+        for seq in left:
+            if type(seq) is not int or seq not in expected or seq in seen:
+                raise InvalidMapResult(f"block {lo}: left holds {str(seq)[:20]!r}, not an item sent and not run")
+            seen.add(seq)
+        if len(seen) != len(expected):
+            raise InvalidMapResult(f"block {lo}: {len(expected) - len(seen)} items sent got no answer")
+        result["_map"] = (checked, list(left))
+        result["items"] = None  # the checked copy is what is kept
+        ok = sum(1 for entry in checked if entry[1] == "ok")
+        result["_all_ok"] = ok == len(checked) and not left
+        return ok, None
+
+    def _check_function(self, raw_items: list, expected: dict) -> list:
+        """(seq, status, exit (0 ok, 1 not), None, b"", False, b"", start, seconds, value JSON, error,
+        bytes received, []) per item; the hot path: one pass, no object per item beyond the tuple."""
+        checked = []
+        seen = set()
+        cap = self.spec.stdout_cap
+        isfinite = math.isfinite
+        for raw in raw_items:
+            if type(raw) is not dict:
+                raise ResultError("an item result is not an object")
+            seq = raw.get("seq")
+            if type(seq) is not int or seq not in expected or seq in seen:
+                raise ResultError(f"item {str(seq)[:20]} was not sent (or came twice)")
+            seen.add(seq)
+            start, seconds = raw.get("start"), raw.get("seconds")
+            if type(start) not in (int, float) or type(seconds) not in (int, float) or not isfinite(start) \
+                    or not isfinite(seconds) or not 0 <= start <= 1e11 or not 0 <= seconds <= 1e8:
+                raise ResultError(f"item {seq}: start or seconds out of range")
+            error = raw.get("error")
+            timed_out = raw.get("timed_out")
+            if error is not None and type(error) is not str or timed_out not in (None, True, False):
+                raise ResultError(f"item {seq}: error or timed_out of the wrong type")
+            if error is None and not timed_out:
+                value = raw.get("value")
+                kind = type(value)
+                text = str(value) if kind is int else json.dumps(value, allow_nan=False, ensure_ascii=False)
+                if len(text) > cap:
+                    raise ResultError(f"item {seq}: value over {cap} bytes of JSON")
+                checked.append((seq, "ok", 0, None, b"", False, b"", start, seconds, text, None, len(text), []))
+            else:
+                error = (error or "timed out")[-mapper.MAX_TRACEBACK_CHARS:]
+                checked.append((seq, "timeout" if timed_out else "failed", 1, None, b"", False, b"", start,
+                                seconds, None, error, 0, []))
+        return checked
+
+    def _check_command(self, raw_items: list, expected) -> list:
+        if not isinstance(expected, dict):
+            expected = dict.fromkeys(expected)
+        values = {seq: self.value_of(seq, item) for seq, item in expected.items()}
+        checked = []
+        seen = set()
+        for raw in raw_items:
+            record, files = parse_item_result(raw, values, "", "command", returns=len(self.spec.returns),
+                                              stdout_cap=self.spec.stdout_cap, stderr_tail=self.spec.stderr_tail)
+            if record.seq in seen:
+                raise ResultError(f"item {record.seq} came twice")
+            seen.add(record.seq)
+            stored = []
+            if record.status == "ok":
+                item = expected[record.seq]
+                for parts, returned in zip(self.return_parts, files):
+                    stored.append(self._keep_file(parts, record.seq, item, returned.data))
+            checked.append((record.seq, record.status, record.exitval, record.signal, record.stdout,
+                            record.truncated, record.stderr, record.start, record.runtime, None,
+                            record.error or None, record.receive, stored))
+        return checked
+
+    def _keep_file(self, parts: list, seq: int, item, data: bytes) -> str:
+        """Write a returned file into --outdir under the pattern rendered with the local item:
+        a temporary name, then linked into place unless a first copy is there already."""
+        local = mapper.render(parts, self.value_of(seq, item), seq, 1,
+                              item.columns if item is not None and item.path is None else None, quote=False)
+        path = os.path.join(self.spec.outdir, safe_relative(local))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{PARTIAL_MARK}{secrets.token_hex(4)}")
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temp, path)  # fails if a first copy is there: that one wins
+                self.returned_files += 1
+            except FileExistsError:
+                pass
+        finally:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+        return path
+
+    def _attempt_base(self, key: str) -> tuple:
+        return self.prior.get(key, (0, 0, 0))
+
+    def decide(self, block, result: dict, host: str) -> Decision:
+        """Final items become rows of the block; items with a retry left go out again."""
+        schedule = self.schedule
+        checked, left = result.get("_map") or ([], [])
+        if self.spec.timeout_percent is not None:
+            own = self.host_samples.setdefault(host, deque(maxlen=TIMEOUT_SAMPLES))
+            for entry in checked:
+                if entry[1] == "ok":
+                    self.samples.append(entry[8])
+                    own.append(entry[8])
+        fast = []
+        if (self.spec.mode == "function" and block.items is None and not block.verdict and not self.prior
+                and not schedule.attempts and result.get("_all_ok")):
+            # The hot path (a function over a range, every item ok at its first try): one
+            # comprehension, the narrow row (mapstore.FAST_COLUMNS).
+            start, step = self.range.start, self.range.step
+            fast = [(start + (e[0] - 1) * step, e[0], "ok", 0, host, e[7], e[8], 1, e[9], e[11]) for e in checked]
+            checked = ()
+        items = dict(zip(block.seqs, block.items)) if block.items is not None else None
+        finals, attempts_rows, again = [], [], []
+        retries = self.spec.retries
+        if block.verdict:
+            for seq in block.seqs:
+                finals.append(self._crashed_row(block, seq, items.get(seq) if items else None))
+        for entry in checked:
+            seq, status = entry[0], entry[1]
+            item = items[seq] if items is not None else None
+            if status == "ok":
+                finals.append(self._row(seq, item, entry, host))
+                continue
+            key = self.key_of(seq, item)
+            _, failures, _ = self._attempt_base(key)
+            if failures + schedule.failures.get(seq, 0) < retries:
+                attempts_rows.append(self._row(seq, item, entry, host, attempt_row=True))
+                schedule.attempts[seq] = schedule.attempts.get(seq, 0) + 1
+                schedule.failures[seq] = schedule.failures.get(seq, 0) + 1
+                again.append((seq, item))
+            else:
+                finals.append(self._row(seq, item, entry, host))
+        if again:
+            schedule.requeue([seq for seq, _ in again], [item for _, item in again] if items is not None else None,
+                             avoid=host)
+        if left:
+            schedule.requeue(left, [items[seq] for seq in left] if items is not None else None)
+        block.final = len(finals) + len(fast)
+        result["_rows"] = (fast, finals, attempts_rows)
+        return Decision(COMMIT)
+
+    def _row(self, seq: int, item, entry: tuple, host: str, attempt_row: bool = False) -> tuple:
+        (_, status, exitval, signal, stdout, truncated, stderr, start, seconds, value, error, receive,
+         files) = entry
+        key = self.key_of(seq, item)
+        attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0) + 1
+        raw = None if item is None else value_bytes(item.value)
+        send = os.path.getsize(item.path) if item is not None and item.path and os.path.exists(item.path) else 0
+        if attempt_row:
+            return (key, seq, raw, status, exitval, signal, stderr, host, start, seconds, attempt, error, send,
+                    receive)
+        return (key, seq, raw, status, exitval, signal, stdout, int(bool(truncated)), stderr, host, start,
+                seconds, attempt, value, error, send, receive)
+
+    def _crashed_row(self, block, seq: int, item) -> tuple:
+        key = self.key_of(seq, item)
+        host, start, seconds, error = getattr(block, "crash", ("", time.time(), 0.0, "worker died"))
+        attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
+        raw = None if item is None else value_bytes(item.value)
+        return (key, seq, raw, "crashed", None, None, None, 0, None, host, start, seconds, attempt, None,
+                f"killed its worker {mapschedule_crashes()} times; last: {error}", 0, 0)
+
+    def failure(self, block, kind: str, message: str, host: str) -> Decision:
+        """A worker that died: its block is split until the culprit is alone; that item's deaths
+        are attempts (recorded now), and after MAX_CRASHES it is committed as crashed."""
+        if kind != KIND_DIED or not isinstance(block, MapBlock) or block.verdict:
+            return Decision(GIVE_BACK)
+        if len(block.seqs) > 1:
+            block.split_on_death = True
+            return Decision(RETRY)
+        seq = block.seqs[0]
+        item = block.items[0] if block.items is not None else None
+        key = self.key_of(seq, item)
+        started = block.copies.get(host, (0, time.monotonic(), 0))[1] if hasattr(block, "copies") else None
+        seconds = max(0.0, time.monotonic() - started) if started is not None else 0.0
+        now = time.time()
+        if self.schedule.crashed(block):
+            block.crash = (host, now - seconds, seconds, message)
+            return Decision(RETRY, avoid=True)
+        attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
+        row = dict(zip(mapstore.ATTEMPT_COLUMNS, (key, seq, None if item is None else value_bytes(item.value),
+                                                   "crashed", None, None, None, host, now - seconds, seconds,
+                                                   attempt, message, 0, 0)))
+        return Decision(RETRY, avoid=True, record=(("map_attempts", row),))
+
+    def block_meta(self, result: dict) -> dict:
+        return {}
+
+    def rows(self, block, result: dict, host: str) -> list:
+        """The block's final items (map_items) and earlier attempts (map_attempts), stored in
+        the block's transaction."""
+        fast, finals, attempts_rows = result.pop("_rows", ([], [], []))
+        rows = []
+        if fast:
+            rows.append(("map_items", mapstore.FAST_COLUMNS, fast))
+        if finals:  # columnar (cluster/store.py _insert_many): one statement for the block's items
+            rows.append(("map_items", mapstore.ITEM_COLUMNS, finals))
+        if attempts_rows:
+            rows.append(("map_attempts", mapstore.ATTEMPT_COLUMNS, attempts_rows))
+        return rows
+
+
+PARTIAL_MARK = ".beowulf-part-"
+
+
+def mapschedule_crashes() -> int:
+    from cluster.mapschedule import MAX_CRASHES
+
+    return MAX_CRASHES
+
+
+def safe_relative(path: str) -> str:
+    """A returned file's local name, inside --outdir: no leading /, no .. (each becomes _)."""
+    parts = [part for part in path.replace("\\", "/").split("/") if part not in ("", ".")]
+    parts = ["_" if part == ".." else part for part in parts]
+    return os.path.join(*parts) if parts else "_"
+
+
+def _range_gaps(total: int, done: list) -> list:
+    """The [lo, hi] runs of seqs 1..total not covered by the sorted, merged ``done`` ranges."""
+    gaps, cursor = [], 1
+    for lo, hi in done:
+        if lo > cursor:
+            gaps.append([cursor, min(lo - 1, total)])
+        cursor = max(cursor, hi + 1)
+        if cursor > total:
+            break
+    if cursor <= total:
+        gaps.append([cursor, total])
+    return [gap for gap in gaps if gap[0] <= gap[1]]
+
+
+def _consecutive(seqs) -> bool:
+    """Whether ``seqs`` are n, n+1, n+2, ... (a task then carries them as a range)."""
+    if not seqs:
+        return False
+    if isinstance(seqs, range):
+        return seqs.step == 1
+    return seqs[-1] - seqs[0] + 1 == len(seqs) and all(b == a + 1 for a, b in zip(seqs, seqs[1:]))
+
+
+def _file_weight(item) -> int:
+    try:
+        return os.path.getsize(item.path)
+    except OSError:
+        return 0
+
+
+def _file_data(path: str) -> str:
+    import base64
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(mapper.MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise BeowulfError(f"--files {path}: {exc.strerror or exc}") from None
+    return base64.b64encode(data).decode("ascii")

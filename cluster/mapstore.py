@@ -1,0 +1,238 @@
+"""``fab map``'s own tables in the store, and what is read back from them.
+
+- ``map_items``: one row per item of a run, its final attempt (ok, failed, timeout,
+  crashed): exit, signal, stdout (BLOB, capped, ``truncated``), the tail of stderr, the
+  function's value (JSON), host, start, seconds, attempt number. ``UNIQUE (run_id, key)``:
+  an item is final once, committed in the same transaction as its block (MapJob.rows).
+- ``map_attempts``: every earlier attempt (a failure that was retried, a worker killed);
+  with map_items, the joblog (``--joblog``: every attempt).
+
+The rows are written by the engine (the job's ``rows`` and ``Decision.record``); this
+module creates the tables (the job's migration) and reads them with its own SQLite
+connection (read-only, except ``reset_failed`` for --retry-failed, which runs while this
+process holds the run's lock).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Iterator, Optional
+
+from .errors import StoreError
+from .mapexport import ItemRecord
+
+ITEM_COLUMNS = ("key", "seq", "item", "status", "exit", "signal", "stdout", "truncated", "stderr", "host",
+                "start", "seconds", "attempt", "value", "error", "send", "receive")
+# The columns of an item that succeeded on its first try (the others stay NULL / 0): fewer
+# values to bind for a million tiny function calls.
+FAST_COLUMNS = ("key", "seq", "status", "exit", "host", "start", "seconds", "attempt", "value", "receive")
+ATTEMPT_COLUMNS = ("key", "seq", "item", "status", "exit", "signal", "stderr", "host", "start", "seconds",
+                   "attempt", "error", "send", "receive")
+
+MIGRATIONS = (
+    (
+        """CREATE TABLE IF NOT EXISTS map_items (
+            run_id    INTEGER NOT NULL,
+            lo        INTEGER NOT NULL,          -- the block (number) it was committed with
+            key               NOT NULL,          -- content key (cluster/mapinput.py); --range: the value
+            seq       INTEGER NOT NULL,          -- {#}: input order
+            item      BLOB,                      -- the value's bytes (NULL for --range: from seq)
+            status    TEXT    NOT NULL,          -- ok, failed, timeout, crashed
+            exit      INTEGER,
+            signal    INTEGER,
+            stdout    BLOB,
+            truncated INTEGER NOT NULL DEFAULT 0,
+            stderr    BLOB,                      -- its tail
+            host      TEXT    NOT NULL,
+            start     REAL,                      -- epoch seconds
+            seconds   REAL,
+            attempt   INTEGER NOT NULL,
+            value     TEXT,                      -- a function's return value, JSON
+            error     TEXT,
+            send      INTEGER NOT NULL DEFAULT 0,
+            receive   INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (run_id, key)
+        )""",
+        """CREATE TABLE IF NOT EXISTS map_attempts (
+            run_id  INTEGER NOT NULL,
+            lo      INTEGER NOT NULL,
+            key             NOT NULL,
+            seq     INTEGER NOT NULL,
+            item    BLOB,
+            status  TEXT    NOT NULL,            -- failed, timeout, crashed (its worker died)
+            exit    INTEGER,
+            signal  INTEGER,
+            stderr  BLOB,
+            host    TEXT    NOT NULL,
+            start   REAL,
+            seconds REAL,
+            attempt INTEGER NOT NULL,
+            error   TEXT,
+            send    INTEGER NOT NULL DEFAULT 0,
+            receive INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX IF NOT EXISTS map_attempts_key ON map_attempts (run_id, key)",
+    ),
+)
+
+
+def connect(path: str, readonly: bool = True) -> sqlite3.Connection:
+    """A connection of its own to the store (WAL: readers never block the writer)."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        else:
+            conn = sqlite3.connect(path, timeout=30)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open ({exc})") from None
+
+
+def ensure_tables(path: str) -> None:
+    """Create the map tables if missing (the same statements as the job's migration)."""
+    conn = connect(path, readonly=False)
+    try:
+        with conn:
+            for step in MIGRATIONS:
+                for statement in step:
+                    conn.execute(statement)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot create the map tables ({exc})") from None
+    finally:
+        conn.close()
+
+
+def reset_failed(path: str, run_id: int) -> int:
+    """--retry-failed: every final item that did not succeed becomes an earlier attempt again
+    (moved to map_attempts, so the joblog keeps it and attempt numbers go on); how many."""
+    conn = connect(path, readonly=False)
+    columns = ", ".join(("run_id", "lo") + ATTEMPT_COLUMNS)
+    try:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"INSERT INTO map_attempts ({columns}) SELECT {columns} FROM map_items"
+                         " WHERE run_id = ? AND status <> 'ok'", (run_id,))
+            return conn.execute("DELETE FROM map_items WHERE run_id = ? AND status <> 'ok'", (run_id,)).rowcount
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot reset the failed items ({exc})") from None
+    finally:
+        conn.close()
+
+
+def done_seq_ranges(conn: sqlite3.Connection, run_id: int) -> list:
+    """The seqs of finished items as sorted, merged (lo, hi) ranges (streamed, a range at a time)."""
+    ranges: list = []
+    for (seq,) in conn.execute("SELECT seq FROM map_items WHERE run_id = ? ORDER BY seq", (run_id,)):
+        if ranges and seq <= ranges[-1][1] + 1:
+            ranges[-1][1] = max(ranges[-1][1], seq)
+        else:
+            ranges.append([seq, seq])
+    return ranges
+
+
+def key_prefix(key: str) -> int:
+    """A 64-bit int of a hex key (the done set holds these, not the 64-character strings)."""
+    return int(key[:16], 16) if len(key) >= 16 else hash(key)
+
+
+def done_key_prefixes(conn: sqlite3.Connection, run_id: int) -> set:
+    return {key_prefix(key) for (key,) in conn.execute("SELECT key FROM map_items WHERE run_id = ?", (run_id,))}
+
+
+def done_count(conn: sqlite3.Connection, run_id: int) -> int:
+    return conn.execute("SELECT count(*) FROM map_items WHERE run_id = ?", (run_id,)).fetchone()[0]
+
+
+def prior_attempts(conn: sqlite3.Connection, run_id: int) -> dict:
+    """key -> (highest attempt number, failures, crashes) of items with attempts but no final row."""
+    rows = conn.execute(
+        "SELECT a.key, max(a.attempt), sum(a.status IN ('failed', 'timeout')), sum(a.status = 'crashed')"
+        " FROM map_attempts a WHERE a.run_id = ? AND NOT EXISTS"
+        " (SELECT 1 FROM map_items i WHERE i.run_id = a.run_id AND i.key = a.key) GROUP BY a.key",
+        (run_id,))
+    return {key: (int(top), int(failures or 0), int(crashes or 0)) for key, top, failures, crashes in rows}
+
+
+def max_block(conn: sqlite3.Connection, run_id: int) -> int:
+    """The highest block number used by the run's items or attempts (0 for none)."""
+    top = 0
+    for table in ("map_items", "map_attempts"):
+        value = conn.execute(f"SELECT max(lo) FROM {table} WHERE run_id = ?", (run_id,)).fetchone()[0]
+        top = max(top, value or 0)
+    return top
+
+
+def counts(conn: sqlite3.Connection, run_id: int) -> dict:
+    """status -> items of a run."""
+    return dict(conn.execute("SELECT status, count(*) FROM map_items WHERE run_id = ? GROUP BY status",
+                             (run_id,)).fetchall())
+
+
+def _item_value(raw, seq: int, range_input) -> object:
+    if raw is None:
+        return range_input.start + (seq - 1) * range_input.step if range_input is not None else ""
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
+_SELECT_ITEMS = ("SELECT seq, item, status, host, start, seconds, exit, signal, stdout, stderr, attempt,"
+                 " truncated, error, value, send, receive FROM map_items")
+
+
+def _record(row, range_input) -> ItemRecord:
+    (seq, item, status, host, start, seconds, exitval, signal, stdout, stderr, attempt, truncated,
+     error, value, send, receive) = row
+    if value is not None and not stdout:  # a function's value is its output (JSON, a line)
+        stdout = value.encode("utf-8", "surrogateescape") + b"\n"
+    return ItemRecord(seq, _item_value(item, seq, range_input), status, host=host, start=start or 0.0,
+                      runtime=seconds or 0.0, exitval=exitval, signal=signal, stdout=bytes(stdout or b""),
+                      stderr=bytes(stderr or b""), attempt=attempt, truncated=bool(truncated),
+                      error=error or "", value=value, send=send or 0, receive=receive or 0)
+
+
+def failed_items(conn: sqlite3.Connection, run_id: int, limit: int, range_input=None) -> list:
+    """The first ``limit`` items (input order) whose final status is not ok."""
+    rows = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? AND status <> 'ok' ORDER BY seq LIMIT ?",
+                        (run_id, limit)).fetchall()
+    return [_record(row, range_input) for row in rows]
+
+
+def records_in_order(conn: sqlite3.Connection, run_id: int, map_input) -> Iterator[ItemRecord]:
+    """Each finished item's record in input order (--export), streamed.
+
+    --range: by seq. --args/--files: the input is read again and each item looked up by
+    its key, so items whose line moved (lines added before them) still come in order.
+    """
+    from .mapinput import RangeInput
+
+    if isinstance(map_input, RangeInput):
+        cursor = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? ORDER BY seq", (run_id,))
+        for row in cursor:
+            yield _record(row, map_input)
+        return
+    for item in map_input:
+        row = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? AND key = ?", (run_id, item.key)).fetchone()
+        if row is not None:
+            record = _record(row, None)
+            record.seq = item.seq
+            yield record
+
+
+def attempts(conn: sqlite3.Connection, run_id: int, range_input=None) -> Iterator[ItemRecord]:
+    """Every attempt of a run (earlier ones and final ones) in order of start (--joblog), streamed."""
+    cursor = conn.execute(
+        "SELECT seq, item, status, host, start, seconds, exit, signal, NULL, stderr, attempt, 0, error,"
+        " NULL, send, receive FROM map_attempts WHERE run_id = ?"
+        " UNION ALL SELECT seq, item, status, host, start, seconds, exit, signal, NULL, stderr, attempt, truncated,"
+        " error, NULL, send, receive FROM map_items WHERE run_id = ? ORDER BY 5, 1, 11", (run_id, run_id))
+    for row in cursor:
+        yield _record(row, range_input)
+
+
+def item_count(conn: sqlite3.Connection, run_id: int) -> int:
+    return done_count(conn, run_id)
+
+
+def one(conn: sqlite3.Connection, run_id: int, seq: int) -> Optional[ItemRecord]:
+    row = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? AND seq = ?", (run_id, seq)).fetchone()
+    return _record(row, None) if row else None
