@@ -39,7 +39,8 @@ load average is printed next to every figure (the machine is shared).
    process itself used (user + system, agents not included) per item.
 H. The host side alone, no coordinator: map tasks of client/mapper.py through a
    real client/agent.py (2 slots, 3 tasks in flight, its own temporary workdir),
-   function blocks of 10,000 range items and ``echo {}`` blocks of 100 items: the
+   function blocks of 10,000 range items (a ``range`` task, as fab map --range sends)
+   and ``echo {}`` blocks of 100 items: the
    floor of (1)-(3) on this machine, to tell the coordinator's cost from the hosts'.
 
 ``--profile`` runs (3) and the SSH run of (1) once more under cProfile
@@ -70,6 +71,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import tabulate as tabulate_module  # noqa: E402
 from peak import run_with_usage  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
@@ -236,7 +238,10 @@ def host_side(base: Path, fn_folder: Path, function_items: int, command_items: i
             seq = 1
             while seq <= total:
                 hi = min(total, seq + size - 1)
-                yield dict(args, run=run, items=[{"seq": s, "value": s} for s in range(seq, hi + 1)])
+                if args["mode"] == "function":  # as fab map --range sends them: [SEQ, COUNT, START, STEP]
+                    yield dict(args, run=run, range=[seq, hi - seq + 1, seq, 1])
+                else:
+                    yield dict(args, run=run, items=[{"seq": s, "value": str(s)} for s in range(seq, hi + 1)])
                 seq = hi + 1
 
         def measure(tasks) -> tuple:
@@ -480,6 +485,7 @@ def main() -> None:
 
 def report(figures: dict, n: int, n_small: int, r_end: int, r_small: int, args) -> None:
     """Print the tables and the verdicts; record the summary in ``figures["summary"]``."""
+    tabulate_module.PRESERVE_WHITESPACE = True  # the rows "   the same, ..." stay indented
     summary = {}
     rows = []
     ssh = figures.get("ssh")
