@@ -43,6 +43,10 @@ H. The host side alone, no coordinator: map tasks of client/mapper.py through a
    and ``echo {}`` blocks of 100 items: the
    floor of (1)-(3) on this machine, to tell the coordinator's cost from the hosts'.
 
+``--breakdown`` prints only (B): a ``--function`` item's cost by stage, one stage at a
+time in this process (host: the bare calls, client/mapper.py's run, the result's JSON;
+coordinator: its parse, MapJob._check_function, the rows, the store's executemany).
+
 ``--profile`` runs (3) and the SSH run of (1) once more under cProfile
 (bench/profile_fab.py: every thread of the coordinator, CPU time) and prints the
 top functions by own time. ``--json FILE`` also writes every figure as JSON.
@@ -295,6 +299,82 @@ def host_side(base: Path, fn_folder: Path, function_items: int, command_items: i
             proc.wait()
 
 
+# ------------------------------------------------------------------ where an item's time goes
+
+
+def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5) -> dict:
+    """Per item, in this process, one stage at a time, of a ``--function`` block of ``count`` range
+    items (best of ``repeat``): the host's part (the bare calls, client/mapper.py's run, the result
+    line's JSON) and the coordinator's (parse, MapJob's check, the rows, the store's executemany)."""
+    import hashlib
+    import sqlite3
+    import types
+
+    work = base / "breakdown"
+    digest = hashlib.sha256(FUNCTION_SOURCE.encode()).hexdigest()[:32]
+    (work / "ship" / digest).mkdir(parents=True)
+    shutil.copy(fn_folder / "benchfn.py", work / "ship" / digest / "benchfn.py")
+    os.environ["BEOWULF_MAP_WORKDIR"] = str(work)  # read by client/mapper.py when imported
+    from client import mapper
+    from cluster.jobs.map import MapJob
+    from cluster.mapstore import FAST_COLUMNS, MIGRATIONS
+
+    mapper.WORKDIR = str(work)
+    args = {"run": "ef" * 16, "mode": "function", "function": "benchfn:square", "ship": digest,
+            "range": [1, count, 1, 1]}
+    square = mapper.load_function(digest, "benchfn:square")
+    stub = types.SimpleNamespace(spec=types.SimpleNamespace(stdout_cap=mapper.DEFAULT_STDOUT_CAP))
+    conn = sqlite3.connect(str(work / "s.db"))
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    state: dict = {}
+
+    def bare():
+        return [square(v) for v in range(1, count + 1)]
+
+    def run():
+        state["result"] = mapper.run(args)
+
+    def encode():
+        state["line"] = json.dumps({"type": "result", "id": 7, "ok": True, "elapsed": 1.0,
+                                    "result": state["result"]}).encode() + b"\n"
+
+    def parse():
+        state["message"] = json.loads(state["line"].decode("utf-8"))
+
+    def check():
+        state["checked"] = MapJob._check_function(stub, state["message"]["result"]["items"], range(1, count + 1))
+
+    def rows():  # MapJob.decide's hot path: one comprehension, the narrow row
+        state["rows"] = [(e[0], e[0], "ok", 0, "h", e[7], e[8], 1, e[9], e[11]) for e in state["checked"]]
+
+    def insert():  # Store.commit_blocks -> store._insert_many, one transaction a block
+        with conn:
+            conn.execute("DELETE FROM map_items")
+        with conn:
+            conn.executemany(f"INSERT INTO map_items (run_id, lo{''.join(', ' + c for c in FAST_COLUMNS)}) "
+                             f"VALUES (1, 1{', ?' * len(FAST_COLUMNS)})", state["rows"])
+
+    stages = [("host: the bare calls, square(v) for v in the range", bare),
+              ("host: client/mapper.py run() of a range task", run),
+              ("host: the result message's JSON (worker -> agent -> coordinator)", encode),
+              ("coordinator: json.loads of the result line", parse),
+              ("coordinator: MapJob._check_function", check),
+              ("coordinator: decide's rows", rows),
+              ("coordinator: executemany into map_items (+ DELETE)", insert)]
+    out = {"load": load(), "items": count, "bytes_per_item": 0.0, "stages": []}
+    for label, stage in stages:
+        best = float("inf")
+        for _ in range(repeat):
+            began = time.perf_counter()
+            stage()
+            best = min(best, time.perf_counter() - began)
+        out["stages"].append([label, best / count])
+    out["bytes_per_item"] = len(state["line"]) / count
+    conn.close()
+    return out
+
+
 # ------------------------------------------------------------------ the SSH part
 
 
@@ -415,6 +495,8 @@ def main() -> None:
     parser.add_argument("--skip-ssh", action="store_true", help="leave out part 1 (no sshd hosts)")
     parser.add_argument("--profile", action="store_true", help="also profile fab map's coordinator (cProfile)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only the per-stage cost of a --function item, in this process (B)")
     args = parser.parse_args()
     if args.quick:
         args.items, args.range_end, args.dask_items, args.parallel_jobs = 1000, 20_000, 500, 60
@@ -436,6 +518,15 @@ def main() -> None:
         fn_folder.mkdir()
         (fn_folder / "benchfn.py").write_text(FUNCTION_SOURCE)
         items, small = write_items(base, n), write_items(base, n_small)
+        if args.breakdown:
+            out = breakdown(base, fn_folder)
+            print(f"B. a --function item's cost by stage, {out['items']:,} range items a block, best of 5, "
+                  f"one process (load {out['load']:.1f}); result line {out['bytes_per_item']:.0f} bytes/item")
+            print(tabulate([[label, f"{seconds * 1e6:.2f}"] for label, seconds in out["stages"]],
+                           headers=["stage", "us/item"], colalign=("left", "right")))
+            if args.json:
+                Path(args.json).write_text(json.dumps({"breakdown": out}, indent=1) + "\n")
+            return
         fab = Fab(fab_help_map(), base)
         figures["fab_map_available"] = fab.available()
         if not fab.available():
