@@ -235,9 +235,9 @@ def test_over_sshd_module_failing_to_import_on_one_host(cluster3, run_fab, tmp_p
     inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={"h2": {"python": wrapper}})
     (tmp_path / "m.py").write_text("import os\nif os.environ.get('BEOWULF_TEST_BREAK'):\n"
                                    "    raise ImportError('no such library here')\n"
-                                   "def f(x):\n    return [x, os.uname()[1]]\n")
+                                   "import time\ndef f(x):\n    time.sleep(0.05)\n    return [x, os.uname()[1]]\n")
     done = fab_map(run_fab, tmp_path, "--function", "m.py:f", "--range", "1:300", "--export", "v.jsonl",
-                   inventory=inventory, config=config)
+                   "--block-seconds", "0.5", inventory=inventory, config=config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "h2" in done.stdout + done.stderr and "no such library here" in done.stdout + done.stderr
     assert [line["value"][0] for line in jsonl(tmp_path / "v.jsonl")] == list(range(1, 301))
