@@ -77,6 +77,7 @@ class PrimesBench:
 
     name = "primes"
     encoded_fields = ("data",)
+    records_range = True  # its calibrations keep mode and range (figures.comparable)
 
     def __init__(self, start: int = PRIMES_START, mode: str = "count", end: Optional[int] = None):
         from .jobs.primes import MAX_END, PrimesJob
@@ -132,6 +133,8 @@ class ScrapeBench:
 
     name = "scrape"
     encoded_fields = ("body",)
+    records_range = False
+    mode = ""
 
     def __init__(self, urls: list[str], user_agent: str, proxy: Optional[str] = None):
         self.urls = list(urls)

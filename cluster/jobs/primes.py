@@ -624,6 +624,8 @@ class PrimesJob(Job):
     name = "primes"
     encoded_fields = ("data",)
     unit = ("number", "numbers")
+    rate_unit = ("numbers", 1.0, "s")
+    calibrated = True
 
     def __init__(self, start: int, end: int, count_only: bool = False):
         if not (_is_int(start) and _is_int(end)):
@@ -715,3 +717,66 @@ class PrimesJob(Job):
     def mode_of(cls, run: dict) -> str:
         """'list' or 'count': rates of the two modes are not comparable."""
         return str((run.get("params") or {}).get("mode") or "")
+
+    @classmethod
+    def found_label(cls) -> str:
+        return "primes"
+
+    @classmethod
+    def describe_run(cls, run: dict) -> str:
+        from cluster.report import middle_of
+
+        return f" in {cls.mode_of(run) or '?'} mode near {middle_of(run)}"
+
+    @classmethod
+    def comparable_calibration(cls, run: dict, calibration: dict) -> bool:
+        """Same mode, and a range within figures.RANGE_FACTOR of the run's: sieving costs per
+        number change slowly with the numbers' size."""
+        from cluster.figures import RANGE_FACTOR, run_range
+
+        if calibration.get("mode") != cls.mode_of(run):
+            return False
+        lo, hi = run_range(run)
+        clo, chi = calibration.get("lo"), calibration.get("hi")
+        if lo is None or clo is None or chi is None:
+            return False
+        # A fast host's benchmark blocks grow wide, so its range can be much wider than the run's.
+        return clo <= hi * RANGE_FACTOR and chi * RANGE_FACTOR >= max(lo, 1)
+
+    @classmethod
+    def describe_calibration(cls, row: dict) -> str:
+        """'count mode over [1e11, ...]'."""
+        where = f" over [{row['lo']:,}, {row['hi']:,}]" if row.get("lo") is not None and row.get("hi") is not None \
+            else " (range not recorded)"
+        return f"{row.get('mode') or '?'} mode{where}"
+
+    @classmethod
+    def summary_notes(cls, report: dict) -> list:
+        """Hosts that ran the pure-Python sieve, and what to do about it."""
+        slow = [h["host"] for h in report["hosts"] if h["engine"] == "python" and h["blocks"]]
+        if not slow:
+            return []
+        return [f"note: {', '.join(slow)} ran the pure-Python sieve (5-50x slower than numpy or libprimesieve): "
+                "`fab hosts` says what to run for it (README: Adding machines)"]
+
+    @classmethod
+    def bench(cls, *, urls=None, tor: bool = False, start=None, mode=None):
+        """Count (default) or list mode from ``start`` (default PRIMES_START) upwards."""
+        from cluster.calibrate import PRIMES_START, PrimesBench
+
+        if mode is not None and mode not in ("count", "list"):
+            raise UsageError(f"--mode: expected count or list (primes only), not {mode!r}")
+        if urls or tor:
+            raise UsageError("--urls and --tor are for --job scrape")
+        return PrimesBench(PRIMES_START if start is None else start, mode or "count")
+
+    @classmethod
+    def bench_of_run(cls, run: dict, store, *, urls=None):
+        """The run's range and mode."""
+        from cluster.calibrate import PrimesBench
+
+        params = run["params"] or {}
+        if not (isinstance(params.get("start"), int) and isinstance(params.get("end"), int)
+                and params.get("mode") in ("count", "list")):
+            raise UsageError(f"--run: run {run['id']} has no primes range and mode to measure")
+        return PrimesBench(params["start"], params["mode"], params["end"]), False

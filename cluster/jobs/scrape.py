@@ -139,6 +139,9 @@ class ScrapeJob(Job):
     migrations = (PAGES_V1,)
     encoded_fields = ("body",)
     unit = ("page", "pages")
+    rate_unit = ("pages", 60.0, "min")
+    progress_per_minute = True
+    calibrated = True
 
     def __init__(self, urls: list[str], options: FetchOptions, delay: float = 1.0, per_domain: int = 1,
                  concurrency: int = 4):
@@ -166,6 +169,46 @@ class ScrapeJob(Job):
     @classmethod
     def slots_label(cls) -> str:
         return "workers"
+
+    @classmethod
+    def found_label(cls) -> str:
+        return "ok"
+
+    @classmethod
+    def bench(cls, *, urls=None, tor: bool = False, start=None, mode=None):
+        """Fetching the URLs of the file ``urls`` (each host the same ones)."""
+        from cluster.calibrate import ScrapeBench
+        from cluster.errors import UsageError
+        from cluster.urls import read_url_file
+
+        if mode is not None:
+            raise UsageError(f"--mode: expected count or list (primes only), not {mode!r}")
+        if not urls:
+            raise UsageError("--job scrape needs --urls FILE (one URL a line)")
+        if start is not None:
+            raise UsageError("--start is for --job primes")
+        found, _bad, _duplicates = read_url_file(urls)
+        if not found:
+            raise UsageError(f"--urls: {urls}: no URLs in it")
+        return ScrapeBench(found, DEFAULT_USER_AGENT)
+
+    @classmethod
+    def bench_of_run(cls, run: dict, store, *, urls=None):
+        """The run's URLs (those it fetched), or the file ``urls``; through Tor when it was."""
+        from cluster.calibrate import ScrapeBench
+        from cluster.errors import UsageError
+
+        tor = bool((run["params"] or {}).get("tor"))
+        if urls:
+            return cls.bench(urls=urls), tor
+        found = [record["url"] for record, _ in iter_pages(store, run["id"]) if isinstance(record["url"], str)]
+        if not found:
+            raise UsageError(f"--run: run {run['id']} fetched no URLs yet: give --urls FILE")
+        return ScrapeBench(found, DEFAULT_USER_AGENT), tor
+
+    @classmethod
+    def describe_calibration(cls, row: dict) -> str:
+        return "through Tor" if row.get("variant") else "without Tor"
 
     def first_block(self) -> int:
         return 1
