@@ -1,7 +1,7 @@
 """What every task shares: the decorator, flag validation, inventory lookup, logging.
 
-DESIGN §10: a user mistake never prints a traceback, so numeric flags are
-strings validated here (invoke's typed flags crash on ``--start abc``); errors
+A user mistake never prints a traceback (docs/ARCHITECTURE.md, "Errors and exit status"),
+so numeric flags are strings validated here (invoke's typed flags crash on ``--start abc``); errors
 become ``invoke.Exit(message, code)``; Ctrl-C is exit 130; ``fab -H`` is refused.
 """
 
