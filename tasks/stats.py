@@ -12,6 +12,7 @@ from pathlib import Path
 from tabulate import tabulate, tabulate_formats
 
 from cluster.errors import StoreError, UsageError
+from cluster.jobs import hooks_of
 from cluster.shown import shown, shown_cell, shown_rows
 
 from .common import (
@@ -113,12 +114,11 @@ def _report(store, run_id: int) -> tuple[dict, list[dict], list[dict]]:
 
 
 def _tor_counterpart(store, runs: list[dict], report: dict):
-    """For a scrape run: the latest scrape run with the other Tor setting and some data, as a report."""
+    """The latest run of the same job with the other Tor setting and some data, as a report
+    (scrape with and without --tor; a job without a Tor setting has none)."""
     run = report["run"]
-    if run["job"] != "scrape":
-        return None
     tor = bool((run["params"] or {}).get("tor"))
-    others = [r for r in runs if r["job"] == "scrape" and r["id"] != run["id"] and r["state"] != "replaced"
+    others = [r for r in runs if r["job"] == run["job"] and r["id"] != run["id"] and r["state"] != "replaced"
               and r["items"] > 0 and bool((r["params"] or {}).get("tor")) != tor]
     if not others:
         return None
@@ -253,7 +253,7 @@ def _run_table(report: dict, style: str) -> None:
                      human_rate(h["speed_busy_per_slot"], unit), f"{h['share']:.1%}",
                      human_rate(h["standalone_rate"], unit), h["retries"], h["failures"],
                      human_seconds(h["idle_seconds"]), _when(h["last_seen"], now), h["idle_reason"] or ""])
-    headers = ["host", "workers" if run["job"] == "scrape" else "slots", "engine", "blocks", unit["item"],
+    headers = ["host", hooks_of(run["job"]).slots_label(), "engine", "blocks", unit["item"],
                figures.label(figures.THROUGHPUT, unit),
                figures.label(figures.SPEED_BUSY, unit), "per slot", "share", f"alone {unit['label']}", "retries",
                "failures", "idle", "last seen", "did nothing"]
@@ -332,7 +332,7 @@ def calibrate(c, inventory=None, hosts=None, db=None, job=None, run=None, mode=N
     if run is not None and (job is not None or mode is not None or start is not None or tor):
         raise UsageError("--run takes the job, mode, range and Tor setting from the run: "
                          "leave out --job, --mode, --start and --tor")
-    from cluster.jobs import hooks_of, names
+    from cluster.jobs import names
 
     run_id = parse_int("run", run, minimum=1) if run is not None else None
     job = job or "primes"
@@ -360,7 +360,7 @@ def calibrate(c, inventory=None, hosts=None, db=None, job=None, run=None, mode=N
 
 def _bench_of_run(db_path: Path, run_id: int, urls):
     """The benchmark of run ``run_id`` (Job.bench_of_run: its job, mode and range, or URLs); (bench, tor)."""
-    from cluster.jobs import hooks_of, names
+    from cluster.jobs import names
     from cluster.store import Store
 
     with Store.open_readonly(db_path) as store:

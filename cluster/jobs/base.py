@@ -32,6 +32,14 @@ KIND_PROXY = "proxy"  # the host's proxy (Tor) failed: nothing was fetched
 KIND_INVALID = "invalid"  # the result came back but failed the job's check
 
 
+def engine_in(hello, job: str) -> str:
+    """What a host's hello says it runs job ``job`` with ('' when it does not say)."""
+    engines = hello.get("engines") if isinstance(hello, dict) else None
+    if not isinstance(engines, dict):
+        return ""
+    return str(engines.get(job) or "")
+
+
 @dataclass(frozen=True)
 class Decision:
     """A job's verdict on one answer (``decide``) or one failure (``failure``).
@@ -140,10 +148,7 @@ class Job:
 
     def engine_of(self, hello: dict) -> str:
         """The engine this host runs the job with, from its hello (``engines`` by job name)."""
-        engines = hello.get("engines") if isinstance(hello, dict) else None
-        if not isinstance(engines, dict):
-            return ""
-        return str(engines.get(self.name) or "")
+        return engine_in(hello, self.name)
 
     def task_args(self, lo: int, hi: int) -> dict:
         """Arguments of the client job's run() for the block of items [lo, hi]."""
@@ -234,6 +239,11 @@ class Job:
     def describe_calibration(cls, row: dict) -> str:
         """What a calibration measured, in words (fab stats' calibration column)."""
         return f"variant {row.get('variant')}" if row.get("variant") else ""
+
+    @classmethod
+    def recent_items(cls, store, run_id: int, limit: int) -> list:
+        """The run's latest items for the dashboard (dicts of short fields; scrape: pages)."""
+        return []
 
     @classmethod
     def summary_notes(cls, report: dict) -> list:

@@ -19,17 +19,20 @@ import base64
 import binascii
 import codecs
 import io
+import logging
 import math
 import os
 import random
 import zlib
-from typing import BinaryIO, Iterable, Optional, TextIO, Tuple, Union
+from typing import Any, BinaryIO, Iterable, Optional, TextIO, Tuple, Union
 
 import numpy as np
 
 from cluster.errors import BeowulfError, UsageError
 from cluster.jobs.base import Job
 from cluster.scheduler import MIN_BLOCK
+
+log = logging.getLogger(__name__)
 
 ENCODING = "gapvarint-zlib-b64"
 MAX_END = 10**15
@@ -762,8 +765,6 @@ class PrimesJob(Job):
     @classmethod
     def bench(cls, *, urls=None, tor: bool = False, start=None, mode=None):
         """Count (default) or list mode from ``start`` (default PRIMES_START) upwards."""
-        from cluster.calibrate import PRIMES_START, PrimesBench
-
         if mode is not None and mode not in ("count", "list"):
             raise UsageError(f"--mode: expected count or list (primes only), not {mode!r}")
         if urls or tor:
@@ -773,10 +774,81 @@ class PrimesJob(Job):
     @classmethod
     def bench_of_run(cls, run: dict, store, *, urls=None):
         """The run's range and mode."""
-        from cluster.calibrate import PrimesBench
-
         params = run["params"] or {}
         if not (isinstance(params.get("start"), int) and isinstance(params.get("end"), int)
                 and params.get("mode") in ("count", "list")):
             raise UsageError(f"--run: run {run['id']} has no primes range and mode to measure")
         return PrimesBench(params["start"], params["mode"], params["end"]), False
+
+
+# ---------------------------------------------------------------- fab calibrate
+
+# Where the primes benchmark sieves: high enough that a block's cost is a big run's.
+PRIMES_START = 10**11
+# Width of the first probe block; it grows PROBE_GROWTH-fold until it takes PROBE_SECONDS
+# (long enough that a host throttled in time slices shows its average speed).
+PROBE_WIDTH = 100_000
+PROBE_GROWTH = 4
+PROBE_SECONDS = 0.2
+# Seconds a benchmark block should take on one slot.
+BLOCK_SECONDS = 0.5
+
+
+class PrimesBench:
+    """fab calibrate's primes benchmark (cluster/calibrate.py): prime blocks, count mode (nothing
+    to transfer) or list mode (the primes come back, as in a list run), from ``start`` upwards
+    (10**11 by default), wrapping around at ``end``. A block's cost depends on where it lies
+    and on the mode, so a run's efficiency only uses a calibration of its mode near its range
+    (cluster/figures.py; ``fab calibrate --run N`` measures exactly that). A probe block,
+    grown fourfold until it takes 0.2 s (twice), sizes the blocks to ~0.5 s a slot, and
+    every result resizes them."""
+
+    name = "primes"
+    encoded_fields = ("data",)
+    records_range = True  # its calibrations keep mode and range (figures.comparable)
+
+    def __init__(self, start: int = PRIMES_START, mode: str = "count", end: Optional[int] = None):
+        self.start = start
+        self.end = MAX_END if end is None else end
+        self.mode = mode
+        self.job = PrimesJob(start, self.end, count_only=mode == "count")
+        self.max_width = self.job.max_block()
+        self.next_lo = start
+        self.width = PROBE_WIDTH
+
+    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
+        return self.job.check(lo, hi, result)
+
+    def items(self, lo: int, hi: int, checked) -> int:
+        return hi - lo + 1
+
+    def next_task(self) -> Optional[tuple[int, int, dict]]:
+        if self.next_lo > self.end:
+            self.next_lo = self.start  # a small range: measure it again
+        lo = self.next_lo
+        hi = min(self.end, lo + self.width - 1)
+        self.next_lo = hi + 1
+        return lo, hi, self.job.task_args(lo, hi)
+
+    def prepare(self, run_one) -> None:
+        """Grow a probe block until it takes PROBE_SECONDS twice in a row (the first call of a
+        fresh worker can be slow: imports, caches), then size blocks to BLOCK_SECONDS."""
+        self.next_lo, self.width = self.start, PROBE_WIDTH
+        long_enough = 0
+        while True:
+            elapsed = run_one()
+            long_enough = long_enough + 1 if elapsed >= PROBE_SECONDS else 0
+            if long_enough >= 2 or self.width >= self.max_width:
+                break
+            if not long_enough:
+                self.width = min(self.max_width, self.width * PROBE_GROWTH)
+            if self.width >= self.end - self.start + 1:
+                break
+        self.adapt(self.width, elapsed)
+        log.debug("primes benchmark: blocks of %d numbers", self.width)
+
+    def adapt(self, items: int, elapsed: float) -> None:
+        """Resize blocks from a finished one so that they keep taking about BLOCK_SECONDS."""
+        if elapsed > 0:
+            target = items / elapsed * BLOCK_SECONDS
+            self.width = int(max(PROBE_WIDTH, min(self.max_width, target)))
