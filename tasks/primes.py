@@ -115,6 +115,7 @@ def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: 
     it, and export it, without computing anything. False when there is none."""
     from cluster.errors import StoreError
     from cluster.jobs.primes import count_between
+    from cluster.jobs.primes_export import export_between
     from cluster.store import Store
 
     if not db_path.is_file():
@@ -143,7 +144,7 @@ def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: 
             log.warning("run %d cannot answer [%d, %d] (%s): computing it", run_id, first, last, err)
             return False
         if export_path is not None:
-            _export_between(store, run_id, first, last, export_path, db_path)
+            export_between(store, run_id, first, last, export_path, db_path)
     span = f"[{run['params']['start']:,}, {run['params']['end']:,}]"
     mode = "counted" if count_only else "taken"
     print(f"{found:,} primes in [{first:,}, {last:,}] ({mode} from finished run {run_id} of {span} "
@@ -151,38 +152,6 @@ def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: 
     if export_path is not None:
         print(f"exported to {export_path}")
     return True
-
-
-def _export_between(store, run_id: int, first: int, last: int, export_path: Path, db_path: Path) -> None:
-    """--export of [first, last] from a finished run's stored blocks, streamed block by block."""
-    from cluster.jobs.primes import write_text
-
-    def blocks():
-        lo = first
-        while lo <= last:
-            rows = store.payloads_between(run_id, lo, last, limit=16)
-            if not rows:
-                return
-            for row in rows:
-                yield row[0], row[2]
-            lo = rows[-1][1] + 1
-
-    _write_export(export_path, db_path, lambda handle: write_text(blocks(), handle, first, last))
-
-
-def _write_export(export_path: Path, db_path: Path, write) -> None:
-    """--export: ``write(handle)`` into a temporary file beside ``export_path``, then put it in place."""
-    temp = export_path.with_name(f".{export_path.name}.part")
-    try:
-        with open(temp, "w", encoding="ascii") as handle:
-            write(handle)
-        os.replace(temp, export_path)
-    except OSError as err:
-        raise JobError(f"--export: cannot write {export_path}: {err.strerror or err}; the primes are kept in "
-                       f"{db_path}: run the command again to export") from None
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def _check_disk(db_path: Path, job) -> None:
@@ -210,10 +179,10 @@ def _print_summary(outcome, job, db_path: Path) -> None:
 
 
 def _export(db_path: Path, run_id: int, export_path: Path) -> None:
-    from cluster.jobs.primes import write_text
+    """--export: the primes job's export (cluster/jobs/primes_export.py) of run ``run_id``."""
+    from cluster.jobs.primes_export import export_run
     from cluster.store import Store
 
     with Store(str(db_path)) as store:
-        _write_export(export_path, db_path, lambda handle: write_text(
-            ((lo, payload) for lo, _hi, payload in store.iter_payloads(run_id)), handle))
+        export_run(store, run_id, export_path, db_path)
     print(f"exported to {export_path}")
