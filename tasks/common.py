@@ -206,9 +206,10 @@ def run_job(c, job, selected, db_path: Path, *, fresh: bool = False, accept_new:
                    code=EXIT_INTERRUPTED) from None
 
 
-def print_run_summary(outcome, db_path: Path, job_name: str) -> None:
-    """The hosts' table and the run's line, from the store: the figures and names of fab stats
-    (with the job's notes on it, Job.summary_notes)."""
+def print_run_summary(outcome, db_path: Path, job_name: Optional[str] = None, workers: Optional[bool] = None) -> None:
+    """The hosts' table and the run's line, from the store: the figures and names of fab stats,
+    with the job's column headings and notes (Job.slots_label, found_label, summary_notes).
+    ``job_name`` defaults to the run's job; ``workers`` is ignored (the job's hooks say)."""
     from tabulate import tabulate
 
     from cluster.jobs import hooks_of
@@ -218,9 +219,9 @@ def print_run_summary(outcome, db_path: Path, job_name: str) -> None:
 
     from .stats import run_report_of
 
-    hooks = hooks_of(job_name)
     with Store(str(db_path)) as store:
         report = run_report_of(store, outcome.run_id)
+    hooks = hooks_of(job_name or report["run"]["job"])
     headers, rows = summary_table(report, {h.name: h.state for h in outcome.hosts}, hooks)
     print(tabulate(shown_rows(rows), headers=headers, disable_numparse=True))
     print(shown(summary_total(report)))
