@@ -489,6 +489,25 @@ class MapJob(Job):
     def block_meta(self, result: dict) -> dict:
         return {}
 
+    # ------------------------------------------------------------ presentation (stats, report)
+
+    @classmethod
+    def found_label(cls) -> str:
+        return "ok"
+
+    @classmethod
+    def describe_run(cls, run: dict) -> str:
+        params = run.get("params") or {}
+        return f" of a {params.get('mode', '')} {str(params.get('spec', ''))[:60]!r} over --{params.get('input', '')}"
+
+    @classmethod
+    def recent_items(cls, store, run_id: int, limit: int) -> list:
+        """The run's latest final items (seq, status, host, seconds) for the dashboard."""
+        if not store.has_table("map_items"):
+            return []
+        return store.query("SELECT seq, status, host, seconds, error FROM map_items WHERE run_id = ?"
+                           " ORDER BY rowid DESC LIMIT ?", (run_id, limit))
+
     def rows(self, block, result: dict, host: str) -> list:
         """The block's final items (map_items) and earlier attempts (map_attempts), stored in
         the block's transaction."""
