@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from fabric import Connection
 from invoke import Exit, task
@@ -182,10 +182,12 @@ def exit_code_over_hosts(failed: int, total: int) -> int:
 
 
 def run_job(c, job, selected, db_path: Path, *, fresh: bool = False, accept_new: bool = False,
-            quiet: bool = False, dashboard: bool = False, kept: str = "finished blocks", **options):
+            quiet: bool = False, dashboard: bool = False, kept: str = "finished blocks",
+            on_coordinator: Optional[Callable] = None, **options):
     """Run ``job`` over the ``selected`` hosts into the store at ``db_path``: the one way every
     job task runs (progress bar, ``--dashboard`` beside the run, Ctrl-C). ``options`` go to the
-    Coordinator (block_seconds, verify, ...). Returns its RunOutcome; Ctrl-C exits 130 saying
+    Coordinator (block_seconds, verify, ...); ``on_coordinator(coordinator)`` is called before
+    it runs (e.g. to attach something to it). Returns its RunOutcome; Ctrl-C exits 130 saying
     that the ``kept`` results are kept."""
     from cluster.coordinator import Coordinator
     from cluster.progress import Progress
@@ -193,6 +195,8 @@ def run_job(c, job, selected, db_path: Path, *, fresh: bool = False, accept_new:
     from .dashboard import beside  # --dashboard (tasks/dashboard.py)
 
     coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, accept_new=accept_new, **options)
+    if on_coordinator is not None:
+        on_coordinator(coordinator)
     try:
         with beside(db_path, dashboard), \
                 Progress(job.unit[1], enabled=None if not quiet else False, label=job.name,
