@@ -169,3 +169,15 @@ def test_shipment_is_content_addressed(tmp_path, monkeypatch):
     assert mapship.build("m.py:f", ("data/",)).digest == first.digest
     (tmp_path / "data" / "t.txt").write_text("2")
     assert mapship.build("m.py:f", ("data",)).digest != first.digest
+
+
+def test_percentage_timeout_follows_each_hosts_median(job_of):
+    job = job_of(MapSpec(mode="command", command="run {}", timeout_percent=300),
+                 mapinput.open_input(range_text="1:20"))
+    link = type("L", (), {"name": "h1"})()
+    _, block = job.schedule.next_block("h1", 20)
+    assert job.task_args_for(block, link, 1)["timeout"] is None  # nothing timed yet
+    job.samples.extend([1.0, 2.0, 3.0])
+    assert job.task_args_for(block, link, 1)["timeout"] == pytest.approx(6.0)
+    job.host_samples["h1"] = [0.1, 0.1, 0.2]
+    assert job.task_args_for(block, link, 1)["timeout"] == pytest.approx(0.3)
