@@ -5,7 +5,8 @@
     python3 agent.py --probe
 
 Stdin carries the coordinator's messages and stdout the agent's, one JSON object a
-line, UTF-8 (README.md, "Wire protocol"); stdout carries nothing else, logs go to stderr.
+line, UTF-8 (docs/ARCHITECTURE.md, "The wire protocol"); stdout carries nothing else,
+logs go to stderr.
 
     agent -> {"type": "hello", "bundle", "python", "cores", "slots", "host", "pid",
               "engines": {JOB: ENGINE or null}, "protocol": 1, "jobs", "nice"}

@@ -539,6 +539,77 @@ def run_function_item(function, item, timeout, cap):
     return result, size + len(result["error"] or "")
 
 
+# JSON types whose values need no check (serialisable, and small unless a long str).
+_PLAIN = (int, float, bool, type(None))
+
+
+def run_function_columns(function, items, timeout, cap, budget):
+    """``run_function_item`` for many items at once, answering in columns (``"columns": true``
+    in the task): the items that succeeded as ``{"seq": [...], "t0": EPOCH, "start_us": [...],
+    "us": [...], "value": [...]}`` (start: microseconds after t0; duration: microseconds), the
+    others as item results in ``failed``; the items beyond ``budget`` bytes in ``left``. No
+    dict per item, one clock reading per item, integers rather than floats on the wire: the
+    hot path of a million tiny calls (README.md, "fab map").
+    """
+    seqs, starts, seconds, values, failed, left = [], [], [], [], [], []
+    used = 0
+    clock = time.perf_counter
+    wall = time.time() - clock()
+    timed = timeout is not None
+    if timed:
+        _CLOCK[1] = timeout
+    began = first = clock()
+    for item in items:
+        seq = item["seq"]
+        if used > budget:
+            left.append(seq)
+            continue
+        error = None
+        timed_out = False
+        try:
+            if timed:
+                _CLOCK[0] = time.monotonic()
+            try:
+                value = function(item.get("value"))
+            finally:
+                _CLOCK[0] = None
+        except ItemTimeout:
+            timed_out = True
+            error = "timed out after %gs" % timeout
+        except BaseException as exc:  # the item's failure, whatever it raised (SystemExit too)
+            error = traceback_tail(exc)
+        else:
+            kind = type(value)
+            try:
+                if kind in _PLAIN:
+                    if kind is float and value - value != 0:
+                        raise ValueError("Out of range float values are not JSON compliant")
+                    size = 24
+                elif kind is str:
+                    size = len(value) + 2
+                else:
+                    size = len(json.dumps(value, allow_nan=False))
+            except (TypeError, ValueError, RecursionError) as exc:
+                error = "the return value is not JSON-serialisable: %s" % one_line(exc)
+            else:
+                if size > cap:
+                    error = "the return value is %d bytes of JSON, over the cap of %d" % (size, cap)
+        ended = clock()
+        if error is None:
+            seqs.append(seq)
+            starts.append(int((began - first) * 1e6))
+            seconds.append(int((ended - began) * 1e6))
+            values.append(value)
+            used += size + 40
+        else:
+            failed.append({"seq": seq, "ok": False, "value": None, "timed_out": timed_out,
+                           "start": wall + began, "seconds": round(ended - began, 6), "error": error})
+            used += 200 + len(error)
+        began = ended
+    return {"columns": {"seq": seqs, "t0": wall + first, "start_us": starts, "us": seconds, "value": values},
+            "failed": failed, "left": left}
+
+
 # ------------------------------------------------------------------------ commands
 
 
@@ -885,6 +956,8 @@ def run(args):
         run_folder(args.get("run"))
         arm_timer(timeout)
         try:
+            if args.get("columns") is True:
+                return run_function_columns(function, items, timeout, stdout_cap, RESULT_BUDGET_BYTES)
             for item in items:
                 if used > RESULT_BUDGET_BYTES:
                     left.append(item["seq"])

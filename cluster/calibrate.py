@@ -9,17 +9,12 @@ for ``seconds``. The rate is items completed / wall seconds, from the first task
 sent to the last result received before the deadline; tasks still running then
 are cancelled. The caller stores it with ``Store.set_calibration``.
 
-Workloads:
-
-- **primes**: count mode (nothing to transfer) or list mode (the primes come back,
-  as in a list run) from 10**11 upwards (``start``), up to ``end`` and then from
-  ``start`` again; a block's cost depends on where it lies and on the mode, so a
-  run's efficiency only uses a calibration of its mode near its range
-  (cluster/figures.py; ``fab calibrate --run N`` measures exactly that). A
-  probe block, grown fourfold until it takes 0.2 s (twice), sizes the blocks to
-  ~0.5 s a slot, and every result resizes them.
-- **scrape**: one URL a task from the user's list (never repeated: when the list
-  runs out the measurement ends there); pages that got an HTTP answer count.
+The workload is a benchmark object a job gives (Job.bench, Job.bench_of_run; primes:
+cluster/jobs/primes.py PrimesBench, scrape: cluster/jobs/scrape.py ScrapeBench) with:
+``name`` (the client job), ``encoded_fields``, ``records_range`` and ``mode`` (what the
+stored calibration keeps), ``check(lo, hi, result)``, ``items(lo, hi, checked)``,
+``next_task()`` -> (lo, hi, args) or None when it ran out, ``prepare(run_one)`` (e.g.
+size the blocks with probe tasks) and ``adapt(items, elapsed)``.
 """
 
 from __future__ import annotations
@@ -33,25 +28,14 @@ from typing import Any, Optional
 from .agents import HostLink
 from .errors import BeowulfError, ConnectError
 from .inventory import Host
+from .jobs.base import engine_in
 
 log = logging.getLogger(__name__)
 
-# Where the primes benchmark sieves: high enough that a block's cost is a big run's.
-PRIMES_START = 10**11
-# Width of the first probe block; it grows PROBE_GROWTH-fold until it takes PROBE_SECONDS
-# (long enough that a host throttled in time slices shows its average speed).
-PROBE_WIDTH = 100_000
-PROBE_GROWTH = 4
-PROBE_SECONDS = 0.2
-# Seconds a benchmark block should take on one slot.
-BLOCK_SECONDS = 0.5
 # Failed tasks after which a host's calibration is abandoned.
 MAX_FAILURES = 3
 # Extra seconds to wait past the deadline for the first result (a very slow host).
 GRACE_SECONDS = 60.0
-# Default fetch options of the scrape benchmark (the task args of the "scrape" client job).
-SCRAPE_TIMEOUT = 30
-SCRAPE_MAX_BYTES = 5_000_000
 
 
 @dataclass
@@ -72,98 +56,6 @@ class Calibration:
     hi: Optional[int] = None
 
 
-class PrimesBench:
-    """Prime blocks (count or list mode) from ``start`` upwards, wrapping around at ``end``."""
-
-    name = "primes"
-    encoded_fields = ("data",)
-
-    def __init__(self, start: int = PRIMES_START, mode: str = "count", end: Optional[int] = None):
-        from .jobs.primes import MAX_END, PrimesJob
-
-        self.start = start
-        self.end = MAX_END if end is None else end
-        self.mode = mode
-        self.job = PrimesJob(start, self.end, count_only=mode == "count")
-        self.max_width = self.job.max_block()
-        self.next_lo = start
-        self.width = PROBE_WIDTH
-
-    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
-        return self.job.check(lo, hi, result)
-
-    def items(self, lo: int, hi: int, checked) -> int:
-        return hi - lo + 1
-
-    def next_task(self) -> Optional[tuple[int, int, dict]]:
-        if self.next_lo > self.end:
-            self.next_lo = self.start  # a small range: measure it again
-        lo = self.next_lo
-        hi = min(self.end, lo + self.width - 1)
-        self.next_lo = hi + 1
-        return lo, hi, self.job.task_args(lo, hi)
-
-    def prepare(self, run_one) -> None:
-        """Grow a probe block until it takes PROBE_SECONDS twice in a row (the first call of a
-        fresh worker can be slow: imports, caches), then size blocks to BLOCK_SECONDS."""
-        self.next_lo, self.width = self.start, PROBE_WIDTH
-        long_enough = 0
-        while True:
-            elapsed = run_one()
-            long_enough = long_enough + 1 if elapsed >= PROBE_SECONDS else 0
-            if long_enough >= 2 or self.width >= self.max_width:
-                break
-            if not long_enough:
-                self.width = min(self.max_width, self.width * PROBE_GROWTH)
-            if self.width >= self.end - self.start + 1:
-                break
-        self.adapt(self.width, elapsed)
-        log.debug("primes benchmark: blocks of %d numbers", self.width)
-
-    def adapt(self, items: int, elapsed: float) -> None:
-        """Resize blocks from a finished one so that they keep taking about BLOCK_SECONDS."""
-        if elapsed > 0:
-            target = items / elapsed * BLOCK_SECONDS
-            self.width = int(max(PROBE_WIDTH, min(self.max_width, target)))
-
-
-class ScrapeBench:
-    """One URL a task; a page counts when it got an HTTP status."""
-
-    name = "scrape"
-    encoded_fields = ("body",)
-
-    def __init__(self, urls: list[str], user_agent: str, proxy: Optional[str] = None):
-        self.urls = list(urls)
-        self.user_agent = user_agent
-        self.proxy = proxy
-        self.index = 0
-
-    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
-        return (1 if isinstance(result.get("status"), int) else 0), None
-
-    def items(self, lo: int, hi: int, checked) -> int:
-        return int(checked[0])
-
-    def next_task(self) -> Optional[tuple[int, int, dict]]:
-        if self.index >= len(self.urls):
-            return None
-        lo = self.index
-        self.index += 1
-        args = {"url": self.urls[lo], "timeout": SCRAPE_TIMEOUT, "max_bytes": SCRAPE_MAX_BYTES,
-                "user_agent": self.user_agent, "bodies": False, "robots": None}
-        if self.proxy:
-            args["proxy"] = self.proxy
-            args["isolation"] = f"beowulf-calibrate-{lo}"
-        return lo, lo, args
-
-    def prepare(self, run_one) -> None:
-        self.index = 0  # every host fetches the same pages, from the first
-
-    def adapt(self, items: int, elapsed: float) -> None:
-        pass  # one URL a task
-
-
 def calibrate_host(host: Host, config, bench, seconds: float, accept_new: bool = False,
                    bundle: Optional[str] = None) -> Calibration:
     """Benchmark one host alone (all its slots) for ``seconds``; errors go into ``.error``."""
@@ -176,7 +68,7 @@ def calibrate_host(host: Host, config, bench, seconds: float, accept_new: bool =
     try:
         outcome.hello = link.start()
         outcome.slots = link.slots
-        outcome.engine = str((outcome.hello.get("engines") or {}).get(bench.name) or "")
+        outcome.engine = engine_in(outcome.hello, bench.name)
         _measure(link, events, bench, seconds, outcome)
     except BeowulfError as err:
         outcome.error = str(err)

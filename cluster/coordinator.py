@@ -44,7 +44,7 @@ RATE_DECAY = 0.7
 # fraction of --block-seconds of a slot's work: tinier blocks leave a host behind a slow
 # link waiting on round trips (the endgame's duplicates take care of stragglers).
 TAIL_FLOOR = 1 / 8
-# Task deadline (README, "Slow hosts"): a task still out after OVERDUE_FACTOR times its expected
+# Task deadline (docs/ARCHITECTURE.md, "Slow hosts"): a task still out after OVERDUE_FACTOR times its expected
 # time on that host (from the host's own rate), and at least the job's floor (TASK_FLOOR
 # unless the job says: a fetch is bounded by --timeout), is cancelled there and handed to a
 # host with a free slot; OVERDUE_TO_QUARANTINE overdue tasks in a row quarantine the host.
@@ -405,7 +405,7 @@ class Coordinator:
     # ------------------------------------------------------------ task deadline, nothing left to do
 
     def _check_overdue(self, now: float) -> None:
-        """Hand tasks past their deadline to a host with a free slot (README, "Slow hosts")."""
+        """Hand tasks past their deadline to a host with a free slot (docs/ARCHITECTURE.md, "Slow hosts")."""
         if now - self.overdue_checked < 0.5:
             return
         self.overdue_checked = now

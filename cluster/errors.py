@@ -6,7 +6,8 @@ so the message must read well on its own, on one line.
 
 
 class BeowulfError(Exception):
-    """Base of every error beowulf reports to the user. ``exit_code`` per DESIGN §10."""
+    """Base of every error beowulf reports to the user, with its ``exit_code``
+    (docs/ARCHITECTURE.md, "Errors and exit status")."""
 
     exit_code = 1
 

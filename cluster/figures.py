@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .jobs import hooks_of
+
 # Names and labels: the same everywhere a figure is shown.
 THROUGHPUT = "throughput"
 SPEED_BUSY = "speed while busy"
@@ -58,8 +60,8 @@ def speed_busy(items: int, busy: float, slots: int = 1) -> Optional[float]:
 
 
 def run_mode(run: dict) -> str:
-    """'list' or 'count' for a primes run, '' for other jobs."""
-    return str((run.get("params") or {}).get("mode") or "") if run.get("job") == "primes" else ""
+    """The run's mode (Job.mode_of: primes 'list' or 'count'), '' for a job without modes."""
+    return hooks_of(str(run.get("job") or "")).mode_of(run)
 
 
 def run_range(run: dict) -> tuple[Optional[int], Optional[int]]:
@@ -77,18 +79,7 @@ def comparable(run: dict, calibration: dict, ended: float) -> bool:
         return False
     if calibration.get("run_id") != run["id"] and calibration["measured"] > ended:
         return False
-    if run["job"] != "primes":
-        return True
-    if calibration.get("mode") != run_mode(run):
-        return False
-    lo, hi = run_range(run)
-    clo, chi = calibration.get("lo"), calibration.get("hi")
-    if lo is None or clo is None or chi is None:
-        return False
-    # Sieving costs per number change slowly with the numbers' size: a calibration counts when
-    # its range reaches within a factor RANGE_FACTOR of the run's (a fast host's benchmark
-    # blocks grow wide, so its range can be much wider than the run's).
-    return clo <= hi * RANGE_FACTOR and chi * RANGE_FACTOR >= max(lo, 1)
+    return hooks_of(run["job"]).comparable_calibration(run, calibration)  # primes: mode and range
 
 
 def comparable_rates(run: dict, calibrations: list[dict], ended: float) -> dict[str, dict]:
@@ -102,12 +93,8 @@ def comparable_rates(run: dict, calibrations: list[dict], ended: float) -> dict[
 
 
 def describe_calibration(row: dict) -> str:
-    """What a calibration measured, in words: 'count mode over [1e11, ...]'."""
-    if row.get("job") != "primes":
-        return "through Tor" if row.get("variant") else "without Tor"
-    where = f" over [{row['lo']:,}, {row['hi']:,}]" if row.get("lo") is not None and row.get("hi") is not None \
-        else " (range not recorded)"
-    return f"{row.get('mode') or '?'} mode{where}"
+    """What a calibration measured, in words (Job.describe_calibration: 'count mode over [1e11, ...]')."""
+    return hooks_of(str(row.get("job") or "")).describe_calibration(row)
 
 
 def politeness_bound(delays: list[float]) -> Optional[float]:

@@ -24,7 +24,7 @@ task bookkeeping) is inherited; on top of it:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 from .scheduler import Block, Schedule
 

@@ -15,7 +15,10 @@ process holds the run's lock).
 
 from __future__ import annotations
 
+import heapq
+import json
 import sqlite3
+import zlib
 from typing import Iterator, Optional
 
 from .errors import StoreError
@@ -23,9 +26,6 @@ from .mapexport import ItemRecord
 
 ITEM_COLUMNS = ("key", "seq", "item", "status", "exit", "signal", "stdout", "truncated", "stderr", "host",
                 "start", "seconds", "attempt", "value", "error", "send", "receive")
-# The columns of an item that succeeded on its first try (the others stay NULL / 0): fewer
-# values to bind for a million tiny function calls.
-FAST_COLUMNS = ("key", "seq", "status", "exit", "host", "start", "seconds", "attempt", "value", "receive")
 ATTEMPT_COLUMNS = ("key", "seq", "item", "status", "exit", "signal", "stderr", "host", "start", "seconds",
                    "attempt", "error", "send", "receive")
 
@@ -72,8 +72,20 @@ MIGRATIONS = (
             receive INTEGER NOT NULL DEFAULT 0
         )""",
         "CREATE INDEX IF NOT EXISTS map_attempts_key ON map_attempts (run_id, key)",
+        # A block of a function over --range whose items all succeeded at their first try:
+        # one row; the items' start, seconds and values are the block's payload (payloads
+        # table, zlib JSON: CHUNK_FIELDS), committed with the block like any payload.
+        """CREATE TABLE IF NOT EXISTS map_chunks (
+            run_id INTEGER NOT NULL,
+            lo     INTEGER NOT NULL,
+            seq    INTEGER NOT NULL,            -- the first item's seq
+            count  INTEGER NOT NULL,            -- items seq .. seq + count - 1
+            host   TEXT    NOT NULL,
+            PRIMARY KEY (run_id, lo)
+        )""",
     ),
 )
+CHUNK_COLUMNS = ("seq", "count", "host")
 
 
 def connect(path: str, readonly: bool = True) -> sqlite3.Connection:
@@ -121,13 +133,16 @@ def reset_failed(path: str, run_id: int) -> int:
 
 
 def done_seq_ranges(conn: sqlite3.Connection, run_id: int) -> list:
-    """The seqs of finished items as sorted, merged (lo, hi) ranges (streamed, a range at a time)."""
+    """The seqs of finished items as sorted, merged [lo, hi] ranges (streamed, a range at a time)."""
     ranges: list = []
-    for (seq,) in conn.execute("SELECT seq FROM map_items WHERE run_id = ? ORDER BY seq", (run_id,)):
-        if ranges and seq <= ranges[-1][1] + 1:
-            ranges[-1][1] = max(ranges[-1][1], seq)
+    rows = conn.execute("SELECT seq, seq FROM map_items WHERE run_id = ? UNION ALL"
+                        " SELECT seq, seq + count - 1 FROM map_chunks WHERE run_id = ? ORDER BY 1",
+                        (run_id, run_id))
+    for lo, hi in rows:
+        if ranges and lo <= ranges[-1][1] + 1:
+            ranges[-1][1] = max(ranges[-1][1], hi)
         else:
-            ranges.append([seq, seq])
+            ranges.append([lo, hi])
     return ranges
 
 
@@ -141,7 +156,9 @@ def done_key_prefixes(conn: sqlite3.Connection, run_id: int) -> set:
 
 
 def done_count(conn: sqlite3.Connection, run_id: int) -> int:
-    return conn.execute("SELECT count(*) FROM map_items WHERE run_id = ?", (run_id,)).fetchone()[0]
+    items = conn.execute("SELECT count(*) FROM map_items WHERE run_id = ?", (run_id,)).fetchone()[0]
+    return items + (conn.execute("SELECT coalesce(sum(count), 0) FROM map_chunks WHERE run_id = ?",
+                                 (run_id,)).fetchone()[0])
 
 
 def prior_attempts(conn: sqlite3.Connection, run_id: int) -> dict:
@@ -157,7 +174,7 @@ def prior_attempts(conn: sqlite3.Connection, run_id: int) -> dict:
 def max_block(conn: sqlite3.Connection, run_id: int) -> int:
     """The highest block number used by the run's items or attempts (0 for none)."""
     top = 0
-    for table in ("map_items", "map_attempts"):
+    for table in ("map_items", "map_attempts", "map_chunks"):
         value = conn.execute(f"SELECT max(lo) FROM {table} WHERE run_id = ?", (run_id,)).fetchone()[0]
         top = max(top, value or 0)
     return top
@@ -165,8 +182,12 @@ def max_block(conn: sqlite3.Connection, run_id: int) -> int:
 
 def counts(conn: sqlite3.Connection, run_id: int) -> dict:
     """status -> items of a run."""
-    return dict(conn.execute("SELECT status, count(*) FROM map_items WHERE run_id = ? GROUP BY status",
-                             (run_id,)).fetchall())
+    found = dict(conn.execute("SELECT status, count(*) FROM map_items WHERE run_id = ? GROUP BY status",
+                              (run_id,)).fetchall())
+    chunked = conn.execute("SELECT coalesce(sum(count), 0) FROM map_chunks WHERE run_id = ?", (run_id,)).fetchone()[0]
+    if chunked:
+        found["ok"] = found.get("ok", 0) + chunked
+    return found
 
 
 def _item_value(raw, seq: int, range_input) -> object:
@@ -207,8 +228,8 @@ def records_in_order(conn: sqlite3.Connection, run_id: int, map_input) -> Iterat
 
     if isinstance(map_input, RangeInput):
         cursor = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? ORDER BY seq", (run_id,))
-        for row in cursor:
-            yield _record(row, map_input)
+        items = (_record(row, map_input) for row in cursor)
+        yield from heapq.merge(items, chunk_records(path_of(conn), run_id, map_input), key=_by_seq)
         return
     for item in map_input:
         row = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? AND key = ?", (run_id, item.key)).fetchone()
@@ -219,14 +240,63 @@ def records_in_order(conn: sqlite3.Connection, run_id: int, map_input) -> Iterat
 
 
 def attempts(conn: sqlite3.Connection, run_id: int, range_input=None) -> Iterator[ItemRecord]:
-    """Every attempt of a run (earlier ones and final ones) in order of start (--joblog), streamed."""
+    """Every attempt of a run, earlier ones and final ones, by seq then attempt (--joblog), streamed."""
     cursor = conn.execute(
         "SELECT seq, item, status, host, start, seconds, exit, signal, NULL, stderr, attempt, 0, error,"
         " NULL, send, receive FROM map_attempts WHERE run_id = ?"
         " UNION ALL SELECT seq, item, status, host, start, seconds, exit, signal, NULL, stderr, attempt, truncated,"
-        " error, NULL, send, receive FROM map_items WHERE run_id = ? ORDER BY 5, 1, 11", (run_id, run_id))
-    for row in cursor:
-        yield _record(row, range_input)
+        " error, NULL, send, receive FROM map_items WHERE run_id = ? ORDER BY 1, 11", (run_id, run_id))
+    rows = (_record(row, range_input) for row in cursor)
+    if range_input is None:
+        yield from rows
+        return
+    yield from heapq.merge(rows, chunk_records(path_of(conn), run_id, range_input), key=_by_seq)
+
+
+def _by_seq(record: ItemRecord) -> tuple:
+    return (record.seq, record.attempt)
+
+
+def path_of(conn: sqlite3.Connection) -> str:
+    """The file of a connection's main database."""
+    return next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main")
+
+
+def chunk_records(path: str, run_id: int, range_input) -> Iterator[ItemRecord]:
+    """The items of the run's chunks (map_chunks + their payloads), by seq: a chunk at a time
+    in memory. Its own connection, so that it can be read beside another cursor."""
+    conn = connect(path)
+    try:
+        cursor = conn.execute(
+            "SELECT c.seq, c.count, c.host, p.data FROM map_chunks c JOIN payloads p"
+            " ON p.run_id = c.run_id AND p.lo = c.lo WHERE c.run_id = ? ORDER BY c.seq", (run_id,))
+        for seq, count, host, data in cursor:
+            chunk = decode_chunk(data, count)
+            t0 = chunk["t0"]
+            for index, (start, took, value) in enumerate(zip(chunk["start_us"], chunk["us"], chunk["value"])):
+                text = json.dumps(value, ensure_ascii=False)
+                yield ItemRecord(seq + index, range_input.start + (seq + index - 1) * range_input.step, "ok",
+                                 host=host, start=t0 + start / 1e6, runtime=took / 1e6,
+                                 exitval=0, stdout=text.encode("utf-8", "surrogateescape") + b"\n",
+                                 attempt=1, value=text, receive=len(text))
+    finally:
+        conn.close()
+
+
+def encode_chunk(t0: float, start_us: list, us: list, values_json: str) -> bytes:
+    """A chunk's payload: zlib of {"t0", "start_us", "us", "value"} as a host sent them
+    (client/mapper.py run_function_columns); ``values_json`` is the values' JSON array, as text."""
+    text = ('{"t0":' + json.dumps(t0) + ',"start_us":' + json.dumps(start_us) + ',"us":' + json.dumps(us)
+            + ',"value":' + values_json + "}")
+    return zlib.compress(text.encode("utf-8", "surrogatepass"), 1)
+
+
+def decode_chunk(data: bytes, count: int) -> dict:
+    chunk = json.loads(zlib.decompress(data).decode("utf-8", "surrogatepass"))
+    if not isinstance(chunk.get("t0"), (int, float)) or not all(
+            isinstance(chunk.get(name), list) and len(chunk[name]) == count for name in ("start_us", "us", "value")):
+        raise StoreError("a map chunk does not hold its items")
+    return chunk
 
 
 def item_count(conn: sqlite3.Connection, run_id: int) -> int:

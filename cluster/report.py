@@ -34,6 +34,7 @@ import re
 from typing import Optional
 
 from . import figures
+from .jobs import hooks_of
 
 SCHEMA = 2
 # Event kinds that open and close a session of a run (written by the store).
@@ -42,17 +43,12 @@ SESSION_CLOSE = ("done", "interrupted", "failed")
 # Event kinds (from the coordinator) that count against a host.
 RETRY_KINDS = ("lost", "quarantine")
 FAILURE_KINDS = ("failure", "invalid")
-# How each job's items are named and displayed: (item name, seconds per display unit, unit).
-UNITS = {
-    "primes": ("numbers", 1.0, "s"),
-    "scrape": ("pages", 60.0, "min"),
-}
 _BLOCKS_BACK = re.compile(r"(\d+) blocks? back")
 
 
 def unit_of(job: str) -> dict:
     """How a job's rates read: {'item', 'scale' (seconds per unit), 'per', 'label'}."""
-    item, scale, per = UNITS.get(job, ("items", 1.0, "s"))
+    item, scale, per = hooks_of(job).rate_unit  # how each job's items are named and displayed
     return {"item": item, "scale": scale, "per": per, "label": f"{item}/{per}"}
 
 
@@ -140,8 +136,7 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     worked = [r for r in rows if r["items"] > 0]
     missing = [r["host"] for r in worked if r["standalone_rate"] is None]
     what = run["job"] + (" through Tor" if variant else "")
-    if run["job"] == "primes":
-        what += f" in {figures.run_mode(run) or '?'} mode near {_middle(run)}"
+    what += hooks_of(run["job"]).describe_run(run)
     politeness = _politeness(run, events)
     instead = "the efficiency is against the politeness bound" if politeness is not None else "no efficiency"
     if worked and len(missing) == len(worked):
@@ -193,7 +188,7 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     }
 
 
-def _middle(run: dict) -> str:
+def middle_of(run: dict) -> str:
     lo, hi = figures.run_range(run)
     return "?" if lo is None else f"{(lo + hi) / 2:.0e}".replace("e+0", "e").replace("e+", "e")
 
@@ -201,8 +196,6 @@ def _middle(run: dict) -> str:
 def _politeness(run: dict, events: list[dict]) -> Optional[float]:
     """A scrape run's politeness bound (pages/s) from its 'politeness' events (tasks/scrape.py
     writes one a session: each site's delay), the one naming the most sites; None without one."""
-    if run["job"] != "scrape":
-        return None
     found = []
     for event in events:
         if event["kind"] != "politeness":
@@ -342,12 +335,13 @@ def _eta(run, spans, blocks, items, live, now, notes) -> Optional[float]:
 # ---------------------------------------------------------------- the end-of-run summary
 
 
-def summary_table(report: dict, states: dict, workers: bool = False) -> tuple[list[str], list[list]]:
+def summary_table(report: dict, states: dict, hooks) -> tuple[list[str], list[list]]:
     """(headers, rows) of the table printed when a run ends: per host its state (``states``, from
-    the coordinator), and the run's figures as ``fab stats`` shows them (same names, same values)."""
+    the coordinator), and the run's figures as ``fab stats`` shows them (same names, same values).
+    ``hooks``: the job's class (its column headings, Job.slots_label and Job.found_label)."""
     unit = report["unit"]
-    headers = ["host", "state", "workers" if workers else "slots", "engine", "blocks", unit["item"],
-               "ok" if workers else "primes", figures.label(figures.THROUGHPUT, unit),
+    headers = ["host", "state", hooks.slots_label(), "engine", "blocks", unit["item"],
+               hooks.found_label(), figures.label(figures.THROUGHPUT, unit),
                figures.label(figures.SPEED_BUSY, unit), "share", "retries", "failures", "did nothing"]
     rows = [[h["host"], states.get(h["host"], ""), h["slots"], h["engine"] or "", h["blocks"], f"{h['items']:,}",
              f"{h['found']:,}", human_rate(h["throughput"], unit), human_rate(h["speed_busy"], unit),

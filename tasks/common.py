@@ -1,7 +1,7 @@
 """What every task shares: the decorator, flag validation, inventory lookup, logging.
 
-DESIGN §10: a user mistake never prints a traceback, so numeric flags are
-strings validated here (invoke's typed flags crash on ``--start abc``); errors
+A user mistake never prints a traceback (docs/ARCHITECTURE.md, "Errors and exit status"),
+so numeric flags are strings validated here (invoke's typed flags crash on ``--start abc``); errors
 become ``invoke.Exit(message, code)``; Ctrl-C is exit 130; ``fab -H`` is refused.
 """
 
@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from fabric import Connection
 from invoke import Exit, task
@@ -161,6 +161,75 @@ def print_warnings(outcome) -> None:
     for line in repeats_not_shown():  # console lines counted instead of repeated (cluster/tally.py)
         print(f"({shown(line)})")
     if note:
+        print(shown(note))
+
+
+def store_path(c, db) -> Path:
+    """--db, else beowulf.db in fabric.yaml, else results.db in the current folder; its folder must exist."""
+    path = Path(os.path.expanduser(db or beowulf_config(c).get("db") or "results.db"))
+    if not path.parent.is_dir():
+        raise UsageError(f"--db: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"--db: {path} is a folder, not a store file")
+    return path
+
+
+def exit_code_over_hosts(failed: int, total: int) -> int:
+    """A task over several hosts: 0 if none failed, 3 if some did, 1 if all did."""
+    if failed <= 0:
+        return EXIT_OK
+    return EXIT_FAILED if failed >= total else EXIT_PARTIAL
+
+
+def run_job(c, job, selected, db_path: Path, *, fresh: bool = False, accept_new: bool = False,
+            quiet: bool = False, dashboard: bool = False, kept: str = "finished blocks",
+            on_coordinator: Optional[Callable] = None, **options):
+    """Run ``job`` over the ``selected`` hosts into the store at ``db_path``: the one way every
+    job task runs (progress bar, ``--dashboard`` beside the run, Ctrl-C). ``options`` go to the
+    Coordinator (block_seconds, verify, ...); ``on_coordinator(coordinator)`` is called before
+    it runs (e.g. to attach something to it). Returns its RunOutcome; Ctrl-C exits 130 saying
+    that the ``kept`` results are kept."""
+    from cluster.coordinator import Coordinator
+    from cluster.progress import Progress
+
+    from .dashboard import beside  # --dashboard (tasks/dashboard.py)
+
+    coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, accept_new=accept_new, **options)
+    if on_coordinator is not None:
+        on_coordinator(coordinator)
+    try:
+        with beside(db_path, dashboard), \
+                Progress(job.unit[1], enabled=None if not quiet else False, label=job.name,
+                         per_minute=job.progress_per_minute) as progress:
+            coordinator.progress = progress
+            outcome = coordinator.run()
+            progress.finish(outcome.items_total, job.total)
+            return outcome
+    except KeyboardInterrupt:
+        raise Exit(f"interrupted: {kept} are kept; run the same command again to resume",
+                   code=EXIT_INTERRUPTED) from None
+
+
+def print_run_summary(outcome, db_path: Path, job_name: Optional[str] = None, workers: Optional[bool] = None) -> None:
+    """The hosts' table and the run's line, from the store: the figures and names of fab stats,
+    with the job's column headings and notes (Job.slots_label, found_label, summary_notes).
+    ``job_name`` defaults to the run's job; ``workers`` is ignored (the job's hooks say)."""
+    from tabulate import tabulate
+
+    from cluster.jobs import hooks_of
+    from cluster.report import summary_table, summary_total
+    from cluster.shown import shown_rows
+    from cluster.store import Store
+
+    from .stats import run_report_of
+
+    with Store(str(db_path)) as store:
+        report = run_report_of(store, outcome.run_id)
+    hooks = hooks_of(job_name or report["run"]["job"])
+    headers, rows = summary_table(report, {h.name: h.state for h in outcome.hosts}, hooks)
+    print(tabulate(shown_rows(rows), headers=headers, disable_numparse=True))
+    print(shown(summary_total(report)))
+    for note in hooks.summary_notes(report):
         print(shown(note))
 
 

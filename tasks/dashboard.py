@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .common import beowulf_task, parse_int, setup_logging
-from .primes import store_path
+from .common import beowulf_task, parse_int, setup_logging, store_path
 
 DEFAULT_PORT = 8787  # as cluster/dashboard/server.py
 

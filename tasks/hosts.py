@@ -20,21 +20,17 @@ from cluster.transport import connect
 from cluster.wheels import WheelCache
 
 from .common import (
-    EXIT_FAILED,
-    EXIT_PARTIAL,
     HOST_HELP,
     beowulf_task,
     confirm,
+    exit_code_over_hosts,
     load_hosts,
     setup_logging,
 )
 
 
 def _exit_for(outcomes) -> int:
-    failed = sum(not outcome.ok for outcome in outcomes)
-    if failed == 0:
-        return 0
-    return EXIT_FAILED if failed == len(outcomes) else EXIT_PARTIAL
+    return exit_code_over_hosts(sum(not outcome.ok for outcome in outcomes), len(outcomes))
 
 
 def _hosts(count: int) -> str:

@@ -14,16 +14,18 @@ from cluster.shown import shown
 
 from .common import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     HOST_HELP,
     beowulf_task,
     load_hosts,
     parse_float,
     parse_int,
+    print_run_summary,
     print_warnings,
+    run_job,
     setup_logging,
+    store_path,
 )
-from .primes import check_output_file, print_run_summary, store_path
+from .primes import check_output_file
 
 log = logging.getLogger(__name__)
 # Failed items listed under the summary (the rest: --export x.jsonl, --joblog).
@@ -85,11 +87,12 @@ def _split_list(text) -> tuple:
     "fresh": "start the run over instead of resuming it",
     "db": "results store (SQLite file; default results.db, or beowulf.db in fabric.yaml)",
     "block_seconds": "aim for blocks of items that take about this long on each host (default 2)",
+    "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
 })
 def map_(c, command=None, function=None, args=None, range_=None, files=None, colsep=None, return_=None,
          outdir="results", ship=None, retries="2", timeout=None, stdout_cap=None, export=None, joblog=None,
          no_duplicates=False, retry_failed=False, fresh=False, db=None, block_seconds="2", inventory=None,
-         hosts=None, accept_new=False, verbose=False, quiet=False):
+         hosts=None, accept_new=False, verbose=False, quiet=False, dashboard=False):
     """Run a command or a Python function over every item (--args, --range or --files) on all hosts.
 
     Each item's result is stored once (exit status, stdout, stderr tail, host, times); running the
@@ -135,17 +138,15 @@ def map_(c, command=None, function=None, args=None, range_=None, files=None, col
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
     try:
         _run(c, spec, map_input, shipment, selected, db_path, seconds, fresh, accept_new, quiet,
-             export_path, joblog_path, outdir_path)
+             export_path, joblog_path, outdir_path, dashboard)
     finally:
         map_input.close()
 
 
 def _run(c, spec, map_input, shipment, selected, db_path: Path, seconds: float, fresh: bool, accept_new: bool,
-         quiet: bool, export_path, joblog_path, outdir_path: Path) -> None:
+         quiet: bool, export_path, joblog_path, outdir_path: Path, dashboard: bool) -> None:
     from cluster import mapstore
-    from cluster.coordinator import Coordinator
     from cluster.jobs.map import MapJob
-    from cluster.progress import Progress
     from cluster.store import Store
 
     # This computer's agent runs the checkout's client/: its map workdir is beside the store.
@@ -158,20 +159,12 @@ def _run(c, spec, map_input, shipment, selected, db_path: Path, seconds: float, 
         spec.outdir = str(outdir_path)
         remove_partial_files(outdir_path)
     job = MapJob(spec, map_input, shipment)
-    coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
-                              accept_new=accept_new)
-    try:
-        with Progress("items", enabled=None if not quiet else False, label="map") as progress:
-            coordinator.progress = progress
-            outcome = coordinator.run()
-            progress.finish(outcome.items_total, job.total)
-    except KeyboardInterrupt:
-        raise Exit("interrupted: finished items are kept; run the same command again to resume",
-                   code=EXIT_INTERRUPTED) from None
+    outcome = run_job(c, job, selected, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
+                      dashboard=dashboard, kept="finished items", block_seconds=seconds)
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to run")
     else:
-        print_run_summary(outcome, db_path, workers=True)
+        print_run_summary(outcome, db_path)
         _clean_hosts(c, selected, job.run_hex, accept_new)
     print_warnings(outcome)
     conn = mapstore.connect(str(db_path))

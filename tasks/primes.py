@@ -6,36 +6,23 @@ import logging
 import os
 from pathlib import Path
 
-from invoke import Exit
-from tabulate import tabulate
-
 from cluster.errors import JobError, UsageError
-from cluster.shown import shown, shown_rows
 
 from .common import (
-    EXIT_INTERRUPTED,
     HOST_HELP,
-    beowulf_config,
     beowulf_task,
     load_hosts,
     parse_float,
     parse_int,
+    print_run_summary,
     print_warnings,
+    run_job,
     setup_logging,
+    store_path,
 )
 
 log = logging.getLogger(__name__)
 MAX_END = 10**15
-
-
-def store_path(c, db) -> Path:
-    """--db, else beowulf.db in fabric.yaml, else results.db in the current folder; its folder must exist."""
-    path = Path(os.path.expanduser(db or beowulf_config(c).get("db") or "results.db"))
-    if not path.parent.is_dir():
-        raise UsageError(f"--db: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise UsageError(f"--db: {path} is a folder, not a store file")
-    return path
 
 
 def check_output_file(flag: str, path: Path) -> None:
@@ -89,9 +76,7 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     if export_path is not None:
         check_output_file("export", export_path)
     # Imported here so that `fab --list` stays fast (numpy, the store, the engine).
-    from cluster.coordinator import Coordinator
     from cluster.jobs.primes import PrimesJob
-    from cluster.progress import Progress
 
     path, selected = load_hosts(c, inventory, hosts)
     db_path = store_path(c, db)
@@ -103,19 +88,8 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
         return
     job = PrimesJob(first, last, count_only=count_only)
     _check_disk(db_path, job)
-    coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
-                              accept_new=accept_new, verify=fraction)
-    from .dashboard import beside  # fab primes --dashboard (tasks/dashboard.py)
-
-    try:
-        with beside(db_path, dashboard), \
-                Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
-            coordinator.progress = progress
-            outcome = coordinator.run()
-            progress.finish(outcome.items_total, job.total)
-    except KeyboardInterrupt:
-        raise Exit("interrupted: finished blocks are kept; run the same command again to resume",
-                   code=EXIT_INTERRUPTED) from None
+    outcome = run_job(c, job, selected, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
+                      dashboard=dashboard, block_seconds=seconds, verify=fraction)
     _print_summary(outcome, job, db_path)
     if export_path is not None:
         _export(db_path, outcome.run_id, export_path)
@@ -141,6 +115,7 @@ def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: 
     it, and export it, without computing anything. False when there is none."""
     from cluster.errors import StoreError
     from cluster.jobs.primes import count_between
+    from cluster.jobs.primes_export import export_between
     from cluster.store import Store
 
     if not db_path.is_file():
@@ -169,7 +144,7 @@ def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: 
             log.warning("run %d cannot answer [%d, %d] (%s): computing it", run_id, first, last, err)
             return False
         if export_path is not None:
-            _export_between(store, run_id, first, last, export_path, db_path)
+            export_between(store, run_id, first, last, export_path, db_path)
     span = f"[{run['params']['start']:,}, {run['params']['end']:,}]"
     mode = "counted" if count_only else "taken"
     print(f"{found:,} primes in [{first:,}, {last:,}] ({mode} from finished run {run_id} of {span} "
@@ -177,38 +152,6 @@ def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: 
     if export_path is not None:
         print(f"exported to {export_path}")
     return True
-
-
-def _export_between(store, run_id: int, first: int, last: int, export_path: Path, db_path: Path) -> None:
-    """--export of [first, last] from a finished run's stored blocks, streamed block by block."""
-    from cluster.jobs.primes import write_text
-
-    def blocks():
-        lo = first
-        while lo <= last:
-            rows = store.payloads_between(run_id, lo, last, limit=16)
-            if not rows:
-                return
-            for row in rows:
-                yield row[0], row[2]
-            lo = rows[-1][1] + 1
-
-    _write_export(export_path, db_path, lambda handle: write_text(blocks(), handle, first, last))
-
-
-def _write_export(export_path: Path, db_path: Path, write) -> None:
-    """--export: ``write(handle)`` into a temporary file beside ``export_path``, then put it in place."""
-    temp = export_path.with_name(f".{export_path.name}.part")
-    try:
-        with open(temp, "w", encoding="ascii") as handle:
-            write(handle)
-        os.replace(temp, export_path)
-    except OSError as err:
-        raise JobError(f"--export: cannot write {export_path}: {err.strerror or err}; the primes are kept in "
-                       f"{db_path}: run the command again to export") from None
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def _check_disk(db_path: Path, job) -> None:
@@ -228,36 +171,18 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to compute")
     else:
-        print_run_summary(outcome, db_path)
+        print_run_summary(outcome, db_path, job.name)
     print_warnings(outcome)
     if outcome.verified:
         print(f"--verify: {outcome.verified} blocks re-run elsewhere, {outcome.verify_mismatches} disagreed")
     print(f"{outcome.found_total:,} primes in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")
 
 
-def print_run_summary(outcome, db_path: Path, workers: bool = False) -> None:
-    """The hosts' table and the run's line, from the store: the figures and names of fab stats."""
-    from cluster.report import summary_table, summary_total
-    from cluster.store import Store
-
-    from .stats import run_report_of
-
-    with Store(str(db_path)) as store:
-        report = run_report_of(store, outcome.run_id)
-    headers, rows = summary_table(report, {h.name: h.state for h in outcome.hosts}, workers)
-    print(tabulate(shown_rows(rows), headers=headers, disable_numparse=True))
-    print(shown(summary_total(report)))
-    slow = [h["host"] for h in report["hosts"] if h["engine"] == "python" and h["blocks"]]
-    if slow and not workers:
-        print(shown(f"note: {', '.join(slow)} ran the pure-Python sieve (5-50x slower than numpy or libprimesieve): "
-                    "`fab hosts` says what to run for it (README: Adding machines)"))
-
-
 def _export(db_path: Path, run_id: int, export_path: Path) -> None:
-    from cluster.jobs.primes import write_text
+    """--export: the primes job's export (cluster/jobs/primes_export.py) of run ``run_id``."""
+    from cluster.jobs.primes_export import export_run
     from cluster.store import Store
 
     with Store(str(db_path)) as store:
-        _write_export(export_path, db_path, lambda handle: write_text(
-            ((lo, payload) for lo, _hi, payload in store.iter_payloads(run_id)), handle))
+        export_run(store, run_id, export_path, db_path)
     print(f"exported to {export_path}")

@@ -6,32 +6,26 @@ import ipaddress
 import json
 import os
 import sys
-import zlib
 from pathlib import Path
 
-from invoke import Exit
-
 from cluster.errors import UsageError
-from cluster.shown import json_text, shown
+from cluster.shown import shown
 from cluster.tally import tallied
 
 from .common import (
-    EXIT_INTERRUPTED,
     HOST_HELP,
     beowulf_config,
     beowulf_task,
     load_hosts,
     parse_float,
     parse_int,
+    print_run_summary,
     print_warnings,
+    run_job,
     setup_logging,
+    store_path,
 )
-from .primes import store_path
 
-# --export: bytes a body may inflate to when the run's --max-bytes is not known (the flag's maximum),
-# and bytes inflated at a time.
-EXPORT_MAX_BYTES = 32_000_000
-EXPORT_CHUNK = 1 << 20
 # Distinct page errors listed under the summary (each once, with its count).
 SUMMARY_ERRORS = 10
 MAX_ERROR_SHOWN = 300  # characters of one error (a host sends it)
@@ -57,11 +51,12 @@ MAX_ERROR_SHOWN = 300  # characters of one error (a host sends it)
     "fresh": "start the run over instead of resuming it",
     "skip_bad": "skip (and list) lines of the URL file that are not http(s) URLs instead of refusing to start",
     "export": "write the pages out: FILE.jsonl (one record a line) or a folder (index.jsonl + bodies/)",
+    "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
 })
 def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="1.0", per_domain="1",
            concurrency="4", timeout="30", max_bytes="5000000", user_agent=None, ignore_robots=False,
            insecure=False, no_bodies=False, fresh=False, skip_bad=False, export=None, accept_new=False,
-           allow_private_redirects=False, verbose=False, quiet=False):
+           allow_private_redirects=False, verbose=False, quiet=False, dashboard=False):
     """Fetch every URL of a file once across all hosts, politely; resumable.
 
     Per site, across the whole cluster: at most --per-domain requests at once and --delay
@@ -99,7 +94,8 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     if insecure:
         print("WARNING: --insecure is on: TLS certificates are not verified")
     job = ScrapeJob(url_list, options, delay=pause, per_domain=in_flight, concurrency=per_slot)
-    outcome = _run(c, job, selected, db_path, fresh, accept_new, quiet)
+    outcome = run_job(c, job, selected, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
+                      dashboard=dashboard, kept="fetched pages")
     _print_summary(outcome, job, db_path)
     if export_path is not None:
         _export(db_path, outcome.run_id, export_path)
@@ -150,33 +146,15 @@ def _private_networks(c) -> tuple:
     return tuple(networks)
 
 
-def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: bool):
-    from cluster.coordinator import Coordinator
-    from cluster.progress import Progress
-
-    coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, accept_new=accept_new)
-    try:
-        with Progress("pages", enabled=None if not quiet else False, label="scrape", per_minute=True) as progress:
-            coordinator.progress = progress
-            outcome = coordinator.run()
-            progress.finish(outcome.items_total, job.total)
-            return outcome
-    except KeyboardInterrupt:
-        raise Exit("interrupted: fetched pages are kept; run the same command again to resume",
-                   code=EXIT_INTERRUPTED) from None
-
-
 def _print_summary(outcome, job, db_path: Path) -> None:
     from cluster.jobs.scrape import iter_pages as _iter_pages
     from cluster.store import Store
-
-    from .primes import print_run_summary
 
     if outcome.already_done:
         print(f"run {outcome.run_id} already complete in {db_path}: nothing to fetch")
     else:
         _record_politeness(db_path, outcome.run_id, job)
-        print_run_summary(outcome, db_path, workers=True)
+        print_run_summary(outcome, db_path, job.name)
     print_warnings(outcome)
     statuses: dict = {}
     errors = []
@@ -210,84 +188,13 @@ def _record_politeness(db_path: Path, run_id: int, job) -> None:
 
 
 def _export(db_path: Path, run_id: int, target: Path) -> None:
-    """FILE.jsonl: one record a line; a folder: index.jsonl plus each body once, named by its sha256.
-
-    A body is inflated a piece at a time, to at most the run's --max-bytes, and must be the
-    body its record names (sha256): a damaged one is left out of bodies/, its record says
-    why (``body_error``) and one line a body reports it.
-    """
-    from cluster.jobs.scrape import iter_pages as _iter_pages
+    """--export: the scrape job's export (cluster/jobs/scrape_export.py) of run ``run_id``."""
+    from cluster.jobs.scrape_export import export_pages
     from cluster.store import Store
 
-    as_folder = not target.name.endswith(".jsonl")
-    index = target / "index.jsonl" if as_folder else target
-    if as_folder:
-        (target / "bodies").mkdir(parents=True, exist_ok=True)
-    elif not target.parent.exists():
-        raise UsageError(f"--export: folder {target.parent} does not exist")
-    temp = index.with_name(f".{index.name}.part")
-    count, damaged = 0, 0
-    try:
-        with Store(str(db_path)) as store, open(temp, "w", encoding="utf-8") as handle:
-            run = store.run(run_id) or {}
-            options = (run.get("params") or {}).get("options") or {}
-            limit = options.get("max_bytes")
-            if not isinstance(limit, int) or not 0 < limit <= EXPORT_MAX_BYTES:
-                limit = EXPORT_MAX_BYTES
-            for record, payload in _iter_pages(store, run_id):
-                record["tor"], record["truncated"] = bool(record["tor"]), bool(record["truncated"])
-                sha256 = record["sha256"]
-                if as_folder and payload is not None and isinstance(sha256, str) and len(sha256) == 64 \
-                        and all(ch in "0123456789abcdef" for ch in sha256):
-                    problem = _export_body(payload, target / "bodies" / sha256, sha256, limit)
-                    if problem:
-                        damaged += 1
-                        record["body_error"] = problem
-                        print(f"warning: --export: URL {record['index']}: body not exported: {shown(problem)}",
-                              file=sys.stderr)
-                    else:
-                        record["body"] = f"bodies/{sha256}"
-                handle.write(json_text(record) + "\n")  # safe to cat (cluster/shown.py)
-                count += 1
-        os.replace(temp, index)
-    finally:
-        if temp.exists():
-            temp.unlink()
+    def warn(message: str) -> None:
+        print(f"warning: --export: {shown(message)}", file=sys.stderr)
+
+    with Store(str(db_path)) as store:
+        count, damaged = export_pages(store, run_id, target, warn)
     print(f"exported {count} pages to {target}" + (f" ({damaged} damaged bodies left out)" if damaged else ""))
-
-
-def _export_body(payload: bytes, path: Path, sha256: str, limit: int) -> str:
-    """Inflate ``payload`` into ``path`` (unless it is there) a piece at a time; "" or what is wrong."""
-    import hashlib
-
-    if path.exists():
-        return ""
-    temp = path.with_name(f".{path.name}.part")
-    stream, digest, size = zlib.decompressobj(), hashlib.sha256(), 0
-    problem = ""
-    try:
-        with open(temp, "wb") as out:
-            data = payload
-            while True:
-                piece = stream.decompress(data, EXPORT_CHUNK)
-                size += len(piece)
-                if size > limit:
-                    problem = f"inflates to more than {limit} bytes"
-                    break
-                digest.update(piece)
-                out.write(piece)
-                data = stream.unconsumed_tail
-                if not data:
-                    break
-        if not problem and not stream.eof:
-            problem = "the compressed body is cut off"
-        elif not problem and digest.hexdigest() != sha256:
-            problem = "the body does not match its sha256"
-        if not problem:
-            os.replace(temp, path)
-    except zlib.error as err:
-        problem = f"the compressed body is damaged ({err})"
-    finally:
-        if temp.exists():
-            temp.unlink()
-    return problem

@@ -12,19 +12,19 @@ from pathlib import Path
 from tabulate import tabulate, tabulate_formats
 
 from cluster.errors import StoreError, UsageError
+from cluster.jobs import hooks_of
 from cluster.shown import shown, shown_cell, shown_rows
 
 from .common import (
-    EXIT_FAILED,
-    EXIT_PARTIAL,
     HOST_HELP,
     beowulf_task,
+    exit_code_over_hosts,
     load_hosts,
     parse_float,
     parse_int,
     setup_logging,
+    store_path,
 )
-from .primes import store_path
 
 FORMATS = ("table", "json", "csv")
 # calibrate --start: room above it for the benchmark's blocks (primes go up to 10**15).
@@ -114,12 +114,11 @@ def _report(store, run_id: int) -> tuple[dict, list[dict], list[dict]]:
 
 
 def _tor_counterpart(store, runs: list[dict], report: dict):
-    """For a scrape run: the latest scrape run with the other Tor setting and some data, as a report."""
+    """The latest run of the same job with the other Tor setting and some data, as a report
+    (scrape with and without --tor; a job without a Tor setting has none)."""
     run = report["run"]
-    if run["job"] != "scrape":
-        return None
     tor = bool((run["params"] or {}).get("tor"))
-    others = [r for r in runs if r["job"] == "scrape" and r["id"] != run["id"] and r["state"] != "replaced"
+    others = [r for r in runs if r["job"] == run["job"] and r["id"] != run["id"] and r["state"] != "replaced"
               and r["items"] > 0 and bool((r["params"] or {}).get("tor")) != tor]
     if not others:
         return None
@@ -254,7 +253,7 @@ def _run_table(report: dict, style: str) -> None:
                      human_rate(h["speed_busy_per_slot"], unit), f"{h['share']:.1%}",
                      human_rate(h["standalone_rate"], unit), h["retries"], h["failures"],
                      human_seconds(h["idle_seconds"]), _when(h["last_seen"], now), h["idle_reason"] or ""])
-    headers = ["host", "workers" if run["job"] == "scrape" else "slots", "engine", "blocks", unit["item"],
+    headers = ["host", hooks_of(run["job"]).slots_label(), "engine", "blocks", unit["item"],
                figures.label(figures.THROUGHPUT, unit),
                figures.label(figures.SPEED_BUSY, unit), "per slot", "share", f"alone {unit['label']}", "retries",
                "failures", "idle", "last seen", "did nothing"]
@@ -333,25 +332,20 @@ def calibrate(c, inventory=None, hosts=None, db=None, job=None, run=None, mode=N
     if run is not None and (job is not None or mode is not None or start is not None or tor):
         raise UsageError("--run takes the job, mode, range and Tor setting from the run: "
                          "leave out --job, --mode, --start and --tor")
+    from cluster.jobs import names
+
     run_id = parse_int("run", run, minimum=1) if run is not None else None
     job = job or "primes"
-    if job not in ("primes", "scrape"):
-        raise UsageError(f"--job: expected primes or scrape, not {job!r}")
-    if mode is not None and (job != "primes" or mode not in ("count", "list")):
-        raise UsageError(f"--mode: expected count or list (primes only), not {mode!r}")
-    if run_id is None and job == "scrape" and not urls:
-        raise UsageError("--job scrape needs --urls FILE (one URL a line)")
-    if job == "primes" and (urls or tor):
-        raise UsageError("--urls and --tor are for --job scrape")
-    if job == "scrape" and start is not None:
-        raise UsageError("--start is for --job primes")
+    measured = [name for name in names() if hooks_of(name).calibrated]
+    if job not in measured:
+        raise UsageError(f"--job: expected {' or '.join(measured)}, not {shown(repr(job))}")
     duration = parse_float("seconds", seconds, above=0, maximum=3600)
     first = None if start is None else parse_int("start", start, minimum=0, maximum=MAX_START)
     db_path = store_path(c, db)
     if run_id is not None:
         bench, tor = _bench_of_run(db_path, run_id, urls)
-    else:
-        bench = _bench(job, urls, tor, first, mode or "count")
+    else:  # each job checks the flags that are its own (Job.bench)
+        bench = hooks_of(job).bench(urls=urls, tor=tor, start=first, mode=mode)
     path, selected = load_hosts(c, inventory, hosts)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
     results = _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet, run_id)
@@ -360,50 +354,24 @@ def calibrate(c, inventory=None, hosts=None, db=None, job=None, run=None, mode=N
     for r in failed:
         print(f"warning: {shown(r.error)}", file=sys.stderr)
     if failed:
-        code = EXIT_FAILED if len(failed) == len(results) else EXIT_PARTIAL
-        raise Exit(f"{len(failed)} of {len(results)} hosts could not be measured", code=code)
-
-
-def _bench(job: str, urls, tor: bool, start, mode: str = "count"):
-    from cluster.calibrate import PRIMES_START, PrimesBench, ScrapeBench
-
-    if job == "primes":
-        return PrimesBench(PRIMES_START if start is None else start, mode)
-    from cluster.jobs.scrape import DEFAULT_USER_AGENT
-    from cluster.urls import read_url_file
-
-    found, _bad, _duplicates = read_url_file(urls)
-    if not found:
-        raise UsageError(f"--urls: {urls}: no URLs in it")
-    return ScrapeBench(found, DEFAULT_USER_AGENT)
+        raise Exit(f"{len(failed)} of {len(results)} hosts could not be measured",
+                   code=exit_code_over_hosts(len(failed), len(results)))
 
 
 def _bench_of_run(db_path: Path, run_id: int, urls):
-    """The benchmark of run ``run_id``: its job, mode and range (primes) or URLs (scrape); (bench, tor)."""
-    from cluster.calibrate import PrimesBench, ScrapeBench
-    from cluster.jobs.scrape import DEFAULT_USER_AGENT
-    from cluster.jobs.scrape import iter_pages as _iter_pages
+    """The benchmark of run ``run_id`` (Job.bench_of_run: its job, mode and range, or URLs); (bench, tor)."""
+    from cluster.jobs import names
     from cluster.store import Store
 
     with Store.open_readonly(db_path) as store:
         run = store.run(run_id)
         if run is None:
             raise UsageError(f"--run: no run {run_id} in {db_path}")
-        params = run["params"] or {}
-        if run["job"] == "primes":
-            if not (isinstance(params.get("start"), int) and isinstance(params.get("end"), int)
-                    and params.get("mode") in ("count", "list")):
-                raise UsageError(f"--run: run {run_id} has no primes range and mode to measure")
-            return PrimesBench(params["start"], params["mode"], params["end"]), False
-        if run["job"] != "scrape":
-            raise UsageError(f"--run: run {run_id} is a {shown(run['job'])} run: only primes and scrape are measured")
-        tor = bool(params.get("tor"))
-        if urls:
-            return _bench("scrape", urls, tor, None), tor
-        found = [record["url"] for record, _ in _iter_pages(store, run_id) if isinstance(record["url"], str)]
-    if not found:
-        raise UsageError(f"--run: run {run_id} fetched no URLs yet: give --urls FILE")
-    return ScrapeBench(found, DEFAULT_USER_AGENT), tor
+        got = hooks_of(run["job"]).bench_of_run(run, store, urls=urls)
+    if got is None:
+        measured = " and ".join(name for name in names() if hooks_of(name).calibrated)
+        raise UsageError(f"--run: run {run_id} is a {shown(run['job'])} run: only {measured} are measured")
+    return got
 
 
 def _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet, run_id=None):
@@ -421,10 +389,10 @@ def _calibrate_all(c, selected, bench, duration, accept_new, db_path, tor, quiet
             if result.hello:
                 store.upsert_host(host.name, result.hello)
             if not result.error:
-                primes = bench.name == "primes"
+                ranged = bench.records_range  # the items measured matter (primes: the numbers)
                 store.set_calibration(host.name, bench.name, result.rate, variant="tor" if tor else "",
-                                      mode=getattr(bench, "mode", ""), lo=result.lo if primes else None,
-                                      hi=result.hi if primes else None, run_id=run_id, slots=result.slots or None)
+                                      mode=bench.mode, lo=result.lo if ranged else None,
+                                      hi=result.hi if ranged else None, run_id=run_id, slots=result.slots or None)
             results.append(result)
     return results
 
@@ -447,9 +415,9 @@ def _print_calibration(results, bench, tor: bool) -> None:
         variant = " through Tor" if tor else ""
         hosts = f"{len(good)} host" + ("s" if len(good) != 1 else "")
         print(f"sum of parts{variant}: {human_rate(sum(good), unit)} {label} ({hosts}, each alone)")
-        if bench.name == "primes":
+        if bench.records_range:
             los = [r.lo for r in results if not r.error and r.lo is not None]
             his = [r.hi for r in results if not r.error and r.hi is not None]
             if los and his:
-                print(f"measured: {bench.mode} mode over [{min(los):,}, {max(his):,}]; it counts for primes runs"
+                print(f"measured: {bench.mode} mode over [{min(los):,}, {max(his):,}]; it counts for {bench.name} runs"
                       " in that mode near that range (README.md, Figures)")

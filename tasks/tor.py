@@ -18,7 +18,7 @@ from cluster.machine import MachineOnce
 from cluster.tor import DEFAULT_RESTART_WAIT, METHODS, check_addresses, new_identity, restart_tor, tor_status
 from cluster.transport import connect
 
-from .common import EXIT_FAILED, EXIT_PARTIAL, HOST_HELP, beowulf_task, load_hosts, parse_float, setup_logging
+from .common import HOST_HELP, beowulf_task, exit_code_over_hosts, load_hosts, parse_float, setup_logging
 
 MAX_RESTART_WAIT = 600.0
 
@@ -56,8 +56,8 @@ def _finish(rows, headers, failed: list, total: int, summary: str) -> None:
     print(tabulate(shown_rows(rows), headers=headers))
     print(summary)
     if failed:
-        code = EXIT_FAILED if len(failed) == total else EXIT_PARTIAL
-        raise Exit(f"{len(failed)} of {total} hosts failed: {', '.join(failed)}", code=code)
+        raise Exit(f"{len(failed)} of {total} hosts failed: {', '.join(failed)}",
+                   code=exit_code_over_hosts(len(failed), total))
 
 
 @beowulf_task(help=dict(HOST_HELP))

@@ -220,7 +220,7 @@ def test_reader_gives_back_every_byte_it_took(ending, monkeypatch):
     budget = ByteBudget(1 << 30)
     events: queue.Queue = queue.Queue()
     link = HostLink(Host("h", "u@h", user="u", hostname="h"), None, False, events, _PRIMES.check, "b",
-                    budget=budget)
+                    budget=budget, encoded_fields=_PRIMES.encoded_fields)
     link._sent = {7: (1, 1000), 8: (1, 1000)}
     link.stream = stream = LinesStream(b"".join(_LINES) + ending)
     link._read(stream, link.generation, queue.Queue())

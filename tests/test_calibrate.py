@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.calibrate import PrimesBench, calibrate_host
+from cluster.calibrate import calibrate_host
 from cluster.inventory import Host
+from cluster.jobs.primes import PrimesBench
 from cluster.store import Store
 from harness import run_fab
 

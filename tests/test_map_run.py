@@ -219,6 +219,41 @@ def test_item_killing_its_worker_is_crashed_after_3(run_fab, tmp_path):
     assert rows(tmp_path / "r.db", "SELECT attempt, status FROM map_items WHERE seq = 4") == [(3, "crashed")]
 
 
+def test_ctrl_c_exits_130_kills_the_commands_and_resumes(tmp_path):
+    """Ctrl-C: exit 130, the running commands' process groups killed; the same command again
+    runs only what was not finished."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (tmp_path / "args.txt").write_text("".join(f"{i}\n" for i in range(1, 9)))
+    command = f"if [ {{}} -le 2 ]; then echo quick; else echo $$ > {pids}/{{}}; sleep 300; fi"
+    args = ["--inventory", local_inventory(tmp_path), "--db", tmp_path / "r.db", "--command", command,
+            "--args", "args.txt"]
+    child = _start_map(args, tmp_path)
+    deadline = time.monotonic() + 60
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _wait_items(tmp_path / "r.db", 2)
+    os.killpg(child.pid, signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, out + err
+    assert "run the same command again to resume" in err
+    shells = [int(p.read_text()) for p in pids.iterdir()]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in shells):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in shells)
+    assert rows(tmp_path / "r.db", "SELECT seq, status FROM map_items ORDER BY seq") == [(1, "ok"), (2, "ok")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return status not in ("Z", "X")
+
+
 # ---------------------------------------------------------------- real sshd hosts
 
 
@@ -227,6 +262,7 @@ def cluster3(tmp_path_factory):
     yield from provisioned_cluster(tmp_path_factory, "maprun", 3)
 
 
+@pytest.mark.slow
 def test_over_sshd_module_failing_to_import_on_one_host(cluster3, run_fab, tmp_path):
     """h2's Python cannot import the function's module: h2 is left out with the reason, h1 and h3
     do every item."""
@@ -235,9 +271,9 @@ def test_over_sshd_module_failing_to_import_on_one_host(cluster3, run_fab, tmp_p
     inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={"h2": {"python": wrapper}})
     (tmp_path / "m.py").write_text("import os\nif os.environ.get('BEOWULF_TEST_BREAK'):\n"
                                    "    raise ImportError('no such library here')\n"
-                                   "def f(x):\n    return [x, os.uname()[1]]\n")
+                                   "import time\ndef f(x):\n    time.sleep(0.05)\n    return [x, os.uname()[1]]\n")
     done = fab_map(run_fab, tmp_path, "--function", "m.py:f", "--range", "1:300", "--export", "v.jsonl",
-                   inventory=inventory, config=config)
+                   "--block-seconds", "0.5", inventory=inventory, config=config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "h2" in done.stdout + done.stderr and "no such library here" in done.stdout + done.stderr
     assert [line["value"][0] for line in jsonl(tmp_path / "v.jsonl")] == list(range(1, 301))

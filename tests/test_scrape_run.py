@@ -308,3 +308,29 @@ def test_last_proxy_dying_stops_the_run_with_nothing_sent_directly(tmp_path):
         assert len(web.requests) == seen  # nothing reached the site after the proxy died
         with Store(db) as store:
             assert store.runs()[-1]["state"] == "failed" and store.integrity_ok()
+
+
+def test_dashboard_beside_a_scrape_run(tmp_path):
+    """fab scrape --dashboard serves the live page of its store while it runs (the same helper as
+    fab primes --dashboard, tasks/common.py run_job), and stops with it."""
+    import re
+    import urllib.error
+    import urllib.request
+
+    with WebServer(robots=NO_ROBOTS_DELAY) as web:
+        urls = [web.url(f"/page/{i}") for i in range(5)]  # one site, 0.5 s apart: about 2 s
+        db = tmp_path / "r.db"
+        child = run_in_background(fab_argv(["scrape", "--inventory", inventory(tmp_path), "--urls",
+                                            url_file(tmp_path, urls), "--db", db, "--delay", "0.5",
+                                            "--dashboard", "--quiet"]))
+        line = child.stderr.readline()
+        found = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/) ", line)
+        assert found, line
+        with urllib.request.urlopen(found.group(1) + "api/state", timeout=30) as answer:
+            state = json.loads(answer.read())
+        assert answer.status == 200 and "runs" in state
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, out + err
+        assert len(pages(db)) == 5
+        with pytest.raises((urllib.error.URLError, OSError)):  # it ended with the run
+            urllib.request.urlopen(found.group(1) + "api/state", timeout=5)

@@ -219,7 +219,7 @@ def run_view(store, run_id: int, now: float) -> dict:
         "timeline": {"bars": timeline, "marks": marks, "wall": wall, "shown_blocks": len(latest),
                      "blocks": len(blocks)},
         "events": shown_events,
-        "pages": recent_pages(store, run_id) if run["job"] == "scrape" else [],
+        "pages": recent_pages(store, run_id, run["job"]),
     }
     _cut_report_strings(report)
     return view
@@ -232,11 +232,12 @@ def _cut_report_strings(report: dict) -> None:
         row["idle_reason"] = cut(row["idle_reason"])
 
 
-def recent_pages(store, run_id: int) -> list[dict]:
-    """The latest pages of a scrape run: URL, status, title, error (no bodies)."""
-    from cluster.jobs.scrape import recent_pages as latest
+def recent_pages(store, run_id: int, job: str) -> list[dict]:
+    """The latest items of a run that has some to show (Job.recent_items; scrape: its pages:
+    URL, status, title, error, no bodies), at most MAX_PAGES."""
+    from cluster.jobs import hooks_of
 
-    rows = latest(store, run_id, MAX_PAGES)
+    rows = hooks_of(job).recent_items(store, run_id, MAX_PAGES)
     return [{key: cut(value) for key, value in row.items()} for row in rows]
 
 

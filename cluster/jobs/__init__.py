@@ -18,6 +18,7 @@ from .base import Job
 REGISTRY: dict[str, tuple[str, str]] = {
     "primes": ("cluster.jobs.primes", "PrimesJob"),
     "scrape": ("cluster.jobs.scrape", "ScrapeJob"),
+    "map": ("cluster.jobs.map", "MapJob"),
 }
 
 

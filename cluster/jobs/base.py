@@ -32,6 +32,14 @@ KIND_PROXY = "proxy"  # the host's proxy (Tor) failed: nothing was fetched
 KIND_INVALID = "invalid"  # the result came back but failed the job's check
 
 
+def engine_in(hello, job: str) -> str:
+    """What a host's hello says it runs job ``job`` with ('' when it does not say)."""
+    engines = hello.get("engines") if isinstance(hello, dict) else None
+    if not isinstance(engines, dict):
+        return ""
+    return str(engines.get(job) or "")
+
+
 @dataclass(frozen=True)
 class Decision:
     """A job's verdict on one answer (``decide``) or one failure (``failure``).
@@ -76,8 +84,12 @@ class Job:
     #: Result fields that hold the encoded payload (``check`` decodes them into the payload):
     #: the host link drops them once checked, so the encoded copy is not kept twice.
     encoded_fields: Sequence[str] = ()
-    #: Calibration (fab calibrate): what an item is, singular and plural, for tables.
+    #: What an item is, singular and plural (progress bar, fab calibrate tables).
     unit: tuple = ("item", "items")
+    #: How rates read in stats and reports: (items name, seconds per display unit, unit).
+    rate_unit: tuple = ("items", 1.0, "s")
+    #: The progress bar shows items per minute (slow items, like pages) instead of per second.
+    progress_per_minute: bool = False
 
     run_id: int = 0
     store: Any = None
@@ -136,10 +148,7 @@ class Job:
 
     def engine_of(self, hello: dict) -> str:
         """The engine this host runs the job with, from its hello (``engines`` by job name)."""
-        engines = hello.get("engines") if isinstance(hello, dict) else None
-        if not isinstance(engines, dict):
-            return ""
-        return str(engines.get(self.name) or "")
+        return engine_in(hello, self.name)
 
     def task_args(self, lo: int, hi: int) -> dict:
         """Arguments of the client job's run() for the block of items [lo, hi]."""
@@ -180,15 +189,22 @@ class Job:
 
     # ------------------------------------------------------------ calibrate (fab calibrate)
 
-    @classmethod
-    def bench(cls, **options):
-        """A benchmark of one host alone (cluster/calibrate.py protocol: ``name``, ``check``,
-        ``items``, ``next_task``, ``prepare``, ``adapt``); None: the job has none."""
-        return None
+    #: fab calibrate measures this job (``bench`` and ``bench_of_run`` return benchmarks).
+    calibrated: bool = False
 
     @classmethod
-    def bench_of_run(cls, run: dict, **options):
-        """The benchmark that measures what run ``run`` (a store run dict) did; None: none."""
+    def bench(cls, *, urls=None, tor: bool = False, start=None, mode=None):
+        """A benchmark of one host alone for ``fab calibrate --job NAME`` (cluster/calibrate.py
+        protocol: ``name``, ``encoded_fields``, ``records_range``, ``mode``, ``check``, ``items``,
+        ``next_task``, ``prepare``, ``adapt``); UsageError for a flag the job does not take."""
+        from cluster.errors import UsageError
+
+        raise UsageError(f"fab calibrate does not measure {cls.name or 'this job'}")
+
+    @classmethod
+    def bench_of_run(cls, run: dict, store, *, urls=None):
+        """(benchmark, tor) measuring what run ``run`` (a store run dict) did, for
+        ``fab calibrate --run N``; None when the job has none."""
         return None
 
     # ------------------------------------------------------------ presentation (stats, report)
@@ -199,9 +215,40 @@ class Job:
         return "slots"
 
     @classmethod
+    def found_label(cls) -> str:
+        """Column heading of what a host found (a block's ``found``) in the end-of-run table."""
+        return "found"
+
+    @classmethod
     def mode_of(cls, run: dict) -> str:
         """A run's mode (a variant whose rates are not comparable with another's), or ''."""
         return ""
+
+    @classmethod
+    def describe_run(cls, run: dict) -> str:
+        """Words added to the job's name when a report names what a run measured (its mode...)."""
+        return ""
+
+    @classmethod
+    def comparable_calibration(cls, run: dict, calibration: dict) -> bool:
+        """Whether a calibration of the same job and variant, measured before the run ended,
+        measured what ``run`` did (cluster/figures.py comparable)."""
+        return True
+
+    @classmethod
+    def describe_calibration(cls, row: dict) -> str:
+        """What a calibration measured, in words (fab stats' calibration column)."""
+        return f"variant {row.get('variant')}" if row.get("variant") else ""
+
+    @classmethod
+    def recent_items(cls, store, run_id: int, limit: int) -> list:
+        """The run's latest items for the dashboard (dicts of short fields; scrape: pages)."""
+        return []
+
+    @classmethod
+    def summary_notes(cls, report: dict) -> list:
+        """Lines printed under the end-of-run table (a run report of cluster/report.py)."""
+        return []
 
 
 @dataclass

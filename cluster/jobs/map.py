@@ -215,6 +215,7 @@ class MapJob(Job):
             args["ship"] = self.shipment.digest
         if spec.mode == "function":
             args["function"] = self.shipment.function
+            args["columns"] = True  # answers in columns (client/mapper.py run_function_columns)
         else:
             args.update(command=spec.command, stderr_tail=spec.stderr_tail, **{"return": list(spec.returns)})
         if block.verdict:
@@ -243,23 +244,44 @@ class MapJob(Job):
             raise InvalidMapResult(f"block {lo} is not in flight (a late copy)")
         if not isinstance(result, dict):
             raise InvalidMapResult("result is not an object")
-        raw_items, left = result.get("items"), result.get("left", [])
-        if not isinstance(raw_items, list) or not isinstance(left, list):
-            raise InvalidMapResult("items and left must be lists")
+        columns = result.get("columns")
+        raw_items = result.get("failed") if columns is not None else result.get("items")
+        left = result.get("left", [])
+        if not isinstance(raw_items, list) or not isinstance(left, list) or \
+                (columns is not None and self.spec.mode != "function"):
+            raise InvalidMapResult("items (or columns and failed) and left must be lists")
         if block.verdict:
             expected = {}
         elif block.items is None:
             expected = block.seqs if isinstance(block.seqs, range) else set(block.seqs)
         else:
             expected = dict(zip(block.seqs, block.items))
+        ok_columns = None
         try:
             if self.spec.mode == "function":
                 checked = self._check_function(raw_items, expected)
+                if columns is not None:
+                    ok_columns = _check_columns(columns, expected, self.spec.stdout_cap)
             else:
                 checked = self._check_command(raw_items, expected)
         except ResultError as exc:
             raise InvalidMapResult(f"block {lo}: {exc}") from None
         seen = {entry[0] for entry in checked}
+        if ok_columns is not None:
+            count = len(seen)
+            seen.update(ok_columns[0])
+            if len(seen) != count + len(ok_columns[0]):
+                raise InvalidMapResult(f"block {lo}: an item came twice")
+            if not checked and not left:
+                payload = self._chunk_of_columns(block, ok_columns)
+                if payload is not None:
+                    if len(seen) != len(expected):
+                        raise InvalidMapResult(f"block {lo}: {len(expected) - len(seen)} items sent got no answer")
+                    result["_chunk"] = (block.seqs[0], len(block.seqs))
+                    result["_samples"] = [us / 1e6 for us in ok_columns[3][-50:]]
+                    result["columns"] = None
+                    return len(block.seqs), payload
+            checked = _rows_of_columns(ok_columns) + checked
         for seq in left:
             if type(seq) is not int or seq not in expected or seq in seen:
                 raise InvalidMapResult(f"block {lo}: left holds {str(seq)[:20]!r}, not an item sent and not run")
@@ -268,9 +290,23 @@ class MapJob(Job):
             raise InvalidMapResult(f"block {lo}: {len(expected) - len(seen)} items sent got no answer")
         result["_map"] = (checked, list(left))
         result["items"] = None  # the checked copy is what is kept
-        ok = sum(1 for entry in checked if entry[1] == "ok")
-        result["_all_ok"] = ok == len(checked) and not left
-        return ok, None
+        result["columns"] = None
+        return sum(1 for entry in checked if entry[1] == "ok"), None
+
+    def _chunk_of_columns(self, block, columns: tuple) -> Optional[bytes]:
+        """The payload of a block of a function over --range whose items all succeeded at their
+        first try (cluster/mapstore.py map_chunks), or None when it is not such a block."""
+        seqs = block.seqs
+        if block.items is not None or block.verdict or self.prior or not _consecutive(seqs):
+            return None
+        attempts = self.schedule.attempts
+        if attempts and any(seq in attempts for seq in seqs):
+            return None
+        got, t0, start_us, us, _values, values_json = columns
+        if len(got) != len(seqs) or got[0] != seqs[0] or got[-1] != seqs[-1] or \
+                any(b != a + 1 for a, b in zip(got, got[1:])):
+            return None  # not in order: stored item by item
+        return mapstore.encode_chunk(t0, start_us, us, values_json)
 
     def _check_function(self, raw_items: list, expected: dict) -> list:
         """(seq, status, exit (0 ok, 1 not), None, b"", False, b"", start, seconds, value JSON, error,
@@ -367,14 +403,15 @@ class MapJob(Job):
                 if entry[1] == "ok":
                     self.samples.append(entry[8])
                     own.append(entry[8])
-        fast = []
-        if (self.spec.mode == "function" and block.items is None and not block.verdict and not self.prior
-                and not schedule.attempts and result.get("_all_ok")):
-            # The hot path (a function over a range, every item ok at its first try): one
-            # comprehension, the narrow row (mapstore.FAST_COLUMNS).
-            start, step = self.range.start, self.range.step
-            fast = [(start + (e[0] - 1) * step, e[0], "ok", 0, host, e[7], e[8], 1, e[9], e[11]) for e in checked]
-            checked = ()
+        chunk = result.get("_chunk")
+        if chunk is not None:  # the hot path: every item ok at its first try, stored as the payload
+            if self.spec.timeout_percent is not None:
+                self.samples.extend(result.get("_samples") or ())
+                self.host_samples.setdefault(host, deque(maxlen=TIMEOUT_SAMPLES)).extend(
+                    result.get("_samples") or ())
+            block.final = chunk[1]
+            result["_rows"] = ([(chunk[0], chunk[1], host)], [], [])
+            return Decision(COMMIT)
         items = dict(zip(block.seqs, block.items)) if block.items is not None else None
         finals, attempts_rows, again = [], [], []
         retries = self.spec.retries
@@ -401,8 +438,8 @@ class MapJob(Job):
                              avoid=host)
         if left:
             schedule.requeue(left, [items[seq] for seq in left] if items is not None else None)
-        block.final = len(finals) + len(fast)
-        result["_rows"] = (fast, finals, attempts_rows)
+        block.final = len(finals)
+        result["_rows"] = ([], finals, attempts_rows)
         return Decision(COMMIT)
 
     def _row(self, seq: int, item, entry: tuple, host: str, attempt_row: bool = False) -> tuple:
@@ -452,13 +489,32 @@ class MapJob(Job):
     def block_meta(self, result: dict) -> dict:
         return {}
 
+    # ------------------------------------------------------------ presentation (stats, report)
+
+    @classmethod
+    def found_label(cls) -> str:
+        return "ok"
+
+    @classmethod
+    def describe_run(cls, run: dict) -> str:
+        params = run.get("params") or {}
+        return f" of a {params.get('mode', '')} {str(params.get('spec', ''))[:60]!r} over --{params.get('input', '')}"
+
+    @classmethod
+    def recent_items(cls, store, run_id: int, limit: int) -> list:
+        """The run's latest final items (seq, status, host, seconds) for the dashboard."""
+        if not store.has_table("map_items"):
+            return []
+        return store.query("SELECT seq, status, host, seconds, error FROM map_items WHERE run_id = ?"
+                           " ORDER BY rowid DESC LIMIT ?", (run_id, limit))
+
     def rows(self, block, result: dict, host: str) -> list:
         """The block's final items (map_items) and earlier attempts (map_attempts), stored in
         the block's transaction."""
-        fast, finals, attempts_rows = result.pop("_rows", ([], [], []))
+        chunks, finals, attempts_rows = result.pop("_rows", ([], [], []))
         rows = []
-        if fast:
-            rows.append(("map_items", mapstore.FAST_COLUMNS, fast))
+        if chunks:
+            rows.append(("map_chunks", mapstore.CHUNK_COLUMNS, chunks))
         if finals:  # columnar (cluster/store.py _insert_many): one statement for the block's items
             rows.append(("map_items", mapstore.ITEM_COLUMNS, finals))
         if attempts_rows:
@@ -494,6 +550,50 @@ def _range_gaps(total: int, done: list) -> list:
     if cursor <= total:
         gaps.append([cursor, total])
     return [gap for gap in gaps if gap[0] <= gap[1]]
+
+
+def _ints(values, low: int, high: int, what: str) -> None:
+    if not all(type(x) is int for x in values) or (values and (min(values) < low or max(values) > high)):
+        raise ResultError(f"columns: {what} must be integers in [{low}, {high}]")
+
+
+def _check_columns(columns, expected, cap: int) -> tuple:
+    """(seqs, t0, start_us, us, values, values as a JSON array) of a columnar function result
+    (client/mapper.py run_function_columns), every column checked; ResultError otherwise."""
+    if not isinstance(columns, dict):
+        raise ResultError("columns is not an object")
+    seqs, start_us, us, values = (columns.get(name) for name in ("seq", "start_us", "us", "value"))
+    t0 = columns.get("t0")
+    if not all(isinstance(column, list) for column in (seqs, start_us, us, values)) or \
+            not len(seqs) == len(start_us) == len(us) == len(values):
+        raise ResultError("columns must be lists of one length")
+    if type(t0) not in (int, float) or not math.isfinite(t0) or not 0 <= t0 <= 1e11:
+        raise ResultError("columns: t0 out of range")
+    _ints(start_us, 0, 10**14, "start_us")
+    _ints(us, 0, 10**14, "us")
+    if isinstance(expected, range) and expected.step == 1:
+        _ints(seqs, expected.start, expected.stop - 1, "seq")
+    elif not all(type(seq) is int and seq in expected for seq in seqs):
+        raise ResultError("columns: an item that was not sent")
+    try:
+        values_json = json.dumps(values, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ResultError(f"columns: values are not JSON ({exc})") from None
+    if len(values_json) > cap:  # the cap is per item: check them one by one
+        for value in values:
+            if len(json.dumps(value, ensure_ascii=False)) > cap:
+                raise ResultError(f"columns: a value over {cap} bytes of JSON")
+    return seqs, t0, start_us, us, values, values_json
+
+
+def _rows_of_columns(columns: tuple) -> list:
+    """The checked tuples (as MapJob._check_function makes them) of a columnar result's items."""
+    seqs, t0, start_us, us, values, _ = columns
+    rows = []
+    for seq, start, took, value in zip(seqs, start_us, us, values):
+        text = json.dumps(value, ensure_ascii=False)
+        rows.append((seq, "ok", 0, None, b"", False, b"", t0 + start / 1e6, took / 1e6, text, None, len(text), []))
+    return rows
 
 
 def _consecutive(seqs) -> bool:

@@ -19,17 +19,20 @@ import base64
 import binascii
 import codecs
 import io
+import logging
 import math
 import os
 import random
 import zlib
-from typing import BinaryIO, Iterable, Optional, TextIO, Tuple, Union
+from typing import Any, BinaryIO, Iterable, Optional, TextIO, Tuple, Union
 
 import numpy as np
 
 from cluster.errors import BeowulfError, UsageError
 from cluster.jobs.base import Job
 from cluster.scheduler import MIN_BLOCK
+
+log = logging.getLogger(__name__)
 
 ENCODING = "gapvarint-zlib-b64"
 MAX_END = 10**15
@@ -624,6 +627,8 @@ class PrimesJob(Job):
     name = "primes"
     encoded_fields = ("data",)
     unit = ("number", "numbers")
+    rate_unit = ("numbers", 1.0, "s")
+    calibrated = True
 
     def __init__(self, start: int, end: int, count_only: bool = False):
         if not (_is_int(start) and _is_int(end)):
@@ -715,3 +720,135 @@ class PrimesJob(Job):
     def mode_of(cls, run: dict) -> str:
         """'list' or 'count': rates of the two modes are not comparable."""
         return str((run.get("params") or {}).get("mode") or "")
+
+    @classmethod
+    def found_label(cls) -> str:
+        return "primes"
+
+    @classmethod
+    def describe_run(cls, run: dict) -> str:
+        from cluster.report import middle_of
+
+        return f" in {cls.mode_of(run) or '?'} mode near {middle_of(run)}"
+
+    @classmethod
+    def comparable_calibration(cls, run: dict, calibration: dict) -> bool:
+        """Same mode, and a range within figures.RANGE_FACTOR of the run's: sieving costs per
+        number change slowly with the numbers' size."""
+        from cluster.figures import RANGE_FACTOR, run_range
+
+        if calibration.get("mode") != cls.mode_of(run):
+            return False
+        lo, hi = run_range(run)
+        clo, chi = calibration.get("lo"), calibration.get("hi")
+        if lo is None or clo is None or chi is None:
+            return False
+        # A fast host's benchmark blocks grow wide, so its range can be much wider than the run's.
+        return clo <= hi * RANGE_FACTOR and chi * RANGE_FACTOR >= max(lo, 1)
+
+    @classmethod
+    def describe_calibration(cls, row: dict) -> str:
+        """'count mode over [1e11, ...]'."""
+        where = f" over [{row['lo']:,}, {row['hi']:,}]" if row.get("lo") is not None and row.get("hi") is not None \
+            else " (range not recorded)"
+        return f"{row.get('mode') or '?'} mode{where}"
+
+    @classmethod
+    def summary_notes(cls, report: dict) -> list:
+        """Hosts that ran the pure-Python sieve, and what to do about it."""
+        slow = [h["host"] for h in report["hosts"] if h["engine"] == "python" and h["blocks"]]
+        if not slow:
+            return []
+        return [f"note: {', '.join(slow)} ran the pure-Python sieve (5-50x slower than numpy or libprimesieve): "
+                "`fab hosts` says what to run for it (README: Adding machines)"]
+
+    @classmethod
+    def bench(cls, *, urls=None, tor: bool = False, start=None, mode=None):
+        """Count (default) or list mode from ``start`` (default PRIMES_START) upwards."""
+        if mode is not None and mode not in ("count", "list"):
+            raise UsageError(f"--mode: expected count or list (primes only), not {mode!r}")
+        if urls or tor:
+            raise UsageError("--urls and --tor are for --job scrape")
+        return PrimesBench(PRIMES_START if start is None else start, mode or "count")
+
+    @classmethod
+    def bench_of_run(cls, run: dict, store, *, urls=None):
+        """The run's range and mode."""
+        params = run["params"] or {}
+        if not (isinstance(params.get("start"), int) and isinstance(params.get("end"), int)
+                and params.get("mode") in ("count", "list")):
+            raise UsageError(f"--run: run {run['id']} has no primes range and mode to measure")
+        return PrimesBench(params["start"], params["mode"], params["end"]), False
+
+
+# ---------------------------------------------------------------- fab calibrate
+
+# Where the primes benchmark sieves: high enough that a block's cost is a big run's.
+PRIMES_START = 10**11
+# Width of the first probe block; it grows PROBE_GROWTH-fold until it takes PROBE_SECONDS
+# (long enough that a host throttled in time slices shows its average speed).
+PROBE_WIDTH = 100_000
+PROBE_GROWTH = 4
+PROBE_SECONDS = 0.2
+# Seconds a benchmark block should take on one slot.
+BLOCK_SECONDS = 0.5
+
+
+class PrimesBench:
+    """fab calibrate's primes benchmark (cluster/calibrate.py): prime blocks, count mode (nothing
+    to transfer) or list mode (the primes come back, as in a list run), from ``start`` upwards
+    (10**11 by default), wrapping around at ``end``. A block's cost depends on where it lies
+    and on the mode, so a run's efficiency only uses a calibration of its mode near its range
+    (cluster/figures.py; ``fab calibrate --run N`` measures exactly that). A probe block,
+    grown fourfold until it takes 0.2 s (twice), sizes the blocks to ~0.5 s a slot, and
+    every result resizes them."""
+
+    name = "primes"
+    encoded_fields = ("data",)
+    records_range = True  # its calibrations keep mode and range (figures.comparable)
+
+    def __init__(self, start: int = PRIMES_START, mode: str = "count", end: Optional[int] = None):
+        self.start = start
+        self.end = MAX_END if end is None else end
+        self.mode = mode
+        self.job = PrimesJob(start, self.end, count_only=mode == "count")
+        self.max_width = self.job.max_block()
+        self.next_lo = start
+        self.width = PROBE_WIDTH
+
+    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
+        return self.job.check(lo, hi, result)
+
+    def items(self, lo: int, hi: int, checked) -> int:
+        return hi - lo + 1
+
+    def next_task(self) -> Optional[tuple[int, int, dict]]:
+        if self.next_lo > self.end:
+            self.next_lo = self.start  # a small range: measure it again
+        lo = self.next_lo
+        hi = min(self.end, lo + self.width - 1)
+        self.next_lo = hi + 1
+        return lo, hi, self.job.task_args(lo, hi)
+
+    def prepare(self, run_one) -> None:
+        """Grow a probe block until it takes PROBE_SECONDS twice in a row (the first call of a
+        fresh worker can be slow: imports, caches), then size blocks to BLOCK_SECONDS."""
+        self.next_lo, self.width = self.start, PROBE_WIDTH
+        long_enough = 0
+        while True:
+            elapsed = run_one()
+            long_enough = long_enough + 1 if elapsed >= PROBE_SECONDS else 0
+            if long_enough >= 2 or self.width >= self.max_width:
+                break
+            if not long_enough:
+                self.width = min(self.max_width, self.width * PROBE_GROWTH)
+            if self.width >= self.end - self.start + 1:
+                break
+        self.adapt(self.width, elapsed)
+        log.debug("primes benchmark: blocks of %d numbers", self.width)
+
+    def adapt(self, items: int, elapsed: float) -> None:
+        """Resize blocks from a finished one so that they keep taking about BLOCK_SECONDS."""
+        if elapsed > 0:
+            target = items / elapsed * BLOCK_SECONDS
+            self.width = int(max(PROBE_WIDTH, min(self.max_width, target)))

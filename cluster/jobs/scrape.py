@@ -24,7 +24,7 @@ import hashlib
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from cluster import __version__
 from cluster.errors import BeowulfError
@@ -139,6 +139,9 @@ class ScrapeJob(Job):
     migrations = (PAGES_V1,)
     encoded_fields = ("body",)
     unit = ("page", "pages")
+    rate_unit = ("pages", 60.0, "min")
+    progress_per_minute = True
+    calibrated = True
 
     def __init__(self, urls: list[str], options: FetchOptions, delay: float = 1.0, per_domain: int = 1,
                  concurrency: int = 4):
@@ -166,6 +169,48 @@ class ScrapeJob(Job):
     @classmethod
     def slots_label(cls) -> str:
         return "workers"
+
+    @classmethod
+    def found_label(cls) -> str:
+        return "ok"
+
+    @classmethod
+    def recent_items(cls, store, run_id: int, limit: int) -> list:
+        return recent_pages(store, run_id, limit)
+
+    @classmethod
+    def bench(cls, *, urls=None, tor: bool = False, start=None, mode=None):
+        """Fetching the URLs of the file ``urls`` (each host the same ones)."""
+        from cluster.errors import UsageError
+        from cluster.urls import read_url_file
+
+        if mode is not None:
+            raise UsageError(f"--mode: expected count or list (primes only), not {mode!r}")
+        if not urls:
+            raise UsageError("--job scrape needs --urls FILE (one URL a line)")
+        if start is not None:
+            raise UsageError("--start is for --job primes")
+        found, _bad, _duplicates = read_url_file(urls)
+        if not found:
+            raise UsageError(f"--urls: {urls}: no URLs in it")
+        return ScrapeBench(found, DEFAULT_USER_AGENT)
+
+    @classmethod
+    def bench_of_run(cls, run: dict, store, *, urls=None):
+        """The run's URLs (those it fetched), or the file ``urls``; through Tor when it was."""
+        from cluster.errors import UsageError
+
+        tor = bool((run["params"] or {}).get("tor"))
+        if urls:
+            return cls.bench(urls=urls), tor
+        found = [record["url"] for record, _ in iter_pages(store, run["id"]) if isinstance(record["url"], str)]
+        if not found:
+            raise UsageError(f"--run: run {run['id']} fetched no URLs yet: give --urls FILE")
+        return ScrapeBench(found, DEFAULT_USER_AGENT), tor
+
+    @classmethod
+    def describe_calibration(cls, row: dict) -> str:
+        return "through Tor" if row.get("variant") else "without Tor"
 
     def first_block(self) -> int:
         return 1
@@ -304,6 +349,54 @@ class ScrapeJob(Job):
             "tor": int(bool(result.get("via_proxy"))), "error": result.get("error"),
             "error_kind": result.get("error_kind"), "attempts": block.attempts,
         }
+
+
+# ---------------------------------------------------------------- fab calibrate
+
+# Fetch options of the scrape benchmark.
+SCRAPE_TIMEOUT = 30
+SCRAPE_MAX_BYTES = 5_000_000
+
+
+class ScrapeBench:
+    """fab calibrate's scrape benchmark (cluster/calibrate.py): one URL a task from the user's
+    list (never repeated: when the list runs out the measurement ends there); pages that got
+    an HTTP answer count."""
+
+    name = "scrape"
+    encoded_fields = ("body",)
+    records_range = False
+    mode = ""
+
+    def __init__(self, urls: list[str], user_agent: str, proxy: Optional[str] = None):
+        self.urls = list(urls)
+        self.user_agent = user_agent
+        self.proxy = proxy
+        self.index = 0
+
+    def check(self, lo: int, hi: int, result: dict) -> tuple[int, Any]:
+        return (1 if isinstance(result.get("status"), int) else 0), None
+
+    def items(self, lo: int, hi: int, checked) -> int:
+        return int(checked[0])
+
+    def next_task(self) -> Optional[tuple[int, int, dict]]:
+        if self.index >= len(self.urls):
+            return None
+        lo = self.index
+        self.index += 1
+        args = {"url": self.urls[lo], "timeout": SCRAPE_TIMEOUT, "max_bytes": SCRAPE_MAX_BYTES,
+                "user_agent": self.user_agent, "bodies": False, "robots": None}
+        if self.proxy:
+            args["proxy"] = self.proxy
+            args["isolation"] = f"beowulf-calibrate-{lo}"
+        return lo, lo, args
+
+    def prepare(self, run_one) -> None:
+        self.index = 0  # every host fetches the same pages, from the first
+
+    def adapt(self, items: int, elapsed: float) -> None:
+        pass  # one URL a task
 
 
 # ---------------------------------------------------------------- reading the pages table
