@@ -39,13 +39,15 @@ load average is printed next to every figure (the machine is shared).
    process itself used (user + system, agents not included) per item.
 H. The host side alone, no coordinator: map tasks of client/mapper.py through a
    real client/agent.py (2 slots, 3 tasks in flight, its own temporary workdir),
-   function blocks of 10,000 range items (a ``range`` task, as fab map --range sends)
+   function blocks of 10,000 range items (a ``range`` task answered in columns, as fab map
+   --function --range asks)
    and ``echo {}`` blocks of 100 items: the
    floor of (1)-(3) on this machine, to tell the coordinator's cost from the hosts'.
 
 ``--breakdown`` prints only (B): a ``--function`` item's cost by stage, one stage at a
-time in this process (host: the bare calls, client/mapper.py's run, the result's JSON;
-coordinator: its parse, MapJob._check_function, the rows, the store's executemany).
+time in this process, for the answer in columns (what fab map asks for a function:
+host: client/mapper.py's run, the result's JSON; coordinator: its parse, the columns'
+check, the chunk's zlib, its commit) and item by item (a block with a failure).
 
 ``--profile`` runs (3) and the SSH run of (1) once more under cProfile
 (bench/profile_fab.py: every thread of the coordinator, CPU time) and prints the
@@ -243,7 +245,7 @@ def host_side(base: Path, fn_folder: Path, function_items: int, command_items: i
             while seq <= total:
                 hi = min(total, seq + size - 1)
                 if args["mode"] == "function":  # as fab map --range sends them: [SEQ, COUNT, START, STEP]
-                    yield dict(args, run=run, range=[seq, hi - seq + 1, seq, 1])
+                    yield dict(args, run=run, range=[seq, hi - seq + 1, seq, 1], columns=True)
                 else:
                     yield dict(args, run=run, items=[{"seq": s, "value": str(s)} for s in range(seq, hi + 1)])
                 seq = hi + 1
@@ -267,7 +269,9 @@ def host_side(base: Path, fn_folder: Path, function_items: int, command_items: i
                 message = json.loads(line)
                 if not message["ok"]:
                     raise SystemExit(f"map task failed: {message.get('error')}")
-                done_items += sum(1 for item in message["result"]["items"] if item["ok"])
+                answer = message["result"]
+                done_items += len(answer["columns"]["seq"]) if answer.get("columns") else \
+                    sum(1 for item in answer["items"] if item["ok"])
                 received += 1
                 if sent < len(tasks):
                     proc.stdin.write(json.dumps({"type": "task", "id": sent, "job": "map",
@@ -316,8 +320,8 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
     shutil.copy(fn_folder / "benchfn.py", work / "ship" / digest / "benchfn.py")
     os.environ["BEOWULF_MAP_WORKDIR"] = str(work)  # read by client/mapper.py when imported
     from client import mapper
-    from cluster.jobs.map import MapJob
-    from cluster.mapstore import FAST_COLUMNS, MIGRATIONS
+    from cluster.jobs.map import MapJob, _check_columns
+    from cluster.mapstore import ITEM_COLUMNS, MIGRATIONS, encode_chunk
 
     mapper.WORKDIR = str(work)
     args = {"run": "ef" * 16, "mode": "function", "function": "benchfn:square", "ship": digest,
@@ -325,9 +329,39 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
     square = mapper.load_function(digest, "benchfn:square")
     stub = types.SimpleNamespace(spec=types.SimpleNamespace(stdout_cap=mapper.DEFAULT_STDOUT_CAP))
     conn = sqlite3.connect(str(work / "s.db"))
-    for statement in MIGRATIONS[0]:
-        conn.execute(statement)
+    for version in MIGRATIONS:
+        for statement in version:
+            conn.execute(statement)
+    conn.execute("CREATE TABLE payloads (lo INTEGER PRIMARY KEY, payload BLOB)")
     state: dict = {}
+
+    columnar = dict(args, columns=True)
+
+    def run_columns():
+        state["cresult"] = mapper.run(columnar)
+
+    def encode_columns():
+        state["cline"] = json.dumps({"type": "result", "id": 7, "ok": True, "elapsed": 1.0,
+                                     "result": state["cresult"]}).encode() + b"\n"
+
+    def parse_columns():
+        state["cmessage"] = json.loads(state["cline"].decode("utf-8"))
+
+    def check_columns():
+        state["ccolumns"] = _check_columns(state["cmessage"]["result"]["columns"], range(1, count + 1),
+                                           mapper.DEFAULT_STDOUT_CAP)
+
+    def chunk():
+        _, t0, start_us, us, _, values_json = state["ccolumns"]
+        state["chunk"] = encode_chunk(t0, start_us, us, values_json)
+
+    def insert_chunk():  # the block's commit: one map_chunks row and the block's payload
+        with conn:
+            conn.execute("DELETE FROM map_chunks")
+            conn.execute("DELETE FROM payloads")
+        with conn:
+            conn.execute("INSERT INTO map_chunks (run_id, lo, seq, count, host) VALUES (1, 1, 1, ?, 'h')", (count,))
+            conn.execute("INSERT INTO payloads VALUES (1, ?)", (state["chunk"],))
 
     def bare():
         return [square(v) for v in range(1, count + 1)]
@@ -345,23 +379,30 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
     def check():
         state["checked"] = MapJob._check_function(stub, state["message"]["result"]["items"], range(1, count + 1))
 
-    def rows():  # MapJob.decide's hot path: one comprehension, the narrow row
-        state["rows"] = [(e[0], e[0], "ok", 0, "h", e[7], e[8], 1, e[9], e[11]) for e in state["checked"]]
+    def rows():  # MapJob.decide -> _row for an item ok at its first try (mapstore.ITEM_COLUMNS)
+        state["rows"] = [(e[0], e[0], None, "ok", 0, None, b"", 0, b"", "h", e[7], e[8], 1, e[9], None, 0, e[11])
+                         for e in state["checked"]]
 
     def insert():  # Store.commit_blocks -> store._insert_many, one transaction a block
         with conn:
             conn.execute("DELETE FROM map_items")
         with conn:
-            conn.executemany(f"INSERT INTO map_items (run_id, lo{''.join(', ' + c for c in FAST_COLUMNS)}) "
-                             f"VALUES (1, 1{', ?' * len(FAST_COLUMNS)})", state["rows"])
+            conn.executemany(f"INSERT INTO map_items (run_id, lo{''.join(', ' + c for c in ITEM_COLUMNS)}) "
+                             f"VALUES (1, 1{', ?' * len(ITEM_COLUMNS)})", state["rows"])
 
     stages = [("host: the bare calls, square(v) for v in the range", bare),
-              ("host: client/mapper.py run() of a range task", run),
-              ("host: the result message's JSON (worker -> agent -> coordinator)", encode),
-              ("coordinator: json.loads of the result line", parse),
-              ("coordinator: MapJob._check_function", check),
-              ("coordinator: decide's rows", rows),
-              ("coordinator: executemany into map_items (+ DELETE)", insert)]
+              ("columns: host: client/mapper.py run() of a range task, columns", run_columns),
+              ("columns: host: the result message's JSON", encode_columns),
+              ("columns: coordinator: json.loads of the result line", parse_columns),
+              ("columns: coordinator: cluster/jobs/map.py _check_columns", check_columns),
+              ("columns: coordinator: mapstore.encode_chunk (zlib)", chunk),
+              ("columns: coordinator: commit one chunk row + payload (+ DELETE)", insert_chunk),
+              ("items: host: client/mapper.py run() of a range task, item by item", run),
+              ("items: host: the result message's JSON", encode),
+              ("items: coordinator: json.loads of the result line", parse),
+              ("items: coordinator: MapJob._check_function", check),
+              ("items: coordinator: decide's rows", rows),
+              ("items: coordinator: executemany into map_items (+ DELETE)", insert)]
     out = {"load": load(), "items": count, "bytes_per_item": 0.0, "stages": []}
     for label, stage in stages:
         best = float("inf")
@@ -371,6 +412,7 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
             best = min(best, time.perf_counter() - began)
         out["stages"].append([label, best / count])
     out["bytes_per_item"] = len(state["line"]) / count
+    out["columns_bytes_per_item"] = len(state["cline"]) / count
     conn.close()
     return out
 
@@ -521,7 +563,9 @@ def main() -> None:
         if args.breakdown:
             out = breakdown(base, fn_folder)
             print(f"B. a --function item's cost by stage, {out['items']:,} range items a block, best of 5, "
-                  f"one process (load {out['load']:.1f}); result line {out['bytes_per_item']:.0f} bytes/item")
+                  f"one process (load {out['load']:.1f}); result line "
+                  f"{out['columns_bytes_per_item']:.0f} bytes/item in columns (what fab map asks for), "
+                  f"{out['bytes_per_item']:.0f} item by item")
             print(tabulate([[label, f"{seconds * 1e6:.2f}"] for label, seconds in out["stages"]],
                            headers=["stage", "us/item"], colalign=("left", "right")))
             if args.json:
