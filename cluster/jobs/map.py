@@ -77,6 +77,7 @@ class MapSpec:
     timeout_percent: Optional[float] = None  # of the median item time
     stdout_cap: int = mapper.DEFAULT_STDOUT_CAP
     stderr_tail: int = mapper.DEFAULT_STDERR_TAIL
+    requirements: tuple = ()  # project names: wheels for each host (--requirements)
     duplicates: bool = True
     retry_failed: bool = False
     outdir: str = "results"
@@ -98,8 +99,10 @@ class MapJob(Job):
         self.total = len(map_input)
         self.start, self.end = 1, self.total
         self.range = map_input if isinstance(map_input, RangeInput) else None
+        shipped = (shipment.digest if shipment else "") + "".join(f" {name}" for name in spec.requirements)
         self.identity = run_identity(spec.mode, spec.command if spec.mode == "command" else spec.function,
-                                     map_input.form, shipment.digest if shipment else None, spec.returns)
+                                     map_input.form, shipped or None, spec.returns)
+        self.wheels = None  # cluster/wheels.py WheelCache, made when a host needs one
         self.run_hex = self.identity[:32]
         if spec.mode == "command":
             self.parts = spec.parts or mapper.parse_template(spec.command)
@@ -176,6 +179,13 @@ class MapJob(Job):
         """Ship the files once (content-addressed) and import a --function there once: a
         host where that fails is left out with the reason."""
         workdir = mapship.host_workdir_path(transport)
+        if self.spec.requirements and not transport.host.is_local:
+            # This computer's agent runs on fab's own Python: its packages are that Python's.
+            if self.wheels is None:
+                from cluster.wheels import WheelCache
+
+                self.wheels = WheelCache()
+            mapship.install_requirements(transport, workdir, self.spec.requirements, self.wheels)
         if self.shipment is not None:
             mapship.upload(transport, workdir, self.shipment)
             if self.spec.mode == "function":
