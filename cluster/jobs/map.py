@@ -487,7 +487,7 @@ class MapJob(Job):
         started = block.copies.get(host, (0, time.monotonic(), 0))[1] if hasattr(block, "copies") else None
         seconds = max(0.0, time.monotonic() - started) if started is not None else 0.0
         now = time.time()
-        if self.schedule.crashed(block):
+        if self.schedule.crashed(block, before=self._attempt_base(key)[2]):
             block.crash = (host, now - seconds, seconds, message)
             return Decision(RETRY, avoid=True)
         attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
