@@ -40,7 +40,7 @@ from cluster.errors import BeowulfError
 from cluster.jobs.base import COMMIT, GIVE_BACK, KIND_DIED, RETRY, Decision, Job
 from cluster.mapexport import ResultError, parse_item_result
 from cluster.mapinput import MapInput, RangeInput, run_identity, value_bytes
-from cluster.mapschedule import MapBlock, MapSchedule
+from cluster.mapschedule import MAX_CRASHES, MapBlock, MapSchedule
 
 # Items in one block at most: a function's results (~100 bytes of JSON an item, several
 # times that once parsed) and a command's (up to its caps) stay a few MB per task.
@@ -471,7 +471,7 @@ class MapJob(Job):
         attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
         raw = None if item is None else value_bytes(item.value)
         return (key, seq, raw, "crashed", None, None, None, 0, None, host, start, seconds, attempt, None,
-                f"killed its worker {mapschedule_crashes()} times; last: {error}", 0, 0)
+                f"killed its worker {MAX_CRASHES} times; last: {error}", 0, 0)
 
     def failure(self, block, kind: str, message: str, host: str) -> Decision:
         """A worker that died: its block is split until the culprit is alone; that item's deaths
@@ -533,12 +533,6 @@ class MapJob(Job):
 
 
 PARTIAL_MARK = ".beowulf-part-"
-
-
-def mapschedule_crashes() -> int:
-    from cluster.mapschedule import MAX_CRASHES
-
-    return MAX_CRASHES
 
 
 def safe_relative(path: str) -> str:
