@@ -187,13 +187,13 @@ class MapSchedule(Schedule):
                 new.elsewhere |= block.elsewhere
         return block
 
-    def crashed(self, block: MapBlock) -> bool:
-        """Note that ``block`` (one item) killed its worker; True when it is now failed as crashed
-        (it comes back as a verdict block)."""
+    def crashed(self, block: MapBlock, before: int = 0) -> bool:
+        """Note that ``block`` (one item) killed its worker (``before``: times it did in earlier
+        sessions); True when it is now failed as crashed (it comes back as a verdict block)."""
         seq = block.seqs[0]
         self.crashes[seq] = self.crashes.get(seq, 0) + 1
         self.attempts[seq] = self.attempts.get(seq, 0) + 1
-        if self.crashes[seq] >= MAX_CRASHES:
+        if before + self.crashes[seq] >= MAX_CRASHES:
             block.verdict = True
             return True
         return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import secrets
 import shlex
 import stat
@@ -75,7 +76,8 @@ finally:
 """
 # Runs on the host: import the --function from the shipped folder once, as a worker will.
 _IMPORT_CHECK = (
-    "import sys; sys.path.insert(0, sys.argv[1]); import mapper; "
+    "import os, sys; sys.path.insert(0, sys.argv[1]); "
+    "os.path.isdir(sys.argv[4]) and sys.path.insert(1, sys.argv[4]); import mapper; "
     "mapper.load_function(sys.argv[2], sys.argv[3])"
 )
 
@@ -252,12 +254,69 @@ def import_check(transport, workdir: str, shipment: Shipment) -> None:
     host = transport.host
     command = " ".join([
         f"BEOWULF_MAP_WORKDIR={shlex.quote(workdir)}", host_python(host), "-c", shlex.quote(_IMPORT_CHECK),
-        shlex.quote(client_dir_on(host, workdir)), shlex.quote(shipment.digest), shlex.quote(shipment.function)])
+        shlex.quote(client_dir_on(host, workdir)), shlex.quote(shipment.digest), shlex.quote(shipment.function),
+        shlex.quote(f"{workdir}/lib")])
     result = transport.run(command, timeout=120)
     if not result.ok:
         lines = [line for line in (result.stderr or "").strip().splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else result.error_line()
         raise ConnectError(f"{host.name}: --function {shipment.function} does not import there ({reason[:300]})")
+
+
+# Runs on the host: unpack a wheel (a zip) into the private site folder (as fab setup does).
+_UNZIP = "import os,sys,zipfile; os.umask(0o077); zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"
+_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+def parse_requirements(path: str) -> tuple:
+    """The project names of ``--requirements FILE`` (one a line; ``#`` comments, blank lines);
+    UsageError naming the line for anything else (versions, URLs, options)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(1 << 20)
+    except OSError as exc:
+        raise UsageError(f"--requirements {_shown(path)}: {exc.strerror or exc}") from None
+    names = []
+    for number, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not _REQUIREMENT.match(line):
+            raise UsageError(f"--requirements {_shown(path)} line {number}: want a project name such as "
+                             f"toolz (the newest wheel that fits each host is taken), not {_shown(line)[:60]!r}")
+        names.append(re.sub(r"[-_.]+", "_", line))
+    if not names:
+        raise UsageError(f"--requirements {_shown(path)}: no project names")
+    return tuple(sorted(set(names)))
+
+
+def install_requirements(transport, workdir: str, names: tuple, cache) -> int:
+    """Wheels of ``names`` for this host's Python and platform (fetched once on the coordinator,
+    like fab setup's numpy: cluster/wheels.py), unpacked into WORKDIR/lib, the agent's private
+    site folder; ConnectError naming the requirement when a wheel is missing (the host is left
+    out). Bytes uploaded."""
+    from .provision import probe
+
+    host = transport.host
+    facts = probe(transport, shlex.quote(workdir))
+    sent = 0
+    for name in names:
+        wheel, why = cache.for_host(name, facts)
+        if wheel is None:
+            raise ConnectError(f"{host.name}: --requirements {name}: {why}")
+        marker = f"{workdir}/lib/.map-wheels/{wheel.name}"
+        if transport.run(f"test -f {shlex.quote(marker)}", timeout=30).ok:
+            continue
+        remote = f"{workdir}/.map-{secrets.token_hex(6)}-{wheel.name}"
+        transport.put(wheel.read_bytes(), remote)
+        sent += wheel.stat().st_size
+        command = (f"umask 077 && mkdir -p -- {shlex.quote(workdir)}/lib/.map-wheels && "
+                   f"{host_python(host)} -c {shlex.quote(_UNZIP)} {shlex.quote(remote)} {shlex.quote(workdir + '/lib')}"
+                   f" && : > {shlex.quote(marker)}; status=$?; rm -f -- {shlex.quote(remote)}; exit $status")
+        result = transport.run(command, timeout=300)
+        if not result.ok:
+            raise ConnectError(f"{host.name}: cannot unpack {wheel.name}: {result.error_line()}")
+    return sent
 
 
 def remove_run_folder(transport, run: str) -> None:

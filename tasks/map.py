@@ -73,6 +73,9 @@ def _split_list(text) -> tuple:
     "outdir": "where returned files go (default results/)",
     "ship": "comma-separated files or folders uploaded once per host (content-addressed): "
             "--function imports from them; a command finds them in $BEOWULF_SHIP",
+    "requirements": "FILE of project names (one a line): the newest wheel of each that fits a host's Python and "
+                    "platform is fetched once on this computer and unpacked on the host (no pip, no internet "
+                    "there); a host without a fitting wheel is left out with the reason",
     "retries": "tries again an item that failed (exit status, exception, timeout) this many times, "
                "each on another host when there is one (default 2)",
     "timeout": "kill an item after this long: seconds (10, 90s, 10m, 2h) or a percentage of the median "
@@ -90,8 +93,8 @@ def _split_list(text) -> tuple:
     "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
 })
 def map_(c, command=None, function=None, args=None, range_=None, files=None, colsep=None, return_=None,
-         outdir="results", ship=None, retries="2", timeout=None, stdout_cap=None, export=None, joblog=None,
-         no_duplicates=False, retry_failed=False, fresh=False, db=None, block_seconds="2", inventory=None,
+         outdir="results", ship=None, requirements=None, retries="2", timeout=None, stdout_cap=None, export=None,
+         joblog=None, no_duplicates=False, retry_failed=False, fresh=False, db=None, block_seconds="2", inventory=None,
          hosts=None, accept_new=False, verbose=False, quiet=False, dashboard=False):
     """Run a command or a Python function over every item (--args, --range or --files) on all hosts.
 
@@ -131,6 +134,8 @@ def map_(c, command=None, function=None, args=None, range_=None, files=None, col
         raise UsageError(f"--outdir: {outdir_path} is not a folder")
     if returns and not outdir_path.exists() and not outdir_path.parent.is_dir():
         raise UsageError(f"--outdir: folder {outdir_path.parent} does not exist")
+    if requirements:
+        spec.requirements = mapship.parse_requirements(os.path.expanduser(requirements))
     map_input = mapinput.open_input(args=args, range_text=range_, files=files, colsep=colsep)
     shipment = mapship.build(function, _split_list(ship))
     path, selected = load_hosts(c, inventory, hosts)

@@ -187,6 +187,30 @@ def test_function_called_with_items_imported_once(agent, workdir):
     assert {a["value"]["loads"] for a in answers} == {1}  # imported once per worker
 
 
+def test_function_over_a_range_answers_in_columns(agent, workdir):
+    """fab map's hot path: items made on the host from [seq, count, start, step], ok ones in
+    columns (integer microseconds), failures as item results, timeouts too."""
+    digest = ship(workdir, {"c.py": "import time\n"
+                                    "def f(x):\n    if x == 13:\n        raise KeyError(x)\n"
+                                    "    if x == 15:\n        time.sleep(30)\n"
+                                    "    return float('nan') if x == 17 else [x, str(x)]\n"})
+    message = run_map(agent, mode="function", function="c:f", ship=digest, range=[5, 8, 10, 1], columns=True,
+                      timeout=0.5)
+    result = message["result"]
+    columns = result["columns"]
+    assert columns["seq"] == [5, 6, 7, 9, 11]
+    assert columns["value"] == [[x, str(x)] for x in (10, 11, 12, 14, 16)]
+    assert all(type(us) is int and us >= 0 for us in columns["us"] + columns["start_us"])
+    assert abs(columns["t0"] - time.time()) < 120
+    failed = {item["seq"]: item for item in result["failed"]}
+    assert sorted(failed) == [8, 10, 12]
+    assert "KeyError: 13" in failed[8]["error"] and failed[10]["timed_out"]
+    assert "not JSON-serialisable" in failed[12]["error"]
+    assert result["left"] == []
+    bad = run_map(agent, "bad", mode="function", function="c:f", ship=digest, range=[0, 2, 1, 1], columns=True)
+    assert not bad["ok"] and "range" in bad["error"]
+
+
 def test_function_failures(agent, workdir):
     digest = ship(workdir, {"f.py": "import time\n"
                                     "def boom(x):\n    raise ValueError('bad item %s' % x)\n"

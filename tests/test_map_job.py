@@ -181,3 +181,16 @@ def test_percentage_timeout_follows_each_hosts_median(job_of):
     assert job.task_args_for(block, link, 1)["timeout"] == pytest.approx(6.0)
     job.host_samples["h1"] = [0.1, 0.1, 0.2]
     assert job.task_args_for(block, link, 1)["timeout"] == pytest.approx(0.3)
+
+
+def test_crashes_before_a_resume_count(job_of, tmp_path):
+    job = job_of(MapSpec(mode="command", command="run {}"), mapinput.open_input(range_text="1:1"))
+    _, block = job.schedule.next_block("h1", 1)
+    job.prior = {1: (2, 0, 2)}  # two crashes recorded by an earlier session (key of --range: the value)
+    decision = job.failure(block, KIND_DIED, "worker died (signal 11)", "h1")
+    assert decision.action == RETRY and block.verdict
+    result = {"items": [], "left": []}
+    job.check(block.lo, block.hi, result)
+    job.decide(block, result, "h1")
+    (_, columns, values), = job.rows(block, result, "h1")
+    assert dict(zip(columns, values[0]))["attempt"] == 3

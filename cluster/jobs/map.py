@@ -40,7 +40,7 @@ from cluster.errors import BeowulfError
 from cluster.jobs.base import COMMIT, GIVE_BACK, KIND_DIED, RETRY, Decision, Job
 from cluster.mapexport import ResultError, parse_item_result
 from cluster.mapinput import MapInput, RangeInput, run_identity, value_bytes
-from cluster.mapschedule import MapBlock, MapSchedule
+from cluster.mapschedule import MAX_CRASHES, MapBlock, MapSchedule
 
 # Items in one block at most: a function's results (~100 bytes of JSON an item, several
 # times that once parsed) and a command's (up to its caps) stay a few MB per task.
@@ -77,6 +77,7 @@ class MapSpec:
     timeout_percent: Optional[float] = None  # of the median item time
     stdout_cap: int = mapper.DEFAULT_STDOUT_CAP
     stderr_tail: int = mapper.DEFAULT_STDERR_TAIL
+    requirements: tuple = ()  # project names: wheels for each host (--requirements)
     duplicates: bool = True
     retry_failed: bool = False
     outdir: str = "results"
@@ -98,8 +99,10 @@ class MapJob(Job):
         self.total = len(map_input)
         self.start, self.end = 1, self.total
         self.range = map_input if isinstance(map_input, RangeInput) else None
+        shipped = (shipment.digest if shipment else "") + "".join(f" {name}" for name in spec.requirements)
         self.identity = run_identity(spec.mode, spec.command if spec.mode == "command" else spec.function,
-                                     map_input.form, shipment.digest if shipment else None, spec.returns)
+                                     map_input.form, shipped or None, spec.returns)
+        self.wheels = None  # cluster/wheels.py WheelCache, made when a host needs one
         self.run_hex = self.identity[:32]
         if spec.mode == "command":
             self.parts = spec.parts or mapper.parse_template(spec.command)
@@ -176,6 +179,13 @@ class MapJob(Job):
         """Ship the files once (content-addressed) and import a --function there once: a
         host where that fails is left out with the reason."""
         workdir = mapship.host_workdir_path(transport)
+        if self.spec.requirements and not transport.host.is_local:
+            # This computer's agent runs on fab's own Python: its packages are that Python's.
+            if self.wheels is None:
+                from cluster.wheels import WheelCache
+
+                self.wheels = WheelCache()
+            mapship.install_requirements(transport, workdir, self.spec.requirements, self.wheels)
         if self.shipment is not None:
             mapship.upload(transport, workdir, self.shipment)
             if self.spec.mode == "function":
@@ -461,7 +471,7 @@ class MapJob(Job):
         attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
         raw = None if item is None else value_bytes(item.value)
         return (key, seq, raw, "crashed", None, None, None, 0, None, host, start, seconds, attempt, None,
-                f"killed its worker {mapschedule_crashes()} times; last: {error}", 0, 0)
+                f"killed its worker {MAX_CRASHES} times; last: {error}", 0, 0)
 
     def failure(self, block, kind: str, message: str, host: str) -> Decision:
         """A worker that died: its block is split until the culprit is alone; that item's deaths
@@ -477,7 +487,7 @@ class MapJob(Job):
         started = block.copies.get(host, (0, time.monotonic(), 0))[1] if hasattr(block, "copies") else None
         seconds = max(0.0, time.monotonic() - started) if started is not None else 0.0
         now = time.time()
-        if self.schedule.crashed(block):
+        if self.schedule.crashed(block, before=self._attempt_base(key)[2]):
             block.crash = (host, now - seconds, seconds, message)
             return Decision(RETRY, avoid=True)
         attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
@@ -523,12 +533,6 @@ class MapJob(Job):
 
 
 PARTIAL_MARK = ".beowulf-part-"
-
-
-def mapschedule_crashes() -> int:
-    from cluster.mapschedule import MAX_CRASHES
-
-    return MAX_CRASHES
 
 
 def safe_relative(path: str) -> str:
