@@ -9,6 +9,7 @@ from pathlib import Path
 from invoke import Exit
 from tabulate import tabulate
 
+from cluster.engines import ENGINE_HELP
 from cluster.errors import JobError, UsageError
 from cluster.shown import shown, shown_rows
 
@@ -23,6 +24,7 @@ from .common import (
     print_warnings,
     setup_logging,
 )
+from .engine import engine_choice, engine_hosts
 
 log = logging.getLogger(__name__)
 MAX_END = 10**15
@@ -66,10 +68,11 @@ def _size(count: float) -> str:
     "fresh": "start the run over instead of resuming it",
     "verify": "re-run this fraction of blocks (0..1) on a different host and compare",
     "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
+    **ENGINE_HELP,
 })
 def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_seconds="2", export=None,
            count_only=False, fresh=False, verify="0", accept_new=False, verbose=False, quiet=False,
-           dashboard=False):
+           dashboard=False, engine=None, scheduler=None):
     """Find every prime p with START <= p <= END (both inclusive) on all hosts; resumable.
 
     Running the same command again resumes: finished blocks are kept. --export writes the
@@ -93,26 +96,31 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     from cluster.jobs.primes import PrimesJob
     from cluster.progress import Progress
 
-    path, selected = load_hosts(c, inventory, hosts)
+    choice = engine_choice(c, engine, scheduler, inventory, hosts)
+    if not choice.is_dask:
+        load_hosts(c, inventory, hosts)  # a bad inventory is a usage error before anything else
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
-    if fraction > 0 and len(selected) < 2:
-        log.warning("warning: --verify needs two hosts or more (a block is re-run on a different host); "
-                    "nothing will be verified")
     if not fresh and _answer_from_finished_run(db_path, first, last, count_only, export_path):
         return
     job = PrimesJob(first, last, count_only=count_only)
     _check_disk(db_path, job)
-    coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, block_seconds=seconds,
-                              accept_new=accept_new, verify=fraction)
     from .dashboard import beside  # fab primes --dashboard (tasks/dashboard.py)
 
     try:
-        with beside(db_path, dashboard), \
-                Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
-            coordinator.progress = progress
-            outcome = coordinator.run()
-            progress.finish(outcome.items_total, job.total)
+        with engine_hosts(c, choice, inventory, hosts) as chosen:
+            if fraction > 0 and len(chosen.hosts) < 2:
+                log.warning("warning: --verify needs two hosts or more (a block is re-run on a different host); "
+                            "nothing will be verified")
+            coordinator = Coordinator(job, chosen.hosts, c.config, str(db_path), fresh=fresh,
+                                      block_seconds=seconds, accept_new=accept_new, verify=fraction,
+                                      **chosen.kwargs)
+            chosen.attach(coordinator)
+            with beside(db_path, dashboard), \
+                    Progress("numbers", enabled=None if not quiet else False, label="primes") as progress:
+                coordinator.progress = progress
+                outcome = coordinator.run()
+                progress.finish(outcome.items_total, job.total)
     except KeyboardInterrupt:
         raise Exit("interrupted: finished blocks are kept; run the same command again to resume",
                    code=EXIT_INTERRUPTED) from None

@@ -1,0 +1,131 @@
+"""What runs inside a Dask worker: the client bundle, its hello, and one task at a time.
+
+This module is pickled by value (cloudpickle ``register_pickle_by_value``, see
+cluster/engines/dask.py), so a worker needs neither beowulf nor this file: only Dask and
+the standard library. It must therefore import nothing from ``cluster`` or ``tasks``.
+
+* ``BundlePlugin`` (a Dask worker plugin, registered once on the scheduler, so that workers
+  joining later get it too) writes the client bundle (client/*.py) into the worker's
+  local directory, in a folder named after the bundle hash, and puts it on ``sys.path``.
+* ``hello(bundle)`` is the first task a worker runs for a run: it checks the bundle's hash
+  on the worker, imports the client's agent module, and returns the facts the coordinator
+  shows (Python, numpy, the primes engine), or why the worker cannot run the client.
+* ``run_line(bundle, line)`` runs one task line exactly as an agent's worker process does
+  (client/agent.py ``JobRunner.run_line``) and returns its result line (bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+# Folder name prefix of the bundle inside a worker's local directory.
+FOLDER_PREFIX = "beowulf-client-"
+# The plugin's name on the scheduler (registering it again replaces it).
+PLUGIN_NAME = "beowulf-client"
+
+
+def bundle_folder(base: str, bundle: str) -> str:
+    """Where bundle ``bundle`` lives under a worker's local directory ``base``."""
+    return os.path.join(base, FOLDER_PREFIX + bundle)
+
+
+class BundlePlugin(WorkerPlugin):
+    """Dask worker plugin carrying the client bundle (file name -> bytes) to every worker.
+
+    Equivalent of distributed's UploadDirectory, but a plain WorkerPlugin: it needs no
+    nanny (``dask worker --no-nanny`` works) and puts only this bundle's folder on the path."""
+
+    name = PLUGIN_NAME
+    idempotent = False
+
+    def __init__(self, bundle: str, files: dict):
+        self.bundle = bundle
+        self.files = dict(files)
+
+    def setup(self, worker=None):
+        base = getattr(worker, "local_directory", None) or os.path.join(os.path.expanduser("~"), ".beowulf-dask")
+        folder = bundle_folder(base, self.bundle)
+        install(folder, self.files)
+        os.environ["BEOWULF_DASK_BUNDLE_DIR"] = folder
+
+
+
+def install(folder: str, files: dict) -> None:
+    """Write ``files`` into ``folder`` (each file atomically) and put it first on sys.path."""
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for name, data in files.items():
+        if os.sep in name or name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as handle:
+                if handle.read() == data:
+                    continue
+        except OSError:
+            pass
+        temp = f"{path}.{os.getpid()}.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def _folder(bundle: str) -> str:
+    folder = os.environ.get("BEOWULF_DASK_BUNDLE_DIR") or ""
+    if not folder.endswith(FOLDER_PREFIX + bundle) or not os.path.isdir(folder):
+        raise RuntimeError(f"the client bundle {bundle} is not on this worker (the beowulf-client plugin did not run)")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return folder
+
+
+def hello(bundle: str) -> dict:
+    """The worker's hello: bundle hash as found on the worker, Python, numpy, engines, or ``error``."""
+    facts = {"python": platform.python_version(), "pid": os.getpid(), "numpy": None, "engines": {}}
+    try:
+        import importlib
+
+        folder = _folder(bundle)
+        found = importlib.import_module("bundle").bundle_hash(folder)
+        facts["bundle"] = found
+        if found != bundle:
+            facts["error"] = f"the client bundle on the worker has hash {found}, not {bundle}"
+            return facts
+        agent = importlib.import_module("agent")
+        facts["protocol"] = agent.PROTOCOL
+        facts["engines"] = agent.engines()
+        try:
+            import numpy
+
+            facts["numpy"] = numpy.__version__
+        except Exception as exc:  # numpy missing or broken: the client falls back
+            facts["numpy_error"] = f"{type(exc).__name__}: {exc}"
+        _runner(bundle)
+    except BaseException as exc:  # whatever keeps the client from running is the reason shown
+        facts["error"] = f"{type(exc).__name__}: {exc}"
+    return facts
+
+
+def _runner(bundle: str):
+    """The worker's JobRunner, kept on the bundle's own agent module: this module's globals are
+    unpickled afresh with every task (pickled by value), so nothing can be cached here."""
+    import importlib
+
+    agent = sys.modules.get("agent")
+    runner = getattr(agent, "beowulf_dask_runner", None)
+    if runner is None or getattr(agent, "beowulf_dask_bundle", None) != bundle:
+        _folder(bundle)
+        agent = importlib.import_module("agent")
+        runner = agent.JobRunner(agent.job_table(), 0)
+        agent.beowulf_dask_runner, agent.beowulf_dask_bundle = runner, bundle
+    return runner
+
+
+def run_line(bundle: str, line: bytes) -> bytes:
+    """One task line in, one result line out (client/agent.py's JobRunner; it never raises)."""
+    return _runner(bundle).run_line(line)
