@@ -11,6 +11,7 @@ from pathlib import Path
 
 from invoke import Exit
 
+from cluster.engines import ENGINE_HELP
 from cluster.errors import UsageError
 from cluster.shown import json_text, shown
 from cluster.tally import tallied
@@ -26,6 +27,7 @@ from .common import (
     print_warnings,
     setup_logging,
 )
+from .engine import engine_choice, engine_hosts
 from .primes import store_path
 
 # --export: bytes a body may inflate to when the run's --max-bytes is not known (the flag's maximum),
@@ -57,11 +59,12 @@ MAX_ERROR_SHOWN = 300  # characters of one error (a host sends it)
     "fresh": "start the run over instead of resuming it",
     "skip_bad": "skip (and list) lines of the URL file that are not http(s) URLs instead of refusing to start",
     "export": "write the pages out: FILE.jsonl (one record a line) or a folder (index.jsonl + bodies/)",
+    **ENGINE_HELP,
 })
 def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="1.0", per_domain="1",
            concurrency="4", timeout="30", max_bytes="5000000", user_agent=None, ignore_robots=False,
            insecure=False, no_bodies=False, fresh=False, skip_bad=False, export=None, accept_new=False,
-           allow_private_redirects=False, verbose=False, quiet=False):
+           allow_private_redirects=False, verbose=False, quiet=False, engine=None, scheduler=None):
     """Fetch every URL of a file once across all hosts, politely; resumable.
 
     Per site, across the whole cluster: at most --per-domain requests at once and --delay
@@ -87,7 +90,9 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     per_slot = parse_int("concurrency", concurrency, minimum=1, maximum=64)
     export_path = Path(os.path.expanduser(export)) if export else None
     url_list, bad, duplicates = read_url_file(urls, skip_bad=skip_bad)
-    path, selected = load_hosts(c, inventory, hosts)
+    choice = engine_choice(c, engine, scheduler, inventory, hosts, tor=tor)
+    if not choice.is_dask:
+        load_hosts(c, inventory, hosts)  # a bad inventory is a usage error before anything else
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
     for line in describe_bad(bad, "stdin" if urls == "-" else urls):
@@ -99,7 +104,8 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     if insecure:
         print("WARNING: --insecure is on: TLS certificates are not verified")
     job = ScrapeJob(url_list, options, delay=pause, per_domain=in_flight, concurrency=per_slot)
-    outcome = _run(c, job, selected, db_path, fresh, accept_new, quiet)
+    with engine_hosts(c, choice, inventory, hosts) as chosen:
+        outcome = _run(c, job, chosen, db_path, fresh, accept_new, quiet)
     _print_summary(outcome, job, db_path)
     if export_path is not None:
         _export(db_path, outcome.run_id, export_path)
@@ -150,11 +156,13 @@ def _private_networks(c) -> tuple:
     return tuple(networks)
 
 
-def _run(c, job, selected, db_path: Path, fresh: bool, accept_new: bool, quiet: bool):
+def _run(c, job, chosen, db_path: Path, fresh: bool, accept_new: bool, quiet: bool):
     from cluster.coordinator import Coordinator
     from cluster.progress import Progress
 
-    coordinator = Coordinator(job, selected, c.config, str(db_path), fresh=fresh, accept_new=accept_new)
+    coordinator = Coordinator(job, chosen.hosts, c.config, str(db_path), fresh=fresh, accept_new=accept_new,
+                              **chosen.kwargs)
+    chosen.attach(coordinator)
     try:
         with Progress("pages", enabled=None if not quiet else False, label="scrape", per_minute=True) as progress:
             coordinator.progress = progress

@@ -101,6 +101,9 @@ class DaskEngine:
         from distributed import Client
 
         cloudpickle.register_pickle_by_value(dask_worker)  # workers need no beowulf install
+        # Dask's own INFO lines (an embedded scheduler's every step) stay out of beowulf's console.
+        for name in ("distributed", "tornado", "bokeh"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         try:
             if self.address:
                 self.client = Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
@@ -200,21 +203,39 @@ class DaskEngine:
 
     def hello(self, address: str, timeout: float = HELLO_TIMEOUT) -> dict:
         """Run the hello task on one worker: its facts, with ``error`` when it cannot run the client."""
-        worker_python = (self.versions().get(address) or {}).get("python", "")
+        return self.hellos([address], timeout)[address]
+
+    def hellos(self, addresses: list, timeout: float = HELLO_TIMEOUT) -> dict:
+        """The hello of each worker (at once): address -> facts, with ``error`` when it cannot run
+        the client (a Python other than ours, the bundle missing or different, an import failing)."""
+        versions = self.versions()
         here = platform.python_version()
-        if worker_python and worker_python.split(".")[:2] != here.split(".")[:2]:
-            # Code pickled by value (and Dask itself) needs the same Python minor version.
-            return {"python": worker_python, "engines": {},
-                    "error": f"Python {worker_python} on the worker, {here} on the coordinator "
-                             "(Dask ships code pickled by value: the minor versions must match)"}
-        future = self.client.submit(dask_worker.hello, self.bundle, key=f"beowulf-hello-{uuid.uuid4().hex}",
-                                    workers=[address], allow_other_workers=False, retries=0, pure=False)
-        try:
-            facts = future.result(timeout=timeout)
-        except Exception as err:
-            future.cancel()
-            return {"python": worker_python or "?", "engines": {}, "error": _one_line(err)}
-        return facts if isinstance(facts, dict) else {"error": "the hello task returned junk"}
+        out, futures = {}, {}
+        for address in addresses:
+            known = versions.get(address) or {}
+            python = known.get("python", "")
+            if python and python.split(".")[:2] != here.split(".")[:2]:
+                # Code pickled by value (and Dask itself) needs the same Python minor version.
+                out[address] = {"python": python, "engines": {}, "packages": known.get("packages", {}),
+                                "error": f"Python {python} on the worker, {here} on the coordinator (Dask ships "
+                                         "code pickled by value: the minor versions must match)"}
+                continue
+            futures[address] = self.client.submit(
+                dask_worker.hello, self.bundle, key=f"beowulf-hello-{uuid.uuid4().hex}", workers=[address],
+                allow_other_workers=False, retries=0, pure=False)
+        deadline = time.monotonic() + timeout
+        for address, future in futures.items():
+            known = versions.get(address) or {}
+            try:
+                facts = future.result(timeout=max(0.1, deadline - time.monotonic()))
+                if not isinstance(facts, dict):
+                    facts = {"error": "the hello task returned junk"}
+            except Exception as err:
+                future.cancel()
+                facts = {"python": known.get("python", "?"), "engines": {}, "error": _one_line(err)}
+            facts.setdefault("packages", known.get("packages", {}))
+            out[address] = facts
+        return out
 
     # ------------------------------------------------------------ links
 
@@ -429,6 +450,27 @@ class DaskStream:
 
     def close_stdin(self) -> None:
         self.end("closed by the coordinator")
+
+
+def worker_rows(engine: DaskEngine) -> tuple[list, list, int]:
+    """fab hosts --engine dask: (headers, rows, workers that can run the client)."""
+    addresses = sorted(engine.workers, key=lambda a: engine.workers[a]["name"])
+    facts = engine.hellos(addresses) if addresses else {}
+    rows, able = [], 0
+    for address in addresses:
+        worker, found = engine.workers[address], facts.get(address) or {}
+        packages = found.get("packages") or {}
+        listed = [f"{name} {packages[name]}" for name in ("dask", "distributed", "numpy") if packages.get(name)]
+        if found.get("error"):
+            can = f"no: {found['error']}"
+        else:
+            able += 1
+            engine_name = (found.get("engines") or {}).get("primes") or "?"
+            can = f"yes (primes engine: {engine_name})"
+        memory = worker["memory_limit"]
+        rows.append([worker["name"], address, worker["nthreads"], f"{memory / 2**30:.1f} GiB" if memory else "?",
+                     found.get("python") or "?", ", ".join(listed), can])
+    return ["worker", "address", "threads", "memory", "python", "packages", "runs the client"], rows, able
 
 
 def _local_cluster(workers: Optional[int]):
