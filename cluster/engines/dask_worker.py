@@ -129,3 +129,12 @@ def _runner(bundle: str):
 def run_line(bundle: str, line: bytes) -> bytes:
     """One task line in, one result line out (client/agent.py's JobRunner; it never raises)."""
     return _runner(bundle).run_line(line)
+
+
+# Dask pickles a task graph with plain pickle first, which would name these functions by
+# reference (cluster.engines.dask_worker.hello): a worker or scheduler without beowulf could
+# not load them. Under the name of __main__ plain pickle fails, and Dask falls back to
+# cloudpickle, which ships them (and the helpers they call: this module is registered to be
+# pickled by value) as code.
+for _entry in (hello, run_line):
+    _entry.__module__ = "__main__"
