@@ -43,7 +43,7 @@ WATCH_SECONDS = 0.5
 HELLO_TIMEOUT = 60.0
 # Longest worker name shown; longer ones are cut (names come from the cluster: hostile text).
 MAX_NAME = 60
-_ADDRESS = re.compile(r"^(?:(?:tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+_ADDRESS = re.compile(r"^(?:(?:tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}\Z")
 _NAME_JUNK = re.compile(r"[^A-Za-z0-9_.:@\-\[\]]")
 
 
@@ -104,6 +104,8 @@ class DaskEngine:
         # Dask's own INFO lines (an embedded scheduler's every step) stay out of beowulf's console.
         for name in ("distributed", "tornado", "bokeh"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        if self.address:
+            _probe(self.address)
         try:
             if self.address:
                 self.client = Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
@@ -483,6 +485,23 @@ def _local_cluster(workers: Optional[int]):
         cores = os.cpu_count() or 1
     return LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
                         dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
+
+
+def _probe(address: str) -> None:
+    """Fail at once (ConnectError) when nothing listens at a TCP scheduler address: Dask's client
+    would retry for CONNECT_TIMEOUT seconds before saying the same."""
+    import socket
+
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "tcp", "tls"):
+        return
+    host, _, port = rest.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT):
+            pass
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _one_line(err)
+        raise ConnectError(f"cannot reach the Dask scheduler at {address}: {reason}") from None
 
 
 def _takes_n_workers(client) -> bool:
