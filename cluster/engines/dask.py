@@ -22,6 +22,7 @@ import os
 import platform
 import queue
 import re
+import sys
 import threading
 import time
 import uuid
@@ -477,14 +478,23 @@ def worker_rows(engine: DaskEngine) -> tuple[list, list, int]:
 
 def _local_cluster(workers: Optional[int]):
     """The embedded LocalCluster: one single-threaded worker process per core, no dashboard."""
+    import dask.config
     from distributed import LocalCluster
 
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
-                        dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
+    method = {}
+    if sys.platform.startswith("linux") and dask.config.get("distributed.worker.multiprocessing-method") == "spawn":
+        # Dask's default, spawn, starts each worker as a fresh Python that imports Dask again:
+        # ~1 s per worker at start and ~0.7 s to stop, most of a short run's fixed cost
+        # (BENCHMARKS.md, "Dask engine"). A fork of this process starts in ~0.1 s; the user's
+        # own choice in Dask's configuration wins.
+        method = {"distributed.worker.multiprocessing-method": "fork"}
+    with dask.config.set(method):
+        return LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
+                            dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
 
 
 def _probe(address: str) -> None:
