@@ -102,9 +102,12 @@ class DaskEngine:
         from distributed import Client
 
         cloudpickle.register_pickle_by_value(dask_worker)  # workers need no beowulf install
-        # Dask's own INFO lines (an embedded scheduler's every step) stay out of beowulf's console.
-        for name in ("distributed", "tornado", "bokeh"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        # Dask's own lines (an embedded scheduler's every step; a lost scheduler's tracebacks) stay
+        # out of beowulf's console: what they mean is said once, in beowulf's words (a worker left,
+        # the scheduler is gone, a worker cannot run the client).
+        names = [name for name in logging.root.manager.loggerDict if name.startswith("distributed.")]
+        for name in ["distributed", "tornado", "bokeh", *names]:  # Dask sets levels of its children too
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         if self.address:
             _probe(self.address)
         try:
@@ -259,18 +262,25 @@ class DaskEngine:
             if client is None:
                 return
             try:
-                if client.status not in ("running", "connecting"):
+                if client.status != "running":
                     raise ConnectionError(f"client {client.status}")
                 workers = self.refresh()
             except Exception as err:
                 if self._stop.is_set():
                     return
-                self.lost_scheduler = f"the Dask scheduler is gone ({_one_line(err)})"
-                log.warning("%s", self.lost_scheduler)
-                with self._lock:
-                    self.workers = {}
-                self._end_all(self.lost_scheduler)
-                return
+                if not self.lost_scheduler:
+                    self.lost_scheduler = f"the Dask scheduler is gone ({_one_line(err)})"
+                    log.warning("%s", self.lost_scheduler)
+                    with self._lock:
+                        self.workers = {}
+                    known = set()
+                    self._end_all(self.lost_scheduler)
+                if client.status in ("closed", "closing"):
+                    return  # Dask gave up reconnecting: so does the run (every host lost: exit 1)
+                continue
+            if self.lost_scheduler:  # the client reconnected: its workers may start again
+                log.warning("the Dask scheduler is back")
+                self.lost_scheduler = ""
             for address in known - set(workers):
                 log.warning("dask worker %s left the cluster", address)
                 self._end(address, "the worker left the Dask cluster")
@@ -403,10 +413,13 @@ class DaskStream:
                 self._last = time.monotonic()
                 self._lines.put(line if line.endswith(b"\n") else line + b"\n")
                 return
-            error = future.exception() if future.status == "error" else f"task {future.status}"
-            text = _one_line(error)
-        except Exception as err:  # cancelled under us, or the client closed
-            text = _one_line(err)
+            if future.status != "error":  # cancelled by Dask, not by us: the scheduler connection went
+                self.end(f"task {future.status} by Dask (the connection to the scheduler was lost?)")
+                return
+            text = _one_line(future.exception())
+        except Exception as err:  # the client closed under us
+            self.end(f"the Dask client failed: {_one_line(err)}")
+            return
         self._put({"type": "result", "id": task_id, "ok": False, "error": f"dask: {text}", "elapsed": 0.0})
 
     # -- the coordinator reads
