@@ -101,6 +101,7 @@ class DaskEngine:
         import cloudpickle
         from distributed import Client
 
+        log.debug("dask: starting")
         cloudpickle.register_pickle_by_value(dask_worker)  # workers need no beowulf install
         # Dask's own lines (an embedded scheduler's every step; a lost scheduler's tracebacks) stay
         # out of beowulf's console: what they mean is said once, in beowulf's words (a worker left,
@@ -122,6 +123,7 @@ class DaskEngine:
         except ValueError as err:  # a malformed address that passed our check
             self.close()
             raise UsageError(f"--scheduler: {_one_line(err)}") from None
+        log.debug("dask: connected to %s", self.scheduler_address)
         if plugin:
             files = bundle_files()
             self.client.register_plugin(dask_worker.BundlePlugin(self.bundle, files),
@@ -130,6 +132,7 @@ class DaskEngine:
         return self
 
     def close(self) -> None:
+        log.debug("dask: closing")
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(5)
@@ -148,6 +151,7 @@ class DaskEngine:
                 cluster.close(timeout=10)
             except Exception as err:
                 log.debug("closing the LocalCluster: %s", err)
+        log.debug("dask: closed")
 
     def __enter__(self):
         return self
