@@ -8,10 +8,12 @@ Stdin carries the coordinator's messages and stdout the agent's, one JSON object
 line, UTF-8 (README.md, "Wire protocol"); stdout carries nothing else, logs go to stderr.
 
     agent -> {"type": "hello", "bundle", "python", "cores", "slots", "host", "pid",
-              "engines": {"primes": ENGINE or null}, "protocol": 1, "jobs", "nice"}
+              "engines": {JOB: ENGINE or null}, "protocol": 1, "jobs", "nice"}
     coord -> {"type": "task", "id": ID, "job": NAME, "args": {...}}   queued, run by a free slot
     agent -> {"type": "result", "id": ID, "ok": true, "result": {...}, "elapsed": S, "slot": K}
-             {"type": "result", "id": ID, "ok": false, "error": "one line", "elapsed": S[, "slot"]}
+             {"type": "result", "id": ID, "ok": false, "error": "one line", "kind": KIND,
+              "elapsed": S[, "slot"]}   KIND: "error", "died" (its worker), or the exception's
+                                        ``failure_kind`` (client/scrape.py ProxyError: "proxy")
     coord -> {"type": "cancel", "id": ID}     queued: dropped; running: its worker is killed;
                                               no result for ID is written after this is read
     agent -> {"type": "beat", "t", "load": [1m, 5m, 15m] or null, "temp", "busy", "queued"}
@@ -99,6 +101,13 @@ def one_line_error(exc):
     return text
 
 
+def failure_kind(exc):
+    """The kind of a task's failure (the coordinator's job decides on it, never on the text):
+    the exception's ``failure_kind`` when it names one, else "error"."""
+    kind = getattr(exc, "failure_kind", None)
+    return kind if isinstance(kind, str) and kind else "error"
+
+
 def exit_description(returncode):
     """``"signal 9"`` or ``"exit code 3"`` for a Popen return code."""
     if returncode is not None and returncode < 0:
@@ -138,13 +147,19 @@ def client_module(name):
 
 
 def engines():
-    """``{"primes": primes.ENGINE}``, None when the module does not import."""
-    try:
-        engine = getattr(client_module("primes"), "ENGINE", None)
-    except Exception as exc:  # an import of a job module may fail in any way
-        logger.info("primes not available: %s", one_line_error(exc))
-        engine = None
-    return {"primes": engine}
+    """``{JOB: module.ENGINE}`` of each job whose module (``JOBS``) names the engine it computes
+    with; None for a job whose module does not import."""
+    found = {}
+    for job, (module, _) in sorted(JOBS.items()):
+        try:
+            imported = client_module(module)
+        except Exception as exc:  # an import of a job module may fail in any way
+            logger.info("%s not available: %s", job, one_line_error(exc))
+            found[job] = None
+            continue
+        if hasattr(imported, "ENGINE"):
+            found[job] = imported.ENGINE
+    return found
 
 
 def start_engine_probe(opts):
@@ -163,8 +178,8 @@ def start_engine_probe(opts):
 
 
 def finish_engine_probe(proc):
-    """The engines the probe started by ``start_engine_probe`` found ({"primes": None} if none)."""
-    found = {"primes": None}
+    """The engines the probe started by ``start_engine_probe`` found ({} if none)."""
+    found = {}
     if proc is None:
         return found
     try:
@@ -282,8 +297,8 @@ class JobRunner(object):
             elapsed = time.perf_counter() - started
             logger.debug("slot %d: task %r failed", self.slot, task_id, exc_info=True)
             return encode_line({"type": "result", "id": task_id, "ok": False,
-                                "error": one_line_error(exc), "elapsed": round(elapsed, 6),
-                                "slot": self.slot})
+                                "error": one_line_error(exc), "kind": failure_kind(exc),
+                                "elapsed": round(elapsed, 6), "slot": self.slot})
 
 
 def worker_main(opts):
@@ -501,9 +516,9 @@ class Agent(object):
         """Send one protocol message (a dict)."""
         self.write(encode_line(message))
 
-    def reject(self, task_id, error, elapsed=0.0, slot=None):
+    def reject(self, task_id, error, elapsed=0.0, slot=None, kind="error"):
         """Answer a task with a failed result."""
-        message = {"type": "result", "id": task_id, "ok": False, "error": error,
+        message = {"type": "result", "id": task_id, "ok": False, "error": error, "kind": kind,
                    "elapsed": round(elapsed, 6)}
         if slot is not None:
             message["slot"] = slot
@@ -632,7 +647,7 @@ class Agent(object):
             logger.warning("%s/%d: worker %d died (%s) running task %r", self.host, slot.index,
                            worker.proc.pid, what, task.id)
             self.reject(task.id, "worker died (%s)" % what, time.monotonic() - task.started,
-                        slot.index)
+                        slot.index, kind="died")
         self.dispatch()
 
     def respawn_due(self, now):

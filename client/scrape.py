@@ -130,6 +130,8 @@ _SSL_CONTEXTS = {}
 class ProxyError(Exception):
     """The SOCKS proxy is missing, down or misbehaving: a host problem, nothing was fetched."""
 
+    failure_kind = "proxy"  # the failed result's "kind" (client/agent.py failure_kind)
+
 
 class PageError(Exception):
     """A page-level failure: ``kind`` is one of ERROR_KINDS, the message is one line."""

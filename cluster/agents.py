@@ -60,9 +60,8 @@ _checks = threading.BoundedSemaphore(1)
 # A reader waits before reading more while they are spent, so a host's output waits in its SSH
 # window (back-pressure), not in the coordinator's memory.
 RESULT_BUDGET_BYTES = 8 * 1024 * 1024
-# Result fields that hold the encoded payload (primes: data, scrape: body): the check decodes
-# them into the payload, so they are dropped once checked (the encoded copy is not kept twice).
-_ENCODED_FIELDS = ("data", "body")
+# A failed result's error kind (Job.failure decides on it): a short identifier, else "error".
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 
 
 class ByteBudget:
@@ -141,7 +140,7 @@ class HostLink:
     def __init__(self, host: Host, config, accept_new: bool, events: queue.Queue,
                  check: Callable[[int, int, dict], Any], bundle: str, beat_seconds: float = 2.0,
                  preload: str = "", prepare: Optional[Callable[[Transport], None]] = None,
-                 slot_factor: int = 1, budget: Optional[ByteBudget] = None):
+                 slot_factor: int = 1, budget: Optional[ByteBudget] = None, encoded_fields: tuple = ()):
         self.host = host
         self.name = host.name
         self.config = config
@@ -153,6 +152,9 @@ class HostLink:
         self.preload = preload
         self.prepare = prepare
         self.slot_factor = slot_factor
+        # Result fields that hold the encoded payload (Job.encoded_fields): the check decodes
+        # them into the payload, so they are dropped once checked (not kept twice).
+        self.encoded_fields = tuple(encoded_fields)
         self.budget = budget
         if budget is not None:
             _limit_heap_retention()
@@ -356,7 +358,7 @@ class HostLink:
                             reason = self._cut_off(stream, f"a result for task {_short(message.get('id'))}, "
                                                            "which was never sent to it")
                             break
-                        _drop_encoded(message)
+                        _drop_encoded(message, self.encoded_fields)
                         if event.checked is not None and event.checked[1] is not None:
                             event.claim, claim = claim, None  # until the coordinator is done with it
                         self.events.put(event)
@@ -444,6 +446,8 @@ class HostLink:
             error = message.get("error")
             error = " ".join(error.split())[:MAX_ERROR_CHARS] if isinstance(error, str) else ""
             message["error"] = error or "failed (no error message)"
+            kind = message.get("kind")
+            message["kind"] = kind if isinstance(kind, str) and _KIND.match(kind) else "error"
             return event
         if bounds is None:
             return event  # a late copy (cancelled) or a repeated answer: the coordinator ignores it
@@ -488,12 +492,12 @@ def _limit_heap_retention() -> None:
         pass
 
 
-def _drop_encoded(message: dict) -> None:
+def _drop_encoded(message: dict, fields: tuple) -> None:
     """Forget a result's encoded payload once it was checked (or rejected, or is a late copy):
     what is kept is the decoded payload, not both."""
     result = message.get("result")
     if isinstance(result, dict):
-        for key in _ENCODED_FIELDS:
+        for key in fields:
             if isinstance(result.get(key), str):
                 result[key] = None
 

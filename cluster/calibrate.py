@@ -76,6 +76,7 @@ class PrimesBench:
     """Prime blocks (count or list mode) from ``start`` upwards, wrapping around at ``end``."""
 
     name = "primes"
+    encoded_fields = ("data",)
 
     def __init__(self, start: int = PRIMES_START, mode: str = "count", end: Optional[int] = None):
         from .jobs.primes import MAX_END, PrimesJob
@@ -130,6 +131,7 @@ class ScrapeBench:
     """One URL a task; a page counts when it got an HTTP status."""
 
     name = "scrape"
+    encoded_fields = ("body",)
 
     def __init__(self, urls: list[str], user_agent: str, proxy: Optional[str] = None):
         self.urls = list(urls)
@@ -170,7 +172,7 @@ def calibrate_host(host: Host, config, bench, seconds: float, accept_new: bool =
     outcome = Calibration(host.name)
     events: queue.Queue = queue.Queue()
     link = HostLink(host, config, accept_new, events, bench.check, bundle or local_bundle_hash(),
-                    preload=bench.name)
+                    preload=bench.name, encoded_fields=bench.encoded_fields)
     try:
         outcome.hello = link.start()
         outcome.slots = link.slots

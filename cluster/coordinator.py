@@ -20,8 +20,9 @@ from .agents import PING_SECONDS, ByteBudget, Event, HostLink
 from .errors import BeowulfError, JobError
 from .fanout import MAX_CONCURRENT_HOSTS
 from .inventory import Host
+from .jobs.base import COMMIT, KIND_ERROR, KIND_INVALID, LOSE_HOST, RETRY, Decision
 from .provision import local_bundle_hash
-from .scheduler import MAX_BLOCK_FAILURES, MIN_BLOCK, Schedule
+from .scheduler import MAX_BLOCK_FAILURES
 from .store import BlockRow, BlockWriter, Store
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Coordinator:
         began = time.monotonic()
         store = Store(self.store_path)
         try:
+            store.migrate_job(self.job)
             run_id = store.open_run(self.job.name, self.job.params(), self.job.total, fresh=self.fresh)
             store.lock_run(run_id)
             try:
@@ -159,16 +161,14 @@ class Coordinator:
         self.store = store
         self.tail_recorded = False
         done = store.done_ranges(run_id)
-        self.min_block = self.job.min_block() if hasattr(self.job, "min_block") else MIN_BLOCK
-        self.job.run_id = run_id
-        if hasattr(self.job, "make_schedule"):  # a job with its own order (scrape: politeness)
-            self.schedule = self.job.make_schedule(done)
-        else:
-            self.schedule = Schedule(self.job.start, self.job.end, done, self.min_block)
+        self.job.bind(run_id, store)
+        self.min_block = self.job.min_block()
+        self.schedule = self.job.make_schedule(done, self.min_block)
         self.max_block = self.job.max_block()
         self.schedule.hosts_up = self.up  # who else could take a block (Schedule.shuns)
         if self.task_floor is None:
-            self.task_floor = self.job.task_floor() if hasattr(self.job, "task_floor") else TASK_FLOOR
+            floor = self.job.task_floor()
+            self.task_floor = TASK_FLOOR if floor is None else floor
         totals = store.run_totals(run_id)
         self.done_items = self.job.total - self.schedule.remaining_at_start
         self.found_committed = int(totals.get("found") or 0)
@@ -233,8 +233,8 @@ class Coordinator:
     def _make_link(self, host: Host) -> HostLink:
         return self.link_factory(host, self.config, self.accept_new, self.events, self.job.check,
                                  self.bundle, beat_seconds=self.beat_seconds, preload=self.job.name,
-                                 prepare=getattr(self.job, "prepare_host", None),
-                                 slot_factor=getattr(self.job, "slot_factor", lambda: 1)(), budget=self.budget)
+                                 prepare=self.job.prepare_host, slot_factor=self.job.slot_factor(),
+                                 budget=self.budget, encoded_fields=self.job.encoded_fields)
 
     def join(self, host: Host) -> None:
         """A host that appeared mid-run (a Dask worker that joined): it starts and gets work.
@@ -323,7 +323,7 @@ class Coordinator:
                 self._fill(name)
             self._note_tail()
             wait = 0.25
-            ready_in = getattr(self.schedule, "next_ready_in", lambda: None)()
+            ready_in = self.schedule.next_ready_in()
             if ready_in is not None and self.up:
                 wait = min(wait, ready_in + 0.001)
             try:
@@ -405,7 +405,7 @@ class Coordinator:
     def _fill(self, name: str, queue: bool = True) -> None:
         """Send ``name`` tasks up to its capacity (``queue``) or only up to its slots."""
         link, stats = self.links[name], self.stats[name]
-        capacity = self.job.capacity(link.slots) if hasattr(self.job, "capacity") else link.slots + 1
+        capacity = self.job.capacity(link.slots)
         if not queue:
             capacity = min(capacity, link.slots)
         while name in self.up and self.schedule.load_of(name) < capacity:
@@ -422,10 +422,7 @@ class Coordinator:
             self.schedule.set_expected(task_id, expected)
             floor = self.task_floor * (2 if self.schedule.load_of(name) > link.slots else 1)
             self.deadlines[task_id] = time.monotonic() + max(floor, OVERDUE_FACTOR * expected * stats.turnaround)
-            if hasattr(self.job, "task_args_for"):
-                args = self.job.task_args_for(block, link, task_id)
-            else:
-                args = self.job.task_args(block.lo, block.hi)
+            args = self.job.task_args_for(block, link, task_id)
             try:
                 link.send_task(task_id, self.job.name, block.lo, block.hi, args)
             except (ConnectionError, OSError) as err:
@@ -479,7 +476,7 @@ class Coordinator:
         if not self.up or self.schedule.in_flight or self.schedule.finished() or self.schedule.verify:
             self.stalled_since = None
             return
-        if getattr(self.schedule, "next_ready_in", lambda: None)() not in (None, 0.0):
+        if self.schedule.next_ready_in() not in (None, 0.0):
             self.stalled_since = None  # something waits for its time (Retry-After, a gap)
             return
         if any(s.state != "excluded" and s.name not in self.up
@@ -510,7 +507,7 @@ class Coordinator:
             self.reconnecting.discard(name)
             self.up.add(name)
             self.writer_event(name, "up", f"{event.link.slots} slots")
-            engine = str((event.link.hello.get("engines") or {}).get(self.job.name) or "")
+            engine = self.job.engine_of(event.link.hello)
             try:
                 self.store.upsert_host(name, event.link.hello)
                 # What the host is in this run, kept with the run (fab stats of past runs).
@@ -553,19 +550,20 @@ class Coordinator:
             return  # a cancelled copy, a task of a host we gave up on, or another host's task id
         if not message.get("ok") or event.invalid:
             return self._failed(task_id, stats, event.invalid or message.get("error") or "failed",
-                                bool(event.invalid))
+                                bool(event.invalid), message.get("kind"))
         if event.checked is None:
             return
         result = message.get("result") or {}
         block = self.schedule.tasks[task_id][0]
-        if hasattr(self.job, "decide") and block.verify_of is None:
-            decision = self.job.decide(block, stats.name, result, time.monotonic(), len(self.up) - 1)
-            if decision[0] == "retry":
-                self.schedule.give_back(task_id, retry_at=time.monotonic() + decision[1], avoid=decision[2])
-                stats.retries += 1
-                log.info("%s: item %d again in %.1fs (%s)", stats.name, block.lo, decision[1],
-                         result.get("error") or result.get("status"))
+        if block.verify_of is None:
+            decision = self.job.decide(block, result, stats.name)
+            self._record(block, decision)
+            if decision.action == RETRY:
+                self._retry(task_id, block, stats, decision, str(result.get("error") or result.get("status")))
                 return
+            if decision.action != COMMIT:
+                return self._failed(task_id, stats, decision.reason or "the job refused the result", False,
+                                    decision=decision)
         copy = self.schedule.tasks[task_id][0].copies.get(stats.name)
         done = self.schedule.complete(task_id)
         if done is None:
@@ -586,15 +584,42 @@ class Coordinator:
             return
         self._commit(block, stats, found, payload, result, float(message.get("elapsed") or 0.0))
 
-    def _failed(self, task_id: int, stats: HostStats, error: str, invalid: bool) -> None:
-        """A task failed on its host, or its result was invalid: the block goes back."""
+    def _record(self, block, decision: Decision) -> None:
+        """Store the rows a decision carries (an attempt row of a failed item, ...) right away."""
+        if decision.record:
+            try:
+                self.store.add_job_rows(self.run_id, block.lo, decision.record)
+            except BeowulfError as err:
+                log.warning("cannot record rows of [%d, %d]: %s", block.lo, block.hi, err)
+
+    def _retry(self, task_id: int, block, stats: HostStats, decision: Decision, why: str) -> None:
+        """The job wants the block again later (not a failure): it goes back, due after the delay."""
+        self.schedule.give_back(task_id, retry_at=time.monotonic() + decision.delay,
+                                avoid=decision.avoid and len(self.up) > 1)
+        stats.retries += 1
+        log.info("%s: item %d again in %.1fs (%s)", stats.name, block.lo, decision.delay, why)
+
+    def _failed(self, task_id: int, stats: HostStats, error: str, invalid: bool, kind=None,
+                decision: Optional[Decision] = None) -> None:
+        """A task failed on its host, or its result was invalid: the job decides what it means
+        (Job.failure, from the error's kind); by default the block goes back as a failure."""
         name = stats.name
-        if error.startswith("ProxyError"):
-            # --tor fails closed: a host whose proxy broke is out until its SOCKS port answers again.
+        if decision is None:
+            if invalid:
+                kind = KIND_INVALID
+            elif not isinstance(kind, str) or not kind:
+                kind = KIND_ERROR
+            block = self.schedule.tasks[task_id][0]
+            decision = self.job.failure(block, kind, error, name)
+            self._record(block, decision)
+        if decision.action == LOSE_HOST:
             self.schedule.give_back(task_id)
-            self._lose(name, f"proxy failed: {error}")
+            self._lose(name, decision.reason or error)
             return
-        block = self.schedule.give_back(task_id, failed=True, invalid=invalid)
+        if decision.action == RETRY:
+            self._retry(task_id, self.schedule.tasks[task_id][0], stats, decision, error)
+            return
+        block = self.schedule.give_back(task_id, failed=True, invalid=invalid, avoid=decision.avoid)
         stats.failures += 1
         if len(block.failed_on) == 1:
             stats.failures_in_row += 1  # only this host fails it: count it against the host
@@ -624,21 +649,21 @@ class Coordinator:
         stats.items += block.size
         stats.found += found
         now_wall = time.time()
-        meta = {key: result.get(key) for key in ("checksum", "engine") if result.get(key) is not None}
-        page = self.job.page_record(block, name, result) if hasattr(self.job, "page_record") else None
+        meta = self.job.block_meta(result)
+        rows = self.job.rows(block, result, name)
         self.writer.put(BlockRow(
             run_id=self.run_id, lo=block.lo, hi=block.hi, host=name, started=now_wall - elapsed,
             finished=now_wall, seconds=elapsed, items=block.size, found=found, attempts=block.attempts,
-            payload=payload, meta=dict(meta, elapsed=elapsed), page=page,
+            payload=payload, meta=dict(meta, elapsed=elapsed), rows=rows,
         ))
         if self.verify > 0 and len(self.links) > 1 and _sampled(block.lo, self.verify):
-            self.verify_expect[block.lo] = (found, result.get("checksum"))
+            self.verify_expect[block.lo] = (found, self.job.verify_key(found, result))
             self.schedule.add_verify(block.lo, block.hi, name)
 
     def _verified(self, block, found: int, result: dict) -> None:
         expected = self.verify_expect.pop(block.lo, None)
         self.verified += 1
-        if expected is not None and expected != (found, result.get("checksum")):
+        if expected is not None and expected[1] != self.job.verify_key(found, result):
             self.verify_mismatches += 1
             message = (f"--verify: block [{block.lo}, {block.hi}] from {block.verify_of} disagrees with "
                        f"a re-run ({expected[0]} vs {found} items)")

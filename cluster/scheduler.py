@@ -42,6 +42,7 @@ class Block:
     elsewhere: set = field(default_factory=set)
     failed_on: set = field(default_factory=set)  # hosts on which it failed
     verify_of: Optional[str] = None  # set for a --verify re-run: the host whose result it checks
+    ready_at: float = 0.0  # a block given back to retry later (Decision RETRY): not out before then
 
     @property
     def size(self) -> int:
@@ -109,9 +110,10 @@ class Schedule:
 
         ``queued``: the host has no idle slot, so the block waits there behind another
         (blocks of a range do not mind when they start)."""
+        now = time.monotonic()
         for queue in (self.redo, self.verify) if allow_verify else (self.redo,):
             for block in list(queue):
-                if self.shuns(block, host) or host == block.verify_of:
+                if self.shuns(block, host) or host == block.verify_of or block.ready_at > now:
                     continue
                 queue.remove(block)
                 return self._assign(block, host)
@@ -188,10 +190,16 @@ class Schedule:
         self.in_flight.pop(block.lo, None)
         return block, others
 
+    def next_ready_in(self) -> Optional[float]:
+        """Seconds until a block given back to retry later is due (None when none waits)."""
+        now = time.monotonic()
+        later = [block.ready_at for block in self.redo if block.ready_at > now]
+        return max(0.0, min(later) - now) if later else None
+
     def give_back(self, task_id: int, failed: bool = False, invalid: bool = False,
-                  avoid: bool = False) -> Optional[Block]:
+                  avoid: bool = False, retry_at: Optional[float] = None) -> Optional[Block]:
         """A copy ended without a valid result (host lost, error, invalid, overdue): redo the block
-        if no copy is left; ``avoid``: preferably on another host."""
+        if no copy is left; ``avoid``: preferably on another host; ``retry_at``: not before then."""
         entry = self._pop_task(task_id)
         if entry is None:
             return None
@@ -204,6 +212,8 @@ class Schedule:
             block.avoid.add(host)
         if avoid:
             block.elsewhere.add(host)
+        if retry_at is not None:
+            block.ready_at = max(block.ready_at, retry_at)
         if not block.copies:
             self.in_flight.pop(block.lo, None)
             if block.verify_of is not None:

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -47,7 +48,9 @@ log = logging.getLogger(__name__)
 # Marks a SQLite file as a beowulf store (PRAGMA application_id): "beow" in ASCII.
 APPLICATION_ID = 0x62656F77
 # The schema this code writes; stores with a smaller user_version are migrated.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# The oldest schema open_readonly reads (v4 only added job_schema: the reads do not need it).
+READABLE_SCHEMA = 3
 # Seconds a connection waits for another one's write lock before giving up.
 BUSY_TIMEOUT_SECONDS = 5.0
 # The WAL file is truncated back to this size after a checkpoint.
@@ -105,27 +108,6 @@ SCHEMA_V1 = (
         PRIMARY KEY (run_id, lo),
         FOREIGN KEY (run_id, lo) REFERENCES blocks (run_id, lo) ON DELETE CASCADE
     )""",
-    # One row per fetched URL of a scrape run (its body, compressed, is in payloads).
-    """CREATE TABLE pages (
-        run_id       INTEGER NOT NULL,
-        lo           INTEGER NOT NULL,        -- the URL's index in the run
-        url          TEXT    NOT NULL,
-        final_url    TEXT,
-        status       INTEGER,
-        content_type TEXT,
-        size         INTEGER,
-        truncated    INTEGER NOT NULL DEFAULT 0,
-        sha256       TEXT,
-        title        TEXT,
-        elapsed      REAL,
-        host         TEXT    NOT NULL,
-        tor          INTEGER NOT NULL DEFAULT 0,
-        error        TEXT,
-        error_kind   TEXT,
-        attempts     INTEGER NOT NULL DEFAULT 1,
-        PRIMARY KEY (run_id, lo),
-        FOREIGN KEY (run_id, lo) REFERENCES blocks (run_id, lo) ON DELETE CASCADE
-    )""",
     """CREATE TABLE hosts (
         name      TEXT PRIMARY KEY,
         facts     TEXT NOT NULL DEFAULT '{}', -- JSON object
@@ -157,18 +139,46 @@ SCHEMA_V1 = (
     )""",
 )
 
+SCHEMA_V4 = (
+    """CREATE TABLE job_schema (
+        job     TEXT    PRIMARY KEY,
+        version INTEGER NOT NULL              -- how many of the job's migrations were applied
+    )""",
+)
+
 # A migration is SQL statements or a function of the connection, run inside the
 # migrating transaction. MIGRATIONS[n] takes a store from version n-1 to n; v1
-# creates everything. To change the schema: add MIGRATIONS[SCHEMA_VERSION + 1] and bump SCHEMA_VERSION.
+# creates the core tables (a job's own come from Job.migrations, Store.migrate_job).
+# To change the schema: add MIGRATIONS[SCHEMA_VERSION + 1] and bump SCHEMA_VERSION.
 Migration = Union[Sequence[str], Callable[[sqlite3.Connection], None]]
 MIGRATIONS: dict[int, Migration] = {
     1: SCHEMA_V1,
-    # v2: the Content-Encoding a page came with (bodies are kept as sent, never inflated).
-    2: ["ALTER TABLE pages ADD COLUMN content_encoding TEXT"],
+    # v2: the Content-Encoding a page came with (bodies are kept as sent, never inflated). The
+    # scrape job's table was in the core schema then: only stores made before v4 have it here.
+    2: lambda conn: _migrate_v2(conn),
     # v3: what each host was in each run (run_hosts), and every calibration kept with what it
     # measured (job, mode, range, run), so that a past run's figures never change.
     3: lambda conn: _migrate_v3(conn),
+    # v4: job tables belong to their jobs (Job.migrations, applied by Store.migrate_job); the
+    # version of each job's tables is in job_schema. A table a store got from v1/v2 is left as
+    # it is: the job's first migration creates it only if it is not there (CREATE ... IF NOT EXISTS).
+    4: SCHEMA_V4,
 }
+
+# Job table and column names are code, never data; still checked before they go into SQL.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    """v1 -> v2: the scrape job's table, made by the core schema v1 before v4, gets content_encoding
+    (a store made since v4 has no job table here: the job's migration makes it whole)."""
+    if _has_table(conn, "pages"):
+        conn.execute("ALTER TABLE pages ADD COLUMN content_encoding TEXT")
+
 
 SCHEMA_V3 = (
     # One row per host per run: what the host was in that run, from its hello(s) in it.
@@ -245,10 +255,6 @@ def _positive_int(value) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-# Columns of a scrape page record, as BlockRow.page carries them.
-PAGE_COLUMNS = ("url", "final_url", "status", "content_type", "content_encoding", "size", "truncated", "sha256",
-                "title", "elapsed", "host", "tor", "error", "error_kind", "attempts")
-
 
 @dataclass
 class BlockRow:
@@ -270,7 +276,9 @@ class BlockRow:
     payload: bytes | None = None
     meta: dict | None = None
     seconds: float | None = None
-    page: dict | None = None  # a scrape page record (PAGE_COLUMNS), stored in the same transaction
+    # Rows of the job's own tables, stored in the same transaction: (table, row dict) pairs
+    # (Job.rows); the store adds run_id and lo.
+    rows: Sequence[tuple] = ()
 
 
 def canonical_json(value) -> str:
@@ -622,33 +630,60 @@ class Store:
                 "INSERT INTO payloads (run_id, lo, data) VALUES (?, ?, ?)",
                 (row.run_id, row.lo, row.payload),
             )
-        if row.page is not None:
-            page = {key: row.page.get(key) for key in PAGE_COLUMNS}
-            conn.execute(
-                f"INSERT INTO pages (run_id, lo, {', '.join(PAGE_COLUMNS)})"
-                f" VALUES (?, ?, {', '.join('?' for _ in PAGE_COLUMNS)})",
-                (row.run_id, row.lo, *(page[key] for key in PAGE_COLUMNS)),
-            )
+        _insert_job_rows(conn, row.run_id, row.lo, row.rows)
         return True
 
-    def iter_pages(self, run_id: int) -> Iterator[tuple[dict, bytes | None]]:
-        """Yield (page record, compressed body or None) of a scrape run in URL order, streaming."""
-        columns = ", ".join(f"p.{key}" for key in PAGE_COLUMNS)
+    def add_job_rows(self, run_id: int, lo: int, rows: Sequence[tuple]) -> None:
+        """Store rows of a job's own tables now, in one transaction ((table, row dict) pairs,
+        as Decision.record carries them; ``run_id`` and ``lo`` are added)."""
+        if rows:
+            with self._tx("recording job rows") as conn:
+                _insert_job_rows(conn, run_id, lo, rows)
+
+    def migrate_job(self, job) -> None:
+        """Create or update the job's own tables (Job.migrations) up to its last version,
+        recorded in job_schema; StoreError when the store has a newer version of them."""
+        steps = list(job.migrations or ())
+        if not steps:
+            return
+        with self._tx("migrating the job's tables") as conn:
+            got = conn.execute("SELECT version FROM job_schema WHERE job = ?", (job.name,)).fetchone()
+            version = got[0] if got else 0
+            if version > len(steps):
+                raise StoreError(f"{self.path}: the {job.name} tables are from a newer beowulf "
+                                 f"(version {version}, this one knows {len(steps)})")
+            for step in steps[version:]:
+                for statement in step:
+                    conn.execute(statement)
+            if version < len(steps):
+                log.info("%s: %s tables at version %d", self.path, job.name, len(steps))
+                conn.execute("INSERT INTO job_schema (job, version) VALUES (?, ?) ON CONFLICT (job)"
+                             " DO UPDATE SET version = excluded.version", (job.name, len(steps)))
+
+    def has_table(self, name: str) -> bool:
+        """Whether the store has table ``name`` (a job's table exists once a run of it started)."""
+        with self._lock, self._errors("reading"):
+            return _has_table(self._conn, name)
+
+    def query(self, sql: str, args: Sequence = ()) -> list[dict]:
+        """Rows of one read-only SELECT (a job reading its own tables), as dicts."""
+        _check_select(sql)
+        return self._rows(sql, args)
+
+    def iter_query(self, sql: str, args: Sequence = ()) -> Iterator[tuple]:
+        """Rows of one read-only SELECT as tuples, streamed (the store's lock is taken per row,
+        not held between them)."""
+        _check_select(sql)
         cur = self._conn.cursor()
         cur.row_factory = None
-        with self._lock, self._errors("reading pages"):
-            cur.execute(
-                f"SELECT p.lo, {columns}, d.data FROM pages p LEFT JOIN payloads d"
-                " ON d.run_id = p.run_id AND d.lo = p.lo WHERE p.run_id = ? ORDER BY p.lo",
-                (run_id,),
-            )
+        with self._lock, self._errors("reading"):
+            cur.execute(sql, args)
         while True:
-            with self._lock, self._errors("reading pages"):
+            with self._lock, self._errors("reading"):
                 row = cur.fetchone()
             if row is None:
                 return
-            record = dict(zip(("index", *PAGE_COLUMNS), row[:-1]))
-            yield record, row[-1]
+            yield row
 
     def done_ranges(self, run_id: int) -> list[tuple[int, int]]:
         """Committed blocks of a run as (lo, hi), ordered by lo (nothing else is read)."""
@@ -852,13 +887,30 @@ class Store:
             raise StoreError(f"{self.path}: not a beowulf store ({exc})") from exc
         try:
             self._check_identity(app_id, version)
-            if version < SCHEMA_VERSION:
+            if version < READABLE_SCHEMA:
                 what = "is empty" if version == 0 else f"has the older schema {version}"
                 raise StoreError(f"{self.path}: {what}; a run (fab primes ...) sets it up")
         except BaseException:
             self._conn.close()
             raise
         return self
+
+
+def _check_select(sql: str) -> None:
+    if not sql.lstrip().upper().startswith("SELECT"):
+        raise ValueError("Store.query reads only (one SELECT)")
+
+
+def _insert_job_rows(conn: sqlite3.Connection, run_id: int, lo: int, rows: Sequence[tuple]) -> None:
+    for table, record in rows:
+        columns = list(record)
+        if not _IDENTIFIER.match(table) or not all(_IDENTIFIER.match(str(c)) for c in columns):
+            raise ValueError(f"bad job table or column name in {table!r}: {columns}")
+        conn.execute(
+            f"INSERT INTO {table} (run_id, lo{''.join(', ' + c for c in columns)})"
+            f" VALUES (?, ?{', ?' * len(columns)})",
+            (run_id, lo, *(record[c] for c in columns)),
+        )
 
 
 def _run_dict(row: dict) -> dict:

@@ -175,6 +175,7 @@ def _run(c, job, chosen, db_path: Path, fresh: bool, accept_new: bool, quiet: bo
 
 
 def _print_summary(outcome, job, db_path: Path) -> None:
+    from cluster.jobs.scrape import iter_pages as _iter_pages
     from cluster.store import Store
 
     from .primes import print_run_summary
@@ -188,7 +189,7 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     statuses: dict = {}
     errors = []
     with Store(str(db_path)) as store:
-        for record, _ in store.iter_pages(outcome.run_id):
+        for record, _ in _iter_pages(store, outcome.run_id):
             key = record["error_kind"] or (f"{record['status'] // 100}xx" if record["status"] else "?")
             statuses[key] = statuses.get(key, 0) + 1
             if record["error"]:
@@ -223,6 +224,7 @@ def _export(db_path: Path, run_id: int, target: Path) -> None:
     body its record names (sha256): a damaged one is left out of bodies/, its record says
     why (``body_error``) and one line a body reports it.
     """
+    from cluster.jobs.scrape import iter_pages as _iter_pages
     from cluster.store import Store
 
     as_folder = not target.name.endswith(".jsonl")
@@ -240,7 +242,7 @@ def _export(db_path: Path, run_id: int, target: Path) -> None:
             limit = options.get("max_bytes")
             if not isinstance(limit, int) or not 0 < limit <= EXPORT_MAX_BYTES:
                 limit = EXPORT_MAX_BYTES
-            for record, payload in store.iter_pages(run_id):
+            for record, payload in _iter_pages(store, run_id):
                 record["tor"], record["truncated"] = bool(record["tor"]), bool(record["truncated"])
                 sha256 = record["sha256"]
                 if as_folder and payload is not None and isinstance(sha256, str) and len(sha256) == 64 \

@@ -382,6 +382,7 @@ def _bench_of_run(db_path: Path, run_id: int, urls):
     """The benchmark of run ``run_id``: its job, mode and range (primes) or URLs (scrape); (bench, tor)."""
     from cluster.calibrate import PrimesBench, ScrapeBench
     from cluster.jobs.scrape import DEFAULT_USER_AGENT
+    from cluster.jobs.scrape import iter_pages as _iter_pages
     from cluster.store import Store
 
     with Store.open_readonly(db_path) as store:
@@ -399,7 +400,7 @@ def _bench_of_run(db_path: Path, run_id: int, urls):
         tor = bool(params.get("tor"))
         if urls:
             return _bench("scrape", urls, tor, None), tor
-        found = [record["url"] for record, _ in store.iter_pages(run_id) if isinstance(record["url"], str)]
+        found = [record["url"] for record, _ in _iter_pages(store, run_id) if isinstance(record["url"], str)]
     if not found:
         raise UsageError(f"--run: run {run_id} fetched no URLs yet: give --urls FILE")
     return ScrapeBench(found, DEFAULT_USER_AGENT), tor

@@ -267,9 +267,10 @@ def test_failing_and_unknown_jobs(start_agent):
     answers = agent.results(6)
     assert answers[1]["ok"] is False
     assert answers[1]["error"] == "RuntimeError: boom"
+    assert answers[1]["kind"] == "error"
     assert answers[1]["elapsed"] >= 0
     assert answers[2] == {"type": "result", "id": 2, "ok": False,
-                          "error": "unknown job 'nope'", "elapsed": 0.0}
+                          "error": "unknown job 'nope'", "kind": "error", "elapsed": 0.0}
     assert answers[3]["ok"] is False and "args" in answers[3]["error"]
     assert answers[4]["ok"] is False
     assert answers[4]["error"].startswith(("ModuleNotFoundError", "ImportError"))
@@ -285,6 +286,7 @@ def test_crashing_worker_fails_its_task_and_is_replaced(start_agent):
     answer = agent.results(1)["k"]
     assert answer["ok"] is False
     assert answer["error"] == "worker died (signal 9)"
+    assert answer["kind"] == "died"
     agent.task("x", "crash", code=3)
     answer = agent.results(1)["x"]
     assert answer["error"] == "worker died (exit code 3)"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import run_fab
 from harness.hostile import executable, provisioned_cluster
@@ -85,7 +86,7 @@ def url_file(tmp_path: Path, urls) -> Path:
 def last_run(db: Path):
     with Store(db) as store:
         run_id = store.runs()[-1]["id"]
-        pages = {record["url"]: record for record, _ in store.iter_pages(run_id)}
+        pages = {record["url"]: record for record, _ in iter_pages(store, run_id)}
         return pages, store.events(run_id), store.runs()[-1]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cluster.agents import MAX_JUNK_LINES, MAX_LINE_BYTES
+from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import hostile
 from harness.hostile import count_of, executable, provisioned_cluster
@@ -205,7 +206,7 @@ def test_hostile_web_servers_bounded_and_recorded(tmp_path):
         assert "Traceback" not in output
         with Store(db) as store:
             run_id = store.runs()[-1]["id"]
-            got = {record["url"]: record for record, _ in store.iter_pages(run_id)}
+            got = {record["url"]: record for record, _ in iter_pages(store, run_id)}
     finally:
         for server in servers:
             server.stop()

@@ -36,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from cluster.jobs.scrape import FetchOptions, InvalidPage, ScrapeJob, inflate
+from cluster.jobs.scrape import FetchOptions, InvalidPage, ScrapeJob, inflate, iter_pages
 from cluster.scheduler import Block
 from cluster.store import Store
 from harness import run_fab
@@ -69,7 +69,7 @@ def judged_by_coordinator(result: dict, max_bytes: int = 100_000) -> None:
     job.check(0, 0, dict(result))
     block = Block(0, 0)
     block.attempts = 1
-    job.page_record(block, "h", result)
+    job.rows(block, result, "h")
 
 
 def check_result(result: dict) -> None:
@@ -384,7 +384,7 @@ def test_isolation_tag_has_no_task_id():
             socks = "127.0.0.1:9050"
 
     job = ScrapeJob(["http://127.0.0.1/"], FetchOptions(tor=True, robots=False))
-    job.run_id = 5
+    job.bind(5, None)
     tags = {job.task_args_for(Block(0, 0), Link, task_id)["isolation"] for task_id in range(6)}
     assert tags == {"beowulf-5-h1"}
 
@@ -438,7 +438,7 @@ def _pages(db: Path) -> tuple[dict, dict]:
     with Store(db) as store:
         run_id = store.runs()[-1]["id"]
         records, payloads = {}, {}
-        for record, payload in store.iter_pages(run_id):
+        for record, payload in iter_pages(store, run_id):
             records[record["url"]] = record
             payloads[record["url"]] = payload
         return records, payloads

@@ -19,7 +19,6 @@ import math
 import queue
 import re
 import string
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from client import primes as client_primes
 from cluster.agents import HostLink
 from cluster.errors import InventoryError, UsageError
 from cluster.inventory import KEYS, MAX_SLOTS, Host, parse_inventory
+from cluster.jobs.base import COMMIT, RETRY
 from cluster.jobs.primes import PrimesJob
 from cluster.jobs.scrape import FetchOptions, InvalidPage, ScrapeJob
 from cluster.urls import normalise, read_url_file
@@ -449,9 +449,10 @@ def test_scrape_check_lets_through_only_what_decide_and_store_can_use(page):
     except InvalidPage as err:
         assert one_line(str(err))
         return
-    decision = job.decide(block, "h", page, time.monotonic(), 1)
-    assert decision[0] in ("final", "retry")
-    if decision[0] == "retry":
-        assert math.isfinite(decision[1]) and decision[1] >= 0
-    record = job.page_record(block, "h", page)
+    decision = job.decide(block, page, "h")
+    assert decision.action in (COMMIT, RETRY)
+    if decision.action == RETRY:
+        assert math.isfinite(decision.delay) and decision.delay >= 0
+    [(table, record)] = job.rows(block, page, "h")
+    assert table == "pages"
     assert all(value is None or type(value) in (int, float, str) for value in record.values()), record

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from client import torhost
+from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import free_port
 from harness.tor import FakeTor
@@ -35,7 +36,7 @@ def url_file(tmp_path, urls, name="urls.txt"):
 def pages(db) -> dict:
     with Store(db) as store:
         run_id = store.runs()[-1]["id"]
-        return {record["url"]: record for record, _ in store.iter_pages(run_id)}
+        return {record["url"]: record for record, _ in iter_pages(store, run_id)}
 
 
 # ---------------------------------------------------------------- 1. tor not bootstrapped

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import SshCluster, agent_pids, fab_argv, fab_env, in_ci, require_sshd, run_fab
 from harness.hostile import assert_blocks_tile, count_of
@@ -239,7 +240,7 @@ def test_scrape_through_the_local_web_server(hosts, tmp_path):
             assert done.returncode == 0, done.stdout + done.stderr
             with Store(db) as store:
                 run_id = store.runs()[-1]["id"]
-                pages = [record for record, _ in store.iter_pages(run_id)]
+                pages = [record for record, _ in iter_pages(store, run_id)]
             assert len(pages) == 5 and all(p["status"] == 200 and p["host"] == name for p in pages)
             assert {p["title"] for p in pages} == {f"Page {i}" for i in range(5)}
 

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import fab_argv, fab_env
 from harness.socks5 import Socks5Server
@@ -48,7 +49,7 @@ def scrape(run_fab, inv, urls, db, *extra, config=None, timeout=180):
 def pages(db) -> dict:
     with Store(db) as store:
         run_id = store.runs()[-1]["id"]
-        return {record["url"]: record for record, _ in store.iter_pages(run_id)}
+        return {record["url"]: record for record, _ in iter_pages(store, run_id)}
 
 
 @pytest.mark.slow

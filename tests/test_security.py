@@ -25,6 +25,7 @@ from urllib.parse import unquote
 
 import pytest
 
+from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import REPO_ROOT, SshCluster, fab_argv, fab_env, free_port, in_ci, require_sshd
 from harness.tor import SocksGreeter
@@ -287,7 +288,7 @@ def test_urls_with_sql_and_shell_syntax_are_stored_verbatim(run_fab, tmp_path):
         requested = {unquote(path) for path in web.paths()}
     with Store(db) as store:
         run_id = store.runs()[-1]["id"]
-        stored = {record["url"]: record for record, _ in store.iter_pages(run_id)}
+        stored = {record["url"]: record for record, _ in iter_pages(store, run_id)}
     assert set(stored) == set(urls)
     assert all(stored[url]["status"] == 200 for url in urls[:-1])
     for url in urls:  # the server was asked for each path and query (the client may %-encode " \\ `)

@@ -134,6 +134,16 @@ def test_older_schema_is_migrated(db, monkeypatch):
         assert store.find_run("primes", PRIMES) == run
 
 
+# The scrape job's table as the core schema v1 made it before v4 (the job owns it since).
+LEGACY_PAGES_V1 = """CREATE TABLE pages (
+    run_id INTEGER NOT NULL, lo INTEGER NOT NULL, url TEXT NOT NULL, final_url TEXT, status INTEGER,
+    content_type TEXT, size INTEGER, truncated INTEGER NOT NULL DEFAULT 0, sha256 TEXT, title TEXT,
+    elapsed REAL, host TEXT NOT NULL, tor INTEGER NOT NULL DEFAULT 0, error TEXT, error_kind TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (run_id, lo),
+    FOREIGN KEY (run_id, lo) REFERENCES blocks (run_id, lo) ON DELETE CASCADE)"""
+STORE_V3_SQL = Path(__file__).parent / "fixtures" / "store_v3.sql"
+
+
 def old_store(path, version: int) -> sqlite3.Connection:
     """A store as schema ``version`` made it (its migrations applied by hand), open for filling."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -144,6 +154,8 @@ def old_store(path, version: int) -> sqlite3.Connection:
         else:
             for statement in step:
                 conn.execute(statement)
+        if target == 1:
+            conn.execute(LEGACY_PAGES_V1)
     conn.execute(f"PRAGMA user_version = {version}")
     conn.execute(f"PRAGMA application_id = {store_module.APPLICATION_ID}")
     return conn
@@ -159,6 +171,78 @@ def test_version_1_store_gains_the_content_encoding_column(db):
         assert store._conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
         assert "content_encoding" in [r[1] for r in store._conn.execute("PRAGMA table_info(pages)")]
         assert store.find_run("primes", PRIMES) == 1
+
+
+def test_new_store_has_no_job_table_until_the_job_migrates(db):
+    from cluster.jobs.scrape import FetchOptions, ScrapeJob
+
+    job = ScrapeJob(["http://127.0.0.1:9/"], FetchOptions())
+    with Store(db) as store:
+        assert not store.has_table("pages")
+        store.migrate_job(job)
+        store.migrate_job(job)  # once only
+        assert store.has_table("pages")
+        assert store.query("SELECT job, version FROM job_schema") == [{"job": "scrape", "version": 1}]
+
+
+def test_job_with_newer_tables_is_refused(db):
+    from cluster.jobs.scrape import FetchOptions, ScrapeJob
+
+    job = ScrapeJob(["http://127.0.0.1:9/"], FetchOptions())
+    with Store(db) as store:
+        store.migrate_job(job)
+        store._conn.execute("UPDATE job_schema SET version = 9")
+        with pytest.raises(StoreError, match="newer"):
+            store.migrate_job(job)
+
+
+def test_block_rows_go_to_the_jobs_tables_in_the_same_transaction(db):
+    from cluster.jobs.base import Job
+
+    class Tally(Job):
+        name = "tally"
+        migrations = (["CREATE TABLE tally_notes (run_id INTEGER, lo INTEGER, note TEXT)"],)
+
+    with Store(db) as store:
+        store.migrate_job(Tally())
+        run = store.open_run("tally", {}, 10)
+        row = BlockRow(run, 0, 9, "h", 1.0, 2.0, 10, 0, rows=[("tally_notes", {"note": "first"})])
+        assert store.commit_blocks([row, row]) == [True, False]  # a second copy adds no row
+        store.add_job_rows(run, 3, [("tally_notes", {"note": "attempt"})])
+        assert store.query("SELECT lo, note FROM tally_notes ORDER BY lo") == [
+            {"lo": 0, "note": "first"}, {"lo": 3, "note": "attempt"}]
+        with pytest.raises(ValueError):
+            store.add_job_rows(run, 4, [("tally_notes; DROP TABLE runs", {"note": "x"})])
+        with pytest.raises(ValueError):
+            store.query("DELETE FROM runs")
+
+
+def test_store_made_before_the_job_interface_keeps_its_pages(db):
+    """A schema 3 store (the pages table in the core schema) opens, migrates and its scrape
+    run's pages are read as before; the scrape job adopts the table as its version 1."""
+    from cluster.jobs.scrape import FetchOptions, ScrapeJob, iter_pages
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(STORE_V3_SQL.read_text())
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(f"PRAGMA application_id = {store_module.APPLICATION_ID}")
+    conn.execute("INSERT INTO runs (job, params, key, state, started, total)"
+                 " VALUES ('scrape', '{}', 'k', 'done', 1, 1)")
+    conn.execute("INSERT INTO blocks (run_id, lo, hi, host, started, finished, seconds, items, found)"
+                 " VALUES (1, 0, 0, 'h', 1.0, 2.0, 1.0, 1, 1)")
+    conn.execute("INSERT INTO payloads (run_id, lo, data) VALUES (1, 0, x'00')")
+    conn.execute("INSERT INTO pages (run_id, lo, url, status, host, content_encoding)"
+                 " VALUES (1, 0, 'http://a.test/', 200, 'h', 'gzip')")
+    conn.close()
+    with Store.open_readonly(db) as store:  # fab stats reads it before any run migrated it
+        assert [r["url"] for r, _ in iter_pages(store, 1)] == ["http://a.test/"]
+    with Store(db) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+        store.migrate_job(ScrapeJob(["http://a.test/"], FetchOptions()))
+        assert store.query("SELECT job, version FROM job_schema") == [{"job": "scrape", "version": 1}]
+        [(record, body)] = list(iter_pages(store, 1))
+        assert (record["url"], record["status"], record["content_encoding"], body) == (
+            "http://a.test/", 200, "gzip", b"\x00")
 
 
 def test_version_2_store_gains_run_hosts_and_calibration_history(db):

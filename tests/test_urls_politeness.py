@@ -241,7 +241,7 @@ def test_scrape_task_args_carry_the_holders_wait():
     task, block = s.next_block("h1")
     link = type("Link", (), {"name": "h1", "slots": 1, "host": None})()
     assert "after" not in job.task_args_for(block, link, task)
-    job.decide(block, "h1", {"status": 200, "answered_at": 50.0}, time.monotonic(), 1)
+    job.decide(block, {"status": 200, "answered_at": 50.0}, "h1")
     s.complete(task)
     time.sleep(0.1)
     task2, block2 = s.next_block("h1")

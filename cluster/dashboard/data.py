@@ -234,11 +234,9 @@ def _cut_report_strings(report: dict) -> None:
 
 def recent_pages(store, run_id: int) -> list[dict]:
     """The latest pages of a scrape run: URL, status, title, error (no bodies)."""
-    # A read-only SELECT through the store's own connection (opened with mode=ro); store.py
-    # has no bounded "latest pages" reader, and iter_pages streams every body.
-    rows = store._rows(
-        "SELECT lo, url, final_url, status, title, host, error, error_kind FROM pages"
-        " WHERE run_id = ? ORDER BY lo DESC LIMIT ?", (run_id, MAX_PAGES))
+    from cluster.jobs.scrape import recent_pages as latest
+
+    rows = latest(store, run_id, MAX_PAGES)
     return [{key: cut(value) for key, value in row.items()} for row in rows]
 
 

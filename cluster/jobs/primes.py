@@ -28,6 +28,8 @@ from typing import BinaryIO, Iterable, Optional, TextIO, Tuple, Union
 import numpy as np
 
 from cluster.errors import BeowulfError, UsageError
+from cluster.jobs.base import Job
+from cluster.scheduler import MIN_BLOCK
 
 ENCODING = "gapvarint-zlib-b64"
 MAX_END = 10**15
@@ -612,7 +614,7 @@ def count_between(blocks: Iterable[Tuple[int, int, int, Optional[bytes]]], start
 # ---------------------------------------------------------------- the job
 
 
-class PrimesJob:
+class PrimesJob(Job):
     """Every prime p with start <= p <= end (both inclusive), as a list or a count.
 
     Items are numbers: item index i is the number start + i; a block is a range
@@ -620,6 +622,8 @@ class PrimesJob:
     """
 
     name = "primes"
+    encoded_fields = ("data",)
+    unit = ("number", "numbers")
 
     def __init__(self, start: int, end: int, count_only: bool = False):
         if not (_is_int(start) and _is_int(end)):
@@ -694,3 +698,20 @@ class PrimesJob:
     def estimate_bytes(self) -> int:
         """Store bytes the whole run needs (over-estimate): refuse the run if the disk has less."""
         return estimate_bytes(self.start, self.end, self.mode)
+
+    def min_block(self) -> int:
+        """The scheduler's MIN_BLOCK (a block of numbers)."""
+        return MIN_BLOCK
+
+    def block_meta(self, result: dict) -> dict:
+        """The block's checksum (list mode) and the engine that computed it."""
+        return {key: result.get(key) for key in ("checksum", "engine") if result.get(key) is not None}
+
+    def verify_key(self, found: int, result: dict) -> tuple:
+        """A --verify re-run must find as many primes with the same checksum."""
+        return (found, result.get("checksum"))
+
+    @classmethod
+    def mode_of(cls, run: dict) -> str:
+        """'list' or 'count': rates of the two modes are not comparable."""
+        return str((run.get("params") or {}).get("mode") or "")

@@ -28,6 +28,7 @@ from typing import Optional
 
 from cluster import __version__
 from cluster.errors import BeowulfError
+from cluster.jobs.base import COMMIT, GIVE_BACK, KIND_PROXY, LOSE_HOST, RETRY, Decision, Job
 from cluster.politeness import UNKNOWN, DomainSchedule
 from cluster.scheduler import Block
 
@@ -99,10 +100,45 @@ class FetchOptions:
     private_networks: tuple = PRIVATE_NETWORKS
 
 
-class ScrapeJob:
+# Columns of a page record (the pages table, besides run_id and lo).
+PAGE_COLUMNS = ("url", "final_url", "status", "content_type", "content_encoding", "size", "truncated", "sha256",
+                "title", "elapsed", "host", "tor", "error", "error_kind", "attempts")
+
+# The scrape job's own table (Job.migrations): one row per fetched URL of a scrape run
+# (its body, compressed, is in the store's payloads). Stores made before the job interface
+# had it in the core schema; Store.migrate_job records it as this job's version 1.
+PAGES_V1 = [
+    """CREATE TABLE IF NOT EXISTS pages (
+        run_id       INTEGER NOT NULL,
+        lo           INTEGER NOT NULL,        -- the URL's index in the run
+        url          TEXT    NOT NULL,
+        final_url    TEXT,
+        status       INTEGER,
+        content_type TEXT,
+        size         INTEGER,
+        truncated    INTEGER NOT NULL DEFAULT 0,
+        sha256       TEXT,
+        title        TEXT,
+        elapsed      REAL,
+        host         TEXT    NOT NULL,
+        tor          INTEGER NOT NULL DEFAULT 0,
+        error        TEXT,
+        error_kind   TEXT,
+        attempts     INTEGER NOT NULL DEFAULT 1,
+        content_encoding TEXT,
+        PRIMARY KEY (run_id, lo),
+        FOREIGN KEY (run_id, lo) REFERENCES blocks (run_id, lo) ON DELETE CASCADE
+    )""",
+]
+
+
+class ScrapeJob(Job):
     """Fetch every URL once across the cluster."""
 
     name = "scrape"
+    migrations = (PAGES_V1,)
+    encoded_fields = ("body",)
+    unit = ("page", "pages")
 
     def __init__(self, urls: list[str], options: FetchOptions, delay: float = 1.0, per_domain: int = 1,
                  concurrency: int = 4):
@@ -122,9 +158,14 @@ class ScrapeJob:
         options = dict(self.options.__dict__)
         return {"urls": digest, "count": self.total, "options": options, "tor": self.options.tor}
 
-    def make_schedule(self, done: list[tuple[int, int]]) -> DomainSchedule:
+    def make_schedule(self, done: list[tuple[int, int]], min_block: int = 1) -> DomainSchedule:
+        """Per-site politeness (cluster/politeness.py): one URL a block."""
         self.schedule = DomainSchedule(self.urls, done, self.delay, self.per_domain, self.options.robots)
         return self.schedule
+
+    @classmethod
+    def slots_label(cls) -> str:
+        return "workers"
 
     def first_block(self) -> int:
         return 1
@@ -221,25 +262,36 @@ class ScrapeJob:
             raise InvalidPage(f"URL {lo}: body does not match its sha256/size")
         return found, payload
 
-    def decide(self, block: Block, host: str, result: dict, now: float, other_hosts: int) -> tuple:
-        """("final",) to commit, or ("retry", seconds, avoid_this_host) to try again later."""
+    def decide(self, block: Block, result: dict, host: str) -> Decision:
+        """COMMIT a final answer, or RETRY later (``avoid``: on another host, when one is up)."""
         block.answered_at = result.get("answered_at")  # checked by the schedule before it is used
         robots = result.get("robots")
         if robots is not None and self.schedule is not None:
             rules = robots_rules(robots)
             self.schedule.set_robots(block, rules, robots.get("crawl_delay"))
         if block.attempts >= MAX_ATTEMPTS:
-            return ("final",)
+            return Decision(COMMIT)
         status, kind = result.get("status"), result.get("error_kind")
         if status in (429, 503):
             wait = result.get("retry_after")
             if wait is None:
                 wait = _backoff(block.attempts)
-            return ("retry", min(float(wait), RETRY_AFTER_CAP), False)
+            return Decision(RETRY, delay=min(float(wait), RETRY_AFTER_CAP))
         # A connection that dropped before any response (status None, "http") is transient too.
         if status in RETRY_STATUSES or kind in RETRY_ERRORS or (kind == "http" and status is None):
-            return ("retry", _backoff(block.attempts), other_hosts > 0)
-        return ("final",)
+            return Decision(RETRY, delay=_backoff(block.attempts), avoid=True)
+        return Decision(COMMIT)
+
+    def failure(self, block: Block, kind: str, message: str, host: str) -> Decision:
+        """--tor fails closed: a host whose proxy broke is out until its SOCKS port answers
+        again (the URL goes back, not counted as its failure); other failures count."""
+        if kind == KIND_PROXY:
+            return Decision(LOSE_HOST, reason=f"proxy failed: {message}")
+        return Decision(GIVE_BACK)
+
+    def rows(self, block: Block, result: dict, host: str) -> list:
+        """The URL's row of the pages table, stored with the block."""
+        return [("pages", self.page_record(block, host, result))]
 
     def page_record(self, block: Block, host: str, result: dict) -> dict:
         """The row of the pages table for this URL."""
@@ -252,6 +304,32 @@ class ScrapeJob:
             "tor": int(bool(result.get("via_proxy"))), "error": result.get("error"),
             "error_kind": result.get("error_kind"), "attempts": block.attempts,
         }
+
+
+# ---------------------------------------------------------------- reading the pages table
+
+
+def iter_pages(store, run_id: int):
+    """Yield (page record, compressed body or None) of a scrape run in URL order, streaming
+    (nothing for a store no scrape run ever used)."""
+    if not store.has_table("pages"):
+        return
+    columns = ", ".join(f"p.{key}" for key in PAGE_COLUMNS)
+    rows = store.iter_query(
+        f"SELECT p.lo, {columns}, d.data FROM pages p LEFT JOIN payloads d"
+        " ON d.run_id = p.run_id AND d.lo = p.lo WHERE p.run_id = ? ORDER BY p.lo", (run_id,))
+    for row in rows:
+        yield dict(zip(("index", *PAGE_COLUMNS), row[:-1])), row[-1]
+
+
+def recent_pages(store, run_id: int, limit: int) -> list:
+    """The latest ``limit`` pages of a scrape run (by URL index, highest first), without bodies:
+    lo, url, final_url, status, title, host, error, error_kind."""
+    if not store.has_table("pages"):
+        return []
+    return store.query(
+        "SELECT lo, url, final_url, status, title, host, error, error_kind FROM pages"
+        " WHERE run_id = ? ORDER BY lo DESC LIMIT ?", (run_id, int(limit)))
 
 
 # Result fields that are text (or null), and the error kinds a client reports.

@@ -1,17 +1,18 @@
 """A job of N tiny blocks running one of the agent's built-in jobs (noop, sleep, echo, ...).
 
 For dispatch benchmarks and scheduler tests: it measures the machinery, not the work.
-The job interface it implements is the one every job offers the coordinator:
-``name``, ``start``, ``end``, ``total``, ``params()``, ``task_args(lo, hi)``,
-``check(lo, hi, result) -> (found, payload)``, ``first_block()``, ``max_block()``.
+It implements the few hooks of the job interface (cluster/jobs/base.py) that differ
+from the defaults.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+from .base import Job
 
-class TrivialJob:
+
+class TrivialJob(Job):
     """``count`` items in blocks of ``block`` items, each block one call of the client job ``client_job``."""
 
     def __init__(self, count: int, client_job: str = "noop", args: Optional[dict] = None, block: int = 1):
