@@ -20,6 +20,7 @@ import pytest
 
 from cluster.engines.dask import check_address, worker_name
 from cluster.errors import UsageError
+from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import fab_argv, fab_env
 from harness.dask import DaskCluster
@@ -217,7 +218,7 @@ def test_scrape_politeness_at_the_server(run_fab, tmp_path, dask_cluster):
         assert "/private/x" not in [r.path for r in web.requests]
     with Store(db) as store:
         run_id = store.runs()[-1]["id"]
-        pages = [record for record, _ in store.iter_pages(run_id)]
+        pages = [record for record, _ in iter_pages(store, run_id)]
     assert len(pages) == 11 and {p["status"] for p in pages if "/page/" in p["url"]} == {200}
 
 
