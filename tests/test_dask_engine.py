@@ -299,3 +299,25 @@ def test_scheduler_dies_mid_run_then_resume(run_fab, tmp_path, tmp_path_factory,
     assert count_of(done.stdout) == PI_END
     blocks = assert_blocks_tile(db, 1, END)
     assert {"v1"} <= {block["host"] for block in blocks}
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_run_the_client_is_refused_with_the_reason(run_fab, tmp_path, tmp_path_factory):
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    # Another package's module named agent, imported before the bundle arrives (a worker preload).
+    (shadow / "agent.py").write_text("PROTOCOL = 0\n")
+    with DaskCluster(tmp_path_factory.mktemp("dask")) as cluster:
+        cluster.add_worker("good", threads=1)
+        cluster.add_worker("bad", threads=1, env={"PYTHONPATH": str(shadow)}, extra=["--preload", "agent"])
+        hosts = run_fab(["hosts", "--engine", "dask", "--scheduler", cluster.address])
+        assert hosts.returncode == 3, hosts.stdout + hosts.stderr
+        bad = next(line for line in hosts.stdout.splitlines() if line.startswith("bad "))
+        assert "no: a module named agent from" in bad and "shadows the client" in bad, hosts.stdout
+        assert "1 of 2 workers" in hosts.stdout
+        db = tmp_path / "r.db"
+        done = primes(run_fab, db, 1, 1e7, "--engine", "dask", "--scheduler", cluster.address)
+    assert done.returncode == 0, done.stderr
+    assert count_of(done.stdout) == PI_1E7
+    assert set(blocks_by_host(db)) == {"good"}
+    assert "left out: bad: cannot run the client: a module named agent" in done.stdout + done.stderr

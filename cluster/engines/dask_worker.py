@@ -97,6 +97,10 @@ def hello(bundle: str) -> dict:
             facts["error"] = f"the client bundle on the worker has hash {found}, not {bundle}"
             return facts
         agent = importlib.import_module("agent")
+        where = os.path.dirname(os.path.abspath(getattr(agent, "__file__", "") or "?"))
+        if where != os.path.abspath(folder):
+            facts["error"] = f"a module named agent from {where} shadows the client's (on the worker's sys.path)"
+            return facts
         facts["protocol"] = agent.PROTOCOL
         facts["engines"] = agent.engines()
         try:
@@ -119,8 +123,10 @@ def _runner(bundle: str):
     agent = sys.modules.get("agent")
     runner = getattr(agent, "beowulf_dask_runner", None)
     if runner is None or getattr(agent, "beowulf_dask_bundle", None) != bundle:
-        _folder(bundle)
+        folder = _folder(bundle)
         agent = importlib.import_module("agent")
+        if os.path.dirname(os.path.abspath(getattr(agent, "__file__", "") or "?")) != os.path.abspath(folder):
+            raise RuntimeError("a module named agent shadows the client's on this worker")
         runner = agent.JobRunner(agent.job_table(), 0)
         agent.beowulf_dask_runner, agent.beowulf_dask_bundle = runner, bundle
     return runner

@@ -113,15 +113,17 @@ class DaskCluster:
                 time.sleep(0.1)
         raise RuntimeError("dask scheduler did not listen in time")
 
-    def add_worker(self, name: str, threads: int = 1, wait: bool = True) -> DaskWorker:
+    def add_worker(self, name: str, threads: int = 1, wait: bool = True, env: Optional[dict] = None,
+                   extra: Optional[List[str]] = None) -> DaskWorker:
         folder = self.root / name
         folder.mkdir(exist_ok=True)
         log = open(folder / "worker.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--name", name,
              "--nthreads", str(threads), "--no-nanny", "--no-dashboard", "--host", IP,
-             "--local-directory", str(folder)],
-            cwd=str(folder), env=self._env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+             "--local-directory", str(folder), *(extra or [])],
+            cwd=str(folder), env={**self._env(), **(env or {})}, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT)
         log.close()
         worker = self.workers[name] = DaskWorker(name, proc, folder / "worker.log")
         if wait:
