@@ -89,6 +89,7 @@ class DaskEngine:
         self.seen: dict[str, float] = {}  # address -> monotonic time the watcher last saw it
         self.streams: dict[str, set] = {}  # address -> open DaskStreams
         self.lost_scheduler = ""
+        self._versions: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
@@ -197,8 +198,14 @@ class DaskEngine:
             address = self.names.get(name)
             return address if address in self.workers else None
 
-    def versions(self) -> dict:
-        """Per worker address: {'python', 'packages': {...}} as Dask reports them (built-in code only)."""
+    def versions(self, addresses=()) -> dict:
+        """Per worker address: {'python', 'packages': {...}} as Dask reports them (built-in code only).
+        Asked of the cluster (every worker at once) only when one of ``addresses`` is not known yet:
+        a hundred workers starting must not make a hundred rounds of the whole cluster."""
+        with self._lock:
+            known = dict(self._versions)
+        if addresses and all(address in known for address in addresses):
+            return known
         found = self.client.get_versions(check=False)
         workers = found.get("workers") or {}
         out = {}
@@ -209,6 +216,8 @@ class DaskEngine:
             out[str(address)] = {"python": str(host.get("python") or "").split()[0] or "?",
                                  "packages": {str(k): str(v) for k, v in (facts.get("packages") or {}).items()
                                               if v is not None}}
+        with self._lock:
+            self._versions.update(out)
         return out
 
     def hello(self, address: str, timeout: float = HELLO_TIMEOUT) -> dict:
@@ -218,7 +227,7 @@ class DaskEngine:
     def hellos(self, addresses: list, timeout: float = HELLO_TIMEOUT) -> dict:
         """The hello of each worker (at once): address -> facts, with ``error`` when it cannot run
         the client (a Python other than ours, the bundle missing or different, an import failing)."""
-        versions = self.versions()
+        versions = self.versions(addresses)
         here = platform.python_version()
         out, futures = {}, {}
         for address in addresses:
