@@ -30,7 +30,7 @@ from typing import Optional
 
 from ..agents import HostLink
 from ..errors import ConnectError, UsageError
-from ..inventory import Host
+from ..inventory import DEFAULT_NICE, Host
 from ..provision import CLIENT_DIR, local_bundle_hash
 from . import dask_worker
 
@@ -125,6 +125,11 @@ class DaskEngine:
             self.close()
             raise UsageError(f"--scheduler: {_one_line(err)}") from None
         log.debug("dask: connected to %s", self.scheduler_address)
+        if self.cluster is not None:
+            # Its workers share this computer with the coordinator: niced like a local host's
+            # agent workers (hosts.ini's nice, default 10), so that checking and storing results
+            # is not starved by the sieving (BENCHMARKS.md, "Dask engine").
+            self.client.run(dask_worker.renice, DEFAULT_NICE)
         if plugin:
             files = bundle_files()
             self.client.register_plugin(dask_worker.BundlePlugin(self.bundle, files),

@@ -137,10 +137,26 @@ def run_line(bundle: str, line: bytes) -> bytes:
     return _runner(bundle).run_line(line)
 
 
+def renice(niceness: int) -> int:
+    """Lower this worker process's priority (every thread: Linux renices one thread at a time;
+    threads started later inherit it). For the embedded LocalCluster only, whose workers share
+    this computer with the coordinator, like a local host's agent workers (hosts.ini ``nice``)."""
+    try:
+        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except (AttributeError, OSError):
+            pass
+    return len(tids)
+
+
 # Dask pickles a task graph with plain pickle first, which would name these functions by
 # reference (cluster.engines.dask_worker.hello): a worker or scheduler without beowulf could
 # not load them. Under the name of __main__ plain pickle fails, and Dask falls back to
 # cloudpickle, which ships them (and the helpers they call: this module is registered to be
 # pickled by value) as code.
-for _entry in (hello, run_line):
+for _entry in (hello, run_line, renice):
     _entry.__module__ = "__main__"
