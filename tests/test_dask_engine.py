@@ -321,3 +321,21 @@ def test_a_worker_that_cannot_run_the_client_is_refused_with_the_reason(run_fab,
     assert count_of(done.stdout) == PI_1E7
     assert set(blocks_by_host(db)) == {"good"}
     assert "left out: bad: cannot run the client: a module named agent" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_coordinator_killed_leaves_no_local_cluster_worker_behind(tmp_path):
+    from harness import pid_alive
+
+    db, log = tmp_path / "r.db", tmp_path / "fab.log"
+    proc = start_fab(["primes", "--start", 1, "--end", END, "--count-only", "--db", db, "--block-seconds", "2",
+                      "--engine", "dask"], log)
+    try:
+        wait_until(lambda: committed(db) >= 2, proc=proc, log=log)
+        children = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()  # forked by any thread
+                    for pid in (task / "children").read_text().split()]
+        assert len(children) >= 1  # the LocalCluster's workers (forked)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the coordinator alone: its workers must notice
+        proc.wait()
+    wait_until(lambda: not any(pid_alive(pid) for pid in children), timeout=20)

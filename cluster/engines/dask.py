@@ -130,6 +130,10 @@ class DaskEngine:
             # agent workers (hosts.ini's nice, default 10), so that checking and storing results
             # is not starved by the sieving (BENCHMARKS.md, "Dask engine").
             self.client.run(dask_worker.renice, DEFAULT_NICE)
+            # Forked from this process: they go when it goes, even by SIGKILL.
+            watched = self.client.run(dask_worker.die_with, os.getpid())
+            if not all(watched.values()):
+                log.debug("dask: LocalCluster workers not children of this process: %s", watched)
         if plugin:
             files = bundle_files()
             self.client.register_plugin(dask_worker.BundlePlugin(self.bundle, files),

@@ -153,10 +153,28 @@ def renice(niceness: int) -> int:
     return len(tids)
 
 
+def die_with(parent: int, interval: float = 0.5) -> bool:
+    """Exit this worker process as soon as ``parent`` (the coordinator, which started the embedded
+    LocalCluster) is no longer its parent: a coordinator killed by SIGKILL leaves no worker behind
+    (client/agent.py's workers do the same)."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        return False
+    threading.Thread(target=watch, name="beowulf-die-with-coordinator", daemon=True).start()
+    return True
+
+
 # Dask pickles a task graph with plain pickle first, which would name these functions by
 # reference (cluster.engines.dask_worker.hello): a worker or scheduler without beowulf could
 # not load them. Under the name of __main__ plain pickle fails, and Dask falls back to
 # cloudpickle, which ships them (and the helpers they call: this module is registered to be
 # pickled by value) as code.
-for _entry in (hello, run_line, renice):
+for _entry in (hello, run_line, renice, die_with):
     _entry.__module__ = "__main__"
