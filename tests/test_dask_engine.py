@@ -339,3 +339,22 @@ def test_coordinator_killed_leaves_no_local_cluster_worker_behind(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the coordinator alone: its workers must notice
         proc.wait()
     wait_until(lambda: not any(pid_alive(pid) for pid in children), timeout=20)
+
+
+@pytest.mark.slow
+def test_a_scheduler_without_workers_is_waited_for(tmp_path, tmp_path_factory):
+    db, log = tmp_path / "r.db", tmp_path / "fab.log"
+    with DaskCluster(tmp_path_factory.mktemp("dask")) as cluster:
+        proc = start_fab(["primes", "--start", 1, "--end", 1e7, "--db", db, "--engine", "dask",
+                          "--scheduler", cluster.address], log)
+        try:
+            time.sleep(2)  # a dask-jobqueue cluster whose jobs are still queued
+            assert proc.poll() is None, log.read_text()
+            cluster.add_worker("late", threads=1)
+            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert count_of(log.read_text()) == PI_1E7
+    assert set(blocks_by_host(db)) == {"late"}

@@ -255,7 +255,7 @@ class DaskEngine:
         for address, future in futures.items():
             known = versions.get(address) or {}
             try:
-                facts = future.result(timeout=max(0.1, deadline - time.monotonic()))
+                facts = self._wait(address, future, deadline)
                 if not isinstance(facts, dict):
                     facts = {"error": "the hello task returned junk"}
             except Exception as err:
@@ -264,6 +264,20 @@ class DaskEngine:
             facts.setdefault("packages", known.get("packages", {}))
             out[address] = facts
         return out
+
+    def _wait(self, address: str, future, deadline: float):
+        """``future``'s result; a worker that leaves meanwhile (its task would wait for it for ever:
+        ``allow_other_workers=False``), or the deadline, is an error."""
+        while True:
+            try:
+                return future.result(timeout=min(WATCH_SECONDS, max(0.01, deadline - time.monotonic())))
+            except TimeoutError:
+                if self.lost_scheduler:
+                    raise ConnectionError(self.lost_scheduler) from None
+                if self._watcher is not None and address not in self.workers:
+                    raise ConnectionError("the worker left the Dask cluster") from None
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"no answer within {HELLO_TIMEOUT:.0f}s") from None
 
     # ------------------------------------------------------------ links
 
