@@ -136,8 +136,8 @@ class DaskEngine:
                 log.debug("dask: LocalCluster workers not children of this process: %s", watched)
         if plugin:
             files = bundle_files()
-            self.client.register_plugin(dask_worker.BundlePlugin(self.bundle, files),
-                                        name=dask_worker.PLUGIN_NAME)
+            bundle_plugin = dask_worker.BundlePlugin(self.bundle, files)
+            self.client.register_plugin(bundle_plugin, name=bundle_plugin.name)
         self.refresh()
         return self
 

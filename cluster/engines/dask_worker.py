@@ -24,7 +24,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 # Folder name prefix of the bundle inside a worker's local directory.
 FOLDER_PREFIX = "beowulf-client-"
-# The plugin's name on the scheduler (registering it again replaces it).
+# The plugin's name on the scheduler, followed by the bundle hash: registering the same bundle
+# again replaces it; coordinators of other beowulf versions on the same cluster keep theirs.
 PLUGIN_NAME = "beowulf-client"
 
 
@@ -39,18 +40,17 @@ class BundlePlugin(WorkerPlugin):
     Equivalent of distributed's UploadDirectory, but a plain WorkerPlugin: it needs no
     nanny (``dask worker --no-nanny`` works) and puts only this bundle's folder on the path."""
 
-    name = PLUGIN_NAME
     idempotent = False
 
     def __init__(self, bundle: str, files: dict):
         self.bundle = bundle
         self.files = dict(files)
+        self.name = f"{PLUGIN_NAME}-{bundle}"
 
     def setup(self, worker=None):
         base = getattr(worker, "local_directory", None) or os.path.join(os.path.expanduser("~"), ".beowulf-dask")
         folder = bundle_folder(base, self.bundle)
         install(folder, self.files)
-        os.environ["BEOWULF_DASK_BUNDLE_DIR"] = folder
 
 
 
@@ -76,8 +76,15 @@ def install(folder: str, files: dict) -> None:
 
 
 def _folder(bundle: str) -> str:
-    folder = os.environ.get("BEOWULF_DASK_BUNDLE_DIR") or ""
-    if not folder.endswith(FOLDER_PREFIX + bundle) or not os.path.isdir(folder):
+    """The bundle's folder on this worker (put first on sys.path); RuntimeError when it is not there."""
+    from distributed import get_worker
+
+    try:
+        base = get_worker().local_directory
+    except ValueError:  # not in a task (a worker plugin's own call)
+        base = os.path.join(os.path.expanduser("~"), ".beowulf-dask")
+    folder = bundle_folder(base, bundle)
+    if not os.path.isdir(folder):
         raise RuntimeError(f"the client bundle {bundle} is not on this worker (the beowulf-client plugin did not run)")
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -99,7 +106,11 @@ def hello(bundle: str) -> dict:
         agent = importlib.import_module("agent")
         where = os.path.dirname(os.path.abspath(getattr(agent, "__file__", "") or "?"))
         if where != os.path.abspath(folder):
-            facts["error"] = f"a module named agent from {where} shadows the client's (on the worker's sys.path)"
+            if os.path.basename(where).startswith(FOLDER_PREFIX):
+                facts["error"] = (f"this worker process already runs another beowulf client "
+                                  f"({os.path.basename(where)[len(FOLDER_PREFIX):]}): one version per worker process")
+            else:
+                facts["error"] = f"a module named agent from {where} shadows the client's (on the worker's sys.path)"
             return facts
         facts["protocol"] = agent.PROTOCOL
         facts["engines"] = agent.engines()
