@@ -30,7 +30,7 @@ from typing import Optional
 
 from ..agents import HostLink
 from ..errors import ConnectError, UsageError
-from ..inventory import DEFAULT_NICE, Host
+from ..inventory import DEFAULT_NICE, MAX_SLOTS, Host
 from ..provision import CLIENT_DIR, local_bundle_hash
 from . import dask_worker
 
@@ -183,7 +183,7 @@ class DaskEngine:
         for address, facts in (info.get("workers") or {}).items():
             workers[str(address)] = {
                 "name": worker_name(facts.get("name"), str(address)),
-                "nthreads": max(1, int(facts.get("nthreads") or 1)),
+                "nthreads": min(MAX_SLOTS, max(1, int(facts.get("nthreads") or 1))),
                 "memory_limit": int(facts.get("memory_limit") or 0),
             }
         now = time.monotonic()
