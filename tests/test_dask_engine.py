@@ -358,3 +358,23 @@ def test_a_scheduler_without_workers_is_waited_for(tmp_path, tmp_path_factory):
                 proc.wait()
     assert count_of(log.read_text()) == PI_1E7
     assert set(blocks_by_host(db)) == {"late"}
+
+
+@pytest.mark.slow
+def test_transport_runs_a_job_prepare_step_on_the_worker(tmp_path, tmp_path_factory):
+    # Job.prepare_host gets a transport: on the Dask engine, run() and put() reach the worker.
+    from cluster.engines.dask import DaskEngine, DaskTransport
+    from cluster.errors import RemoteError
+
+    with DaskCluster(tmp_path_factory.mktemp("dask")) as cluster:
+        cluster.add_worker("w1", threads=1)
+        with DaskEngine(cluster.address).start() as engine:
+            address = next(iter(engine.workers))
+            transport = DaskTransport(engine, address, engine.host_of(address), {}, {})
+            done = transport.run("echo out; echo err >&2; cat; exit 3", stdin=b"in\n", timeout=30)
+            assert (done.returncode, done.stdout, done.stderr) == (3, "out\nin\n", "err\n")
+            target = tmp_path / "deep" / "file.bin"
+            transport.put(b"\x00data", str(target))
+            assert target.read_bytes() == b"\x00data"
+            with pytest.raises(RemoteError, match="timed out"):
+                transport.run("sleep 30", timeout=1)

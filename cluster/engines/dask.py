@@ -29,9 +29,10 @@ import uuid
 from typing import Optional
 
 from ..agents import HostLink
-from ..errors import ConnectError, UsageError
+from ..errors import ConnectError, RemoteError, UsageError
 from ..inventory import DEFAULT_NICE, MAX_SLOTS, Host
 from ..provision import CLIENT_DIR, local_bundle_hash
+from ..transport import MAX_OUTPUT_BYTES, CommandResult, Transport
 from . import dask_worker
 
 log = logging.getLogger(__name__)
@@ -367,17 +368,45 @@ class DaskLink(HostLink):
         facts = engine.hello(address)
         if facts.get("error"):
             raise ConnectError(f"{self.name}: cannot run the client: {_one_line(facts['error'])}")
-        return DaskTransport(engine, address, self.name, facts, engine.workers.get(address, {}))
+        return DaskTransport(engine, address, self.host, facts, engine.workers.get(address, {}))
 
 
-class DaskTransport:
-    """Stands where an SSH transport would: spawn() gives the worker's stream."""
+class DaskTransport(Transport):
+    """Stands where an SSH transport would: spawn() gives the worker's stream; run() and put()
+    carry a job's prepare step (Job.prepare_host) to the worker, each as one Dask task."""
 
-    def __init__(self, engine: DaskEngine, address: str, name: str, facts: dict, worker: dict):
-        self.engine, self.address, self.name, self.facts, self.worker = engine, address, name, facts, worker
+    def __init__(self, engine: DaskEngine, address: str, host: Host, facts: dict, worker: dict):
+        self.engine, self.address, self.host, self.facts, self.worker = engine, address, host, facts, worker
+        self.name = host.name
+
+    def _call(self, function, *args, timeout: Optional[float] = None):
+        client = self.engine.client
+        if client is None:
+            raise ConnectError(f"{self.name}: not connected to the Dask scheduler")
+        future = client.submit(function, *args, key=f"beowulf-{function.__name__}-{uuid.uuid4().hex}",
+                               workers=[self.address], allow_other_workers=False, retries=0, pure=False)
+        deadline = time.monotonic() + (timeout if timeout is not None else HELLO_TIMEOUT) + 5
+        try:
+            return self.engine._wait(self.address, future, deadline)
+        except Exception as err:
+            future.cancel()
+            raise RemoteError(f"{self.name}: {_one_line(err)}") from None
+
+    def run(self, command: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None) -> CommandResult:
+        done = self._call(dask_worker.run_command, command, stdin or b"", timeout, MAX_OUTPUT_BYTES, timeout=timeout)
+        if not isinstance(done, dict) or done.get("timeout"):
+            raise RemoteError(f"{self.name}: command timed out after {timeout or 0:.0f}s")
+        return CommandResult(int(done.get("returncode", -1)), str(done.get("stdout", "")),
+                             str(done.get("stderr", "")))
+
+    def put(self, data: bytes, path: str) -> None:
+        self._call(dask_worker.put_file, data, path)
 
     def spawn(self, command: str) -> DaskStream:
         return DaskStream(self.engine, self.address, self.name, self.facts, self.worker)
+
+    def sudo(self, command: str, timeout: Optional[float] = None) -> CommandResult:
+        raise RemoteError(f"{self.name}: beowulf does not use sudo on a Dask worker")
 
     def close(self) -> None:
         pass

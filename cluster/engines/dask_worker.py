@@ -148,6 +148,37 @@ def run_line(bundle: str, line: bytes) -> bytes:
     return _runner(bundle).run_line(line)
 
 
+def run_command(command: str, stdin: bytes, timeout, max_output: int) -> dict:
+    """``sh -c COMMAND`` on the worker (a job's prepare step: DaskTransport.run), its output cut at
+    ``max_output`` bytes each; the process group is killed at ``timeout``."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = process.communicate(stdin or b"", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        process.communicate()
+        return {"timeout": True}
+    return {"returncode": process.returncode, "stdout": out[:max_output].decode("utf-8", "replace"),
+            "stderr": err[:max_output].decode("utf-8", "replace")}
+
+
+def put_file(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` on the worker atomically (a temporary file, then a rename)."""
+    target = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    temp = f"{target}.tmp{os.getpid()}"
+    with open(temp, "wb") as handle:
+        handle.write(data)
+    os.replace(temp, target)
+
+
 def renice(niceness: int) -> int:
     """Lower this worker process's priority (every thread: Linux renices one thread at a time;
     threads started later inherit it). For the embedded LocalCluster only, whose workers share
@@ -187,5 +218,5 @@ def die_with(parent: int, interval: float = 0.5) -> bool:
 # not load them. Under the name of __main__ plain pickle fails, and Dask falls back to
 # cloudpickle, which ships them (and the helpers they call: this module is registered to be
 # pickled by value) as code.
-for _entry in (hello, run_line, renice, die_with):
+for _entry in (hello, run_line, renice, die_with, run_command, put_file):
     _entry.__module__ = "__main__"
