@@ -16,6 +16,7 @@ client bundle (client/*.py) travels in a worker plugin: workers need only Dask.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -368,6 +369,10 @@ class DaskLink(HostLink):
         facts = engine.hello(address)
         if facts.get("error"):
             raise ConnectError(f"{self.name}: cannot run the client: {_one_line(facts['error'])}")
+        executable = facts.get("executable")
+        if isinstance(executable, str) and executable.startswith("/") and len(executable) < 4096:
+            # The worker's own interpreter, for a job's prepare commands (Job.prepare_host).
+            self.host = dataclasses.replace(self.host, python=executable)
         return DaskTransport(engine, address, self.host, facts, engine.workers.get(address, {}))
 
 

@@ -93,7 +93,8 @@ def _folder(bundle: str) -> str:
 
 def hello(bundle: str) -> dict:
     """The worker's hello: bundle hash as found on the worker, Python, numpy, engines, or ``error``."""
-    facts = {"python": platform.python_version(), "pid": os.getpid(), "numpy": None, "engines": {}}
+    facts = {"python": platform.python_version(), "executable": sys.executable, "pid": os.getpid(),
+             "numpy": None, "engines": {}}
     try:
         import importlib
 
