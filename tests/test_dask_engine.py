@@ -378,3 +378,24 @@ def test_transport_runs_a_job_prepare_step_on_the_worker(tmp_path, tmp_path_fact
             assert target.read_bytes() == b"\x00data"
             with pytest.raises(RemoteError, match="timed out"):
                 transport.run("sleep 30", timeout=1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_and_the_local_cluster(tmp_path):
+    from harness import pid_alive
+
+    db, log = tmp_path / "r.db", tmp_path / "fab.log"
+    proc = start_fab(["primes", "--start", 1, "--end", 1e13, "--count-only", "--db", db, "--engine", "dask"], log)
+    try:
+        wait_until(lambda: committed(db) >= 2, proc=proc, log=log)
+        children = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "interrupted: finished blocks are kept" in log.read_text()
+    wait_until(lambda: not any(pid_alive(pid) for pid in children), timeout=20)
+    assert committed(db) >= 2
