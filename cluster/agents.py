@@ -203,7 +203,7 @@ class HostLink:
         self.protocol_error = ""
         self.held_back = False
         generation = self.generation
-        transport = self.transport = connect(self.host, self.config, accept_new=self.accept_new)
+        transport = self.transport = self._open_transport()
         self._check_retired()
         if self.prepare is not None:
             try:
@@ -239,6 +239,10 @@ class HostLink:
         self.last_heard = time.monotonic()
         self._check_retired()
         return hello
+
+    def _open_transport(self) -> Transport:
+        """The connection the agent is spawned on (cluster/engines/dask.py: a Dask worker)."""
+        return connect(self.host, self.config, accept_new=self.accept_new)
 
     def _check_retired(self) -> None:
         if self.retired:

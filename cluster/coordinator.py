@@ -109,8 +109,10 @@ class Coordinator:
                  block_seconds: float = 2.0, accept_new: bool = False, verify: float = 0.0,
                  progress: Optional[Callable[[int, int, list[HostStats]], None]] = None,
                  beat_seconds: float = 2.0, beat_timeout: float = BEAT_TIMEOUT,
-                 task_floor: Optional[float] = None):
+                 task_floor: Optional[float] = None, link_factory: Optional[Callable[..., HostLink]] = None):
         self.job = job
+        # What starts a host's agent: HostLink over SSH, or another engine's (cluster/engines/).
+        self.link_factory = link_factory or HostLink
         self.hosts = hosts
         self.config = config
         self.store_path = str(store_path)
@@ -218,18 +220,43 @@ class Coordinator:
     # ------------------------------------------------------------ hosts
 
     def _start_links(self, store: Store) -> None:
-        bundle = local_bundle_hash()
-        budget = ByteBudget()  # results in flight, in bytes, over all hosts (agents.RESULT_BUDGET_BYTES)
+        self.bundle = local_bundle_hash()
+        self.budget = ByteBudget()  # results in flight, in bytes, over all hosts (agents.RESULT_BUDGET_BYTES)
         for host in self.hosts:
-            self.links[host.name] = HostLink(host, self.config, self.accept_new, self.events, self.job.check,
-                                             bundle, beat_seconds=self.beat_seconds, preload=self.job.name,
-                                             prepare=self.job.prepare_host, slot_factor=self.job.slot_factor(),
-                                             budget=budget, encoded_fields=self.job.encoded_fields)
+            self.links[host.name] = self._make_link(host)
         # Each host starts working as soon as it has said hello: a slow host (or one
         # that never answers) must not hold the others back.
         for name in self.links:
             self.reconnecting.add(name)
             threading.Thread(target=self._connect, args=(name,), name=f"connect-{name}", daemon=True).start()
+
+    def _make_link(self, host: Host) -> HostLink:
+        return self.link_factory(host, self.config, self.accept_new, self.events, self.job.check,
+                                 self.bundle, beat_seconds=self.beat_seconds, preload=self.job.name,
+                                 prepare=self.job.prepare_host, slot_factor=self.job.slot_factor(),
+                                 budget=self.budget, encoded_fields=self.job.encoded_fields)
+
+    def join(self, host: Host) -> None:
+        """A host that appeared mid-run (a Dask worker that joined): it starts and gets work.
+        Thread-safe: it goes through the event queue."""
+        self.events.put(Event("join", _CommitLink, 0, {"host": host}))
+
+    def _joined(self, host: Host) -> None:
+        stats = self.stats.get(host.name)
+        if stats is None:
+            self.stats[host.name] = HostStats(host.name)
+            self.links[host.name] = self._make_link(host)
+        elif host.name in self.up or host.name in self.reconnecting:
+            return
+        else:  # known and lost (a worker back under its name): try it now
+            self.links[host.name].host = host
+            stats.next_attempt = 0.0
+            stats.reconnects_failed = 0
+            if stats.state == "excluded":
+                stats.state = "starting"
+            return
+        self.reconnecting.add(host.name)
+        threading.Thread(target=self._connect, args=(host.name,), name=f"connect-{host.name}", daemon=True).start()
 
     def _connect(self, name: str) -> None:
         link = self.links[name]
@@ -470,6 +497,8 @@ class Coordinator:
         name = event.link.name
         if event.kind == "committed":
             return self._committed(event)
+        if event.kind == "join":
+            return self._joined(event.message["host"])
         if event.generation != event.link.generation:
             event.release()
             return  # from a connection we already gave up on

@@ -10,6 +10,7 @@ from typing import Optional
 from tabulate import tabulate
 
 from cluster.constants import PROBE_DEADLINE_SECONDS, SETUP_DEADLINE_SECONDS
+from cluster.engines import ENGINE_HELP
 from cluster.errors import UsageError
 from cluster.fanout import fan_out
 from cluster.health import check_host
@@ -27,6 +28,7 @@ from .common import (
     load_hosts,
     setup_logging,
 )
+from .engine import engine_choice, engine_hosts
 
 
 def _exit_for(outcomes) -> int:
@@ -158,13 +160,18 @@ def setup(c, inventory=None, hosts=None, accept_new=False, tor=False, no_numpy=F
                           if o.ok and o.value.engine.startswith("python")]))
 
 
-@beowulf_task(name="hosts", help=dict(HOST_HELP))
-def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet=False):
+@beowulf_task(name="hosts", help={**HOST_HELP, **ENGINE_HELP})
+def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet=False, engine=None,
+           scheduler=None):
     """Show each host's health: reachable, latency, bundle fresh or stale, Python, slots, load.
 
-    Read-only: changes nothing on any host.
+    Read-only: changes nothing on any host. With --engine dask: the scheduler's workers (name,
+    address, threads, memory, Python, packages) and whether each can run the client.
     """
     setup_logging(verbose, quiet)
+    choice = engine_choice(c, engine, scheduler, inventory, hosts)
+    if choice.is_dask:
+        return _dask_workers(c, choice)
     path, selected = load_hosts(c, inventory, hosts)
 
     def work(host, outcome):
@@ -195,6 +202,21 @@ def hosts_(c, inventory=None, hosts=None, accept_new=False, verbose=False, quiet
         rows = [row[:at] + row[at + 1:] for row in rows]
     _finish(outcomes, rows, headers, f"{up} of {_hosts(len(outcomes))} reachable ({path})", _engine_hint(
         [(o.host.name, o.value["facts"]) for o in outcomes if o.ok and _engine(o.value["facts"]) == "python"]))
+
+
+def _dask_workers(c, choice) -> None:
+    """fab hosts --engine dask: one row per worker; exit 3 when some cannot run the client, 1 when none can."""
+    from invoke import Exit
+
+    from cluster.engines.dask import worker_rows
+
+    with engine_hosts(c, choice) as chosen:
+        headers, rows, able = worker_rows(chosen.dask)
+        where = chosen.dask.scheduler_address
+    print(tabulate(shown_rows(rows), headers=headers, disable_numparse=True))
+    print(shown(f"{able} of {len(rows)} workers of {where} can run the client"))
+    if able < len(rows):
+        raise Exit(code=exit_code_over_hosts(len(rows) - able, len(rows)))
 
 
 @beowulf_task(help={**HOST_HELP, "yes": "do not ask for confirmation"})

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from cluster.engines import ENGINE_HELP
 from cluster.errors import JobError, UsageError
 
 from .common import (
@@ -20,6 +21,7 @@ from .common import (
     setup_logging,
     store_path,
 )
+from .engine import engine_choice, engine_hosts
 
 log = logging.getLogger(__name__)
 MAX_END = 10**15
@@ -53,10 +55,11 @@ def _size(count: float) -> str:
     "fresh": "start the run over instead of resuming it",
     "verify": "re-run this fraction of blocks (0..1) on a different host and compare",
     "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
+    **ENGINE_HELP,
 })
 def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_seconds="2", export=None,
            count_only=False, fresh=False, verify="0", accept_new=False, verbose=False, quiet=False,
-           dashboard=False):
+           dashboard=False, engine=None, scheduler=None):
     """Find every prime p with START <= p <= END (both inclusive) on all hosts; resumable.
 
     Running the same command again resumes: finished blocks are kept. --export writes the
@@ -78,18 +81,22 @@ def primes(c, start=None, end=None, inventory=None, hosts=None, db=None, block_s
     # Imported here so that `fab --list` stays fast (numpy, the store, the engine).
     from cluster.jobs.primes import PrimesJob
 
-    path, selected = load_hosts(c, inventory, hosts)
+    choice = engine_choice(c, engine, scheduler, inventory, hosts)
+    if not choice.is_dask:
+        load_hosts(c, inventory, hosts)  # a bad inventory is a usage error before anything else
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
-    if fraction > 0 and len(selected) < 2:
-        log.warning("warning: --verify needs two hosts or more (a block is re-run on a different host); "
-                    "nothing will be verified")
     if not fresh and _answer_from_finished_run(db_path, first, last, count_only, export_path):
         return
     job = PrimesJob(first, last, count_only=count_only)
     _check_disk(db_path, job)
-    outcome = run_job(c, job, selected, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
-                      dashboard=dashboard, block_seconds=seconds, verify=fraction)
+    with engine_hosts(c, choice, inventory, hosts) as chosen:
+        if fraction > 0 and len(chosen.hosts) < 2:
+            log.warning("warning: --verify needs two hosts or more (a block is re-run on a different host); "
+                        "nothing will be verified")
+        outcome = run_job(c, job, chosen.hosts, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
+                          dashboard=dashboard, block_seconds=seconds, verify=fraction,
+                          on_coordinator=chosen.attach, **chosen.kwargs)
     _print_summary(outcome, job, db_path)
     if export_path is not None:
         _export(db_path, outcome.run_id, export_path)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.engines import ENGINE_HELP
 from cluster.errors import UsageError
 from cluster.shown import shown
 from cluster.tally import tallied
@@ -25,6 +26,7 @@ from .common import (
     setup_logging,
     store_path,
 )
+from .engine import engine_choice, engine_hosts
 
 # Distinct page errors listed under the summary (each once, with its count).
 SUMMARY_ERRORS = 10
@@ -52,11 +54,13 @@ MAX_ERROR_SHOWN = 300  # characters of one error (a host sends it)
     "skip_bad": "skip (and list) lines of the URL file that are not http(s) URLs instead of refusing to start",
     "export": "write the pages out: FILE.jsonl (one record a line) or a folder (index.jsonl + bodies/)",
     "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
+    **ENGINE_HELP,
 })
 def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="1.0", per_domain="1",
            concurrency="4", timeout="30", max_bytes="5000000", user_agent=None, ignore_robots=False,
            insecure=False, no_bodies=False, fresh=False, skip_bad=False, export=None, accept_new=False,
-           allow_private_redirects=False, verbose=False, quiet=False, dashboard=False):
+           allow_private_redirects=False, verbose=False, quiet=False, dashboard=False, engine=None,
+           scheduler=None):
     """Fetch every URL of a file once across all hosts, politely; resumable.
 
     Per site, across the whole cluster: at most --per-domain requests at once and --delay
@@ -82,7 +86,9 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     per_slot = parse_int("concurrency", concurrency, minimum=1, maximum=64)
     export_path = Path(os.path.expanduser(export)) if export else None
     url_list, bad, duplicates = read_url_file(urls, skip_bad=skip_bad)
-    path, selected = load_hosts(c, inventory, hosts)
+    choice = engine_choice(c, engine, scheduler, inventory, hosts, tor=tor)
+    if not choice.is_dask:
+        load_hosts(c, inventory, hosts)  # a bad inventory is a usage error before anything else
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
     for line in describe_bad(bad, "stdin" if urls == "-" else urls):
@@ -94,8 +100,10 @@ def scrape(c, urls=None, tor=False, inventory=None, hosts=None, db=None, delay="
     if insecure:
         print("WARNING: --insecure is on: TLS certificates are not verified")
     job = ScrapeJob(url_list, options, delay=pause, per_domain=in_flight, concurrency=per_slot)
-    outcome = run_job(c, job, selected, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
-                      dashboard=dashboard, kept="fetched pages")
+    with engine_hosts(c, choice, inventory, hosts) as chosen:
+        outcome = run_job(c, job, chosen.hosts, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
+                          dashboard=dashboard, kept="fetched pages", on_coordinator=chosen.attach,
+                          **chosen.kwargs)
     _print_summary(outcome, job, db_path)
     if export_path is not None:
         _export(db_path, outcome.run_id, export_path)

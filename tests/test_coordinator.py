@@ -112,3 +112,32 @@ def test_a_run_with_nothing_left_it_may_do_ends_naming_it(tmp_path):
     assert not thread.is_alive(), "the run did not end"
     assert errors and "gave up on [3, 3] (not on only)" in str(errors[0]), errors
     assert [b["lo"] for b in committed(db)] == [0, 1, 2, 4, 5, 6, 7]  # the rest is kept
+
+
+def test_link_factory_and_a_host_joining_mid_run(tmp_path):
+    # The hooks another engine uses (cluster/engines/dask.py): links made by a factory, and a host
+    # handed over by join() while the run goes (a Dask worker that joined) starts and gets work.
+    from cluster.agents import HostLink
+
+    made = []
+
+    def factory(host, *args, **kwargs):
+        made.append(host.name)
+        return HostLink(host, *args, **kwargs)
+
+    db = tmp_path / "r.db"
+    job = TrivialJob(60, "echo", args={"sleep": 0.05}, block=1)
+    coordinator = Coordinator(job, [local("first", slots=1)], Config(), str(db), link_factory=factory)
+    original = coordinator._committed
+
+    def committed_then_join(event):
+        original(event)
+        if coordinator.done_items == 5:
+            coordinator.join(local("joiner", slots=1))
+
+    coordinator._committed = committed_then_join
+    outcome = coordinator.run()
+    assert outcome.items_total == 60
+    assert made == ["first", "joiner"]
+    assert {b["host"] for b in committed(db)} == {"first", "joiner"}
+    assert [b["lo"] for b in committed(db)] == list(range(60))
