@@ -99,6 +99,26 @@ def wait_for(driver, check, timeout: float = 60, what: str = ""):
     raise AssertionError(f"page never showed {what} within {timeout}s; last: {json.dumps(state)[:2000]}")
 
 
+READ_ITEMS = """
+const section = document.getElementById('pages-section');
+return {shown: !section.hidden, title: document.getElementById('pages-title').textContent,
+        rows: Array.from(document.querySelectorAll('#pages tbody tr')).map(
+            tr => Array.from(tr.cells).map(td => td.textContent))};
+"""
+
+
+def wait_for_items(driver, count: int, timeout: float = 60) -> dict:
+    """The page's latest-items table once it is shown with ``count`` rows."""
+    deadline = time.monotonic() + timeout
+    items = None
+    while time.monotonic() < deadline:
+        items = driver.execute_script(READ_ITEMS)
+        if items["shown"] and len(items["rows"]) == count:
+            return items
+        time.sleep(0.25)
+    raise AssertionError(f"the items table never showed {count} rows within {timeout}s; last: {items}")
+
+
 def next_update(driver, state: dict, timeout: float = 15) -> dict:
     """The page's state after its next poll (the page polls once a second)."""
     return wait_for(driver, lambda s: s["updates"] > state["updates"], timeout, "a new update")
@@ -227,6 +247,24 @@ def test_live_run_over_sshd_hosts(make_cluster, tmp_path, browser):
                           and s["progress_text"] == "100.0%", 60, "run 2")
         assert set(second["runs"]) == {1, 2}
         browser.save_screenshot(str(shots / "dashboard-second-run.png"))
+        no_alert(browser)
+
+        # A fab map run with one failing item: its latest items, the failure among them, are listed.
+        mapped = subprocess.run(fab_argv(["map", "--command", "test {} -ne 7", "--range", "1:12", "--retries", "0",
+                                          "--inventory", inventory, "--db", db, "--quiet"], config),
+                                env=fab_env(), capture_output=True, text=True, timeout=300)
+        assert mapped.returncode == 1, mapped.stdout + mapped.stderr
+        wait_for(browser, lambda s: s["runs"][:1] == [3] and s["progress_text"] == "100.0%", 60, "run 3")
+        items = wait_for_items(browser, 12)
+        assert items["title"] == "latest items"
+        by_seq = {row[0]: row for row in items["rows"]}
+        assert set(by_seq) == {str(n) for n in range(1, 13)}
+        assert by_seq["7"][1] == "failed" and by_seq["1"][1] == "ok", by_seq
+        assert all(row[2] in ("h1", "h2", "h3") for row in items["rows"]), items["rows"]
+        heads = browser.execute_script("return Array.from(document.querySelectorAll('#hosts thead th'))"
+                                       ".map(th => th.textContent)")
+        assert "items" in heads and "numbers" not in heads, heads  # the map run's unit, not primes'
+        browser.save_screenshot(str(shots / "dashboard-map-run.png"))
         no_alert(browser)
         assert board.poll() is None  # the same dashboard process all along
     finally:

@@ -175,7 +175,8 @@
 
   function fillHead(table, headers) {
     const head = table.tHead;
-    if (head.rows.length && head.rows[0].cells.length === headers.length) return;
+    const shown = head.rows.length ? Array.from(head.rows[0].cells).map(function (c) { return c.textContent; }) : [];
+    if (shown.length === headers.length && shown.every(function (t, i) { return t === headers[i]; })) return;
     clear(head);
     const tr = document.createElement("tr");
     headers.forEach(function (h) { tr.appendChild(el("th", h)); });
@@ -440,16 +441,31 @@
     });
   }
 
+  // The latest items of the run (Job.recent_items): scrape's pages, map's items. Any other job's
+  // rows are shown by their own keys. Every cell goes in as text.
+  const ITEM_COLUMNS = {
+    scrape: { title: "latest pages", head: ["#", "host", "status", "title", "URL", "error"],
+      cells: function (p) { return [String(p.lo), p.host, p.status === null ? "" : String(p.status), p.title || "",
+        p.final_url || p.url, p.error || ""]; } },
+    map: { title: "latest items", head: ["item #", "status", "host", "seconds", "error"],
+      cells: function (p) { return [String(p.seq), p.status || "", p.host || "",
+        typeof p.seconds === "number" ? p.seconds.toFixed(3) : "", p.error || ""]; } },
+  };
+
   function renderPages(pages, job) {
-    $("pages-section").hidden = job !== "scrape";
+    const rows = pages || [];
+    const known = ITEM_COLUMNS[job];
+    const keys = known ? null : (rows.length ? Object.keys(rows[0]).slice(0, 8) : []);
+    $("pages-section").hidden = !known && !rows.length;
+    $("pages-title").textContent = known ? known.title : "latest items";
     const table = $("pages");
-    fillHead(table, ["#", "host", "status", "title", "URL", "error"]);
+    fillHead(table, known ? known.head : keys);
     const body = table.tBodies[0];
     clear(body);
-    (pages || []).forEach(function (p) {
+    rows.forEach(function (p) {
       const tr = document.createElement("tr");
-      [String(p.lo), p.host, p.status === null ? "" : String(p.status), p.title || "", p.final_url || p.url,
-        p.error || ""].forEach(function (text, i) { tr.appendChild(el("td", text, i > 2 ? "text wrap" : i ? "text" : "")); });
+      const cells = known ? known.cells(p) : keys.map(function (k) { return p[k] === null || p[k] === undefined ? "" : String(p[k]); });
+      cells.forEach(function (text, i) { tr.appendChild(el("td", text, i > 1 ? "text wrap" : i ? "text" : "")); });
       body.appendChild(tr);
     });
   }
