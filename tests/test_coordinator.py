@@ -57,7 +57,8 @@ def test_invalid_results_are_redone_elsewhere_and_host_flagged(tmp_path):
 def test_a_block_that_always_fails_stops_the_run(tmp_path):
     db = tmp_path / "r.db"
     job = TrivialJob(5, "fail", args={"message": "disk on fire"})
-    with pytest.raises(JobError, match=r"failed 2 times \(on a, b\); last: RuntimeError: disk on fire"):
+    # Twice at least: if b comes up late (a loaded machine), a may fail the block again first.
+    with pytest.raises(JobError, match=r"failed [2-6] times \(on a, b\); last: RuntimeError: disk on fire"):
         Coordinator(job, [local("a"), local("b")], Config(), str(db)).run()
     with Store(db) as store:
         assert store.runs()[-1]["state"] == "failed"
