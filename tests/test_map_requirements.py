@@ -1,0 +1,314 @@
+"""fab map --requirements: a requirements file read as pip reads it, wheels resolved with their
+dependencies once per host platform on the coordinator, shipped by content, imported on the hosts.
+
+No test sends traffic outside 127.0.0.0/8: the wheels are made here (pure-Python, a package
+``bwtest-app`` that needs ``bwtest-lib``, the latter in two versions, 2.0 for Python 3.9+ only)
+into a folder that pip is pointed at with PIP_NO_INDEX=1 and PIP_FIND_LINKS, with
+PIP_CONFIG_FILE=/dev/null so this machine's pip.conf (its indexes) plays no part.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sqlite3
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cluster import requirements as reqs_module
+from cluster.errors import UsageError
+from cluster.wheels import RequirementWheels, pip_reason
+from harness import in_ci
+from harness.hostile import provisioned_cluster
+from harness.sshd import pyenv_python
+
+
+def make_wheel(folder: Path, name: str, version: str, modules: dict, requires=(), python_requires=None) -> Path:
+    """A pure-Python wheel (py3-none-any) of ``modules`` ({file name: source}) into ``folder``."""
+    dist = name.replace("-", "_")
+    info = f"{dist}-{version}.dist-info"
+    metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    metadata += [f"Requires-Dist: {requirement}" for requirement in requires]
+    if python_requires:
+        metadata.append(f"Requires-Python: {python_requires}")
+    files = dict(modules)
+    files[f"{info}/METADATA"] = "\n".join(metadata) + "\n"
+    files[f"{info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: beowulf-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = "\n".join(record) + "\n"
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name_in, text in sorted(files.items()):
+            entry = zipfile.ZipInfo(name_in, date_time=(2020, 1, 1, 0, 0, 0))
+            archive.writestr(entry, text)
+    return path
+
+
+def make_index(folder: Path) -> Path:
+    """bwtest-app 1.0 (needs bwtest-lib>=1.0), bwtest-lib 1.0 and 2.0 (Python >= 3.9)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_wheel(folder, "bwtest-app", "1.0",
+               {"bwtest_app/__init__.py": "import bwtest_lib\n\ndef versions():\n"
+                                          "    return ['app 1.0', bwtest_lib.VERSION]\n"},
+               requires=["bwtest-lib>=1.0"])
+    make_wheel(folder, "bwtest-lib", "1.0", {"bwtest_lib/__init__.py": "VERSION = 'lib 1.0'\n"})
+    make_wheel(folder, "bwtest-lib", "2.0", {"bwtest_lib/__init__.py": "VERSION = 'lib 2.0'\n"},
+               python_requires=">=3.9")
+    return folder
+
+
+def pip_env(index: Path, cache: Path) -> dict:
+    """pip pointed at the local folder only; the requirements cache under ``cache``."""
+    return {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index),
+            "XDG_CACHE_HOME": str(cache)}
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    index = make_index(tmp_path / "index")
+    for name, value in pip_env(index, tmp_path / "cache").items():
+        monkeypatch.setenv(name, value)
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT"):
+        monkeypatch.delenv(name, raising=False)
+    return index
+
+
+def here_facts() -> dict:
+    import platform
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+    try:
+        import probe
+    finally:
+        sys.path.pop(0)
+    return {"python": platform.python_version(), "implementation": platform.python_implementation(),
+            "arch": platform.machine(), "system": platform.system(), "libc": probe.libc_name()}
+
+
+# ---------------------------------------------------------------- the file
+
+
+def write(folder: Path, text: str) -> str:
+    path = folder / "req.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_normal_requirements_file_is_read(tmp_path):
+    path = write(tmp_path, "# what f needs\n\nrequests==2.31.0   # pinned\nattrs>=22\nFoo_Bar[Extra,b]\n"
+                           "bar; python_version >= \"3.8\"\nold ; python_version < \"3.0\"\n"
+                           "long-name \\\n  >=1.0,<2\nattrs>=22\n")
+    found = reqs_module.parse(path)
+    assert found.lines == ('attrs>=22', 'bar; python_version >= "3.8"', "foo-bar[b,extra]",
+                           "long-name<2,>=1.0", 'old; python_version < "3.0"', "requests==2.31.0")
+    host = {"python": "3.11.2", "system": "Linux", "arch": "x86_64"}
+    assert reqs_module.for_host(found, host) == ("attrs>=22", "bar", "foo-bar[b,extra]", "long-name<2,>=1.0",
+                                                 "requests==2.31.0")
+    old = dict(host, python="2.7.18")
+    assert "old" in reqs_module.for_host(found, old) and "bar" not in reqs_module.for_host(found, old)
+    assert reqs_module.parse(write(tmp_path, "attrs >= 22\nrequests==2.31.0\n")).digest == \
+        reqs_module.parse(write(tmp_path, "requests == 2.31.0\n# x\nattrs>=22\n")).digest
+
+
+@pytest.mark.parametrize("line, words", [
+    ("-e .", "-e is a pip option"),
+    ("-r other.txt", "-r is a pip option"),
+    ("-c constraints.txt", "-c is a pip option"),
+    ("--index-url https://example.org/simple", "--index-url is a pip option"),
+    ("--extra-index-url=https://example.org/simple", "--extra-index-url is a pip option"),
+    ("https://example.org/a-1.0-py3-none-any.whl", "URL"),
+    ("foo @ https://example.org/foo.zip", "direct reference"),
+    ("git+https://example.org/foo.git", "URL"),
+    ("./pkg", "a file or a path"),
+    ("foo-1.0-py3-none-any.whl", "a file or a path"),
+    ("foo ==", "not a requirement"),
+    ("bar; no_such_marker == '1'", "not a requirement"),
+    ("requests==2.31.0 --hash=sha256:abc", "not a requirement"),
+])
+def test_pip_only_lines_are_refused_naming_file_and_line(tmp_path, line, words):
+    path = write(tmp_path, f"# first\nattrs\n{line}\n")
+    with pytest.raises(UsageError) as caught:
+        reqs_module.parse(path)
+    message = str(caught.value)
+    assert message.startswith(f"--requirements {path} line 3: ") and words in message, message
+    assert "\n" not in message
+
+
+def test_unreadable_empty_and_binary_files(tmp_path):
+    for text, words in (("# nothing\n\n", "no requirements"), ):
+        with pytest.raises(UsageError, match=words):
+            reqs_module.parse(write(tmp_path, text))
+    with pytest.raises(UsageError, match="No such file"):
+        reqs_module.parse(str(tmp_path / "missing.txt"))
+    (tmp_path / "bin.txt").write_bytes(b"attrs\n\xff\xfe\n")
+    with pytest.raises(UsageError, match="line 2: not UTF-8"):
+        reqs_module.parse(str(tmp_path / "bin.txt"))
+
+
+def test_pip_reason_is_one_bounded_line():
+    stderr = ("INFO: pip is looking at multiple versions\n"
+              "ERROR: Ignored the following versions that require a different python version: 2.0 "
+              "Requires-Python >=3.9\n"
+              "ERROR: Could not find a version that satisfies the requirement bwtest-lib==2.0 (from versions: 1.0)\n"
+              "ERROR: No matching distribution found for bwtest-lib==2.0\n")
+    reason = pip_reason(stderr, 1)
+    assert "\n" not in reason and "Requires-Python >=3.9" in reason and "bwtest-lib==2.0" in reason
+    assert len(pip_reason("ERROR: " + "x\x1b" * 1000, 1)) <= 300 and "\x1b" not in pip_reason("ERROR: \x1b[2J", 1)
+
+
+# ---------------------------------------------------------------- resolving on the coordinator
+
+
+def test_resolve_pulls_dependencies_pins_win_and_once_per_platform(local_index, tmp_path):
+    facts = here_facts()
+    cache = RequirementWheels(tmp_path / "resolved")
+    found, why = cache.resolve(("bwtest-app==1.0", "bwtest-lib==1.0"), facts)
+    assert found is not None, why
+    assert [name for name, _, _ in found.wheels] == ["bwtest_app-1.0-py3-none-any.whl",
+                                                      "bwtest_lib-1.0-py3-none-any.whl"]
+    newest, why = cache.resolve(("bwtest-app",), facts)
+    assert newest is not None, why
+    assert [name for name, _, _ in newest.wheels] == ["bwtest_app-1.0-py3-none-any.whl",
+                                                       "bwtest_lib-2.0-py3-none-any.whl"]
+    assert cache.downloads == 2
+    again = RequirementWheels(tmp_path / "resolved")  # another fab run: the cache on disk
+    same, _ = again.resolve(("bwtest-app==1.0", "bwtest-lib==1.0"), facts)
+    assert same.digest == found.digest and again.downloads == 0
+    # An older Python: bwtest-lib 2.0 wants 3.9+; pip's reason, once for the platform.
+    old = dict(facts, python="3.8.18")
+    for _ in range(2):
+        none, why = again.resolve(("bwtest-lib==2.0",), old)
+        assert none is None and "bwtest-lib" in why and ">=3.9" in why, why
+    assert again.downloads == 1
+    # A host with no wheel platform at all never reaches pip.
+    none, why = again.resolve(("bwtest-app",), dict(facts, arch="armv6l"))
+    assert none is None and "armv6l" in why and again.downloads == 1
+    none, why = again.resolve(("no-such-project-bwtest",), facts)
+    assert none is None and "no-such-project-bwtest" in why, why
+    json.loads((tmp_path / "resolved" / found.folder.name / "manifest.json").read_text())
+    assert not [p for p in (tmp_path / "resolved").iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------- fab map, this computer
+
+
+def fab_map(run_fab, folder: Path, env: dict, *args, inventory=None, config=None, timeout=300):
+    if inventory is None:
+        inventory = folder / "local.ini"
+        inventory.write_text("[local]\naddress = local\n")
+    return run_fab(["map", "--inventory", inventory, "--db", folder / "r.db", *args], cwd=folder, config=config,
+                   timeout=timeout, env=env)
+
+
+def jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+F = "import bwtest_app\ndef f(x):\n    return [x] + bwtest_app.versions()\n"
+
+
+def test_local_run_imports_the_pinned_dependency_and_bad_lines_run_nothing(run_fab, tmp_path):
+    index = make_index(tmp_path / "index")
+    env = pip_env(index, tmp_path / "cache")
+    (tmp_path / "f.py").write_text(F)
+    (tmp_path / "req.txt").write_text("bwtest-app  # pulls bwtest-lib in\nbwtest-lib==1.0\n")
+    done = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:5", "--requirements", "req.txt",
+                   "--export", "v.jsonl")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line["value"] for line in jsonl(tmp_path / "v.jsonl")] == [[x, "app 1.0", "lib 1.0"] for x in range(1, 6)]
+    # A command finds them too (PYTHONPATH).
+    done = fab_map(run_fab, tmp_path, env, "--command", "python3 -c 'import bwtest_lib; print(bwtest_lib.VERSION)'",
+                   "--range", "1:2", "--requirements", "req.txt", "--export", "c.txt")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "c.txt").read_text() == "lib 1.0\nlib 1.0\n"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f.py").write_text(F)
+    (other / "bad.txt").write_text("bwtest-app\n--index-url http://127.0.0.1:9/simple\n")
+    bad = fab_map(run_fab, other, env, "--function", "f.py:f", "--range", "1:5", "--requirements", "bad.txt")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: --requirements bad.txt line 2: --index-url is a pip option, not a requirement: fab map takes "
+        "requirements only (set the index with PIP_INDEX_URL, PIP_FIND_LINKS or pip.conf)"], bad.stderr
+    assert not (other / "r.db").exists()
+
+
+# ---------------------------------------------------------------- fab map over real sshd hosts
+
+
+def _old_python() -> Path:
+    python = pyenv_python("3.8")
+    if python is None:
+        if in_ci():
+            pytest.fail("needs pyenv's CPython 3.8 for a host with an older Python")
+        pytest.skip("needs pyenv's CPython 3.8 for a host with an older Python")
+    return python
+
+
+@pytest.fixture(scope="module")
+def cluster3(tmp_path_factory):
+    yield from provisioned_cluster(tmp_path_factory, "mapreqs", 3)
+
+
+def uploads(log: Path) -> list:
+    """The "--requirements: N wheels uploaded" lines of beowulf.log."""
+    if not log.exists():
+        return []
+    return [line for line in log.read_text().splitlines() if "--requirements:" in line and " uploaded (" in line]
+
+
+@pytest.mark.slow
+def test_over_sshd_pins_dependencies_old_python_left_out_and_second_run_uploads_nothing(cluster3, run_fab, tmp_path):
+    """h3 runs Python 3.8. A pin (bwtest-lib==1.0) wins over the newer 2.0 on the find-links and the
+    dependency comes with bwtest-app; then bwtest-lib>=2 (Python 3.9+) leaves h3 out with pip's reason
+    while h1 and h2 do every item; the same requirements again upload nothing and ask pip nothing."""
+    cluster, config = cluster3
+    old = _old_python()
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={"h3": {"python": old}})
+    index = make_index(tmp_path / "index")
+    env = pip_env(index, tmp_path / "cache")
+    (tmp_path / "f.py").write_text("import sys\n" + F.replace("return [x]", "return [x, sys.version_info[1]]"))
+    (tmp_path / "pinned.txt").write_text("bwtest-app\nbwtest-lib==1.0\n")
+    done = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:60", "--requirements", "pinned.txt",
+                   "--export", "a.jsonl", "--block-seconds", "0.2", inventory=inventory, config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    values = [line["value"] for line in jsonl(tmp_path / "a.jsonl")]
+    assert [v[0] for v in values] == list(range(1, 61))
+    assert {tuple(v[2:]) for v in values} == {("app 1.0", "lib 1.0")}
+    log = tmp_path / "beowulf.log"
+    assert len(uploads(log)) == 3, uploads(log)
+    for name in ("h1", "h2", "h3"):
+        folders = list((Path(cluster[name].workdir) / "reqs").iterdir())
+        assert [f.name for f in folders if not f.name.startswith(".")], name
+        assert (folders[0] / "bwtest_lib" / "__init__.py").read_text() == "VERSION = 'lib 1.0'\n"
+
+    (tmp_path / "newest.txt").write_text("bwtest-app\nbwtest-lib>=2\n")
+    log.write_text("")
+    done = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:60", "--requirements", "newest.txt",
+                   "--export", "b.jsonl", "--block-seconds", "0.2", inventory=inventory, config=config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout + done.stderr
+    assert "h3: --requirements" in out and "bwtest-lib" in out and ">=3.9" in out, out
+    values = [line["value"] for line in jsonl(tmp_path / "b.jsonl")]
+    assert [v[0] for v in values] == list(range(1, 61)) and {tuple(v[2:]) for v in values} == {("app 1.0", "lib 2.0")}
+    with sqlite3.connect(tmp_path / "r.db") as conn:
+        hosts = {host for (host,) in conn.execute("SELECT DISTINCT host FROM map_items WHERE run_id = "
+                                                  "(SELECT MAX(run_id) FROM map_items)")}
+    assert hosts and "h3" not in hosts, hosts
+    assert len(uploads(log)) == 2 and log.read_text().count("with pip download") == 1
+
+    log.write_text("")
+    again = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:61", "--requirements", "newest.txt",
+                    inventory=inventory, config=config)
+    assert again.returncode == 0, again.stdout + again.stderr
+    text = log.read_text()
+    assert uploads(log) == [] and "nothing uploaded" in text and "with pip download" not in text, text
