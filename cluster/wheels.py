@@ -279,14 +279,19 @@ class RequirementWheels:
         self.downloads = 0  # pip runs made (tests and logs)
 
     def target(self, facts: dict) -> tuple:
-        """(python version "38", abi "cp38", platform tags) of a host, or a reason it can take no wheel."""
-        abi = python_abi(facts.get("python") or "")
+        """(python version "3.8.18", abi "cp38", platform tags) of a host, or a reason it can take no wheel.
+
+        The whole version goes to pip: a Requires-Python of ">=3.8.1" is judged against it."""
+        python = str(facts.get("python") or "")
+        abi = python_abi(python)
         tags = host_platform_tags(facts)
         if (facts.get("implementation") or "CPython") != "CPython":
             return None, f"wheels are fetched for CPython hosts only, not {host_label(facts)}"
         if abi is None or not tags:
             return None, f"no wheel platform for {host_label(facts)}"
-        return (abi[0], abi[1], tuple(tags)), ""
+        parts = python.split(".")[:3]
+        version = ".".join(parts) if len(parts) == 3 and all(p.isdigit() and len(p) <= 3 for p in parts) else abi[0]
+        return (version, abi[1], tuple(tags)), ""
 
     def key(self, lines: tuple, target: tuple) -> str:
         pip_env = [f"{name}={os.environ[name]}" for name in _PIP_KEY_VARIABLES if name in os.environ]
@@ -349,7 +354,7 @@ class RequirementWheels:
             except OSError as exc:
                 return None, f"cannot run pip: {exc}"
             if done.returncode != 0:
-                log.info("pip download for %s %s failed:\n%s", abi, tags[0], done.stderr[-4000:])
+                log.debug("pip download for %s %s failed:\n%s", abi, tags[0], done.stderr[-4000:])
                 return None, pip_reason(done.stderr, done.returncode)
             return self._keep(key, scratch, wheels)
         finally:
