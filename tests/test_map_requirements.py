@@ -13,11 +13,15 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from test_map_client import agent, items, run_map, ship, workdir  # noqa: F401 (fixtures)
 
+from cluster import mapship
 from cluster import requirements as reqs_module
 from cluster.errors import UsageError
 from cluster.wheels import RequirementWheels, pip_reason
@@ -82,7 +86,6 @@ def local_index(tmp_path, monkeypatch):
 
 def here_facts() -> dict:
     import platform
-    import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
     try:
@@ -191,10 +194,96 @@ def test_resolve_pulls_dependencies_pins_win_and_once_per_platform(local_index, 
     # A host with no wheel platform at all never reaches pip.
     none, why = again.resolve(("bwtest-app",), dict(facts, arch="armv6l"))
     assert none is None and "armv6l" in why and again.downloads == 1
+    # A wheel built for this computer's CPython ABI only: another Python finds none.
+    version = f"{sys.version_info[0]}{sys.version_info[1]}"
+    native = make_wheel(local_index, "bwtest-native", "1.0", {"bwtest_native.py": "X = 1\n"})
+    native.rename(local_index / f"bwtest_native-1.0-cp{version}-cp{version}-{platform_tag(facts)}.whl")
+    ok, why = again.resolve(("bwtest-native",), facts)
+    assert ok is not None, why
+    none, why = again.resolve(("bwtest-native",), dict(facts, python="3.8.18"))
+    assert none is None and "bwtest-native" in why, why
     none, why = again.resolve(("no-such-project-bwtest",), facts)
     assert none is None and "no-such-project-bwtest" in why, why
     json.loads((tmp_path / "resolved" / found.folder.name / "manifest.json").read_text())
     assert not [p for p in (tmp_path / "resolved").iterdir() if p.name.startswith(".")]
+
+
+def platform_tag(facts: dict) -> str:
+    from cluster.wheels import host_platform_tags
+
+    return host_platform_tags(facts)[-1]
+
+
+# ---------------------------------------------------------------- on the host
+
+
+def wheel_tar(tmp_path: Path, members: dict) -> bytes:
+    """A tar holding one wheel ``x-1.0-py3-none-any.whl`` whose zip holds ``members`` (name -> text)."""
+    wheel = tmp_path / "x-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return mapship.make_tar({wheel.name: (wheel.read_bytes(), False)})
+
+
+def install(tmp_path: Path, tar: bytes, digest: str = "ab" * 16) -> subprocess.CompletedProcess:
+    reqs = tmp_path / "work" / "reqs"
+    reqs.mkdir(parents=True, exist_ok=True)
+    (reqs / "in.tar").write_bytes(tar)
+    return subprocess.run([sys.executable, "-c", mapship._INSTALL_WHEELS, str(reqs), digest, str(reqs / "in.tar"),
+                           "tok"], capture_output=True, text=True, timeout=60)
+
+
+def test_wheels_are_laid_out_as_pip_installs_them(tmp_path):
+    done = install(tmp_path, wheel_tar(tmp_path, {
+        "x/__init__.py": "A = 1\n", "x-1.0.dist-info/METADATA": "Name: x\n",
+        "x-1.0.data/purelib/y.py": "B = 2\n", "x-1.0.data/platlib/z/__init__.py": "",
+        "x-1.0.data/scripts/run": "#!/bin/sh\n", "x-1.0.data/data/share/file": "data\n"}))
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "work" / "reqs" / ("ab" * 16)
+    found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert found == ["x-1.0.dist-info/METADATA", "x/__init__.py", "y.py", "z/__init__.py"]
+    assert sorted(p.name for p in (tmp_path / "work" / "reqs").iterdir()) == ["ab" * 16]  # tar and temp gone
+
+
+@pytest.mark.parametrize("name", ["../evil.py", "/tmp/evil.py", "x/../../evil.py", "x\\..\\evil.py"])
+def test_a_wheel_member_out_of_its_folder_is_refused(tmp_path, name):
+    done = install(tmp_path, wheel_tar(tmp_path, {"x/__init__.py": "", name: "pwned = 1\n"}))
+    assert done.returncode != 0 and "refused" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "work" / "reqs").iterdir()) == []
+    assert not list(tmp_path.rglob("evil.py")) and not Path("/tmp/evil.py").exists()
+
+
+def reqs_folder(work: Path, files: dict) -> str:
+    """Put ``files`` in WORKDIR/reqs/HEX as fab map would after unpacking wheels; HEX."""
+    digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:32]
+    for name, text in files.items():
+        path = work / "reqs" / digest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return digest
+
+
+def test_a_worker_follows_the_requirements_folder_of_each_task(agent, workdir):  # noqa: F811
+    """Tasks naming reqs A, then B, then A again in the same workers: each imports its own
+    version (the previous folder's modules forgotten); a command finds them on PYTHONPATH."""
+    first = reqs_folder(workdir, {"bwmod/__init__.py": "VALUE = 'a'\n"})
+    second = reqs_folder(workdir, {"bwmod/__init__.py": "VALUE = 'b'\n"})
+    digest = ship(workdir, {"uses.py": "import bwmod\ndef f(x):\n    return [x, bwmod.VALUE]\n"})
+    seen = []
+    for number, reqs in enumerate([first, second, first, second, second, first]):
+        message = run_map(agent, f"t{number}", mode="function", function="uses:f", ship=digest, reqs=reqs,
+                          items=items(number))
+        assert message["ok"], message
+        seen.append(message["result"]["items"][0]["value"][1])
+    assert seen == ["a", "b", "a", "b", "b", "a"]
+    command = run_map(agent, "c", mode="command", command="python3 -c 'import bwmod; print(bwmod.VALUE)'",
+                      reqs=second, items=items("x"))
+    assert command["result"]["items"][0]["stdout"] == "b\n", command
+    for bad, error in (("cd" * 16, "no requirements folder"), ("../../etc", "hex digest")):
+        message = run_map(agent, f"bad{bad[:2]}", mode="function", function="uses:f", ship=digest, reqs=bad,
+                          items=items("x"))
+        assert not message["ok"] and error in message["error"], message
 
 
 # ---------------------------------------------------------------- fab map, this computer
