@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -245,6 +246,69 @@ def pip_reason(stderr: str, returncode: int) -> str:
     return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
 
 
+# pip runs for one resolve at most: each adds the dependencies whose markers hold on the
+# host but not on this computer (a backport for an older Python), found in the last run's wheels.
+MARKER_ROUNDS = 4
+# Bytes of a wheel's METADATA read at most.
+MAX_METADATA_BYTES = 1 << 20
+
+
+def requires_dist(wheel: Path) -> list:
+    """The ``Requires-Dist`` lines of a wheel's METADATA ([] when it cannot be read)."""
+    from email.parser import HeaderParser
+
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
+            if len(names) != 1 or archive.getinfo(names[0]).file_size > MAX_METADATA_BYTES:
+                return []
+            text = archive.read(names[0]).decode("utf-8", "replace")
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    return HeaderParser().parsestr(text).get_all("Requires-Dist") or []
+
+
+def missing_for_host(wheels: list, asked: list, facts: dict) -> list:
+    """Requirements (markers dropped) of the downloaded ``wheels`` whose markers hold for the host
+    ``facts`` describe, naming projects none of the wheels is: pip evaluated them for this computer."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+    from .requirements import marker_environment
+
+    environment = marker_environment(facts)
+    extras: dict = {}
+    for line in asked:
+        requirement = Requirement(line)
+        extras.setdefault(canonicalize_name(requirement.name), set()).update(requirement.extras)
+    names = {}
+    for wheel in wheels:
+        try:
+            names[wheel] = canonicalize_name(parse_wheel_filename(wheel.name)[0])
+        except InvalidWheelFilename:
+            continue
+    have = set(names.values())
+    missing = set()
+    for wheel, name in names.items():
+        for line in requires_dist(wheel):
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if requirement.marker is None or canonicalize_name(requirement.name) in have:
+                continue
+            try:
+                wanted = any(requirement.marker.evaluate(dict(environment, extra=extra))
+                             for extra in ["", *sorted(extras.get(name, ()))])
+            except Exception:  # a marker packaging cannot judge: pip's choice stands
+                continue
+            if wanted:
+                requirement.marker = None
+                requirement.name = canonicalize_name(requirement.name)
+                missing.add(str(requirement))
+    return sorted(missing)
+
+
 class Resolved:
     """A resolved requirement set for one host platform: its wheels (in the cache) and
     ``digest``, the hash of their names and content (the host folder's name)."""
@@ -312,7 +376,7 @@ class RequirementWheels:
             found = self._cached(self.folder / key)
             if found is not None:
                 return found, ""
-            found, why = self._download(key, lines, target)
+            found, why = self._download(key, lines, target, facts)
             if found is None:
                 self._errors[key] = why
             return found, why
@@ -329,34 +393,45 @@ class RequirementWheels:
                 return None
         return Resolved(folder, sorted(wheels))
 
-    def _download(self, key: str, lines: tuple, target: tuple) -> tuple:
+    def _download(self, key: str, lines: tuple, target: tuple, facts: dict) -> tuple:
         version, abi, tags = target
         self.folder.mkdir(parents=True, exist_ok=True)
         # pip writes into a folder of its own; the folder is renamed into place whole, with its
         # manifest, so another fab looking at the same cache never takes half a set.
         scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.folder))
+        wheels = scratch / "wheels"
         try:
-            (scratch / "requirements.txt").write_text("".join(line + "\n" for line in lines))
-            wheels = scratch / "wheels"
-            command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-                       "--no-input", "--progress-bar", "off", "--only-binary", ":all:", "--dest", str(wheels),
-                       "--python-version", version, "--implementation", "cp", "--abi", abi]
-            for tag in tags:
-                command += ["--platform", tag]
-            command += ["-r", str(scratch / "requirements.txt")]
-            log.info("resolving %d requirement(s) for %s %s with pip download", len(lines), abi, tags[0])
-            self.downloads += 1
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout,
-                                      stdin=subprocess.DEVNULL)
-            except subprocess.TimeoutExpired:
-                return None, f"pip download took over {self.timeout:.0f}s"
-            except OSError as exc:
-                return None, f"cannot run pip: {exc}"
-            if done.returncode != 0:
-                log.debug("pip download for %s %s failed:\n%s", abi, tags[0], done.stderr[-4000:])
-                return None, pip_reason(done.stderr, done.returncode)
-            return self._keep(key, scratch, wheels)
+            asked = list(lines)
+            for _ in range(MARKER_ROUNDS):
+                shutil.rmtree(wheels, ignore_errors=True)
+                (scratch / "requirements.txt").write_text("".join(line + "\n" for line in asked))
+                command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+                           "--no-input", "--progress-bar", "off", "--only-binary", ":all:", "--dest", str(wheels),
+                           "--python-version", version, "--implementation", "cp", "--abi", abi]
+                for tag in tags:
+                    command += ["--platform", tag]
+                command += ["-r", str(scratch / "requirements.txt")]
+                log.info("resolving %d requirement(s) for %s %s with pip download", len(asked), abi, tags[0])
+                self.downloads += 1
+                try:
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout,
+                                          stdin=subprocess.DEVNULL)
+                except subprocess.TimeoutExpired:
+                    return None, f"pip download took over {self.timeout:.0f}s"
+                except OSError as exc:
+                    return None, f"cannot run pip: {exc}"
+                if done.returncode != 0:
+                    log.debug("pip download for %s %s failed:\n%s", abi, tags[0], done.stderr[-4000:])
+                    return None, pip_reason(done.stderr, done.returncode)
+                # pip judged the dependencies' markers for this computer's Python: add those
+                # the host needs and pip left out, and ask again (README.md, "fab map").
+                missing = missing_for_host(sorted(wheels.glob("*.whl")), asked, facts)
+                if not missing:
+                    return self._keep(key, scratch, wheels)
+                log.info("dependencies for %s %s that pip judged for this computer: %s", abi, tags[0],
+                         ", ".join(missing))
+                asked += missing
+            return None, f"dependency markers still unresolved after {MARKER_ROUNDS} pip runs"
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

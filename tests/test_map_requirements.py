@@ -56,7 +56,8 @@ def make_wheel(folder: Path, name: str, version: str, modules: dict, requires=()
 
 
 def make_index(folder: Path) -> Path:
-    """bwtest-app 1.0 (needs bwtest-lib>=1.0), bwtest-lib 1.0 and 2.0 (Python >= 3.9)."""
+    """bwtest-app 1.0 (needs bwtest-lib>=1.0), bwtest-lib 1.0 and 2.0 (Python >= 3.9), bwtest-shim
+    1.0 (needs bwtest-lib on Python < 3.9 only)."""
     folder.mkdir(parents=True, exist_ok=True)
     make_wheel(folder, "bwtest-app", "1.0",
                {"bwtest_app/__init__.py": "import bwtest_lib\n\ndef versions():\n"
@@ -65,6 +66,8 @@ def make_index(folder: Path) -> Path:
     make_wheel(folder, "bwtest-lib", "1.0", {"bwtest_lib/__init__.py": "VERSION = 'lib 1.0'\n"})
     make_wheel(folder, "bwtest-lib", "2.0", {"bwtest_lib/__init__.py": "VERSION = 'lib 2.0'\n"},
                python_requires=">=3.9")
+    make_wheel(folder, "bwtest-shim", "1.0", {"bwtest_shim.py": "X = 1\n"},
+               requires=['bwtest-lib>=1.0; python_version < "3.9"', 'bwtest-never; python_version < "3"'])
     return folder
 
 
@@ -194,6 +197,15 @@ def test_resolve_pulls_dependencies_pins_win_and_once_per_platform(local_index, 
     # A host with no wheel platform at all never reaches pip.
     none, why = again.resolve(("bwtest-app",), dict(facts, arch="armv6l"))
     assert none is None and "armv6l" in why and again.downloads == 1
+    # A dependency for older Pythons only: pip judges its marker for this computer; the host's
+    # Python needs it, so it is asked for again.
+    shim, why = again.resolve(("bwtest-shim",), old)
+    assert shim is not None, why
+    assert [name for name, _, _ in shim.wheels] == ["bwtest_lib-1.0-py3-none-any.whl",
+                                                     "bwtest_shim-1.0-py3-none-any.whl"]
+    assert again.downloads == 3
+    shim, why = again.resolve(("bwtest-shim",), facts)
+    assert [name for name, _, _ in shim.wheels] == ["bwtest_shim-1.0-py3-none-any.whl"] and again.downloads == 4
     # A wheel built for this computer's CPython ABI only: another Python finds none.
     version = f"{sys.version_info[0]}{sys.version_info[1]}"
     native = make_wheel(local_index, "bwtest-native", "1.0", {"bwtest_native.py": "X = 1\n"})
