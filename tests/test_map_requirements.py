@@ -292,7 +292,12 @@ def test_a_worker_follows_the_requirements_folder_of_each_task(agent, workdir): 
     command = run_map(agent, "c", mode="command", command="python3 -c 'import bwmod; print(bwmod.VALUE)'",
                       reqs=second, items=items("x"))
     assert command["result"]["items"][0]["stdout"] == "b\n", command
-    for bad, error in (("cd" * 16, "no requirements folder"), ("../../etc", "hex digest")):
+    outside = workdir.parent / "outside"
+    (outside / "bwmod").mkdir(parents=True)
+    (outside / "bwmod" / "__init__.py").write_text("VALUE = 'pwned'\n")
+    (workdir / "reqs" / ("ef" * 16)).symlink_to(outside)
+    for bad, error in (("cd" * 16, "no requirements folder"), ("../../etc", "hex digest"),
+                       ("ef" * 16, "no requirements folder"), ("/tmp", "hex digest")):
         message = run_map(agent, f"bad{bad[:2]}", mode="function", function="uses:f", ship=digest, reqs=bad,
                           items=items("x"))
         assert not message["ok"] and error in message["error"], message
