@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -373,12 +374,25 @@ def uploads(log: Path) -> list:
 
 @pytest.mark.slow
 def test_over_sshd_pins_dependencies_old_python_left_out_and_second_run_uploads_nothing(cluster3, run_fab, tmp_path):
-    """h3 runs Python 3.8. A pin (bwtest-lib==1.0) wins over the newer 2.0 on the find-links and the
-    dependency comes with bwtest-app; then bwtest-lib>=2 (Python 3.9+) leaves h3 out with pip's reason
-    while h1 and h2 do every item; the same requirements again upload nothing and ask pip nothing."""
+    """h3 runs Python 3.8; h1 and h3 have no network. A pin (bwtest-lib==1.0) wins over the newer
+    2.0 on the find-links and the dependency comes with bwtest-app; then bwtest-lib>=2 (Python
+    3.9+) leaves h3 out with pip's reason while h1 and h2 do every item; the same requirements
+    again upload nothing and ask pip nothing for h1 and h2."""
     cluster, config = cluster3
     old = _old_python()
-    inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra={"h3": {"python": old}})
+    if shutil.which("unshare") is None:
+        if in_ci():
+            pytest.fail("needs unshare (util-linux) to take the network away from the test hosts")
+        pytest.skip("needs unshare (util-linux) to take the network away from the test hosts")
+    # h1 and h3 run their Python in a network namespace of their own (no network at all, not even
+    # loopback): the wheels can only reach them through fab map.
+    offline = {}
+    for name, python in (("h1", "python3"), ("h3", str(old))):
+        wrapper = tmp_path / f"offline-{name}"
+        wrapper.write_text(f'#!/bin/sh\nexec unshare --net -- {python} "$@"\n')
+        wrapper.chmod(0o755)
+        offline[name] = {"python": wrapper}
+    inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra=offline)
     index = make_index(tmp_path / "index")
     env = pip_env(index, tmp_path / "cache")
     (tmp_path / "f.py").write_text("import sys\n" + F.replace("return [x]", "return [x, sys.version_info[1]]"))
