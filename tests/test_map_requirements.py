@@ -227,6 +227,45 @@ def platform_tag(facts: dict) -> str:
     return host_platform_tags(facts)[-1]
 
 
+@pytest.fixture
+def http_index(tmp_path, monkeypatch):
+    """A PEP 503 simple index of make_index's wheels served on 127.0.0.1 (pip's PIP_INDEX_URL)."""
+    import functools
+    import http.server
+    import threading
+
+    wheels = make_index(tmp_path / "served" / "files")
+    simple = tmp_path / "served" / "simple"
+    for wheel in sorted(wheels.iterdir()):
+        project = simple / wheel.name.split("-")[0].replace("_", "-")
+        project.mkdir(parents=True, exist_ok=True)
+        with open(project / "index.html", "a") as page:
+            page.write(f'<a href="../../files/{wheel.name}">{wheel.name}</a>\n')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    for name in ("PIP_NO_INDEX", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT"):
+        monkeypatch.delenv(name, raising=False)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_resolve_through_an_index_on_loopback(http_index, tmp_path, monkeypatch):
+    """PIP_INDEX_URL is honoured (pip's own configuration), and is part of the cache key."""
+    cache = RequirementWheels(tmp_path / "resolved")
+    found, why = cache.resolve(("bwtest-app", "bwtest-lib<2"), here_facts())
+    assert found is not None, why
+    assert [name for name, _, _ in found.wheels] == ["bwtest_app-1.0-py3-none-any.whl",
+                                                      "bwtest_lib-1.0-py3-none-any.whl"]
+    key = cache.key(("bwtest-app",), cache.target(here_facts())[0])
+    monkeypatch.setenv("PIP_INDEX_URL", os.environ["PIP_INDEX_URL"] + "/")
+    assert cache.key(("bwtest-app",), cache.target(here_facts())[0]) != key
+
+
 # ---------------------------------------------------------------- on the host
 
 
