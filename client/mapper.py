@@ -69,6 +69,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # environment (beside the store; cluster/mapship.py local_workdir).
 WORKDIR = os.environ.get("BEOWULF_MAP_WORKDIR") or os.path.dirname(HERE)
 SHIP_FOLDER = "ship"
+# fab map --requirements: wheels unpacked in WORKDIR/reqs/HEX (cluster/mapship.py), named in a
+# task as "reqs": HEX; put on sys.path for a function, on PYTHONPATH for a command.
+REQS_FOLDER = "reqs"
 RUN_FOLDER = "map"
 # Bytes of stdout kept per item (the rest is read and discarded, ``truncated`` set).
 DEFAULT_STDOUT_CAP = 1 << 20
@@ -387,6 +390,15 @@ def ship_folder(ship):
     return path
 
 
+def reqs_folder(reqs):
+    """WORKDIR/reqs/HEX: it must exist and really lie there (no symlink out of reqs/)."""
+    base = os.path.realpath(os.path.join(WORKDIR, REQS_FOLDER))
+    path = os.path.realpath(os.path.join(base, check_hex(reqs, "reqs")))
+    if os.path.dirname(path) != base or not os.path.isdir(path):
+        raise TaskError("no requirements folder %s on this host" % reqs)
+    return path
+
+
 def inside(path, folder):
     """True when the real ``path`` lies inside the real ``folder`` (str or bytes, compared as bytes)."""
     path = path if isinstance(path, bytes) else fs(path)
@@ -405,22 +417,47 @@ def _module_folder(module):
     return os.path.realpath(path) if path else ""
 
 
+def _forget(old):
+    """Take folder ``old`` off sys.path and forget the modules imported from it."""
+    for name, module in list(sys.modules.items()):
+        if module is not None and inside(_module_folder(module), old):
+            del sys.modules[name]
+    while old in sys.path:
+        sys.path.remove(old)
+    for key in [key for key in _FUNCTIONS if key[0] == old]:
+        del _FUNCTIONS[key]
+
+
 def _activate(folder):
     """Make ``folder`` the one shipped folder on sys.path; forget modules of the previous one."""
     old = _ACTIVE[0]
     if old == folder:
         return
     if old is not None:
-        for name, module in list(sys.modules.items()):
-            if module is not None and inside(_module_folder(module), old):
-                del sys.modules[name]
-        while old in sys.path:
-            sys.path.remove(old)
-        for key in [key for key in _FUNCTIONS if key[0] == old]:
-            del _FUNCTIONS[key]
+        _forget(old)
     sys.path.insert(0, folder)
     importlib.invalidate_caches()
     _ACTIVE[0] = folder
+
+
+_REQS = [None]       # the requirements folder now on sys.path
+
+
+def use_requirements(reqs):
+    """Put WORKDIR/reqs/HEX (or nothing, for None) on sys.path behind the shipped folder; a
+    change forgets the modules of the previous one and of the shipped folder (they imported them)."""
+    folder = reqs_folder(reqs) if reqs else None
+    if _REQS[0] == folder:
+        return folder
+    for old in (_REQS[0], _ACTIVE[0]):
+        if old is not None:
+            _forget(old)
+    _ACTIVE[0] = None
+    if folder is not None:
+        sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    _REQS[0] = folder
+    return folder
 
 
 def load_function(ship, spec):
@@ -951,6 +988,7 @@ def run(args):
     results = []
     left = []
     used = 0
+    reqs = use_requirements(args.get("reqs")) if mode in ("function", "command") else None
     if mode == "function":
         function = load_function(args.get("ship"), args.get("function"))
         run_folder(args.get("run"))
@@ -983,6 +1021,8 @@ def run(args):
     env = dict(os.environ, PARALLEL_JOBSLOT=str(slot))
     if args.get("ship"):
         env["BEOWULF_SHIP"] = ship_folder(args.get("ship"))
+    if reqs:
+        env["PYTHONPATH"] = os.pathsep.join([reqs] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     settings = {"slot": slot, "env": env, "timeout": timeout, "stdout_cap": stdout_cap,
                 "stderr_tail": check_bytes(args, "stderr_tail", DEFAULT_STDERR_TAIL, MAX_STDERR_TAIL),
                 "return_cap": check_bytes(args, "return_cap", DEFAULT_RETURN_CAP, MAX_FILE_BYTES)}

@@ -21,3 +21,5 @@ SETUP_DEADLINE_SECONDS = 600
 PROBE_DEADLINE_SECONDS = 60
 # Seconds allowed for fetching one optional binary wheel (numpy) on the coordinator.
 WHEEL_DOWNLOAD_TIMEOUT = 180
+# Seconds allowed for resolving and fetching fab map --requirements for one host platform.
+REQUIREMENTS_DOWNLOAD_TIMEOUT = 600

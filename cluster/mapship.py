@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
-import re
 import secrets
 import shlex
 import stat
@@ -30,6 +30,7 @@ from .errors import ConnectError, UsageError
 from .machine import host_python
 from .provision import CLIENT_DIR, host_workdir
 
+log = logging.getLogger(__name__)
 # Bytes shipped at most (all files together): the tar is held in memory once.
 MAX_SHIP_BYTES = 256 << 20
 # Files shipped at most.
@@ -78,6 +79,7 @@ finally:
 _IMPORT_CHECK = (
     "import os, sys; sys.path.insert(0, sys.argv[1]); "
     "os.path.isdir(sys.argv[4]) and sys.path.insert(1, sys.argv[4]); import mapper; "
+    "mapper.use_requirements(sys.argv[5] if len(sys.argv) > 5 else None); "
     "mapper.load_function(sys.argv[2], sys.argv[3])"
 )
 
@@ -249,13 +251,14 @@ def upload(transport, workdir: str, shipment: Shipment) -> int:
     return len(shipment.tar)
 
 
-def import_check(transport, workdir: str, shipment: Shipment) -> None:
-    """Import the --function on the host as its workers will; ConnectError with the reason if it fails."""
+def import_check(transport, workdir: str, shipment: Shipment, reqs: Optional[str] = None) -> None:
+    """Import the --function on the host as its workers will (with the --requirements folder
+    ``reqs`` on the path); ConnectError with the reason if it fails."""
     host = transport.host
     command = " ".join([
         f"BEOWULF_MAP_WORKDIR={shlex.quote(workdir)}", host_python(host), "-c", shlex.quote(_IMPORT_CHECK),
         shlex.quote(client_dir_on(host, workdir)), shlex.quote(shipment.digest), shlex.quote(shipment.function),
-        shlex.quote(f"{workdir}/lib")])
+        shlex.quote(f"{workdir}/lib")] + ([shlex.quote(mapper.check_hex(reqs, "reqs"))] if reqs else []))
     result = transport.run(command, timeout=120)
     if not result.ok:
         lines = [line for line in (result.stderr or "").strip().splitlines() if line.strip()]
@@ -263,60 +266,97 @@ def import_check(transport, workdir: str, shipment: Shipment) -> None:
         raise ConnectError(f"{host.name}: --function {shipment.function} does not import there ({reason[:300]})")
 
 
-# Runs on the host: unpack a wheel (a zip) into the private site folder (as fab setup does).
-_UNZIP = "import os,sys,zipfile; os.umask(0o077); zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"
-_REQUIREMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
-
-
-def parse_requirements(path: str) -> tuple:
-    """The project names of ``--requirements FILE`` (one a line; ``#`` comments, blank lines);
-    UsageError naming the line for anything else (versions, URLs, options)."""
+# Runs on the host (Python 3.6+): unpack the wheels of a tar into WORKDIR/reqs/HEX, as pip
+# installs them into a site folder (a wheel's NAME.data/purelib and platlib at the top, its
+# scripts, headers and data left out), atomically: a temporary folder renamed into place.
+# A member with an absolute path, a "..", or a name that is not a wheel is refused.
+_INSTALL_WHEELS = r"""
+import os, shutil, sys, tarfile, zipfile
+reqs, digest, tar = sys.argv[1], sys.argv[2], sys.argv[3]
+os.umask(0o077)
+final = os.path.join(reqs, digest)
+if os.path.isdir(final):
+    os.remove(tar)
+    sys.exit(0)
+temp = os.path.join(reqs, "." + digest + "." + sys.argv[4])
+os.makedirs(temp)
+try:
+    with tarfile.open(tar) as archive:
+        for member in archive.getmembers():
+            if not member.isfile() or "/" in member.name or not member.name.endswith(".whl"):
+                sys.exit("refused tar member %r" % member.name)
+            with zipfile.ZipFile(archive.extractfile(member)) as wheel:
+                for info in wheel.infolist():
+                    parts = info.filename.split("/")
+                    if info.filename.startswith("/") or ".." in parts or "\\" in info.filename:
+                        sys.exit("refused %r in %s" % (info.filename, member.name))
+                    if parts[0].endswith(".data"):
+                        if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                            continue
+                        parts = parts[2:]
+                    if info.filename.endswith("/") or not parts[-1]:
+                        continue
+                    target = os.path.join(temp, *parts)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with wheel.open(info) as source, open(target, "wb") as handle:
+                        shutil.copyfileobj(source, handle)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(1 << 20)
-    except OSError as exc:
-        raise UsageError(f"--requirements {_shown(path)}: {exc.strerror or exc}") from None
-    names = []
-    for number, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if not _REQUIREMENT.match(line):
-            raise UsageError(f"--requirements {_shown(path)} line {number}: want a project name such as "
-                             f"toolz (the newest wheel that fits each host is taken), not {_shown(line)[:60]!r}")
-        names.append(re.sub(r"[-_.]+", "_", line))
-    if not names:
-        raise UsageError(f"--requirements {_shown(path)}: no project names")
-    return tuple(sorted(set(names)))
+        os.rename(temp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+finally:
+    shutil.rmtree(temp, True)
+    os.remove(tar)
+"""
 
 
-def install_requirements(transport, workdir: str, names: tuple, cache) -> int:
-    """Wheels of ``names`` for this host's Python and platform (fetched once on the coordinator,
-    like fab setup's numpy: cluster/wheels.py), unpacked into WORKDIR/lib, the agent's private
-    site folder; ConnectError naming the requirement when a wheel is missing (the host is left
-    out). Bytes uploaded."""
+def parse_requirements(path: str):
+    """``--requirements FILE`` read and checked (cluster/requirements.py): UsageError naming the line."""
+    from .requirements import parse
+
+    return parse(path)
+
+
+def install_requirements(transport, workdir: str, requirements, cache) -> tuple:
+    """``(HEX or None, bytes uploaded)``: the wheels of ``requirements`` and their dependencies
+    for this host's Python and platform (resolved once per platform on the coordinator by
+    ``cache``, a cluster/wheels.py RequirementWheels), unpacked into WORKDIR/reqs/HEX, named
+    by their content: a second run uploads nothing. None when no line applies to the host
+    (markers). ConnectError with pip's reason when they cannot be had for it (the host is
+    left out; README.md, "fab map")."""
     from .provision import probe
+    from .requirements import for_host
 
     host = transport.host
     facts = probe(transport, shlex.quote(workdir))
-    sent = 0
-    for name in names:
-        wheel, why = cache.for_host(name, facts)
-        if wheel is None:
-            raise ConnectError(f"{host.name}: --requirements {name}: {why}")
-        marker = f"{workdir}/lib/.map-wheels/{wheel.name}"
-        if transport.run(f"test -f {shlex.quote(marker)}", timeout=30).ok:
-            continue
-        remote = f"{workdir}/.map-{secrets.token_hex(6)}-{wheel.name}"
-        transport.put(wheel.read_bytes(), remote)
-        sent += wheel.stat().st_size
-        command = (f"umask 077 && mkdir -p -- {shlex.quote(workdir)}/lib/.map-wheels && "
-                   f"{host_python(host)} -c {shlex.quote(_UNZIP)} {shlex.quote(remote)} {shlex.quote(workdir + '/lib')}"
-                   f" && : > {shlex.quote(marker)}; status=$?; rm -f -- {shlex.quote(remote)}; exit $status")
-        result = transport.run(command, timeout=300)
-        if not result.ok:
-            raise ConnectError(f"{host.name}: cannot unpack {wheel.name}: {result.error_line()}")
-    return sent
+    lines = for_host(requirements, facts)
+    if not lines:
+        return None, 0
+    resolved, why = cache.resolve(lines, facts)
+    if resolved is None:
+        raise ConnectError(f"{host.name}: --requirements {_shown(str(requirements))}: {why}")
+    folder = f"{workdir}/{mapper.REQS_FOLDER}"
+    final = f"{folder}/{resolved.digest}"
+    if transport.run(f"test -d {shlex.quote(final)}", timeout=30).ok:
+        log.debug("%s: --requirements: %d wheels already there (reqs/%s), nothing uploaded",
+                 host.name, len(resolved.wheels), resolved.digest)
+        return resolved.digest, 0
+    mkdir = transport.run(f"umask 077 && mkdir -p -- {shlex.quote(folder)}", timeout=30)
+    if not mkdir.ok:
+        raise ConnectError(f"{host.name}: cannot create {folder}: {mkdir.error_line()}")
+    tar = make_tar({path.name: (path.read_bytes(), False) for path in resolved.paths()})
+    token = secrets.token_hex(6)
+    tar_path = f"{folder}/.{resolved.digest}.{token}.tar"
+    transport.put(tar, tar_path)
+    command = " ".join([host_python(host), "-c", shlex.quote(_INSTALL_WHEELS), shlex.quote(folder),
+                        shlex.quote(resolved.digest), shlex.quote(tar_path), token])
+    result = transport.run(command, timeout=300)
+    if not result.ok:
+        raise ConnectError(f"{host.name}: cannot unpack the --requirements wheels: {result.error_line()}")
+    log.info("%s: --requirements: %d wheels uploaded (%d bytes) into reqs/%s",
+             host.name, len(resolved.wheels), len(tar), resolved.digest)
+    return resolved.digest, len(tar)
 
 
 def remove_run_folder(transport, run: str) -> None:

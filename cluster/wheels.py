@@ -12,7 +12,9 @@ standard-library code path instead of an hours-long build.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -20,10 +22,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import Optional
 
-from .constants import WHEEL_DOWNLOAD_TIMEOUT
+from .constants import REQUIREMENTS_DOWNLOAD_TIMEOUT, WHEEL_DOWNLOAD_TIMEOUT
 
 log = logging.getLogger(__name__)
 # PySocks: the SOCKS client the scrape worker uses (two top-level modules).
@@ -208,3 +211,252 @@ class WheelCache:
             return target
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ fab map --requirements
+
+# pip's environment variables that change what a resolve finds: part of the cache key.
+_PIP_KEY_VARIABLES = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX",
+                      "PIP_CONSTRAINT", "PIP_CONFIG_FILE", "PIP_PRE", "PIP_ONLY_BINARY")
+# A resolve's reason, as shown: at most this many characters of pip's lines.
+REASON_CHARS = 300
+# Wheels of one resolve at most, and their bytes together (held in memory once to ship them).
+MAX_RESOLVED_WHEELS = 500
+MAX_RESOLVED_BYTES = 512 << 20
+
+
+def requirements_cache_folder() -> Path:
+    """Where resolved requirement sets are kept: $XDG_CACHE_HOME/beowulf/requirements
+    (default ~/.cache/beowulf/requirements)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "beowulf" / "requirements"
+
+
+def pip_reason(stderr: str, returncode: int) -> str:
+    """pip's reason for a failed resolve, on one line: its first ERROR line, with the
+    "Ignored the following versions that require a different python version" note when there is one."""
+    lines = [" ".join(line.split()) for line in stderr.splitlines() if line.strip()]
+    errors = [line[len("ERROR: "):] for line in lines if line.startswith("ERROR: ")]
+    ignored = [line.split(": ", 1)[-1] for line in lines if "require a different python version" in line]
+    main = [line for line in errors if "require a different python version" not in line]
+    reason = main[0] if main else (lines[-1] if lines else f"pip exited with {returncode}")
+    if ignored:
+        reason += f" ({ignored[0]})"
+    text = "".join(ch if ch.isprintable() else "?" for ch in reason)
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
+
+
+# pip runs for one resolve at most: each adds the dependencies whose markers hold on the
+# host but not on this computer (a backport for an older Python), found in the last run's wheels.
+MARKER_ROUNDS = 4
+# Bytes of a wheel's METADATA read at most.
+MAX_METADATA_BYTES = 1 << 20
+
+
+def requires_dist(wheel: Path) -> list:
+    """The ``Requires-Dist`` lines of a wheel's METADATA ([] when it cannot be read)."""
+    from email.parser import HeaderParser
+
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
+            if len(names) != 1 or archive.getinfo(names[0]).file_size > MAX_METADATA_BYTES:
+                return []
+            text = archive.read(names[0]).decode("utf-8", "replace")
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    return HeaderParser().parsestr(text).get_all("Requires-Dist") or []
+
+
+def missing_for_host(wheels: list, asked: list, facts: dict) -> list:
+    """Requirements (markers dropped) of the downloaded ``wheels`` whose markers hold for the host
+    ``facts`` describe, naming projects none of the wheels is: pip evaluated them for this computer."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+    from .requirements import marker_environment
+
+    environment = marker_environment(facts)
+    extras: dict = {}
+    for line in asked:
+        requirement = Requirement(line)
+        extras.setdefault(canonicalize_name(requirement.name), set()).update(requirement.extras)
+    names = {}
+    for wheel in wheels:
+        try:
+            names[wheel] = canonicalize_name(parse_wheel_filename(wheel.name)[0])
+        except InvalidWheelFilename:
+            continue
+    have = set(names.values())
+    missing = set()
+    for wheel, name in names.items():
+        for line in requires_dist(wheel):
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if requirement.marker is None or canonicalize_name(requirement.name) in have:
+                continue
+            try:
+                wanted = any(requirement.marker.evaluate(dict(environment, extra=extra))
+                             for extra in ["", *sorted(extras.get(name, ()))])
+            except Exception:  # a marker packaging cannot judge: pip's choice stands
+                continue
+            if wanted:
+                requirement.marker = None
+                requirement.name = canonicalize_name(requirement.name)
+                missing.add(str(requirement))
+    return sorted(missing)
+
+
+class Resolved:
+    """A resolved requirement set for one host platform: its wheels (in the cache) and
+    ``digest``, the hash of their names and content (the host folder's name)."""
+
+    def __init__(self, folder: Path, wheels: list):
+        self.folder = folder
+        self.wheels = wheels  # [(file name, sha256, size)], sorted
+        listing = "".join(f"{name} {sha}\n" for name, sha, _ in wheels)
+        self.digest = hashlib.sha256(listing.encode()).hexdigest()[:32]
+
+    def paths(self) -> list:
+        return [self.folder / name for name, _, _ in self.wheels]
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, _, size in self.wheels)
+
+
+class RequirementWheels:
+    """``pip download`` of a requirement set with its dependencies, binary wheels only, once
+    per (requirements, host platform): pip is told the host's Python version, ABI and
+    platform tags (as for fab setup's numpy above). Results are kept in
+    ``requirements_cache_folder()/KEY`` (a folder renamed into place whole, with a
+    manifest); a failure is remembered for the run, so hosts of one platform ask pip once."""
+
+    def __init__(self, folder: Optional[Path] = None, timeout: float = REQUIREMENTS_DOWNLOAD_TIMEOUT):
+        self.folder = folder or requirements_cache_folder()
+        self.timeout = timeout
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._errors: dict[str, str] = {}
+        self.downloads = 0  # pip runs made (tests and logs)
+
+    def target(self, facts: dict) -> tuple:
+        """(python version "3.8.18", abi "cp38", platform tags) of a host, or a reason it can take no wheel.
+
+        The whole version goes to pip: a Requires-Python of ">=3.8.1" is judged against it."""
+        python = str(facts.get("python") or "")
+        abi = python_abi(python)
+        tags = host_platform_tags(facts)
+        if (facts.get("implementation") or "CPython") != "CPython":
+            return None, f"wheels are fetched for CPython hosts only, not {host_label(facts)}"
+        if abi is None or not tags:
+            return None, f"no wheel platform for {host_label(facts)}"
+        parts = python.split(".")[:3]
+        version = ".".join(parts) if len(parts) == 3 and all(p.isdigit() and len(p) <= 3 for p in parts) else abi[0]
+        return (version, abi[1], tuple(tags)), ""
+
+    def key(self, lines: tuple, target: tuple) -> str:
+        pip_env = [f"{name}={os.environ[name]}" for name in _PIP_KEY_VARIABLES if name in os.environ]
+        text = "\n".join(["v1", *lines, "--", *target[:2], *target[2], "--", *pip_env])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def resolve(self, lines: tuple, facts: dict) -> tuple:
+        """(Resolved, "") for the host ``facts`` describe, or (None, the reason in one line)."""
+        target, why = self.target(facts)
+        if target is None:
+            return None, why
+        key = self.key(lines, target)
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key in self._errors:
+                return None, self._errors[key]
+            found = self._cached(self.folder / key)
+            if found is not None:
+                return found, ""
+            found, why = self._download(key, lines, target, facts)
+            if found is None:
+                self._errors[key] = why
+            return found, why
+
+    def _cached(self, folder: Path) -> Optional[Resolved]:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            wheels = [(str(name), str(sha), int(size)) for name, sha, size in manifest["wheels"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        for name, _, size in wheels:
+            path = folder / name
+            if path.name != name or not path.is_file() or path.stat().st_size != size:
+                return None
+        return Resolved(folder, sorted(wheels))
+
+    def _download(self, key: str, lines: tuple, target: tuple, facts: dict) -> tuple:
+        version, abi, tags = target
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # pip writes into a folder of its own; the folder is renamed into place whole, with its
+        # manifest, so another fab looking at the same cache never takes half a set.
+        scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.folder))
+        wheels = scratch / "wheels"
+        try:
+            asked = list(lines)
+            for _ in range(MARKER_ROUNDS):
+                shutil.rmtree(wheels, ignore_errors=True)
+                (scratch / "requirements.txt").write_text("".join(line + "\n" for line in asked))
+                command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+                           "--no-input", "--progress-bar", "off", "--only-binary", ":all:", "--dest", str(wheels),
+                           "--python-version", version, "--implementation", "cp", "--abi", abi]
+                for tag in tags:
+                    command += ["--platform", tag]
+                command += ["-r", str(scratch / "requirements.txt")]
+                log.info("resolving %d requirement(s) for %s %s with pip download", len(asked), abi, tags[0])
+                self.downloads += 1
+                try:
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout,
+                                          stdin=subprocess.DEVNULL)
+                except subprocess.TimeoutExpired:
+                    return None, f"pip download took over {self.timeout:.0f}s"
+                except OSError as exc:
+                    return None, f"cannot run pip: {exc}"
+                if done.returncode != 0:
+                    log.debug("pip download for %s %s failed:\n%s", abi, tags[0], done.stderr[-4000:])
+                    return None, pip_reason(done.stderr, done.returncode)
+                # pip judged the dependencies' markers for this computer's Python: add those
+                # the host needs and pip left out, and ask again (README.md, "fab map").
+                missing = missing_for_host(sorted(wheels.glob("*.whl")), asked, facts)
+                if not missing:
+                    return self._keep(key, scratch, wheels)
+                log.info("dependencies for %s %s that pip judged for this computer: %s", abi, tags[0],
+                         ", ".join(missing))
+                asked += missing
+            return None, f"dependency markers still unresolved after {MARKER_ROUNDS} pip runs"
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _keep(self, key: str, scratch: Path, wheels: Path) -> tuple:
+        files = sorted(wheels.iterdir()) if wheels.is_dir() else []
+        if not files:
+            return None, "pip download fetched nothing"
+        if len(files) > MAX_RESOLVED_WHEELS:
+            return None, f"more than {MAX_RESOLVED_WHEELS} wheels"
+        entries = []
+        for path in files:
+            if not path.name.endswith(".whl") or not path.is_file():
+                return None, f"pip download left {path.name[:80]!r}, not a wheel"
+            data = path.read_bytes()
+            entries.append((path.name, hashlib.sha256(data).hexdigest(), len(data)))
+            os.replace(path, scratch / path.name)
+        if sum(size for _, _, size in entries) > MAX_RESOLVED_BYTES:
+            return None, f"the wheels hold more than {MAX_RESOLVED_BYTES >> 20} MB"
+        wheels.rmdir()
+        (scratch / "requirements.txt").unlink()
+        (scratch / "manifest.json").write_text(json.dumps({"wheels": entries}))
+        final = self.folder / key
+        try:
+            os.rename(scratch, final)
+        except OSError:
+            pass  # another fab got there first: take its set
+        found = self._cached(final)
+        return (found, "") if found is not None else (None, "the requirements cache could not be written")

@@ -73,9 +73,10 @@ def _split_list(text) -> tuple:
     "outdir": "where returned files go (default results/)",
     "ship": "comma-separated files or folders uploaded once per host (content-addressed): "
             "--function imports from them; a command finds them in $BEOWULF_SHIP",
-    "requirements": "FILE of project names (one a line): the newest wheel of each that fits a host's Python and "
-                    "platform is fetched once on this computer and unpacked on the host (no pip, no internet "
-                    "there); a host without a fitting wheel is left out with the reason",
+    "requirements": "a pip requirements FILE (versions, extras, markers): the wheels of it and its dependencies "
+                    "for each host platform are fetched once on this computer by pip (its index: PIP_INDEX_URL, "
+                    "PIP_FIND_LINKS, pip.conf) and shipped by content (no pip, no internet on the hosts); a host "
+                    "without fitting wheels is left out with pip's reason",
     "retries": "tries again an item that failed (exit status, exception, timeout) this many times, "
                "each on another host when there is one (default 2)",
     "timeout": "kill an item after this long: seconds (10, 90s, 10m, 2h) or a percentage of the median "

@@ -282,29 +282,6 @@ def test_over_sshd_module_failing_to_import_on_one_host(cluster3, run_fab, tmp_p
 
 
 @pytest.mark.slow
-def test_over_sshd_requirements_fetched_once_and_a_missing_wheel_leaves_hosts_out(cluster3, run_fab, tmp_path):
-    """--requirements: a wheel fetched on the coordinator (pip download, as fab setup does for numpy),
-    unpacked in the host's private site folder; a project without a wheel leaves the hosts out."""
-    cluster, config = cluster3
-    inventory = cluster.write_inventory(tmp_path / "hosts.ini", hosts=["h1"])
-    (tmp_path / "t.py").write_text("import toolz\ndef f(x):\n    return toolz.first([x, 0])\n")
-    (tmp_path / "req.txt").write_text("# what f needs\ntoolz\n")
-    done = fab_map(run_fab, tmp_path, "--function", "t.py:f", "--range", "1:20", "--requirements", "req.txt",
-                   "--export", "v.jsonl", inventory=inventory, config=config, timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert [line["value"] for line in jsonl(tmp_path / "v.jsonl")] == list(range(1, 21))
-    assert list((Path(cluster["h1"].workdir) / "lib" / ".map-wheels").glob("toolz-*.whl"))
-    (tmp_path / "req2.txt").write_text("toolz\nno-such-project-beowulf-test\n")
-    done = fab_map(run_fab, tmp_path, "--function", "t.py:f", "--range", "1:20", "--requirements", "req2.txt",
-                   inventory=inventory, config=config, timeout=400)
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "no_such_project_beowulf_test" in done.stderr, done.stderr
-    bad = fab_map(run_fab, tmp_path, "--function", "t.py:f", "--range", "1:2", "--requirements", "t.py",
-                  inventory=inventory, config=config)
-    assert bad.returncode == 2 and "line 1" in bad.stderr, bad.stderr
-
-
-@pytest.mark.slow
 def test_over_sshd_quoting_and_files(cluster3, run_fab, tmp_path):
     cluster, config = cluster3
     inventory = cluster.write_inventory(tmp_path / "hosts.ini")

@@ -77,7 +77,7 @@ class MapSpec:
     timeout_percent: Optional[float] = None  # of the median item time
     stdout_cap: int = mapper.DEFAULT_STDOUT_CAP
     stderr_tail: int = mapper.DEFAULT_STDERR_TAIL
-    requirements: tuple = ()  # project names: wheels for each host (--requirements)
+    requirements: Optional[object] = None  # cluster/requirements.py Requirements (--requirements)
     duplicates: bool = True
     retry_failed: bool = False
     outdir: str = "results"
@@ -99,10 +99,12 @@ class MapJob(Job):
         self.total = len(map_input)
         self.start, self.end = 1, self.total
         self.range = map_input if isinstance(map_input, RangeInput) else None
-        shipped = (shipment.digest if shipment else "") + "".join(f" {name}" for name in spec.requirements)
+        shipped = (shipment.digest if shipment else "") + (f" reqs {spec.requirements.digest}"
+                                                           if spec.requirements else "")
         self.identity = run_identity(spec.mode, spec.command if spec.mode == "command" else spec.function,
                                      map_input.form, shipped or None, spec.returns)
-        self.wheels = None  # cluster/wheels.py WheelCache, made when a host needs one
+        self.wheels = None  # cluster/wheels.py RequirementWheels, made when a host needs one
+        self.reqs: dict = {}  # host name -> its --requirements folder (WORKDIR/reqs/HEX)
         self.run_hex = self.identity[:32]
         if spec.mode == "command":
             self.parts = spec.parts or mapper.parse_template(spec.command)
@@ -179,17 +181,18 @@ class MapJob(Job):
         """Ship the files once (content-addressed) and import a --function there once: a
         host where that fails is left out with the reason."""
         workdir = mapship.host_workdir_path(transport)
-        if self.spec.requirements and not transport.host.is_local:
-            # This computer's agent runs on fab's own Python: its packages are that Python's.
+        reqs = None
+        if self.spec.requirements:
             if self.wheels is None:
-                from cluster.wheels import WheelCache
+                from cluster.wheels import RequirementWheels
 
-                self.wheels = WheelCache()
-            mapship.install_requirements(transport, workdir, self.spec.requirements, self.wheels)
+                self.wheels = RequirementWheels()
+            reqs, _ = mapship.install_requirements(transport, workdir, self.spec.requirements, self.wheels)
+        self.reqs[transport.host.name] = reqs
         if self.shipment is not None:
             mapship.upload(transport, workdir, self.shipment)
             if self.spec.mode == "function":
-                mapship.import_check(transport, workdir, self.shipment)
+                mapship.import_check(transport, workdir, self.shipment, reqs)
 
     def engine_of(self, hello: dict) -> str:
         return "function" if self.spec.mode == "function" else "sh"
@@ -223,6 +226,8 @@ class MapJob(Job):
                 "stdout_cap": spec.stdout_cap}
         if self.shipment is not None:
             args["ship"] = self.shipment.digest
+        if self.reqs.get(link.name):
+            args["reqs"] = self.reqs[link.name]
         if spec.mode == "function":
             args["function"] = self.shipment.function
             args["columns"] = True  # answers in columns (client/mapper.py run_function_columns)
