@@ -662,17 +662,23 @@ class Reaper(object):
     def __init__(self):
         self.proc = None
 
+    def ready(self):
+        """Start the reaper if it is not running: before the command, so that only a pipe write,
+        not a fork, lies between the command's start and the reaper knowing its group."""
+        if self.proc is None or self.proc.poll() is not None:
+            try:
+                self.proc = subprocess.Popen(
+                    [sys.executable or "python3", os.path.abspath(__file__), "--reaper"],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
+                    start_new_session=True)
+            except OSError:
+                self.proc = None
+        return self.proc is not None
+
     def tell(self, line):
         for _ in range(2):
-            if self.proc is None or self.proc.poll() is not None:
-                try:
-                    self.proc = subprocess.Popen(
-                        [sys.executable or "python3", os.path.abspath(__file__), "--reaper"],
-                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
-                        start_new_session=True)
-                except OSError:
-                    self.proc = None
-                    return
+            if not self.ready():
+                return
             try:
                 self.proc.stdin.write(line.encode("ascii") + b"\n")
                 self.proc.stdin.flush()
@@ -768,6 +774,7 @@ def _poller(fds):
 
 def run_command(command, cwd, env, timeout, capture):
     """Run ``/bin/sh -c command``; returns ``(returncode, timed_out)`` with output in ``capture``."""
+    REAPER.ready()
     proc = subprocess.Popen([b"/bin/sh", b"-c", fs(command)], cwd=fs(cwd), env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
