@@ -117,6 +117,8 @@ SOCKS_TARGET_ERRORS = {
 # Error kinds that are about reaching the site at all: a robots.txt fetch that failed so is
 # reported as that error for each of the site's URLs, not as a robots.txt refusal.
 NETWORK_KINDS = ("connect", "dns", "timeout")
+# Seconds to wait for the proxy's greeting when checking whether it is still there.
+PROXY_CHECK_SECONDS = 10
 ERROR_KINDS = ("timeout", "connect", "dns", "tls", "http", "redirects", "robots", "too_big", "other")
 DISALLOWED = "disallowed by robots.txt"
 DISALLOWED_UNREACHABLE = "disallowed by robots.txt (unreachable)"
@@ -383,6 +385,33 @@ class Route(object):
             raise self._classify(exc, sock.connect_sent or left < 1.0, where, host, port) from None
         _nodelay(sock)
         return sock
+
+    def proxy_gone(self):
+        """Why the proxy is certainly gone (refused or reset the connection, or no SOCKS5 greeting
+        back), else None. Asked after an exchange through it failed: a proxy
+        dying mid-response looks like a cut from the site, and must not be recorded as the site's.
+        A slow answer is not "gone" (tor can be slow): later requests time out on their own."""
+        proxy_host, proxy_port = self.proxy
+        where = "SOCKS proxy %s:%d" % (proxy_host, proxy_port)
+        try:
+            sock = socket.create_connection((proxy_host, proxy_port), timeout=PROXY_CHECK_SECONDS)
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            return "%s does not answer: %s" % (where, reason(exc))
+        try:
+            sock.settimeout(PROXY_CHECK_SECONDS)
+            sock.sendall(b"\x05\x02\x00\x02")  # SOCKS5, offering no auth and user/password
+            reply = sock.recv(2)
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            return "%s failed: %s" % (where, reason(exc))
+        finally:
+            sock.close()
+        if len(reply) < 2 or reply[0:1] != b"\x05":
+            return "%s failed: no SOCKS5 greeting back" % where
+        return None
 
     @staticmethod
     def _classify(exc, connect_sent, where, host, port):
@@ -654,6 +683,10 @@ class Fetcher(object):
         finally:
             if conn is not None:
                 conn.shut()
+        if answer.error and self.route.proxy is not None:
+            gone = self.route.proxy_gone()
+            if gone:
+                raise ProxyError(gone)
         return answer
 
     def _read_body(self, response, answer, max_bytes):

@@ -464,6 +464,27 @@ def test_proxy_down_raises_and_sends_nothing(web, robots):
     assert web.requests == []
 
 
+@pytest.mark.parametrize("robots", [None, {"fetch": True}])
+def test_proxy_dying_mid_response_raises_not_a_page_error(robots):
+    """The proxy dies while the site is answering (robots.txt or the page): the cut exchange is
+    the proxy's failure (ProxyError: the URL goes to another host), never a page or robots.txt
+    error of the site (which used to disallow the whole site as 'robots.txt unreachable')."""
+    with WebServer(robots=None, latency=1.0) as slow, Socks5Server() as doomed:
+        killer = threading.Thread(target=lambda: (wait_until(lambda: len(doomed.log) >= 1), doomed.stop()))
+        killer.start()
+        try:
+            with pytest.raises(scrape.ProxyError, match="does not answer"):
+                fetch(slow.url("/page/1", host="a.test"), proxy=doomed.address, robots=robots, timeout=10)
+        finally:
+            killer.join(10)
+
+
+def wait_until(check, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_hung_proxy_raises_within_the_timeout(web):
     """A proxy that accepts and never answers: ProxyError at the timeout."""
     with Socks5Server(stall=True) as hung:
