@@ -134,6 +134,26 @@ def _kill_group(proc: subprocess.Popen) -> tuple:
         return "", ""
 
 
+def descendant_pids(root: int) -> list:
+    """PIDs of every live process below ``root`` (children, grandchildren, ...), from /proc."""
+    children: dict = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and parentheses
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def agent_pids(marker: str) -> list:
     """PIDs of live agent/worker processes whose command line mentions ``marker`` (a host's workdir)."""
     found = []
