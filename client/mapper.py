@@ -15,9 +15,11 @@ or a function spec:
             "timeout": SECONDS or null, "stdout_cap": BYTES, "stderr_tail": BYTES,
             "return": [PATTERN, ...], "return_cap": BYTES}
 
-and the result is ``{"items": [ITEM RESULT, ...], "left": [SEQ, ...]}``: ``left`` are
-the items not run because the result reached RESULT_BUDGET_BYTES (the coordinator sends
-them again). An item result holds ``seq``, ``ok``, ``start`` (epoch), ``seconds``,
+and the result is ``{"items": [ITEM RESULT, ...], "left": [SEQ, ...], "slot": N}``: ``left``
+are the items not run because the result reached RESULT_BUDGET_BYTES (the coordinator sends
+them again); ``slot`` is the worker's slot, ``{%}`` (1-based). A function task may ask for
+its answer in columns (``"columns": true``, run_function_columns) or in columns compressed
+here (``"pack": "zlib"``, run_function_packed). An item result holds ``seq``, ``ok``, ``start`` (epoch), ``seconds``,
 ``timed_out``, ``error`` (one line or a traceback tail, or null), and for a command:
 ``exit`` (code or null), ``signal`` (or null), ``stdout`` (text, or base64 when
 ``stdout_b64``), ``truncated``, ``stderr`` (its tail, base64 when ``stderr_b64``),
@@ -62,6 +64,7 @@ import subprocess
 import sys
 import time
 import traceback
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The agent's workdir: client/ lives in it (cluster/provision.py installs it so); this
@@ -647,6 +650,112 @@ def run_function_columns(function, items, timeout, cap, budget):
             "failed": failed, "left": left}
 
 
+# Answer of a task with ``"pack": "zlib"``: the successful items' columns as one zlib stream.
+PACK = "zlib"
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _pairs(args):
+    """``(seq, value)`` of each item of a task: plain integers for a ``range`` (no dict per item)."""
+    if "range" not in args:
+        return ((item["seq"], item.get("value")) for item in _check_items(args.get("items")))
+    _range_items(args.get("range"))  # checks it
+    seq, count, start, step = args["range"]
+    values = range(start, start + count * step, step) if step else [start] * count
+    return zip(range(seq, seq + count), values)
+
+
+def run_function_packed(function, pairs, timeout, cap, budget):
+    """``run_function_columns`` answering with the columns compressed here (``"pack": "zlib"`` in
+    the task), so that the coordinator stores the host's bytes as they are (README.md, "fab map"):
+
+        {"pack": "zlib", "count": N, "chunk": BASE64, "failed": [ITEM RESULT, ...], "left": [SEQ, ...]}
+
+    ``chunk`` is zlib of the compact JSON object ``{"t0": EPOCH, "seq0": FIRST | "seq": [...],
+    "us": [...], "start_us": [...], "value": [...]}`` of the N items that succeeded: ``seq0``
+    when their seqs are FIRST, FIRST+1, ...; ``start_us`` only when some item failed between
+    them (otherwise item i started when item i-1 ended: start_us is the running sum of ``us``,
+    from 0). ``pairs`` are ``(seq, value)``.
+    """
+    seqs, begins, ends, values, failed, left = [], [], [], [], [], []
+    add_seq, add_begin, add_end, add_value = seqs.append, begins.append, ends.append, values.append
+    used = 0
+    clock = time.perf_counter
+    wall = time.time() - clock()
+    timed = timeout is not None
+    if timed:
+        _CLOCK[1] = timeout
+    began = first = clock()
+    plain = _PLAIN
+    for seq, given in pairs:
+        if used > budget:
+            left.append(seq)
+            continue
+        error = None
+        timed_out = False
+        try:
+            if timed:
+                _CLOCK[0] = time.monotonic()
+            try:
+                value = function(given)
+            finally:
+                _CLOCK[0] = None
+        except ItemTimeout:
+            timed_out = True
+            error = "timed out after %gs" % timeout
+        except BaseException as exc:  # the item's failure, whatever it raised (SystemExit too)
+            error = traceback_tail(exc)
+        else:
+            kind = type(value)
+            if kind is int:
+                size = 24
+            else:
+                try:
+                    if kind in plain:
+                        if kind is float and value - value != 0:
+                            raise ValueError("Out of range float values are not JSON compliant")
+                        size = 24
+                    elif kind is str:
+                        size = len(value) + 2
+                    else:
+                        size = len(json.dumps(value, allow_nan=False))
+                except (TypeError, ValueError, RecursionError) as exc:
+                    error = "the return value is not JSON-serialisable: %s" % one_line(exc)
+                else:
+                    if size > cap:
+                        error = "the return value is %d bytes of JSON, over the cap of %d" % (size, cap)
+        ended = clock()
+        if error is None:
+            add_seq(seq)
+            add_begin(began)
+            add_end(ended)
+            add_value(value)
+            used += size + 40
+        else:
+            failed.append({"seq": seq, "ok": False, "value": None, "timed_out": timed_out,
+                           "start": wall + began, "seconds": round(ended - began, 6), "error": error})
+            used += 200 + len(error)
+        began = ended
+    marks = [int((mark - first) * 1e6) for mark in ends]
+    starts = [int((mark - first) * 1e6) for mark in begins] if failed else None
+    if starts is None:  # back to back: each item began when the one before it ended
+        durations = [b - a for a, b in zip([0] + marks, marks)]
+    else:
+        durations = [b - a for a, b in zip(starts, marks)]
+    chunk = {"t0": wall + first}
+    if seqs and seqs[-1] - seqs[0] + 1 == len(seqs) and seqs == list(range(seqs[0], seqs[-1] + 1)):
+        chunk["seq0"] = seqs[0]
+    else:
+        chunk["seq"] = seqs
+    chunk["us"] = durations
+    if starts is not None:
+        chunk["start_us"] = starts
+    chunk["value"] = values
+    data = zlib.compress(_COMPACT(chunk).encode("utf-8"), 1)
+    return {"pack": PACK, "count": len(seqs), "chunk": base64.b64encode(data).decode("ascii"),
+            "failed": failed, "left": left}
+
+
 # ------------------------------------------------------------------------ commands
 
 
@@ -983,6 +1092,14 @@ def _range_items(spec):
     return ({"seq": seq + i, "value": start + i * step} for i in range(count))
 
 
+def worker_slot():
+    """This worker's slot, ``{%}`` (1-based; the agent numbers its workers from 0)."""
+    try:
+        return int(os.environ.get("BEOWULF_WORKER_SLOT", "0") or 0) + 1
+    except ValueError:
+        return 1
+
+
 def run(args):
     """The ``map`` job: run a block of items; see the module docstring for args and result."""
     mode = args.get("mode")
@@ -1001,8 +1118,14 @@ def run(args):
         run_folder(args.get("run"))
         arm_timer(timeout)
         try:
+            if args.get("pack") == PACK:
+                result = run_function_packed(function, _pairs(args), timeout, stdout_cap, RESULT_BUDGET_BYTES)
+                result["slot"] = worker_slot()
+                return result
             if args.get("columns") is True:
-                return run_function_columns(function, items, timeout, stdout_cap, RESULT_BUDGET_BYTES)
+                result = run_function_columns(function, items, timeout, stdout_cap, RESULT_BUDGET_BYTES)
+                result["slot"] = worker_slot()
+                return result
             for item in items:
                 if used > RESULT_BUDGET_BYTES:
                     left.append(item["seq"])
@@ -1012,7 +1135,7 @@ def run(args):
                 results.append(result)
         finally:
             disarm_timer()
-        return {"items": results, "left": left}
+        return {"items": results, "left": left, "slot": worker_slot()}
     if mode != "command":
         raise TaskError("mode must be command or function, not %r" % (mode,))
     try:
@@ -1024,7 +1147,7 @@ def run(args):
     except TemplateError as exc:
         raise TaskError(str(exc)) from None
     folder = run_folder(args.get("run"))
-    slot = int(os.environ.get("BEOWULF_WORKER_SLOT", "0") or 0) + 1
+    slot = worker_slot()
     env = dict(os.environ, PARALLEL_JOBSLOT=str(slot))
     if args.get("ship"):
         env["BEOWULF_SHIP"] = ship_folder(args.get("ship"))
@@ -1040,7 +1163,7 @@ def run(args):
         result = run_command_item(parts, returns, item, folder, settings)
         used += _size(result)
         results.append(result)
-    return {"items": results, "left": left}
+    return {"items": results, "left": left, "slot": slot}
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--reaper"]:

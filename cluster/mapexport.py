@@ -61,6 +61,7 @@ class ItemRecord:
     truncated: bool = False
     error: str = ""
     value: object = None
+    slot: Optional[int] = None  # the worker slot, {%} (None: not known)
 
 
 def _bytes(text) -> bytes:

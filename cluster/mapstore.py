@@ -16,6 +16,7 @@ process holds the run's lock).
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import sqlite3
 import zlib
@@ -25,9 +26,9 @@ from .errors import StoreError
 from .mapexport import ItemRecord
 
 ITEM_COLUMNS = ("key", "seq", "item", "status", "exit", "signal", "stdout", "truncated", "stderr", "host",
-                "start", "seconds", "attempt", "value", "error", "send", "receive")
+                "start", "seconds", "attempt", "value", "error", "send", "receive", "slot")
 ATTEMPT_COLUMNS = ("key", "seq", "item", "status", "exit", "signal", "stderr", "host", "start", "seconds",
-                   "attempt", "error", "send", "receive")
+                   "attempt", "error", "send", "receive", "slot")
 
 MIGRATIONS = (
     (
@@ -84,8 +85,15 @@ MIGRATIONS = (
             PRIMARY KEY (run_id, lo)
         )""",
     ),
+    # Version 2: the worker slot ({%}) an item ran in (NULL: not known, a v1 row or a crash);
+    # a chunk's payload may be the host's own bytes (client/mapper.py run_function_packed).
+    (
+        "ALTER TABLE map_items ADD COLUMN slot INTEGER",
+        "ALTER TABLE map_attempts ADD COLUMN slot INTEGER",
+        "ALTER TABLE map_chunks ADD COLUMN slot INTEGER",
+    ),
 )
-CHUNK_COLUMNS = ("seq", "count", "host")
+CHUNK_COLUMNS = ("seq", "count", "host", "slot")
 
 
 def connect(path: str, readonly: bool = True) -> sqlite3.Connection:
@@ -102,13 +110,28 @@ def connect(path: str, readonly: bool = True) -> sqlite3.Connection:
 
 
 def ensure_tables(path: str) -> None:
-    """Create the map tables if missing (the same statements as the job's migration)."""
+    """Create or update the map tables to the last version, as Store.migrate_job does (the same
+    steps, the version recorded in the store's job_schema; the store exists already)."""
     conn = connect(path, readonly=False)
     try:
-        with conn:
-            for step in MIGRATIONS:
+        conn.isolation_level = None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            got = conn.execute("SELECT version FROM job_schema WHERE job = 'map'").fetchone()
+            version = got[0] if got else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(f"{path}: the map tables are from a newer beowulf (version {version},"
+                                 f" this one knows {len(MIGRATIONS)})")
+            for step in MIGRATIONS[version:]:
                 for statement in step:
                     conn.execute(statement)
+            if version < len(MIGRATIONS):
+                conn.execute("INSERT INTO job_schema (job, version) VALUES ('map', ?) ON CONFLICT (job)"
+                             " DO UPDATE SET version = excluded.version", (len(MIGRATIONS),))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot create the map tables ({exc})") from None
     finally:
@@ -197,18 +220,18 @@ def _item_value(raw, seq: int, range_input) -> object:
 
 
 _SELECT_ITEMS = ("SELECT seq, item, status, host, start, seconds, exit, signal, stdout, stderr, attempt,"
-                 " truncated, error, value, send, receive FROM map_items")
+                 " truncated, error, value, send, receive, slot FROM map_items")
 
 
 def _record(row, range_input) -> ItemRecord:
     (seq, item, status, host, start, seconds, exitval, signal, stdout, stderr, attempt, truncated,
-     error, value, send, receive) = row
+     error, value, send, receive, slot) = row
     if value is not None and not stdout:  # a function's value is its output (JSON, a line)
         stdout = value.encode("utf-8", "surrogateescape") + b"\n"
     return ItemRecord(seq, _item_value(item, seq, range_input), status, host=host, start=start or 0.0,
                       runtime=seconds or 0.0, exitval=exitval, signal=signal, stdout=bytes(stdout or b""),
                       stderr=bytes(stderr or b""), attempt=attempt, truncated=bool(truncated),
-                      error=error or "", value=value, send=send or 0, receive=receive or 0)
+                      error=error or "", value=value, send=send or 0, receive=receive or 0, slot=slot)
 
 
 def failed_items(conn: sqlite3.Connection, run_id: int, limit: int, range_input=None) -> list:
@@ -243,9 +266,9 @@ def attempts(conn: sqlite3.Connection, run_id: int, range_input=None) -> Iterato
     """Every attempt of a run, earlier ones and final ones, by seq then attempt (--joblog), streamed."""
     cursor = conn.execute(
         "SELECT seq, item, status, host, start, seconds, exit, signal, NULL, stderr, attempt, 0, error,"
-        " NULL, send, receive FROM map_attempts WHERE run_id = ?"
+        " NULL, send, receive, slot FROM map_attempts WHERE run_id = ?"
         " UNION ALL SELECT seq, item, status, host, start, seconds, exit, signal, NULL, stderr, attempt, truncated,"
-        " error, NULL, send, receive FROM map_items WHERE run_id = ? ORDER BY 1, 11", (run_id, run_id))
+        " error, NULL, send, receive, slot FROM map_items WHERE run_id = ? ORDER BY 1, 11", (run_id, run_id))
     rows = (_record(row, range_input) for row in cursor)
     if range_input is None:
         yield from rows
@@ -268,9 +291,9 @@ def chunk_records(path: str, run_id: int, range_input) -> Iterator[ItemRecord]:
     conn = connect(path)
     try:
         cursor = conn.execute(
-            "SELECT c.seq, c.count, c.host, p.data FROM map_chunks c JOIN payloads p"
+            "SELECT c.seq, c.count, c.host, c.slot, p.data FROM map_chunks c JOIN payloads p"
             " ON p.run_id = c.run_id AND p.lo = c.lo WHERE c.run_id = ? ORDER BY c.seq", (run_id,))
-        for seq, count, host, data in cursor:
+        for seq, count, host, slot, data in cursor:
             chunk = decode_chunk(data, count)
             t0 = chunk["t0"]
             for index, (start, took, value) in enumerate(zip(chunk["start_us"], chunk["us"], chunk["value"])):
@@ -278,7 +301,7 @@ def chunk_records(path: str, run_id: int, range_input) -> Iterator[ItemRecord]:
                 yield ItemRecord(seq + index, range_input.start + (seq + index - 1) * range_input.step, "ok",
                                  host=host, start=t0 + start / 1e6, runtime=took / 1e6,
                                  exitval=0, stdout=text.encode("utf-8", "surrogateescape") + b"\n",
-                                 attempt=1, value=text, receive=len(text))
+                                 attempt=1, value=text, receive=len(text), slot=slot)
     finally:
         conn.close()
 
@@ -292,7 +315,13 @@ def encode_chunk(t0: float, start_us: list, us: list, values_json: str) -> bytes
 
 
 def decode_chunk(data: bytes, count: int) -> dict:
+    """A chunk's payload as {"t0", "start_us", "us", "value"}: encode_chunk's, or the host's
+    own (client/mapper.py run_function_packed: ``seq0`` or ``seq``, and without ``start_us``
+    when the items ran back to back: then item i started when item i-1 ended)."""
     chunk = json.loads(zlib.decompress(data).decode("utf-8", "surrogatepass"))
+    us = chunk.get("us")
+    if isinstance(us, list) and "start_us" not in chunk:
+        chunk["start_us"] = [0] + list(itertools.accumulate(us[:-1])) if us else []
     if not isinstance(chunk.get("t0"), (int, float)) or not all(
             isinstance(chunk.get(name), list) and len(chunk[name]) == count for name in ("start_us", "us", "value")):
         raise StoreError("a map chunk does not hold its items")

@@ -385,3 +385,30 @@ def test_slot_and_seq_strings_and_parallel_variables(agent):
     lines = [result["stdout"].split() for result in message["result"]["items"]]
     assert [line[2:] for line in lines] == [["1", "1"], ["2", "2"]]
     assert all(line[0] == line[1] and line[0] in ("1", "2") for line in lines)
+
+
+def test_function_over_a_range_answers_packed(agent, workdir):
+    """The packed answer (``"pack": "zlib"``): the ok items' columns compressed on the host;
+    back to back items carry ``seq0`` and no ``start_us``; the worker's slot comes with it."""
+    import json
+    import zlib
+
+    from cluster import mapstore
+
+    digest = ship(workdir, {"p.py": "def f(x):\n    if x == 13:\n        raise KeyError(x)\n    return [x, str(x)]\n"})
+    result = run_map(agent, mode="function", function="p:f", ship=digest, range=[5, 8, 10, 1], columns=True,
+                     pack="zlib")["result"]
+    assert result["pack"] == "zlib" and result["count"] == 7 and result["slot"] in (1, 2)
+    chunk = json.loads(zlib.decompress(base64.b64decode(result["chunk"])))
+    assert chunk["seq"] == [5, 6, 7, 9, 10, 11, 12] and "seq0" not in chunk
+    assert chunk["value"] == [[x, str(x)] for x in (10, 11, 12, 14, 15, 16, 17)]
+    assert len(chunk["start_us"]) == 7 and all(type(us) is int and us >= 0 for us in chunk["us"] + chunk["start_us"])
+    assert [item["seq"] for item in result["failed"]] == [8] and "KeyError: 13" in result["failed"][0]["error"]
+    result = run_map(agent, "all", mode="function", function="p:f", ship=digest, range=[1, 5, 20, 2],
+                     pack="zlib")["result"]
+    data = base64.b64decode(result["chunk"])
+    chunk = json.loads(zlib.decompress(data))
+    assert chunk["seq0"] == 1 and "start_us" not in chunk and result["failed"] == [] and result["count"] == 5
+    stored = mapstore.decode_chunk(data, 5)
+    assert stored["value"] == [[x, str(x)] for x in (20, 22, 24, 26, 28)]
+    assert stored["start_us"] == [sum(chunk["us"][:i]) for i in range(5)]

@@ -78,7 +78,7 @@ def test_function_results_are_checked_field_by_field(job_of):
     assert result["_chunk"] == (1, 4)
     decision = job.decide(block, result, "h1")
     assert decision.action == COMMIT and block.size == 4
-    assert job.rows(block, result, "h1") == [("map_chunks", mapstore.CHUNK_COLUMNS, [(1, 4, "h1")])]
+    assert job.rows(block, result, "h1") == [("map_chunks", mapstore.CHUNK_COLUMNS, [(1, 4, "h1", None)])]
 
 
 def test_a_failed_item_is_retried_elsewhere_then_final(job_of):
@@ -194,3 +194,137 @@ def test_crashes_before_a_resume_count(job_of, tmp_path):
     job.decide(block, result, "h1")
     (_, columns, values), = job.rows(block, result, "h1")
     assert dict(zip(columns, values[0]))["attempt"] == 3
+
+
+def _packed(chunk: dict, count=None, **extra) -> dict:
+    import base64
+    import zlib
+
+    data = zlib.compress(json.dumps(chunk, separators=(",", ":")).encode("utf-8"), 1)
+    result = {"pack": "zlib", "count": len(chunk["value"]) if count is None else count,
+              "chunk": base64.b64encode(data).decode("ascii"), "failed": [], "left": [], "slot": 2}
+    result.update(extra)
+    return result
+
+
+def _zlib_result(raw: bytes, count: int = 4) -> dict:
+    import base64
+
+    return {"pack": "zlib", "count": count, "chunk": base64.b64encode(raw).decode("ascii"), "failed": [], "left": []}
+
+
+def test_packed_results_are_checked_and_stored_as_the_host_sent_them(job_of, monkeypatch):
+    """A host's compressed chunk is parsed and checked like plain columns; a malformed, oversized
+    or lying one is refused (the block is redone elsewhere), a good one stored byte for byte."""
+    import zlib
+
+    from cluster.jobs import map as map_module
+
+    job = job_of(MapSpec(mode="function", function="m:f"), mapinput.open_input(range_text="1:4"),
+                 shipment=mapship.Shipment(b"", "ab" * 16, "m:f", 1, 1))
+    task, block = job.schedule.next_block("h1", 4)
+    args = job.task_args_for(block, type("L", (), {"name": "h1"})(), task)
+    assert args["pack"] == "zlib" and args["range"] == [1, 4, 1, 1]
+    good = {"t0": 1.7e9, "seq0": 1, "us": [1, 2, 1, 1], "value": [1, 4, 9, 16]}
+    monkeypatch.setattr(map_module, "MAX_CHUNK_BYTES", 4096)
+    bad_results = [
+        dict(_packed(good), chunk="not base64!"),
+        _zlib_result(b"not zlib"),
+        _zlib_result(zlib.compress(json.dumps(good).encode())[:-3]),  # truncated
+        _zlib_result(zlib.compress(json.dumps(good).encode()) + b"tail"),  # bytes after the stream
+        _zlib_result(zlib.compress(b"[" + b"1," * 5000 + b"1]")),  # a bomb: over MAX_CHUNK_BYTES once inflated
+        _zlib_result(zlib.compress(b'{"t0": 1.7e9, "seq0": 1, "us": [1, 1, 1, 1], "value": [1, NaN, 3, 4]}')),
+        _zlib_result(zlib.compress("\u00e9".encode("latin-1"))),  # not UTF-8
+        _packed(good, count=3),  # a count that is not the columns'
+        _packed(dict(good, extra=[1])),  # an unknown key
+        _packed(dict(good, seq0=2)),  # an item not sent
+        _packed(dict(good, seq=[1, 2, 3, 4])),  # seq0 and seq both
+        _packed({k: v for k, v in good.items() if k != "seq0"}),  # neither
+        _packed(dict({k: v for k, v in good.items() if k != "seq0"}, seq=[1, 2, 3, 9])),
+        _packed(dict({k: v for k, v in good.items() if k != "seq0"}, seq=[1, 2, 3, 3])),  # one twice
+        _packed(dict(good, us=[1, -1, 1, 1])),
+        _packed(dict(good, us=[1, 1, 1, True])),
+        _packed(dict(good, start_us=[0, 1, 2])),
+        _packed(dict(good, t0=-5)),
+        _packed(dict(good, seq0=1, us=[1, 1, 1], value=[1, 2, 3])),  # an item without an answer
+        _packed(dict(good, value=[1, 2, 3, "x" * 5000])),  # a value over the cap
+        _packed(good, slot=0),
+        _packed(good, slot="1"),
+        _packed(good, count=True),
+        dict(_packed(good), pack="gzip"),
+    ]
+    job.spec.stdout_cap = 1000
+    for result in bad_results:
+        with pytest.raises(InvalidMapResult):
+            job.check(block.lo, block.hi, json.loads(json.dumps(result)))
+    result = _packed(good)
+    assert job.check(block.lo, block.hi, result)[0] == 4
+    payload = job.check(block.lo, block.hi, _packed(good))[1]
+    assert payload == _raw_of(_packed(good))  # the host's bytes, not a second zlib
+    assert mapstore.decode_chunk(payload, 4) == dict(good, start_us=[0, 1, 3, 4])
+    job.decide(block, result, "h1")
+    assert job.rows(block, result, "h1") == [("map_chunks", mapstore.CHUNK_COLUMNS, [(1, 4, "h1", 2)])]
+
+
+def _raw_of(result: dict) -> bytes:
+    import base64
+
+    return base64.b64decode(result["chunk"])
+
+
+def test_packed_results_with_failures_or_surrogates_become_rows(job_of):
+    job = job_of(MapSpec(mode="function", function="m:f", retries=0), mapinput.open_input(range_text="1:3"),
+                 shipment=mapship.Shipment(b"", "ab" * 16, "m:f", 1, 1))
+    _, block = job.schedule.next_block("h1", 3)
+    failed = {"seq": 2, "ok": False, "value": None, "timed_out": False, "start": 1.7e9, "seconds": 0.1,
+              "error": "ValueError: no"}
+    chunk = {"t0": 1.7e9, "seq": [1, 3], "us": [5, 6], "start_us": [0, 100], "value": ["a\ud800", 9]}
+    result = _packed(chunk, failed=[failed])
+    assert job.check(block.lo, block.hi, result) == (2, None)
+    job.decide(block, result, "h1")
+    (table, columns, values), = job.rows(block, result, "h1")
+    rows = {row["seq"]: row for row in (dict(zip(columns, value)) for value in values)}
+    assert table == "map_items" and sorted(rows) == [1, 2, 3]
+    value = json.loads(rows[1]["value"])  # as cluster/agents.py stores any string: U+FFFD, never a surrogate
+    assert value.startswith("a\ufffd") and set(value[1:]) == {"\ufffd"} and rows[1]["slot"] == 2
+    assert rows[3]["start"] == pytest.approx(1.7e9 + 100e-6) and rows[2]["status"] == "failed"
+
+
+def test_a_v1_store_is_migrated_and_its_rows_still_read(tmp_path):
+    """Stores made before the map tables' version 2 (no slot column) keep working."""
+    import sqlite3
+
+    class V1:
+        name = "map"
+        migrations = mapstore.MIGRATIONS[:1]
+
+    path = tmp_path / "v1.db"
+    with Store(path) as store:
+        store.migrate_job(V1())
+        run_id = store.open_run("map", {"identity": "x"}, 3)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO map_items (run_id, lo, key, seq, status, host, start, seconds, attempt, value)"
+                     " VALUES (?, 1, 3, 3, 'ok', 'h1', 1.7e9, 0.5, 1, '9')", (run_id,))
+        conn.execute("INSERT INTO map_chunks (run_id, lo, seq, count, host) VALUES (?, 2, 1, 2, 'h2')", (run_id,))
+        conn.execute("INSERT INTO payloads (run_id, lo, data) VALUES (?, 2, ?)", (run_id, mapstore.encode_chunk(
+            1.7e9, [0, 10], [10, 10], "[1,4]")))
+    conn.close()
+    mapstore.ensure_tables(str(path))
+    mapstore.ensure_tables(str(path))  # once only
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM job_schema WHERE job = 'map'").fetchone() == (2,)
+    for table in ("map_items", "map_attempts", "map_chunks"):
+        assert "slot" in [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+    conn.close()
+    with Store(path) as store:
+        store.migrate_job(MapJob(MapSpec(mode="function", function="m:f"), mapinput.open_input(range_text="1:3"),
+                                 mapship.Shipment(b"", "ab" * 16, "m:f", 1, 1)))
+    conn = mapstore.connect(str(path))
+    try:
+        records = list(mapstore.records_in_order(conn, run_id, mapinput.open_input(range_text="1:3")))
+        assert [(r.seq, r.stdout, r.host, r.slot) for r in records] == [
+            (1, b"1\n", "h2", None), (2, b"4\n", "h2", None), (3, b"9\n", "h1", None)]
+        assert [r.seq for r in mapstore.attempts(conn, run_id, mapinput.open_input(range_text="1:3"))] == [1, 2, 3]
+    finally:
+        conn.close()

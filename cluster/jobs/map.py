@@ -24,12 +24,17 @@ docs/ARCHITECTURE.md ("The job interface") describes the hooks.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import itertools
 import json
 import math
 import os
+import re
 import secrets
 import statistics
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -58,6 +63,8 @@ NO_TIMEOUT_FLOOR = 3600.0
 TIMEOUT_SAMPLES = 1000
 # A percentage timeout applies once this many items of the run (or of the host) are timed.
 TIMEOUT_MIN_SAMPLES = 3
+# Highest worker slot ({%}) a host may name.
+MAX_SLOT = 65536
 
 
 class InvalidMapResult(BeowulfError):
@@ -230,7 +237,10 @@ class MapJob(Job):
             args["reqs"] = self.reqs[link.name]
         if spec.mode == "function":
             args["function"] = self.shipment.function
-            args["columns"] = True  # answers in columns (client/mapper.py run_function_columns)
+            # Answers in columns compressed by the host (client/mapper.py run_function_packed); a
+            # host with an older client/mapper.py answers in plain columns (run_function_columns).
+            args["columns"] = True
+            args["pack"] = mapper.PACK
         else:
             args.update(command=spec.command, stderr_tail=spec.stderr_tail, **{"return": list(spec.returns)})
         if block.verdict:
@@ -259,12 +269,17 @@ class MapJob(Job):
             raise InvalidMapResult(f"block {lo} is not in flight (a late copy)")
         if not isinstance(result, dict):
             raise InvalidMapResult("result is not an object")
-        columns = result.get("columns")
+        packed = result.get("pack")
+        columns = result.get("columns") if packed is None else result.get("chunk")
         raw_items = result.get("failed") if columns is not None else result.get("items")
         left = result.get("left", [])
         if not isinstance(raw_items, list) or not isinstance(left, list) or \
                 (columns is not None and self.spec.mode != "function"):
-            raise InvalidMapResult("items (or columns and failed) and left must be lists")
+            raise InvalidMapResult("items (or columns or chunk, and failed) and left must be lists")
+        slot = result.get("slot")
+        if slot is not None and (type(slot) is not int or not 1 <= slot <= MAX_SLOT):
+            raise InvalidMapResult(f"slot must be an integer in [1, {MAX_SLOT}]")
+        result["_slot"] = slot
         if block.verdict:
             expected = {}
         elif block.items is None:
@@ -275,27 +290,28 @@ class MapJob(Job):
         try:
             if self.spec.mode == "function":
                 checked = self._check_function(raw_items, expected)
-                if columns is not None:
+                if packed is not None:
+                    ok_columns = _unpack(result, expected, self.spec.stdout_cap)
+                elif columns is not None:
                     ok_columns = _check_columns(columns, expected, self.spec.stdout_cap)
             else:
-                checked = self._check_command(raw_items, expected)
+                checked = self._check_command(raw_items, expected, slot)
         except ResultError as exc:
             raise InvalidMapResult(f"block {lo}: {exc}") from None
+        if ok_columns is not None and not checked and not left:
+            # The hot path: every item sent answered once, in order (seqs equal to the block's).
+            payload = self._chunk_of_columns(block, ok_columns)
+            if payload is not None:
+                result["_chunk"] = (block.seqs[0], len(block.seqs))
+                result["_samples"] = [us / 1e6 for us in ok_columns[3][-50:]]
+                result["columns"] = result["chunk"] = None
+                return len(block.seqs), payload
         seen = {entry[0] for entry in checked}
         if ok_columns is not None:
             count = len(seen)
             seen.update(ok_columns[0])
             if len(seen) != count + len(ok_columns[0]):
                 raise InvalidMapResult(f"block {lo}: an item came twice")
-            if not checked and not left:
-                payload = self._chunk_of_columns(block, ok_columns)
-                if payload is not None:
-                    if len(seen) != len(expected):
-                        raise InvalidMapResult(f"block {lo}: {len(expected) - len(seen)} items sent got no answer")
-                    result["_chunk"] = (block.seqs[0], len(block.seqs))
-                    result["_samples"] = [us / 1e6 for us in ok_columns[3][-50:]]
-                    result["columns"] = None
-                    return len(block.seqs), payload
             checked = _rows_of_columns(ok_columns) + checked
         for seq in left:
             if type(seq) is not int or seq not in expected or seq in seen:
@@ -305,7 +321,7 @@ class MapJob(Job):
             raise InvalidMapResult(f"block {lo}: {len(expected) - len(seen)} items sent got no answer")
         result["_map"] = (checked, list(left))
         result["items"] = None  # the checked copy is what is kept
-        result["columns"] = None
+        result["columns"] = result["chunk"] = None
         return sum(1 for entry in checked if entry[1] == "ok"), None
 
     def _chunk_of_columns(self, block, columns: tuple) -> Optional[bytes]:
@@ -317,11 +333,15 @@ class MapJob(Job):
         attempts = self.schedule.attempts
         if attempts and any(seq in attempts for seq in seqs):
             return None
-        got, t0, start_us, us, _values, values_json = columns
+        got, t0, start_us, us, values, values_json, raw = columns
         if len(got) != len(seqs) or got[0] != seqs[0] or got[-1] != seqs[-1] or \
-                any(b != a + 1 for a, b in zip(got, got[1:])):
+                not (isinstance(got, range) or got == list(range(seqs[0], seqs[-1] + 1))):
             return None  # not in order: stored item by item
-        return mapstore.encode_chunk(t0, start_us, us, values_json)
+        if raw is not None:  # the host's bytes, checked by _unpack: stored as they are
+            return raw
+        if values_json is None:
+            values_json = json.dumps(values, ensure_ascii=False)
+        return mapstore.encode_chunk(t0, _starts(start_us, us), us, values_json)
 
     def _check_function(self, raw_items: list, expected: dict) -> list:
         """(seq, status, exit (0 ok, 1 not), None, b"", False, b"", start, seconds, value JSON, error,
@@ -358,7 +378,7 @@ class MapJob(Job):
                                 seconds, None, error, 0, []))
         return checked
 
-    def _check_command(self, raw_items: list, expected) -> list:
+    def _check_command(self, raw_items: list, expected, slot: Optional[int] = None) -> list:
         if not isinstance(expected, dict):
             expected = dict.fromkeys(expected)
         values = {seq: self.value_of(seq, item) for seq, item in expected.items()}
@@ -374,16 +394,17 @@ class MapJob(Job):
             if record.status == "ok":
                 item = expected[record.seq]
                 for parts, returned in zip(self.return_parts, files):
-                    stored.append(self._keep_file(parts, record.seq, item, returned.data))
+                    stored.append(self._keep_file(parts, record.seq, item, returned.data, slot))
             checked.append((record.seq, record.status, record.exitval, record.signal, record.stdout,
                             record.truncated, record.stderr, record.start, record.runtime, None,
                             record.error or None, record.receive, stored))
         return checked
 
-    def _keep_file(self, parts: list, seq: int, item, data: bytes) -> str:
-        """Write a returned file into --outdir under the pattern rendered with the local item:
-        a temporary name, then linked into place unless a first copy is there already."""
-        local = mapper.render(parts, self.value_of(seq, item), seq, 1,
+    def _keep_file(self, parts: list, seq: int, item, data: bytes, slot: Optional[int] = None) -> str:
+        """Write a returned file into --outdir under the pattern rendered with the local item (and
+        the slot it ran in, ``{%}``): a temporary name, then linked into place unless a first copy
+        is there already."""
+        local = mapper.render(parts, self.value_of(seq, item), seq, slot or 1,
                               item.columns if item is not None and item.path is None else None, quote=False)
         path = os.path.join(self.spec.outdir, safe_relative(local))
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -425,11 +446,12 @@ class MapJob(Job):
                 self.host_samples.setdefault(host, deque(maxlen=TIMEOUT_SAMPLES)).extend(
                     result.get("_samples") or ())
             block.final = chunk[1]
-            result["_rows"] = ([(chunk[0], chunk[1], host)], [], [])
+            result["_rows"] = ([(chunk[0], chunk[1], host, result.get("_slot"))], [], [])
             return Decision(COMMIT)
         items = dict(zip(block.seqs, block.items)) if block.items is not None else None
         finals, attempts_rows, again = [], [], []
         retries = self.spec.retries
+        slot = result.get("_slot")
         if block.verdict:
             for seq in block.seqs:
                 finals.append(self._crashed_row(block, seq, items.get(seq) if items else None))
@@ -437,17 +459,17 @@ class MapJob(Job):
             seq, status = entry[0], entry[1]
             item = items[seq] if items is not None else None
             if status == "ok":
-                finals.append(self._row(seq, item, entry, host))
+                finals.append(self._row(seq, item, entry, host, slot))
                 continue
             key = self.key_of(seq, item)
             _, failures, _ = self._attempt_base(key)
             if failures + schedule.failures.get(seq, 0) < retries:
-                attempts_rows.append(self._row(seq, item, entry, host, attempt_row=True))
+                attempts_rows.append(self._row(seq, item, entry, host, slot, attempt_row=True))
                 schedule.attempts[seq] = schedule.attempts.get(seq, 0) + 1
                 schedule.failures[seq] = schedule.failures.get(seq, 0) + 1
                 again.append((seq, item))
             else:
-                finals.append(self._row(seq, item, entry, host))
+                finals.append(self._row(seq, item, entry, host, slot))
         if again:
             schedule.requeue([seq for seq, _ in again], [item for _, item in again] if items is not None else None,
                              avoid=host)
@@ -457,7 +479,7 @@ class MapJob(Job):
         result["_rows"] = ([], finals, attempts_rows)
         return Decision(COMMIT)
 
-    def _row(self, seq: int, item, entry: tuple, host: str, attempt_row: bool = False) -> tuple:
+    def _row(self, seq: int, item, entry: tuple, host: str, slot: Optional[int], attempt_row: bool = False) -> tuple:
         (_, status, exitval, signal, stdout, truncated, stderr, start, seconds, value, error, receive,
          files) = entry
         key = self.key_of(seq, item)
@@ -466,9 +488,9 @@ class MapJob(Job):
         send = os.path.getsize(item.path) if item is not None and item.path and os.path.exists(item.path) else 0
         if attempt_row:
             return (key, seq, raw, status, exitval, signal, stderr, host, start, seconds, attempt, error, send,
-                    receive)
+                    receive, slot)
         return (key, seq, raw, status, exitval, signal, stdout, int(bool(truncated)), stderr, host, start,
-                seconds, attempt, value, error, send, receive)
+                seconds, attempt, value, error, send, receive, slot)
 
     def _crashed_row(self, block, seq: int, item) -> tuple:
         key = self.key_of(seq, item)
@@ -476,7 +498,7 @@ class MapJob(Job):
         attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
         raw = None if item is None else value_bytes(item.value)
         return (key, seq, raw, "crashed", None, None, None, 0, None, host, start, seconds, attempt, None,
-                f"killed its worker {MAX_CRASHES} times; last: {error}", 0, 0)
+                f"killed its worker {MAX_CRASHES} times; last: {error}", 0, 0, None)
 
     def failure(self, block, kind: str, message: str, host: str) -> Decision:
         """A worker that died: its block is split until the culprit is alone; that item's deaths
@@ -498,7 +520,7 @@ class MapJob(Job):
         attempt = self._attempt_base(key)[0] + self.schedule.attempts.get(seq, 0)
         row = dict(zip(mapstore.ATTEMPT_COLUMNS, (key, seq, None if item is None else value_bytes(item.value),
                                                    "crashed", None, None, None, host, now - seconds, seconds,
-                                                   attempt, message, 0, 0)))
+                                                   attempt, message, 0, 0, None)))
         return Decision(RETRY, avoid=True, record=(("map_attempts", row),))
 
     def block_meta(self, result: dict) -> dict:
@@ -562,7 +584,7 @@ def _range_gaps(total: int, done: list) -> list:
 
 
 def _ints(values, low: int, high: int, what: str) -> None:
-    if not all(type(x) is int for x in values) or (values and (min(values) < low or max(values) > high)):
+    if not set(map(type, values)) <= _INT or (values and (min(values) < low or max(values) > high)):
         raise ResultError(f"columns: {what} must be integers in [{low}, {high}]")
 
 
@@ -592,12 +614,109 @@ def _check_columns(columns, expected, cap: int) -> tuple:
         for value in values:
             if len(json.dumps(value, ensure_ascii=False)) > cap:
                 raise ResultError(f"columns: a value over {cap} bytes of JSON")
-    return seqs, t0, start_us, us, values, values_json
+    return seqs, t0, start_us, us, values, values_json, None
+
+
+# A packed chunk (client/mapper.py run_function_packed) decompresses to this at most: the
+# host stops adding items at RESULT_BUDGET_BYTES (its count is an estimate, hence the margin).
+MAX_CHUNK_BYTES = 2 * mapper.RESULT_BUDGET_BYTES
+_CHUNK_KEYS = {"t0", "seq0", "seq", "us", "start_us", "value"}
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _inflate(data: bytes) -> bytes:
+    """zlib-decompress at most MAX_CHUNK_BYTES; ResultError on garbage, a bomb or trailing bytes."""
+    try:
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(data, MAX_CHUNK_BYTES + 1)
+        if inflater.unconsumed_tail or len(raw) > MAX_CHUNK_BYTES:
+            raise ResultError(f"chunk: decompresses to more than {MAX_CHUNK_BYTES} bytes")
+        raw += inflater.flush()
+        if not inflater.eof or inflater.unused_data:
+            raise ResultError("chunk: a truncated zlib stream, or bytes after its end")
+    except zlib.error as exc:
+        raise ResultError(f"chunk: not a zlib stream ({exc})") from None
+    return raw
+
+
+def _unpack(result: dict, expected, cap: int) -> tuple:
+    """(seqs, t0, start_us or None, us, values, None, the host's zlib bytes or None) of a packed
+    function result (client/mapper.py run_function_packed), every field checked, ResultError
+    otherwise. The host's bytes are returned only when they can be stored as they are (they
+    hold exactly the checked columns); a value with a lone surrogate is stored as text
+    (U+FFFD), as cluster/agents.py does for every other string, so the bytes are not."""
+    count, encoded = result.get("count"), result.get("chunk")
+    if result.get("pack") != mapper.PACK or type(count) is not int or not 0 <= count <= mapper.MAX_RANGE_ITEMS \
+            or type(encoded) is not str:
+        raise ResultError("chunk: pack, count or chunk of the wrong type")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (ValueError, binascii.Error):
+        raise ResultError("chunk: not base64") from None
+    try:
+        text = _inflate(data).decode("utf-8")
+        chunk = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ResultError(f"chunk: not UTF-8 JSON ({str(exc)[:80]})") from None
+    if type(chunk) is not dict or not chunk.keys() <= _CHUNK_KEYS or ("seq0" in chunk) == ("seq" in chunk):
+        raise ResultError("chunk: not an object of t0, seq0 or seq, us, start_us, value")
+    t0, us, start_us, values = chunk.get("t0"), chunk.get("us"), chunk.get("start_us"), chunk.get("value")
+    if type(t0) not in (int, float) or not 0 <= t0 <= 1e11:
+        raise ResultError("chunk: t0 out of range")
+    if type(us) is not list or type(values) is not list or len(us) != count or len(values) != count or \
+            (start_us is not None and (type(start_us) is not list or len(start_us) != count)):
+        raise ResultError(f"chunk: us, start_us and value must be lists of {count}")
+    _ints(us, 0, 10**14, "us")
+    if start_us is not None:
+        _ints(start_us, 0, 10**14, "start_us")
+    elif sum(us) > 10**14:
+        raise ResultError("chunk: us out of range")
+    if "seq0" in chunk:
+        first = chunk["seq0"]
+        if type(first) is not int:
+            raise ResultError("chunk: seq0 must be an integer")
+        seqs = range(first, first + count)
+        if count and isinstance(expected, range) and expected.step == 1:
+            if first < expected.start or first + count > expected.stop:
+                raise ResultError("chunk: an item that was not sent")
+        elif not all(seq in expected for seq in seqs):
+            raise ResultError("chunk: an item that was not sent")
+    else:
+        seqs = chunk["seq"]
+        if type(seqs) is not list or len(seqs) != count:
+            raise ResultError(f"chunk: seq must be a list of {count}")
+        if not all(type(seq) is int and seq in expected for seq in seqs):
+            raise ResultError("chunk: an item that was not sent")
+    if len(text) > cap:  # the cap is per item: check the values that can be long one by one
+        for value in values:
+            if type(value) not in _SHORT and len(json.dumps(value, ensure_ascii=False)) > cap:
+                raise ResultError(f"chunk: a value over {cap} bytes of JSON")
+    if _SURROGATE.search(text):
+        from cluster.agents import _text_only
+
+        return seqs, t0, start_us, us, _text_only(values), None, None
+    return seqs, t0, start_us, us, values, None, data
+
+
+_SHORT = (int, float, bool, type(None))
+_INT = {int}
+
+
+def _starts(start_us, us: list) -> list:
+    """The items' start_us: as given, or (a chunk without them) the running sum of ``us`` from 0."""
+    if start_us is not None:
+        return start_us
+    return [0] + list(itertools.accumulate(us[:-1])) if us else []
 
 
 def _rows_of_columns(columns: tuple) -> list:
     """The checked tuples (as MapJob._check_function makes them) of a columnar result's items."""
-    seqs, t0, start_us, us, values, _ = columns
+    seqs, t0, start_us, us, values = columns[:5]
+    start_us = _starts(start_us, us)
     rows = []
     for seq, start, took, value in zip(seqs, start_us, us, values):
         text = json.dumps(value, ensure_ascii=False)
