@@ -147,11 +147,15 @@ def client_module(name):
     return importlib.import_module(name)
 
 
-def engines():
+def engines(only=None):
     """``{JOB: module.ENGINE}`` of each job whose module (``JOBS``) names the engine it computes
-    with; None for a job whose module does not import."""
+    with; None for a job whose module does not import. ``only``: these jobs alone (the agent's
+    --preload: the coordinator starts an agent for one job, so the others' modules, numpy's
+    for primes, are not imported just to say which engine they would use)."""
     found = {}
     for job, (module, _) in sorted(JOBS.items()):
+        if only and job not in only:
+            continue
         try:
             imported = client_module(module)
         except Exception as exc:  # an import of a job module may fail in any way
@@ -168,6 +172,8 @@ def start_engine_probe(opts):
     memory and threads stay out of it, and an import that crashes cannot kill it)."""
     command = [sys.executable or "python3", AGENT_PATH, "--engines", "--log-level",
                opts.log_level]
+    if opts.preload:
+        command += ["--preload", opts.preload]
     if opts.lib:
         command += ["--lib", opts.lib]
     try:
@@ -930,6 +936,9 @@ def main(argv=None):
     """Run as the agent, a worker (``--worker``) or the probe (``--probe``)."""
     opts = parse_args(argv)
     os.umask(0o077)  # what the agent and its workers create (__pycache__ too) is private: SECURITY.md
+    # Cache the job modules' bytecode even where the environment says not to (PYTHONDONTWRITEBYTECODE):
+    # otherwise every agent, worker and probe compiles them again at each start (README.md, "fab map").
+    sys.dont_write_bytecode = False
     setup_path(opts.lib)
     name = "worker-%d" % opts.slot if opts.worker else "agent"
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, opts.log_level.upper()),
@@ -939,7 +948,7 @@ def main(argv=None):
     if opts.probe:
         return probe_main()
     if opts.engines:
-        sys.stdout.write(json.dumps(engines()) + "\n")
+        sys.stdout.write(json.dumps(engines(set(filter(None, opts.preload.split(","))))) + "\n")
         return 0
     code = Agent(opts).run()
     logging.shutdown()

@@ -77,7 +77,7 @@ finally:
 """
 # Runs on the host: import the --function from the shipped folder once, as a worker will.
 _IMPORT_CHECK = (
-    "import os, sys; sys.path.insert(0, sys.argv[1]); "
+    "import os, sys; sys.dont_write_bytecode = False; sys.path.insert(0, sys.argv[1]); "
     "os.path.isdir(sys.argv[4]) and sys.path.insert(1, sys.argv[4]); import mapper; "
     "mapper.use_requirements(sys.argv[5] if len(sys.argv) > 5 else None); "
     "mapper.load_function(sys.argv[2], sys.argv[3])"

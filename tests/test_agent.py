@@ -218,6 +218,13 @@ def test_hello_fields_and_bundle_hash(start_agent):
     assert {"noop", "sleep", "fail", "crash", "echo", "primes"} <= set(hello["jobs"])
 
 
+def test_engine_probe_honours_preload(start_agent):
+    """An agent started for one job (--preload) asks only that job's module for its engine:
+    the other jobs' modules (numpy's, for primes) are not imported to start a map run."""
+    assert start_agent("--preload", "map").hello["engines"] == {}
+    assert "primes" in start_agent("--preload", "primes").hello["engines"]
+
+
 def test_many_noops_each_answered_once(start_agent):
     """3000 tasks sent at once over 2 slots: every id answered exactly once, all ok."""
     agent = start_agent()
