@@ -41,15 +41,16 @@ load average is printed next to every figure (the machine is shared).
    process itself used (user + system, agents not included) per item.
 H. The host side alone, no coordinator: map tasks of client/mapper.py through a
    real client/agent.py (2 slots, 3 tasks in flight, its own temporary workdir),
-   function blocks of 10,000 range items (a ``range`` task answered in columns, as fab map
-   --function --range asks)
+   function blocks of 10,000 range items (a ``range`` task answered in columns compressed on
+   the host, ``"pack": "zlib"``, as fab map --function --range asks)
    and ``echo {}`` blocks of 100 items: the
    floor of (1)-(3) on this machine, to tell the coordinator's cost from the hosts'.
 
 ``--breakdown`` prints only (B): a ``--function`` item's cost by stage, one stage at a
-time in this process, for the answer in columns (what fab map asks for a function:
-host: client/mapper.py's run, the result's JSON; coordinator: its parse, the columns'
-check, the chunk's zlib, its commit) and item by item (a block with a failure).
+time in this process, for the packed answer (what fab map asks for a function: host:
+client/mapper.py's run, which makes the columns, their JSON and zlib, then the result
+line's JSON; coordinator: the line's parse, the chunk's base64, inflate, JSON and check,
+the commit of the host's bytes) and item by item (a block with a failure).
 
 ``--profile`` runs (3) and the SSH run of (1) once more under cProfile
 (bench/profile_fab.py: every thread of the coordinator, CPU time) and prints the
@@ -249,7 +250,7 @@ def host_side(base: Path, fn_folder: Path, function_items: int, command_items: i
             while seq <= total:
                 hi = min(total, seq + size - 1)
                 if args["mode"] == "function":  # as fab map --range sends them: [SEQ, COUNT, START, STEP]
-                    yield dict(args, run=run, range=[seq, hi - seq + 1, seq, 1], columns=True)
+                    yield dict(args, run=run, range=[seq, hi - seq + 1, seq, 1], columns=True, pack="zlib")
                 else:
                     yield dict(args, run=run, items=[{"seq": s, "value": str(s)} for s in range(seq, hi + 1)])
                 seq = hi + 1
@@ -274,7 +275,7 @@ def host_side(base: Path, fn_folder: Path, function_items: int, command_items: i
                 if not message["ok"]:
                     raise SystemExit(f"map task failed: {message.get('error')}")
                 answer = message["result"]
-                done_items += len(answer["columns"]["seq"]) if answer.get("columns") else \
+                done_items += answer["count"] if answer.get("pack") else \
                     sum(1 for item in answer["items"] if item["ok"])
                 received += 1
                 if sent < len(tasks):
@@ -324,8 +325,8 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
     shutil.copy(fn_folder / "benchfn.py", work / "ship" / digest / "benchfn.py")
     os.environ["BEOWULF_MAP_WORKDIR"] = str(work)  # read by client/mapper.py when imported
     from client import mapper
-    from cluster.jobs.map import MapJob, _check_columns
-    from cluster.mapstore import ITEM_COLUMNS, MIGRATIONS, encode_chunk
+    from cluster.jobs.map import MapJob, _unpack
+    from cluster.mapstore import ITEM_COLUMNS, MIGRATIONS
 
     mapper.WORKDIR = str(work)
     args = {"run": "ef" * 16, "mode": "function", "function": "benchfn:square", "ship": digest,
@@ -339,7 +340,7 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
     conn.execute("CREATE TABLE payloads (lo INTEGER PRIMARY KEY, payload BLOB)")
     state: dict = {}
 
-    columnar = dict(args, columns=True)
+    columnar = dict(args, columns=True, pack="zlib")
 
     def run_columns():
         state["cresult"] = mapper.run(columnar)
@@ -351,20 +352,17 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
     def parse_columns():
         state["cmessage"] = json.loads(state["cline"].decode("utf-8"))
 
-    def check_columns():
-        state["ccolumns"] = _check_columns(state["cmessage"]["result"]["columns"], range(1, count + 1),
-                                           mapper.DEFAULT_STDOUT_CAP)
-
-    def chunk():
-        _, t0, start_us, us, _, values_json = state["ccolumns"]
-        state["chunk"] = encode_chunk(t0, start_us, us, values_json)
+    def check_columns():  # base64, bounded inflate, json.loads, every column checked
+        state["ccolumns"] = _unpack(state["cmessage"]["result"], range(1, count + 1), mapper.DEFAULT_STDOUT_CAP)
+        state["chunk"] = state["ccolumns"][-1]  # the host's bytes, stored as they came
 
     def insert_chunk():  # the block's commit: one map_chunks row and the block's payload
         with conn:
             conn.execute("DELETE FROM map_chunks")
             conn.execute("DELETE FROM payloads")
         with conn:
-            conn.execute("INSERT INTO map_chunks (run_id, lo, seq, count, host) VALUES (1, 1, 1, ?, 'h')", (count,))
+            conn.execute("INSERT INTO map_chunks (run_id, lo, seq, count, host, slot) VALUES (1, 1, 1, ?, 'h', 1)",
+                         (count,))
             conn.execute("INSERT INTO payloads VALUES (1, ?)", (state["chunk"],))
 
     def bare():
@@ -384,7 +382,7 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
         state["checked"] = MapJob._check_function(stub, state["message"]["result"]["items"], range(1, count + 1))
 
     def rows():  # MapJob.decide -> _row for an item ok at its first try (mapstore.ITEM_COLUMNS)
-        state["rows"] = [(e[0], e[0], None, "ok", 0, None, b"", 0, b"", "h", e[7], e[8], 1, e[9], None, 0, e[11])
+        state["rows"] = [(e[0], e[0], None, "ok", 0, None, b"", 0, b"", "h", e[7], e[8], 1, e[9], None, 0, e[11], 1)
                          for e in state["checked"]]
 
     def insert():  # Store.commit_blocks -> store._insert_many, one transaction a block
@@ -395,12 +393,11 @@ def breakdown(base: Path, fn_folder: Path, count: int = 20_000, repeat: int = 5)
                              f"VALUES (1, 1{', ?' * len(ITEM_COLUMNS)})", state["rows"])
 
     stages = [("host: the bare calls, square(v) for v in the range", bare),
-              ("columns: host: client/mapper.py run() of a range task, columns", run_columns),
-              ("columns: host: the result message's JSON", encode_columns),
-              ("columns: coordinator: json.loads of the result line", parse_columns),
-              ("columns: coordinator: cluster/jobs/map.py _check_columns", check_columns),
-              ("columns: coordinator: mapstore.encode_chunk (zlib)", chunk),
-              ("columns: coordinator: commit one chunk row + payload (+ DELETE)", insert_chunk),
+              ("packed: host: client/mapper.py run() of a range task, packed (columns, JSON, zlib)", run_columns),
+              ("packed: host: the result message's JSON", encode_columns),
+              ("packed: coordinator: json.loads of the result line", parse_columns),
+              ("packed: coordinator: cluster/jobs/map.py _unpack (base64, inflate, JSON, checks)", check_columns),
+              ("packed: coordinator: commit one chunk row + the host's bytes (+ DELETE)", insert_chunk),
               ("items: host: client/mapper.py run() of a range task, item by item", run),
               ("items: host: the result message's JSON", encode),
               ("items: coordinator: json.loads of the result line", parse),
@@ -568,7 +565,7 @@ def main() -> None:
             out = breakdown(base, fn_folder)
             print(f"B. a --function item's cost by stage, {out['items']:,} range items a block, best of 5, "
                   f"one process (load {out['load']:.1f}); result line "
-                  f"{out['columns_bytes_per_item']:.0f} bytes/item in columns (what fab map asks for), "
+                  f"{out['columns_bytes_per_item']:.1f} bytes/item packed (what fab map asks for), "
                   f"{out['bytes_per_item']:.0f} item by item")
             print(tabulate([[label, f"{seconds * 1e6:.2f}"] for label, seconds in out["stages"]],
                            headers=["stage", "us/item"], colalign=("left", "right")))

@@ -650,6 +650,8 @@ def run_function_columns(function, items, timeout, cap, budget):
             "failed": failed, "left": left}
 
 
+# A clock in integer nanoseconds (Python 3.7+), or None (3.6: perf_counter's float seconds).
+_CLOCK_NS = getattr(time, "perf_counter_ns", None)
 # Answer of a task with ``"pack": "zlib"``: the successful items' columns as one zlib stream.
 PACK = "zlib"
 _COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -682,12 +684,12 @@ def run_function_packed(function, pairs, timeout, cap, budget):
     add_seq, add_end, add_value = seqs.append, ends.append, values.append
     resumed = {}  # index of an ok item -> its start, for the ok items that follow a failed one
     used = 0
-    clock = time.perf_counter
-    wall = time.time() - clock()
+    clock, per_second = _CLOCK_NS or time.perf_counter, 1e9 if _CLOCK_NS else 1.0
     timed = timeout is not None
     if timed:
         _CLOCK[1] = timeout
     began = first = clock()
+    t0 = time.time()
     plain = _PLAIN
     for seq, given in pairs:
         if used > budget:
@@ -738,21 +740,25 @@ def run_function_packed(function, pairs, timeout, cap, budget):
             used += size + 40
         else:
             failed.append({"seq": seq, "ok": False, "value": None, "timed_out": timed_out,
-                           "start": wall + began, "seconds": round(ended - began, 6), "error": error})
+                           "start": t0 + (began - first) / per_second,
+                           "seconds": round((ended - began) / per_second, 6), "error": error})
             used += 200 + len(error)
             resumed[len(seqs)] = ended
         began = ended
-    marks = [int((mark - first) * 1e6) for mark in ends]
+    if _CLOCK_NS:  # integer nanoseconds: no float per item
+        marks = [(mark - first) // 1000 for mark in ends]
+    else:
+        marks = [int((mark - first) * 1e6) for mark in ends]
     starts = None
     if resumed:  # some ok items did not start when the ok item before them ended
         starts, before = [], first
         for index, mark in enumerate(ends):
-            starts.append(int((resumed.get(index, before) - first) * 1e6))
+            starts.append(int((resumed.get(index, before) - first) * 1e6 / per_second))
             before = mark
-        durations = [b - a for a, b in zip(starts, marks)]
+        durations = [max(0, b - a) for a, b in zip(starts, marks)]
     else:  # back to back: each item began when the one before it ended
         durations = [b - a for a, b in zip([0] + marks, marks)]
-    chunk = {"t0": wall + first}
+    chunk = {"t0": t0}
     if seqs and seqs[-1] - seqs[0] + 1 == len(seqs) and seqs == list(range(seqs[0], seqs[-1] + 1)):
         chunk["seq0"] = seqs[0]
     else:
