@@ -69,6 +69,52 @@ def _bytes(text) -> bytes:
     return str(text).encode("utf-8", "surrogateescape")
 
 
+@dataclass
+class Chunk:
+    """The items of a stored chunk (cluster/mapstore.py map_chunks: a block of a function over
+    --range whose items all succeeded at their first try), kept as its columns: the exports
+    write them a chunk at a time, with no record per item."""
+
+    seq: int  # the first item's
+    count: int
+    host: str
+    slot: Optional[int]
+    t0: float
+    start_us: list
+    us: list
+    values: list
+    start: int  # the --range: item i's value is start + (i - 1) * step
+    step: int
+
+    @property
+    def attempt(self) -> int:
+        return 1
+
+    @property
+    def last(self) -> int:
+        return self.seq + self.count - 1
+
+    def items(self) -> range:
+        first = self.start + (self.seq - 1) * self.step
+        return range(first, first + self.count * self.step, self.step) if self.step else [first] * self.count
+
+    def texts(self) -> list:
+        """Each value's JSON text (the item's output line, without its newline)."""
+        if set(map(type, self.values)) <= _INT:
+            return list(map(str, self.values))
+        return [json.dumps(value, ensure_ascii=False) for value in self.values]
+
+    def records(self):
+        """The chunk's items as ItemRecords (for a reader that wants one per item)."""
+        for index, (item, start, took, text) in enumerate(zip(self.items(), self.start_us, self.us, self.texts())):
+            yield ItemRecord(self.seq + index, item, "ok", host=self.host, start=self.t0 + start / 1e6,
+                             runtime=took / 1e6, exitval=0, stdout=_bytes(text) + b"\n", attempt=1,
+                             value=text, receive=len(text), slot=self.slot)
+
+
+_INT = {int}
+
+
 def _text_or_base64(data: bytes) -> tuple:
     try:
         return data.decode("utf-8"), None
@@ -105,18 +151,34 @@ def _umask() -> int:
     return mask
 
 
-def _in_order(records: Iterable[ItemRecord]) -> Iterable[ItemRecord]:
+def _in_order(records: Iterable) -> Iterable:
     last = 0
     for record in records:
         if record.seq <= last:
             raise ValueError(f"export records out of input order: {record.seq} after {last}")
-        last = record.seq
+        last = record.last if isinstance(record, Chunk) else record.seq
         yield record
 
 
-def export_lines(records: Iterable[ItemRecord], jsonl: bool) -> Iterable[bytes]:
-    """The export's content, chunk by chunk (records: one per item, in input order)."""
+def _chunk_export(chunk: Chunk, jsonl: bool) -> bytes:
+    """A chunk's part of the export, the same bytes export_lines writes for its items one by one."""
+    texts = chunk.texts()
+    if not jsonl:
+        return _bytes("\n".join(texts)) + b"\n"
+    lines = []
+    for seq, item, text in zip(range(chunk.seq, chunk.seq + chunk.count), chunk.items(), texts):
+        out = json.dumps(text + "\n", ensure_ascii=False) if not text.isdigit() else '"' + text + '\\n"'
+        lines.append(f'{{"seq": {seq}, "item": {item}, "status": "ok", "value": {text}, "stdout": {out}, '
+                     '"stderr": ""}\n')
+    return "".join(lines).encode("utf-8", "surrogatepass")
+
+
+def export_lines(records: Iterable, jsonl: bool) -> Iterable[bytes]:
+    """The export's content, chunk by chunk (records: one per item, or a Chunk of items, in input order)."""
     for record in _in_order(records):
+        if isinstance(record, Chunk):
+            yield _chunk_export(record, jsonl)
+            continue
         if not jsonl:
             yield record.stdout
             continue
@@ -157,16 +219,35 @@ def _exitval(record: ItemRecord) -> int:
     return 0 if record.signal else -1
 
 
-def joblog_lines(records: Iterable[ItemRecord]) -> Iterable[bytes]:
-    """The joblog's content: the header, then one line per attempt in the order given."""
+def _chunk_joblog(chunk: Chunk, command_of) -> bytes:
+    """A chunk's joblog lines, the same bytes joblog_line writes for its items one by one."""
+    host = chunk.host.replace("\t", " ").replace("\n", " ") or ":"
+    t0, lines = chunk.t0, []
+    for seq, item, start, took, text in zip(range(chunk.seq, chunk.seq + chunk.count), chunk.items(),
+                                            chunk.start_us, chunk.us, chunk.texts()):
+        command = command_of(seq, item, chunk.slot) if command_of else ""
+        if "\n" in command:
+            command = command.replace("\n", "\0")
+        lines.append(f"{seq}\t{host}\t{t0 + start / 1e6:.3f}\t{took / 1e6:10.3f}\t0\t{len(text)}\t0\t0\t{command}\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def joblog_lines(records: Iterable, command_of=None) -> Iterable[bytes]:
+    """The joblog's content: the header, then one line per attempt in the order given (a Chunk:
+    each of its items). ``command_of(seq, item, slot)``, when given, is each line's Command."""
     yield ("\t".join(JOBLOG_COLUMNS) + "\n").encode("ascii")
     for record in records:
+        if isinstance(record, Chunk):
+            yield _chunk_joblog(record, command_of)
+            continue
+        if command_of is not None:
+            record.command = command_of(record.seq, record.item, record.slot)
         yield joblog_line(record)
 
 
-def write_joblog(path: str, records: Iterable[ItemRecord]) -> int:
+def write_joblog(path: str, records: Iterable, command_of=None) -> int:
     """``--joblog FILE``: GNU parallel's columns, one line per attempt; bytes written."""
-    return _write_atomically(path, joblog_lines(records))
+    return _write_atomically(path, joblog_lines(records, command_of))
 
 
 # ------------------------------------------------------------------------ a host's item result

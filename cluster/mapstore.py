@@ -23,7 +23,7 @@ import zlib
 from typing import Iterator, Optional
 
 from .errors import StoreError
-from .mapexport import ItemRecord
+from .mapexport import Chunk, ItemRecord
 
 ITEM_COLUMNS = ("key", "seq", "item", "status", "exit", "signal", "stdout", "truncated", "stderr", "host",
                 "start", "seconds", "attempt", "value", "error", "send", "receive", "slot")
@@ -241,18 +241,20 @@ def failed_items(conn: sqlite3.Connection, run_id: int, limit: int, range_input=
     return [_record(row, range_input) for row in rows]
 
 
-def records_in_order(conn: sqlite3.Connection, run_id: int, map_input) -> Iterator[ItemRecord]:
+def records_in_order(conn: sqlite3.Connection, run_id: int, map_input, chunks: bool = False) -> Iterator:
     """Each finished item's record in input order (--export), streamed.
 
-    --range: by seq. --args/--files: the input is read again and each item looked up by
-    its key, so items whose line moved (lines added before them) still come in order.
+    --range: by seq; with ``chunks``, the items of a chunk come as one mapexport.Chunk (the
+    exports write it whole, with no record per item). --args/--files: the input is read again
+    and each item looked up by its key, so items whose line moved (lines added before them)
+    still come in order.
     """
     from .mapinput import RangeInput
 
     if isinstance(map_input, RangeInput):
         cursor = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? ORDER BY seq", (run_id,))
         items = (_record(row, map_input) for row in cursor)
-        yield from heapq.merge(items, chunk_records(path_of(conn), run_id, map_input), key=_by_seq)
+        yield from heapq.merge(items, chunk_records(path_of(conn), run_id, map_input, whole=chunks), key=_by_seq)
         return
     for item in map_input:
         row = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? AND key = ?", (run_id, item.key)).fetchone()
@@ -262,8 +264,9 @@ def records_in_order(conn: sqlite3.Connection, run_id: int, map_input) -> Iterat
             yield record
 
 
-def attempts(conn: sqlite3.Connection, run_id: int, range_input=None) -> Iterator[ItemRecord]:
-    """Every attempt of a run, earlier ones and final ones, by seq then attempt (--joblog), streamed."""
+def attempts(conn: sqlite3.Connection, run_id: int, range_input=None, chunks: bool = False) -> Iterator:
+    """Every attempt of a run, earlier ones and final ones, by seq then attempt (--joblog),
+    streamed; ``chunks`` as for records_in_order."""
     cursor = conn.execute(
         "SELECT seq, item, status, host, start, seconds, exit, signal, NULL, stderr, attempt, 0, error,"
         " NULL, send, receive, slot FROM map_attempts WHERE run_id = ?"
@@ -273,7 +276,7 @@ def attempts(conn: sqlite3.Connection, run_id: int, range_input=None) -> Iterato
     if range_input is None:
         yield from rows
         return
-    yield from heapq.merge(rows, chunk_records(path_of(conn), run_id, range_input), key=_by_seq)
+    yield from heapq.merge(rows, chunk_records(path_of(conn), run_id, range_input, whole=chunks), key=_by_seq)
 
 
 def _by_seq(record: ItemRecord) -> tuple:
@@ -285,23 +288,23 @@ def path_of(conn: sqlite3.Connection) -> str:
     return next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main")
 
 
-def chunk_records(path: str, run_id: int, range_input) -> Iterator[ItemRecord]:
+def chunk_records(path: str, run_id: int, range_input, whole: bool = False) -> Iterator:
     """The items of the run's chunks (map_chunks + their payloads), by seq: a chunk at a time
-    in memory. Its own connection, so that it can be read beside another cursor."""
+    in memory, each item as an ItemRecord, or (``whole``) each chunk as one mapexport.Chunk.
+    Its own connection, so that it can be read beside another cursor."""
     conn = connect(path)
     try:
         cursor = conn.execute(
             "SELECT c.seq, c.count, c.host, c.slot, p.data FROM map_chunks c JOIN payloads p"
             " ON p.run_id = c.run_id AND p.lo = c.lo WHERE c.run_id = ? ORDER BY c.seq", (run_id,))
         for seq, count, host, slot, data in cursor:
-            chunk = decode_chunk(data, count)
-            t0 = chunk["t0"]
-            for index, (start, took, value) in enumerate(zip(chunk["start_us"], chunk["us"], chunk["value"])):
-                text = json.dumps(value, ensure_ascii=False)
-                yield ItemRecord(seq + index, range_input.start + (seq + index - 1) * range_input.step, "ok",
-                                 host=host, start=t0 + start / 1e6, runtime=took / 1e6,
-                                 exitval=0, stdout=text.encode("utf-8", "surrogateescape") + b"\n",
-                                 attempt=1, value=text, receive=len(text), slot=slot)
+            decoded = decode_chunk(data, count)
+            chunk = Chunk(seq, count, host, slot, decoded["t0"], decoded["start_us"], decoded["us"],
+                          decoded["value"], range_input.start, range_input.step)
+            if whole:
+                yield chunk
+            else:
+                yield from chunk.records()
     finally:
         conn.close()
 

@@ -179,12 +179,13 @@ def _run(c, spec, map_input, shipment, selected, db_path: Path, seconds: float, 
         if export_path is not None:
             from cluster.mapexport import write_export
 
-            write_export(str(export_path), mapstore.records_in_order(conn, outcome.run_id, map_input))
+            write_export(str(export_path), mapstore.records_in_order(conn, outcome.run_id, map_input, chunks=True))
             print(f"exported to {export_path}")
         if joblog_path is not None:
             from cluster.mapexport import write_joblog
 
-            write_joblog(str(joblog_path), _with_commands(mapstore.attempts(conn, outcome.run_id, job.range), job))
+            write_joblog(str(joblog_path), mapstore.attempts(conn, outcome.run_id, job.range, chunks=True),
+                         _command_of(job))
             print(f"joblog in {joblog_path}")
     finally:
         conn.close()
@@ -222,19 +223,22 @@ def _summary(conn, run_id: int, job, db_path: Path, export_path, joblog_path) ->
     return failed
 
 
-def _with_commands(records, job):
-    """Attempts with the Command column filled: the command as rendered for the item, or MODULE:FUNC ITEM."""
+def _command_of(job):
+    """The joblog's Command of an attempt (seq, item, slot): the command as rendered for the item in
+    the slot it ran in ({%}), or MODULE:FUNC ITEM."""
     from client import mapper
 
-    for record in records:
-        if job.spec.mode == "function":
-            record.command = f"{job.spec.function} {record.item}"
-        else:
-            try:
-                record.command = mapper.render(job.parts, record.item, record.seq)
-            except (ValueError, TypeError):
-                record.command = job.spec.command
-        yield record
+    if job.spec.mode == "function":
+        prefix = f"{job.spec.function} "
+        return lambda seq, item, slot: prefix + str(item)
+
+    def rendered(seq, item, slot):
+        try:
+            return mapper.render(job.parts, item, seq, slot or 1)
+        except (ValueError, TypeError):
+            return job.spec.command
+
+    return rendered
 
 
 def remove_partial_files(outdir: Path) -> None:

@@ -328,3 +328,48 @@ def test_a_v1_store_is_migrated_and_its_rows_still_read(tmp_path):
         assert [r.seq for r in mapstore.attempts(conn, run_id, mapinput.open_input(range_text="1:3"))] == [1, 2, 3]
     finally:
         conn.close()
+
+
+def test_chunks_are_exported_whole_as_item_by_item(tmp_path):
+    """--export (text and .jsonl) and --joblog write a chunk's items from its columns, with no
+    record per item: the same bytes as writing them one by one; rows of items in between merge in."""
+    import sqlite3
+
+    from cluster import mapexport
+
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        run_id = store.open_run("map", {"identity": "x"}, 9)
+    mapstore.ensure_tables(str(path))
+    values = [1, -2, 3.5, "caf\u00e9\nline", [1, {"a": None}], None, True, 10**20]
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("INSERT INTO map_chunks (run_id, lo, seq, count, host, slot) VALUES (?, 2, 1, 8, 'h\tx', 2)",
+                     (run_id,))
+        conn.execute("INSERT INTO payloads (run_id, lo, data) VALUES (?, 2, ?)", (run_id, mapstore.encode_chunk(
+            1.7e9, [0, 10, 20, 30, 40, 50, 60, 70], [10] * 8, json.dumps(values, ensure_ascii=False))))
+        conn.execute("INSERT INTO map_items (run_id, lo, key, seq, status, host, start, seconds, attempt, error, slot)"
+                     " VALUES (?, 3, 27, 9, 'failed', 'h2', 1.7e9, 0.5, 1, 'ValueError: no', 1)", (run_id,))
+    conn.close()
+    conn = mapstore.connect(str(path))
+    range_input = mapinput.open_input(range_text="3:27:3")
+
+    def command_of(seq, item, slot):
+        return f"f {item} slot {slot}\nx"
+
+    try:
+        for jsonl in (False, True):
+            one_by_one = b"".join(mapexport.export_lines(mapstore.records_in_order(conn, run_id, range_input), jsonl))
+            whole = b"".join(mapexport.export_lines(
+                mapstore.records_in_order(conn, run_id, range_input, chunks=True), jsonl))
+            assert whole == one_by_one and one_by_one.count(b"\n") >= 8
+        text = b"".join(mapexport.export_lines(mapstore.records_in_order(conn, run_id, range_input), False))
+        assert text.startswith(b"1\n-2\n3.5\n") and text.endswith(b"true\n100000000000000000000\n")
+        one_by_one = b"".join(mapexport.joblog_lines(mapstore.attempts(conn, run_id, range_input), command_of))
+        whole = b"".join(mapexport.joblog_lines(mapstore.attempts(conn, run_id, range_input, chunks=True), command_of))
+        assert whole == one_by_one
+        lines = whole.decode().splitlines()
+        assert len(lines) == 10 and lines[1].split("\t")[0] == "1" and lines[1].endswith("f 3 slot 2\0x")
+        assert lines[9].split("\t")[0] == "9" and lines[9].endswith("f 27 slot 1\0x")
+    finally:
+        conn.close()

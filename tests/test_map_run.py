@@ -79,6 +79,25 @@ def test_appended_item_and_colsep_grid(run_fab, tmp_path):
     assert (tmp_path / "r.out").read_text() == "5\n3\n1\n"
 
 
+def test_slot_is_the_real_one_in_output_joblog_and_returned_names(run_fab, tmp_path):
+    """{%} is the slot the item ran in (1 or 2 on the 2-slot local host): in the command, in the
+    joblog's Command column and in a --return name fetched into --outdir (rendered alike on the host
+    and here), stored with each item."""
+    (tmp_path / "local.ini").write_text("[local]\naddress = local\nslots = 2\n")
+    done = fab_map(run_fab, tmp_path, "--command", "echo {%} {} > o{%}-{}.txt; echo {%}", "--range", "1:40",
+                   "--return", "o{%}-{}.txt", "--outdir", "out", "--joblog", "s.log", "--export", "s.out",
+                   inventory=tmp_path / "local.ini")
+    assert done.returncode == 0, done.stdout + done.stderr
+    slots = {int(seq): int(slot) for seq, slot in rows(tmp_path / "r.db", "SELECT seq, slot FROM map_items")}
+    assert sorted(slots) == list(range(1, 41)) and set(slots.values()) <= {1, 2}
+    assert (tmp_path / "s.out").read_text() == "".join(f"{slots[seq]}\n" for seq in range(1, 41))
+    for line in joblog(tmp_path / "s.log"):
+        seq = int(line["Seq"])
+        assert line["Command"] == f"echo {slots[seq]} {seq} > o{slots[seq]}-{seq}.txt; echo {slots[seq]}"
+    for seq, slot in slots.items():
+        assert (tmp_path / "out" / f"o{slot}-{seq}.txt").read_text() == f"{slot} {seq}\n"
+
+
 def test_function_over_a_range_values_and_second_run_uploads_nothing(run_fab, tmp_path):
     (tmp_path / "score.py").write_text("import json\ndef score(x):\n    return {'x': x, 'sq': x * x}\n")
     done = fab_map(run_fab, tmp_path, "--function", "score.py:score", "--range", "1:500", "--export", "v.jsonl")
