@@ -6,6 +6,14 @@
   an item is final once, committed in the same transaction as its block (MapJob.rows).
 - ``map_attempts``: every earlier attempt (a failure that was retried, a worker killed);
   with map_items, the joblog (``--joblog``: every attempt).
+- ``map_chunks``: a block of a function over --range whose items all succeeded at their
+  first try, one row (first seq, count, host, slot); its items' columns are the block's
+  payload: the zlib bytes the host sent (client/mapper.py run_function_packed, checked by
+  cluster/jobs/map.py ``_unpack``), or encode_chunk's for older hosts.
+
+Version 2 of the tables (MIGRATIONS[1]) adds ``slot`` (``{%}``, the worker slot an item ran
+in; NULL in rows from version 1) to all three; ``ensure_tables`` and Store.migrate_job bring
+a version 1 store up to it.
 
 The rows are written by the engine (the job's ``rows`` and ``Decision.record``); this
 module creates the tables (the job's migration) and reads them with its own SQLite
@@ -256,8 +264,17 @@ def records_in_order(conn: sqlite3.Connection, run_id: int, map_input, chunks: b
         items = (_record(row, map_input) for row in cursor)
         yield from heapq.merge(items, chunk_records(path_of(conn), run_id, map_input, whole=chunks), key=_by_seq)
         return
+    # The rows in the order they were run: an item still at the seq it ran with is matched with
+    # the cursor; one that moved (lines added before it) is looked up by its key.
+    cursor = conn.execute(_SELECT_ITEMS.replace(" FROM", ", key FROM") + " WHERE run_id = ? ORDER BY seq", (run_id,))
+    ahead = next(cursor, None)
     for item in map_input:
-        row = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? AND key = ?", (run_id, item.key)).fetchone()
+        while ahead is not None and ahead[0] < item.seq:
+            ahead = next(cursor, None)
+        if ahead is not None and ahead[0] == item.seq and ahead[-1] == item.key:
+            row, ahead = ahead[:-1], next(cursor, None)
+        else:
+            row = conn.execute(_SELECT_ITEMS + " WHERE run_id = ? AND key = ?", (run_id, item.key)).fetchone()
         if row is not None:
             record = _record(row, None)
             record.seq = item.seq

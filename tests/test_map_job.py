@@ -373,3 +373,30 @@ def test_chunks_are_exported_whole_as_item_by_item(tmp_path):
         assert lines[9].split("\t")[0] == "9" and lines[9].endswith("f 27 slot 1\0x")
     finally:
         conn.close()
+
+
+def test_export_of_args_follows_the_input_when_lines_moved(tmp_path):
+    """--export of an --args run: items still at the seq they ran with come from one ordered
+    scan, items whose line moved are looked up by key; the order is the input's either way."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        run_id = store.open_run("map", {"identity": "x"}, 4)
+    mapstore.ensure_tables(str(path))
+    (tmp_path / "old.txt").write_text("a\nb\nc\n")
+    old = list(mapinput.open_input(args=str(tmp_path / "old.txt")))
+    conn = sqlite3.connect(path)
+    with conn:
+        for item in old:
+            conn.execute("INSERT INTO map_items (run_id, lo, key, seq, status, host, attempt, stdout)"
+                         " VALUES (?, 1, ?, ?, 'ok', 'h', 1, ?)",
+                         (run_id, item.key, item.seq, f"{item.value}!\n".encode()))
+    conn.close()
+    (tmp_path / "new.txt").write_text("a\nnew\nb\nc\nd\n")
+    conn = mapstore.connect(str(path))
+    try:
+        records = list(mapstore.records_in_order(conn, run_id, mapinput.open_input(args=str(tmp_path / "new.txt"))))
+    finally:
+        conn.close()
+    assert [(r.seq, r.stdout) for r in records] == [(1, b"a!\n"), (3, b"b!\n"), (4, b"c!\n")]
