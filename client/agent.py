@@ -83,6 +83,11 @@ BUILTIN_JOBS = ("noop", "sleep", "spin", "fail", "crash", "echo", "blob")
 JOBS = dict([("primes", ("primes", "run")), ("scrape", ("scrape", "run")), ("map", ("mapper", "run"))]
             + [(name, (BUILTIN_MODULE, name)) for name in BUILTIN_JOBS])
 
+# The jobs whose module names the engine it computes with (``module.ENGINE``, in the hello's
+# ``engines``): an agent preloading none of them starts no engine probe (tests/test_agent.py
+# checks this list against the modules).
+ENGINE_JOBS = ("primes",)
+
 logger = logging.getLogger("agent")
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -169,7 +174,11 @@ def engines(only=None):
 
 def start_engine_probe(opts):
     """Start ``agent.py --engines`` (job modules import there, not in the agent: numpy's
-    memory and threads stay out of it, and an import that crashes cannot kill it)."""
+    memory and threads stay out of it, and an import that crashes cannot kill it); None
+    when the --preload jobs have no engine to name (no process to start and wait for)."""
+    preload = set(filter(None, (opts.preload or "").split(",")))
+    if preload and not preload & set(ENGINE_JOBS):
+        return None
     command = [sys.executable or "python3", AGENT_PATH, "--engines", "--log-level",
                opts.log_level]
     if opts.preload:

@@ -223,6 +223,9 @@ def test_engine_probe_honours_preload(start_agent):
     the other jobs' modules (numpy's, for primes) are not imported to start a map run."""
     assert start_agent("--preload", "map").hello["engines"] == {}
     assert "primes" in start_agent("--preload", "primes").hello["engines"]
+    agent = load_client_module("agent")
+    named = {job for job, (module, _) in agent.JOBS.items() if hasattr(load_client_module(module), "ENGINE")}
+    assert named == set(agent.ENGINE_JOBS)  # the jobs an agent asks the probe about
 
 
 def test_many_noops_each_answered_once(start_agent):
