@@ -657,17 +657,17 @@ PACK = "zlib"
 _COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
-def _pairs(args):
-    """``(seq, value)`` of each item of a task: plain integers for a ``range`` (no dict per item)."""
+def _task_items(args):
+    """``(seqs, values)`` of a task's items: plain integers for a ``range`` (no dict per item)."""
     if "range" not in args:
-        return ((item["seq"], item.get("value")) for item in _check_items(args.get("items")))
+        items = _check_items(args.get("items"))
+        return [item["seq"] for item in items], [item.get("value") for item in items]
     _range_items(args.get("range"))  # checks it
     seq, count, start, step = args["range"]
-    values = range(start, start + count * step, step) if step else [start] * count
-    return zip(range(seq, seq + count), values)
+    return range(seq, seq + count), (range(start, start + count * step, step) if step else [start] * count)
 
 
-def run_function_packed(function, pairs, timeout, cap, budget):
+def run_function_packed(function, seqs, givens, timeout, cap, budget):
     """``run_function_columns`` answering with the columns compressed here (``"pack": "zlib"`` in
     the task), so that the coordinator stores the host's bytes as they are (README.md, "fab map"):
 
@@ -677,12 +677,14 @@ def run_function_packed(function, pairs, timeout, cap, budget):
     "us": [...], "start_us": [...], "value": [...]}`` of the N items that succeeded: ``seq0``
     when their seqs are FIRST, FIRST+1, ...; ``start_us`` only when some item failed between
     them (otherwise item i started when item i-1 ended: start_us is the running sum of ``us``,
-    from 0). ``pairs`` are ``(seq, value)``. An integer result takes the short path (three
-    appends and a clock reading: a million tiny calls are the case this is for).
+    from 0). ``givens`` are the items' values, ``seqs`` their seqs. An integer result takes the
+    short path (two appends and a clock reading, its size counted as 64 bytes and the budget
+    checked at the next other result: a million tiny calls are the case this is for).
     """
-    seqs, ends, values, failed, left = [], [], [], [], []
-    add_seq, add_end, add_value = seqs.append, ends.append, values.append
+    ends, values, failed, left = [], [], [], []
+    add_end, add_value = ends.append, values.append
     resumed = {}  # index of an ok item -> its start, for the ok items that follow a failed one
+    failed_at = []  # indexes (among all items) of the items that failed
     used = 0
     clock, per_second = _CLOCK_NS or time.perf_counter, 1e9 if _CLOCK_NS else 1.0
     timed = timeout is not None
@@ -691,10 +693,7 @@ def run_function_packed(function, pairs, timeout, cap, budget):
     began = first = clock()
     t0 = time.time()
     plain = _PLAIN
-    for seq, given in pairs:
-        if used > budget:
-            left.append(seq)
-            continue
+    for given in givens:
         error = None
         timed_out = False
         try:
@@ -711,11 +710,9 @@ def run_function_packed(function, pairs, timeout, cap, budget):
             error = traceback_tail(exc)
         else:
             if type(value) is int:  # the short path
-                add_seq(seq)
                 began = clock()
                 add_end(began)
                 add_value(value)
-                used += 64
                 continue
             kind = type(value)
             try:
@@ -733,18 +730,27 @@ def run_function_packed(function, pairs, timeout, cap, budget):
                 if size > cap:
                     error = "the return value is %d bytes of JSON, over the cap of %d" % (size, cap)
         ended = clock()
+        done = len(values) + len(failed)
         if error is None:
-            add_seq(seq)
             add_end(ended)
             add_value(value)
             used += size + 40
         else:
-            failed.append({"seq": seq, "ok": False, "value": None, "timed_out": timed_out,
+            failed.append({"seq": seqs[done], "ok": False, "value": None, "timed_out": timed_out,
                            "start": t0 + (began - first) / per_second,
                            "seconds": round((ended - began) / per_second, 6), "error": error})
+            failed_at.append(done)
             used += 200 + len(error)
-            resumed[len(seqs)] = ended
+            resumed[len(values)] = ended
         began = ended
+        if used + 64 * len(values) > budget:
+            left = list(seqs[done + 1:])
+            break
+    if failed_at:
+        skip = set(failed_at)
+        ok_seqs = [seq for index, seq in enumerate(seqs[:len(values) + len(failed)]) if index not in skip]
+    else:
+        ok_seqs = seqs[:len(values)]
     if _CLOCK_NS:  # integer nanoseconds: no float per item
         marks = [(mark - first) // 1000 for mark in ends]
     else:
@@ -759,16 +765,17 @@ def run_function_packed(function, pairs, timeout, cap, budget):
     else:  # back to back: each item began when the one before it ended
         durations = [b - a for a, b in zip([0] + marks, marks)]
     chunk = {"t0": t0}
-    if seqs and seqs[-1] - seqs[0] + 1 == len(seqs) and seqs == list(range(seqs[0], seqs[-1] + 1)):
-        chunk["seq0"] = seqs[0]
+    if isinstance(ok_seqs, range) or ok_seqs and ok_seqs[-1] - ok_seqs[0] + 1 == len(ok_seqs) and \
+            ok_seqs == list(range(ok_seqs[0], ok_seqs[-1] + 1)):
+        chunk["seq0"] = ok_seqs[0] if len(ok_seqs) else (seqs[0] if len(seqs) else 1)
     else:
-        chunk["seq"] = seqs
+        chunk["seq"] = list(ok_seqs)
     chunk["us"] = durations
     if starts is not None:
         chunk["start_us"] = starts
     chunk["value"] = values
     data = zlib.compress(_COMPACT(chunk).encode("utf-8"), 1)
-    return {"pack": PACK, "count": len(seqs), "chunk": base64.b64encode(data).decode("ascii"),
+    return {"pack": PACK, "count": len(values), "chunk": base64.b64encode(data).decode("ascii"),
             "failed": failed, "left": left}
 
 
@@ -1135,7 +1142,8 @@ def run(args):
         arm_timer(timeout)
         try:
             if args.get("pack") == PACK:
-                result = run_function_packed(function, _pairs(args), timeout, stdout_cap, RESULT_BUDGET_BYTES)
+                seqs, givens = _task_items(args)
+                result = run_function_packed(function, seqs, givens, timeout, stdout_cap, RESULT_BUDGET_BYTES)
                 result["slot"] = worker_slot()
                 return result
             if args.get("columns") is True:

@@ -289,6 +289,20 @@ def test_result_budget_leaves_items_for_later(agent, monkeypatch):
     assert all(os.path.basename(mapper.__file__) for _ in [0])
 
 
+def test_packed_result_budget_leaves_items_for_later(agent, workdir):
+    """A packed answer stops growing at the result budget too: the items after it are ``left``."""
+    import json
+    import zlib
+
+    digest = ship(workdir, {"big.py": "def f(x):\n    return 'a' * 900000 if x % 2 else x\n"})
+    result = run_map(agent, mode="function", function="big:f", ship=digest, range=[1, 120, 1, 1], pack="zlib",
+                     stdout_cap=1 << 20, timeout=120)["result"]
+    chunk = json.loads(zlib.decompress(base64.b64decode(result["chunk"])))
+    done = result["count"]
+    assert chunk["seq0"] == 1 and 60 < done < 120 and result["left"] == list(range(done + 1, 121))
+    assert chunk["value"][:2] == ["a" * 900000, 2]
+
+
 class SshAgent(Agent):
     """An agent started over real ssh on a harness sshd host (its session is the agent's stdio)."""
 
