@@ -54,6 +54,7 @@ def test_invalid_results_are_redone_elsewhere_and_host_flagged(tmp_path):
     assert "invalid" in kinds
 
 
+@pytest.mark.slow
 def test_a_block_that_always_fails_stops_the_run(tmp_path):
     db = tmp_path / "r.db"
     job = TrivialJob(5, "fail", args={"message": "disk on fire"})
@@ -93,6 +94,7 @@ class RejectOne(TrivialJob):
         return super().check(lo, hi, result)
 
 
+@pytest.mark.slow
 def test_a_run_with_nothing_left_it_may_do_ends_naming_it(tmp_path):
     # Item 3 was invalid on the only host: that host may not take it again and no other host
     # can come: the run used to wait for ever; it ends, naming what it gave up on.

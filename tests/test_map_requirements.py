@@ -174,6 +174,7 @@ def test_pip_reason_is_one_bounded_line():
 # ---------------------------------------------------------------- resolving on the coordinator
 
 
+@pytest.mark.slow
 def test_resolve_pulls_dependencies_pins_win_and_once_per_platform(local_index, tmp_path):
     facts = here_facts()
     cache = RequirementWheels(tmp_path / "resolved")

@@ -126,6 +126,7 @@ def test_non_utf8_output_and_capped_stdout(run_fab, tmp_path):
     assert rows(tmp_path / "r.db", "SELECT length(stdout), truncated FROM map_items WHERE seq = 2") == [(1 << 20, 1)]
 
 
+@pytest.mark.slow
 def test_bad_input_is_exit_2_and_nothing_runs(run_fab, tmp_path):
     (tmp_path / "nul.txt").write_bytes(b"a\0b\n")
     cases = [
@@ -198,6 +199,7 @@ def test_adding_lines_then_resuming_runs_only_the_new_ones(run_fab, tmp_path):
     assert (tmp_path / "all.txt").read_text() == "one\ntwo\nthree\nfour\ntwo\n"
 
 
+@pytest.mark.slow
 def test_hanging_item_times_out(run_fab, tmp_path):
     done = fab_map(run_fab, tmp_path, "--command", "sleep {}", "--args", "-", "--timeout", "1",
                    "--retries", "1", "--export", "t.jsonl", input="0\n300\n0.1\n")

@@ -143,6 +143,7 @@ def test_count_only_and_fresh(run_fab, tmp_path):
     assert "already complete" not in fresh.stdout and count_of(fresh.stdout) == 664579
 
 
+@pytest.mark.slow
 def test_count_only_exact_at_1e10_and_against_primesieve(run_fab, tmp_path):
     """pi(10^10) = 455,052,511; a range off the powers of ten against the primesieve command."""
     inventory = local_inventory(tmp_path)
@@ -183,6 +184,7 @@ def test_count_only_and_smaller_ranges_answered_from_a_finished_list_run(run_fab
     assert count_of(computed.stdout) == 148933 - 168
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_of_coordinator(tmp_path, run_fab):
     inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
     argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "3e8", "--db", db,

@@ -125,6 +125,7 @@ def test_crawl_delay_holds_while_busy_hosts_queue_other_sites(run_fab, tmp_path)
             server.stop()
 
 
+@pytest.mark.slow
 def test_many_sites_in_parallel(run_fab, tmp_path):
     servers = [WebServer(robots=NO_ROBOTS_DELAY, latency=0.3).start() for _ in range(6)]
     try:
@@ -168,6 +169,7 @@ def test_tor_fails_closed_when_the_proxy_is_down(run_fab, tmp_path):
         assert web.requests == []
 
 
+@pytest.mark.slow
 def test_bad_url_file_lines_and_skip_bad(run_fab, tmp_path):
     with WebServer(robots=404) as web:
         urls = url_file(tmp_path, ["# list", web.url("/page/1"), "not-a-url", "ftp://x/y", web.url("/page/1")])
@@ -310,6 +312,7 @@ def test_last_proxy_dying_stops_the_run_with_nothing_sent_directly(tmp_path):
             assert store.runs()[-1]["state"] == "failed" and store.integrity_ok()
 
 
+@pytest.mark.slow
 def test_dashboard_beside_a_scrape_run(tmp_path):
     """fab scrape --dashboard serves the live page of its store while it runs (the same helper as
     fab primes --dashboard, tasks/common.py run_job), and stops with it."""
