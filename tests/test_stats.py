@@ -616,6 +616,46 @@ def test_plot_functions_directly(tmp_path, clock):
         assert_png(path)
 
 
+def test_sum_bar_without_calibration_fits_and_legends_do_not_overlap_labels(tmp_path, clock):
+    """With no comparable calibration the stack is the hosts' speed while busy, above the
+    throughput: the axis holds all of it and its figure; every legend sits apart from the
+    x label (a map run's plots once cut the bar and wrote the legend over the label)."""
+    import warnings
+
+    from cluster import plots
+
+    db = tmp_path / "r.db"
+    run_id = build_two_sessions(db, clock, calibrate=())
+    report = report_of(db, run_id, now=T0 + 500)
+    with Store.open_readonly(db) as store:
+        blocks, events = store.blocks(run_id), store.events(run_id)
+    plt = plots._pyplot()
+    colors = plots._host_colors(report, None)
+    scale = report["unit"]["scale"]
+    stacked = sum(h["speed_busy"] * scale for h in report["hosts"] if h["items"] and h["speed_busy"])
+    assert stacked > report["throughput"] * scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's layout warnings fail the test
+        figures = [plots.rates_figure(plt, report, colors), plots.sum_figure(plt, report, colors),
+                   plots.timeline_figure(plt, report, blocks, events, colors)]
+        for figure in figures:
+            figure.canvas.draw()
+    try:
+        ax = figures[1].axes[0]
+        assert ax.get_ylim()[1] > stacked * 1.05, (ax.get_ylim(), stacked)
+        inside = ax.get_window_extent()
+        for text in ax.texts:
+            box = text.get_window_extent()
+            assert inside.y0 <= box.y0 and box.y1 <= inside.y1, text.get_text()
+        for figure in (figures[0], figures[2]):
+            label = figure.axes[0].xaxis.label.get_window_extent()
+            for legend in figure.legends + [a.get_legend() for a in figure.axes if a.get_legend()]:
+                assert not legend.get_window_extent().overlaps(label), legend
+    finally:
+        for figure in figures:
+            plt.close(figure)
+
+
 def test_stats_is_registered():
     done = run_fab(["--list"])
     assert done.returncode == 0
