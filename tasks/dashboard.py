@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from cluster.errors import UsageError
+
 from .common import beowulf_task, parse_int, setup_logging, store_path
 
 DEFAULT_PORT = 8787  # as cluster/dashboard/server.py
@@ -29,6 +31,9 @@ def dashboard(c, db=None, port="8787", bind="127.0.0.1"):
     number = parse_int("port", port, minimum=0, maximum=65535)
     address = check_bind(bind)
     path = store_path(c, db)
+    if not path.is_file():  # fab dashboard only reads: a store that is not there is a mistake (a typo)
+        raise UsageError(f"--db {path}: no such store (fab primes, scrape or map create one; "
+                         "--dashboard on them serves it from the start)")
     setup_logging(quiet=True)
     board = Dashboard(path, bind=address, port=number)
     print(f"dashboard of {path}: {board.url}", flush=True)
