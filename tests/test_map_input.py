@@ -93,17 +93,35 @@ def test_quoted_contexts_would_have_run_code(tmp_path):
 
 
 @pytest.mark.parametrize("template", ["echo {..}", "echo {0}", "echo {=1=}", "echo {+/}", "echo {1#}",
-                                      "echo {-0}"])
+                                      "echo {-0}", "echo {foo}", "echo {1x}", "echo { }", "echo x{item}y",
+                                      "cp {} $(echo {name})"])
 def test_unknown_replacement_strings_are_usage_errors(template):
     with pytest.raises(UsageError, match="unknown replacement string"):
         mapinput.check_template(template)
 
 
 @pytest.mark.parametrize("template", ['echo "$(echo {})"', "echo ${#} {}", "awk '{print $1}' {}",
-                                      "echo {1..3} {}", "f() { echo \"$1\"; }; f {}", "echo a <<< {}"])
+                                      "echo {1..3} {}", "f() { echo \"$1\"; }; f {}", "echo a <<< {}",
+                                      "echo ${HOME} {}", "awk '{print}' {}", "echo '{foo}' {}", "echo \\{foo} {}",
+                                      "echo {a,b} {a..c} {}", "{ echo {}; }", 'jq "{a}" {}', "echo {} # {foo}"])
 def test_shell_braces_are_not_replacement_strings(template):
     parts = mapper.parse_template(template)
     assert mapper.render(parts, "v", 1).replace("v", "{}") == template
+
+
+def test_columns_beyond_a_line_are_errors_naming_the_line(tmp_path):
+    path = tmp_path / "grid.tsv"
+    path.write_bytes(b"1\t2\t3\n4\t5\n")
+    need = mapinput.columns_needed([("--command", mapper.parse_template("echo {1} {3.}")),
+                                    ("--return", mapper.parse_template("{-2}.out"))])
+    assert need == (3, "--command's {3.}")
+    with pytest.raises(UsageError, match=r"^--args .*grid.tsv line 2: 2 columns, but --command's \{3.\} needs 3$"):
+        mapinput.open_input(args=str(path), colsep="\t", need=need)
+    assert len(mapinput.open_input(args=str(path), colsep="\t", need=(2, "{-2}"))) == 2
+    for form in ({"range_text": "1:3"}, {"args": str(path)}):
+        with pytest.raises(UsageError, match="without --colsep"):
+            mapinput.open_input(**form, need=(2, "--command's {2}"))
+    assert mapinput.columns_needed([("--command", mapper.parse_template("echo {1} {} {#}"))]) == (1, "")
 
 
 def test_function_specs():

@@ -128,6 +128,8 @@ def test_non_utf8_output_and_capped_stdout(run_fab, tmp_path):
 
 def test_bad_input_is_exit_2_and_nothing_runs(run_fab, tmp_path):
     (tmp_path / "nul.txt").write_bytes(b"a\0b\n")
+    (tmp_path / "grid.txt").write_text("a b c\nd e\n")
+    (tmp_path / "mod.py").write_text("import os\ndef f(x):\n    missing = x\n    return missing\n")
     cases = [
         (["--command", "echo {}", "--range", "5:1"], "empty"),
         (["--command", "echo {}", "--range", "a:b"], "integers"),
@@ -140,6 +142,13 @@ def test_bad_input_is_exit_2_and_nothing_runs(run_fab, tmp_path):
         (["--command", "echo", "--function", "m.py:f", "--range", "1:2"], "one of --command or --function"),
         (["--command", "echo", "--range", "1:2", "--timeout", "soon"], "--timeout"),
         (["--command", "echo", "--range", "1:2", "--args", "nul.txt"], "one of --args"),
+        (["--command", "echo {foo}", "--range", "1:2"], "unknown replacement string {foo}"),
+        (["--command", "echo {1x}", "--range", "1:2"], "unknown replacement string {1x}"),
+        (["--command", "echo { }", "--range", "1:2"], "unknown replacement string { }"),
+        (["--command", "echo {}", "--return", "{name}.out", "--range", "1:2"], "--return: unknown"),
+        (["--command", "echo {3}", "--args", "grid.txt", "--colsep", " "], "grid.txt line 2: 2 columns"),
+        (["--command", "echo {2}", "--range", "1:2"], "without --colsep"),
+        (["--function", "mod.py:missing", "--range", "1:2"], "mod.py defines no missing"),
     ]
     for args, words in cases:
         done = fab_map(run_fab, tmp_path, *args)
@@ -147,6 +156,36 @@ def test_bad_input_is_exit_2_and_nothing_runs(run_fab, tmp_path):
         assert words in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "r.db").exists()
+
+
+def test_shell_braces_go_to_the_command(run_fab, tmp_path):
+    """Braces that are the shell's (awk's program in quotes, ${VAR}, a brace group, an escaped or
+    quoted brace) are left to it; only GNU parallel's forms are replaced."""
+    (tmp_path / "cols.txt").write_text("a b\nc d\n")
+    command = "echo {} | awk '{print $2}'; { echo ${HOME:+home}; }; echo '{x}' \\{y}"
+    done = fab_map(run_fab, tmp_path, "--command", command, "--args", "cols.txt", "--export", "out.txt")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out.txt").read_text() == "b\nhome\n{x} {y}\nd\nhome\n{x} {y}\n"
+
+
+def test_asking_a_finished_run_again_writes_nothing(run_fab, tmp_path):
+    """The same command again after a finished run: one line, exit 0, the store not written to
+    (no session, the same fab stats figures, the same bytes), no 'still starting' note."""
+    args = ["--command", "echo {}", "--range", "1:5"]
+    assert fab_map(run_fab, tmp_path, *args).returncode == 0
+    db = tmp_path / "r.db"
+    stats = run_fab(["stats", "--db", db, "--run", "1", "--format", "json"])
+    dump = "\n".join(sqlite3.connect(f"file:{db}?mode=ro", uri=True).iterdump())
+    data = db.read_bytes()
+    again = fab_map(run_fab, tmp_path, *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines() == [f"run 1 already complete in {db}: nothing to run (5 items: 5 ok)"]
+    assert "still starting" not in again.stdout + again.stderr
+    assert db.read_bytes() == data
+    assert "\n".join(sqlite3.connect(f"file:{db}?mode=ro", uri=True).iterdump()) == dump
+    after = run_fab(["stats", "--db", db, "--run", "1", "--format", "json"])
+    assert json.loads(after.stdout) == json.loads(stats.stdout)
+    assert len(json.loads(after.stdout)["sessions"]) == 1
 
 
 # ---------------------------------------------------------------- failures, retries, resume (local)
