@@ -618,7 +618,9 @@ class Coordinator:
         self.schedule.give_back(task_id, retry_at=time.monotonic() + decision.delay,
                                 avoid=decision.avoid and len(self.up) > 1)
         stats.retries += 1
-        log.info("%s: item %d again in %.1fs (%s)", stats.name, block.lo, decision.delay, why)
+        line = self.job.retry_line(block, decision.delay, why)
+        log.log(logging.INFO if line else logging.DEBUG, "%s: %s", stats.name,
+                line or f"block {block.lo} again in {decision.delay:.1f}s ({why})")
 
     def _failed(self, task_id: int, stats: HostStats, error: str, invalid: bool, kind=None,
                 decision: Optional[Decision] = None) -> None:

@@ -214,6 +214,14 @@ def _summary(conn, run_id: int, job, db_path: Path, export_path, joblog_path, al
                         f"(attempt {record.attempt}): {what[:160]}"))
         if failed > FAILED_SHOWN:
             print(f"  ... and {failed - FAILED_SHOWN:,} more")
+    deaths = [] if already_done else mapstore.worker_deaths(conn, run_id, FAILED_SHOWN + 1)
+    if deaths:  # here, not as log lines during the run (MapJob.retry_line)
+        said = [f"#{seq} {'once' if count == 1 else f'{count} times'} ("
+                + ("not finished" if not status else "then " + status) + ")"
+                for seq, count, status in deaths[:FAILED_SHOWN]]
+        more = ", ..." if len(deaths) > FAILED_SHOWN else ""
+        print(f"  items that killed their worker: {', '.join(said)}{more}")
+    if failed:
         hint = [] if export_path and str(export_path).endswith(".jsonl") else ["--export failed.jsonl"]
         if not joblog_path:
             hint.append("--joblog FILE")

@@ -259,7 +259,10 @@ def test_export_plain_and_jsonl(tmp_path):
     lines = tmp_path / "out.jsonl"
     mapexport.write_export(str(lines), records())
     rows = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert rows[0] == {"seq": 1, "item": "a", "status": "ok", "stdout": "a\n", "stderr": ""}
+    assert rows[0] == {"seq": 1, "item": "a", "item_base64": None, "status": "ok", "exit": 0, "signal": None,
+                       "value": None, "error": None, "host": "h1", "attempt": 1, "truncated": False,
+                       "stdout": "a\n", "stdout_base64": None, "stderr": "", "stderr_base64": None}
+    assert all(list(row) == list(mapexport.EXPORT_KEYS) for row in rows)  # the same keys in every record
     assert rows[1]["stdout"] is None and rows[1]["stdout_base64"] == "//4="
     assert rows[1]["item"] is None and rows[1]["item_base64"] == "Yv8="
     assert rows[2]["item"] == 3
@@ -289,7 +292,11 @@ def test_joblog_has_gnu_parallels_columns(tmp_path):
     rows = [line.split(b"\t") for line in our_lines[1:-1]]
     assert rows[0] == [b"1", b"h1", b"1700000000.250", b"     0.500", b"0", b"0", b"0", b"0", b"echo a"]
     assert rows[1][6:] == [b"3", b"0", b"echo 'b\0c'"]
-    assert rows[2][6:8] == [b"0", b"9"]
+    assert rows[2][6:8] == [b"-1", b"9"]  # killed on --timeout: -1, as parallel's --timeout (below)
+    timed = tmp_path / "timed.log"
+    subprocess.run([PARALLEL, "--will-cite", "--joblog", str(timed), "--timeout", "0.2", "sleep", ":::", "30"],
+                   capture_output=True, timeout=60)
+    assert timed.read_bytes().split(b"\n")[1].split(b"\t")[6] == b"-1"
     # parallel --resume reads our joblog: the Seqs listed there are not run again
     out = subprocess.run([PARALLEL, "--will-cite", "--resume", "--joblog", str(ours), "echo", ":::", "a", "b", "c",
                           "d"], capture_output=True, timeout=60)

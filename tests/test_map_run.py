@@ -214,9 +214,16 @@ def test_function_raising_retries_joblog_and_retry_failed(run_fab, tmp_path):
     assert len(per_seq[3]) == len(per_seq[7]) == 3  # the first try and --retries 2
     assert all(len(per_seq[seq]) == 1 for seq in per_seq if seq not in (3, 7))
     assert all(line["Exitval"] == "1" for line in per_seq[3])
+    # the hosts' table counts the items' failed attempts (2 items x 3) and those tried again (2 x 2)
+    host = json.loads(run_fab(["stats", "--db", tmp_path / "r.db", "--run", "1", "--format", "json"]).stdout)
+    assert (host["hosts"][0]["failures"], host["hosts"][0]["retries"]) == (6, 4)
+    assert "10 items in " in done.stdout
     flag.write_text("")
     again = fab_map(run_fab, tmp_path, *args, "--retry-failed", "--export", "v.jsonl")
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "10 items in " in again.stdout and "10 items: 10 ok" in again.stdout  # each item counted once
+    stats = json.loads(run_fab(["stats", "--db", tmp_path / "r.db", "--run", "1", "--format", "json"]).stdout)
+    assert stats["items"] == 10 and sum(h["items"] for h in stats["hosts"]) == 10 and stats["progress"] == 1.0
     assert [line["value"] for line in jsonl(tmp_path / "v.jsonl")] == [x * 10 for x in range(1, 11)]
     attempts = rows(tmp_path / "r.db", "SELECT attempt, status FROM map_items WHERE seq = 3")
     assert attempts == [(4, "ok")]  # numbering goes on after --retry-failed
@@ -251,10 +258,18 @@ def test_item_killing_its_worker_is_crashed_after_3(run_fab, tmp_path):
     done = fab_map(run_fab, tmp_path, "--function", "k.py:k", "--range", "1:12", "--joblog", "k.log",
                    "--export", "k.jsonl", timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
+    # no console line per worker death during the run (they named block numbers): the summary says it
+    assert "again in" not in done.stdout + done.stderr
+    summary = done.stdout[done.stdout.index("12 items: 11 ok, 1 crashed"):]
+    assert "#4 '4': crashed on" in summary and "killed its worker 3 times" in summary
     lines = jsonl(tmp_path / "k.jsonl")
     assert [line["status"] for line in lines] == ["ok"] * 3 + ["crashed"] + ["ok"] * 8
     crashes = [line for line in joblog(tmp_path / "k.log") if line["Seq"] == "4"]
     assert len(crashes) == 3
+    assert {line["Exitval"] for line in crashes} == {"-1"}  # no exit status of its own (README.md)
+    assert {line["Exitval"] for line in joblog(tmp_path / "k.log") if line["Seq"] != "4"} == {"0"}
+    assert all(list(line) == list(lines[0]) for line in lines) and lines[3]["error"].startswith("killed its worker")
+    assert lines[0]["error"] is None and lines[0]["value"] == 1 and lines[3]["value"] is None
     assert rows(tmp_path / "r.db", "SELECT attempt, status FROM map_items WHERE seq = 4") == [(3, "crashed")]
 
 
