@@ -202,8 +202,9 @@ def _summary(conn, run_id: int, job, db_path: Path, export_path, joblog_path, al
     missing = job.total - ok - failed
     if missing > 0:
         parts.append(f"{missing:,} not run")
-    files = f", {job.returned_files} files returned to {job.spec.outdir}" if job.returned_files else ""
-    line = f"{job.total:,} items: {', '.join(parts)}{files}"
+    files = (f", {job.returned_files} file{'' if job.returned_files == 1 else 's'} returned to {job.spec.outdir}"
+             if job.returned_files else "")
+    line = f"{job.total:,} item{'' if job.total == 1 else 's'}: {', '.join(parts)}{files}"
     print(f"run {run_id} already complete in {db_path}: nothing to run ({line})" if already_done
           else f"{line} (run {run_id}, {db_path})")
     if failed:

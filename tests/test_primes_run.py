@@ -102,6 +102,12 @@ def test_a_finished_run_asked_again_writes_nothing(run_fab, tmp_path):
     assert run_fab(["stats", "--db", db, "--run", "1", "--format", "json"]).stdout == stats
 
 
+def test_one_prime_is_singular(run_fab, tmp_path):
+    done = primes(run_fab, local_inventory(tmp_path), 2, 2, tmp_path / "r.db")
+    assert done.returncode == 0 and f"1 prime in [2, 2] (run 1, {tmp_path / 'r.db'})" in done.stdout, done.stdout
+    assert count_of(done.stdout) == 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--start", "10", "--end", "1"], "must not be greater than --end"),
     (["--start", "-5", "--end", "10"], "--start: must be at least 0"),
