@@ -320,7 +320,9 @@ def _tail(spans, blocks, events, run, live, now, notes) -> Optional[dict]:
 
 
 def _eta(run, spans, blocks, items, live, now, notes) -> Optional[float]:
-    """Seconds left for a running run at the current session's rate, or None."""
+    """Seconds left for a running run at the current session's rate, or None: the estimate at
+    its last commit counted down since (as the progress bar: between commits of big blocks
+    the ETA does not rise), or, past it, the estimate at the rate until now."""
     if run["state"] != "running":
         return None
     if not live:
@@ -334,6 +336,11 @@ def _eta(run, spans, blocks, items, live, now, notes) -> Optional[float]:
         return 0.0
     if done_now <= 0 or now <= start:
         return None
+    last = max(b["finished"] for b in blocks if b["finished"] >= start)
+    if start < last <= now:
+        countdown = left / (done_now / (last - start)) - (now - last)
+        if countdown > 0:
+            return countdown
     return left / (done_now / (now - start))
 
 
