@@ -306,6 +306,8 @@ def import_check(transport, workdir: str, shipment: Shipment, reqs: Optional[str
     if not result.ok:
         lines = [line for line in (result.stderr or "").strip().splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else result.error_line()
+        if reason.startswith("mapper.TaskError: "):  # our own check's words, not a traceback of the user's
+            reason = reason[len("mapper.TaskError: "):]
         raise ConnectError(f"{host.name}: --function {shipment.function} does not import there ({reason[:300]})")
 
 
