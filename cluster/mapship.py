@@ -174,7 +174,7 @@ def check_defined(spec: str, path: str, host_spec: str) -> None:
     try:
         with open(source, "rb") as handle:
             tree = ast.parse(handle.read(), source)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, RecursionError, MemoryError):
         return
     bound = set()
     todo = list(tree.body)
