@@ -84,6 +84,11 @@ MIGRATIONS = (
             PRIMARY KEY (run_id, lo)
         )""",
     ),
+    (
+        # The failed items by host (MapJob.item_counts: fab stats, the summary, the dashboard
+        # once a second) without reading a million ok rows: 0.2 ms instead of 135 ms.
+        "CREATE INDEX IF NOT EXISTS map_items_failed ON map_items (run_id, host) WHERE status <> 'ok'",
+    ),
 )
 CHUNK_COLUMNS = ("seq", "count", "host")
 
