@@ -162,8 +162,8 @@ class Coordinator:
     def _already_complete(self, store: Store, began: float) -> Optional[RunOutcome]:
         """The outcome of a finished run asked again, read without writing anything (no
         session, no event, no lock: its stats stay the same; README.md, "fab stats"); None
-        when there is no such run or work is left (a map run's added items, its failed ones
-        under --retry-failed)."""
+        when there is no such run or the job's schedule has work left (items added to the
+        input, failed items the job runs again)."""
         run_id = store.find_run(self.job.name, self.job.params())
         run = store.run(run_id) if run_id is not None else None
         if run is None or run["state"] != "done" or run["total"] != self.job.total:
