@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from cluster import mapinput, mapship, mapstore
+from cluster.errors import UsageError
 from cluster.jobs.base import COMMIT, KIND_DIED, RETRY
 from cluster.jobs.map import InvalidMapResult, MapJob, MapSpec, safe_relative
 from cluster.mapschedule import MapSchedule
@@ -157,6 +158,32 @@ def test_shipped_tar_with_a_bad_member_is_refused(tmp_path, name, kind):
                           capture_output=True, text=True)
     assert done.returncode != 0 and "refused" in done.stderr
     assert list(ship.iterdir()) == [] and not (tmp_path / "evil.py").exists()
+
+
+def test_function_is_looked_for_in_the_source_not_imported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.py").write_text(
+        "import sys\nfrom os import path as p\nraise SystemExit('never imported here')\n"
+        "try:\n    from fast import g\nexcept ImportError:\n    def g(x):\n        return x\n"
+        "h = lambda x: x\nclass C:\n    def method(self):\n        local = 1\n"
+        "def setup():\n    global late\n    late = len\n")
+    for name in ("sys", "p", "g", "h", "C", "setup", "late"):
+        mapship.build(f"m.py:{name}")
+    for name in ("missing", "local", "method"):
+        with pytest.raises(UsageError, match=f"^--function m.py:{name}: m.py defines no {name} "):
+            mapship.build(f"m.py:{name}")
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "sub" / "__init__.py").write_text("def f(x):\n    return x\n")
+    mapship.build("pkg.sub:f")
+    with pytest.raises(UsageError, match="defines no nope"):
+        mapship.build("pkg.sub:nope")
+    # undecidable here: left to the hosts' import check
+    (tmp_path / "dyn.py").write_text("globals()['f'] = len\n")
+    (tmp_path / "star.py").write_text("from os.path import *\n")
+    (tmp_path / "new.py").write_text("def f(x:\n    return x\n")  # a syntax this Python does not parse
+    for spec in ("dyn.py:f", "star.py:join", "new.py:f"):
+        mapship.build(spec)
 
 
 def test_shipment_is_content_addressed(tmp_path, monkeypatch):

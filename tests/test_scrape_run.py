@@ -143,6 +143,21 @@ def test_many_sites_in_parallel(run_fab, tmp_path):
             server.stop()
 
 
+def test_a_finished_run_asked_again_fetches_and_writes_nothing(run_fab, tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY) as web:
+        listing = url_file(tmp_path, [web.url(f"/page/{i}") for i in range(3)])
+        db = tmp_path / "r.db"
+        assert scrape(run_fab, inventory(tmp_path), listing, db, "--delay", "0").returncode == 0
+        data, stats = db.read_bytes(), run_fab(["stats", "--db", db, "--run", "1", "--format", "json"]).stdout
+        web.clear()
+        again = scrape(run_fab, inventory(tmp_path), listing, db, "--delay", "0")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.splitlines()[0] == f"run 1 already complete in {db}: nothing to fetch"
+        assert "still starting" not in again.stdout and not web.requests
+        assert db.read_bytes() == data
+        assert run_fab(["stats", "--db", db, "--run", "1", "--format", "json"]).stdout == stats
+
+
 def test_tor_every_request_through_the_proxy_with_names(run_fab, tmp_path):
     with WebServer(robots=NO_ROBOTS_DELAY) as web, Socks5Server() as proxy:
         urls = [web.url(f"/page/{i}", host=f"site{i % 2}.test") for i in range(4)]

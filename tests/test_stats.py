@@ -223,7 +223,12 @@ def test_eta_of_a_running_run(tmp_path, clock):
     assert report["sessions"] == [[T0, T0 + 10]]
     assert report["throughput"] == pytest.approx(30.0)
     assert report["progress"] == pytest.approx(0.3)
-    assert report["eta_seconds"] == pytest.approx(700 / 30)
+    # the estimate at the last commit (T0 + 9: 300 in 9 s, 21 s for 700) counted down since
+    assert report["eta_seconds"] == pytest.approx(700 / (300 / 9) - 1)
+    later = report_of(db, run_id, now=T0 + 14, live=True)
+    assert later["eta_seconds"] == pytest.approx(700 / (300 / 9) - 5)  # not rising as the average falls
+    stalled = report_of(db, run_id, now=T0 + 100, live=True)
+    assert stalled["eta_seconds"] == pytest.approx(700 / (300 / 100))  # past it: the rate until now
     assert report["tail"] is None  # still handing out blocks
     with Store(db) as store:
         clock.at(12)
