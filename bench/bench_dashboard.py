@@ -47,7 +47,7 @@ THROUGHPUT = re.compile(r"throughput ([\d,]+) numbers/s")
 
 
 def start_dashboard(db: Path):
-    proc = subprocess.Popen(fab_argv(["dashboard", "--db", db, "--port", "0"]), env=fab_env(),
+    proc = subprocess.Popen(fab_argv(["dashboard", "--db", db, "--port", "0", "--wait"]), env=fab_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     url = re.search(r"http://\S+", proc.stdout.readline()).group()
     return proc, url

@@ -105,8 +105,17 @@ HEX = re.compile(r"^[0-9a-f]{16,64}$")
 # dirname(1)); {/.} basename without extension; {#} sequence number (1-based); {%} slot
 # (1-based); {N} column N (negative: from the end; past the last: nothing), also with the
 # modifiers: {N.} {N/} {N//} {N/.}. ``${...}`` belongs to the shell and is never replaced.
-_CANDIDATE = re.compile(r"\{(=[^\n]*?=|[-+]?[0-9]*[^\w\s{}'\"$`\\]*)\}")
+# Outside quotes every ``{TEXT}`` without blanks, quotes, ``$`` or backslashes (and ``{ }``)
+# is taken for a replacement string, and one that is not known is an error (parallel would
+# pass it on as text: a typo such as {1x} would silently run the wrong command), except the
+# shell's brace expansions {a,b} and {1..3}; quoted (``'{foo}'``) or escaped (``\\{foo}``)
+# braces are the command's. Inside quotes, ``${...}``, comments and here-documents only the
+# known forms are looked for (and refused there): ``awk '{print}'`` is the command's.
+_CANDIDATE = re.compile(r"\{(=[^\n]*?=|[^\s{}'\"$`\\]*|[ \t]+)\}")
 _KNOWN = re.compile(r"^(?:(-?[1-9][0-9]*)?(\.|/|//|/\.)?|#|%)$")
+_BRACE_EXPANSION = re.compile(r"^(?:[^,]*,.*|-?[0-9]+\.\.-?[0-9]+(?:\.\.-?[0-9]+)?"
+                              r"|[A-Za-z]\.\.[A-Za-z](?:\.\.-?[0-9]+)?)$")
+KNOWN_FORMS = "{} {.} {/} {//} {/.} {#} {%} {1} {2.} {-1} ..."
 _EXTENSION = re.compile(r"\.[^/.]*$")
 _DIRPART = re.compile(r"^.*/")
 
@@ -170,11 +179,13 @@ def parse_template(template):
             if match:
                 text = match.group(0)
                 known = _KNOWN.match(match.group(1))
-                if not known:
-                    raise TemplateError("unknown replacement string %s" % text)
-                if state not in ("n", "c"):
+                if known and state not in ("n", "c"):
                     raise TemplateError("replacement string %s inside %s: values are quoted "
                                         "already, remove the quotes" % (text, _CONTEXT[state]))
+                if not known and state in ("n", "c") and not _BRACE_EXPANSION.match(match.group(1)):
+                    raise TemplateError("unknown replacement string %s (the known ones: %s); quote it, "
+                                        "'%s', to give the command the braces" % (text, KNOWN_FORMS, text))
+            if match and known:
                 if literal:
                     parts.append("".join(literal))
                     literal = []

@@ -147,6 +147,9 @@ class Coordinator:
         store = Store(self.store_path)
         try:
             store.migrate_job(self.job)
+            complete = None if self.fresh else self._already_complete(store, began)
+            if complete is not None:
+                return complete
             run_id = store.open_run(self.job.name, self.job.params(), self.job.total, fresh=self.fresh)
             store.lock_run(run_id)
             try:
@@ -155,6 +158,24 @@ class Coordinator:
                 store.unlock_run(run_id)
         finally:
             store.close()
+
+    def _already_complete(self, store: Store, began: float) -> Optional[RunOutcome]:
+        """The outcome of a finished run asked again, read without writing anything (no
+        session, no event, no lock: its stats stay the same; README.md, "fab stats"); None
+        when there is no such run or the job's schedule has work left (items added to the
+        input, failed items the job runs again)."""
+        run_id = store.find_run(self.job.name, self.job.params())
+        run = store.run(run_id) if run_id is not None else None
+        if run is None or run["state"] != "done" or run["total"] != self.job.total:
+            return None
+        self.run_id = run_id
+        self.job.bind(run_id, store)
+        schedule = self.job.make_schedule(store.done_ranges(run_id), self.job.min_block())
+        if not schedule.finished():
+            return None
+        self.done_items = self.job.total
+        self.found_committed = int(store.run_totals(run_id).get("found") or 0)
+        return self._outcome(began, already_done=True)
 
     def _run_locked(self, store: Store, run_id: int, began: float) -> RunOutcome:
         self.run_id = run_id
@@ -597,7 +618,9 @@ class Coordinator:
         self.schedule.give_back(task_id, retry_at=time.monotonic() + decision.delay,
                                 avoid=decision.avoid and len(self.up) > 1)
         stats.retries += 1
-        log.info("%s: item %d again in %.1fs (%s)", stats.name, block.lo, decision.delay, why)
+        line = self.job.retry_line(block, decision.delay, why)
+        log.log(logging.INFO if line else logging.DEBUG, "%s: %s", stats.name,
+                line or f"block {block.lo} again in {decision.delay:.1f}s ({why})")
 
     def _failed(self, task_id: int, stats: HostStats, error: str, invalid: bool, kind=None,
                 decision: Optional[Decision] = None) -> None:

@@ -151,6 +151,11 @@ def _umask() -> int:
     return mask
 
 
+# Every --export *.jsonl record has these keys, in this order.
+EXPORT_KEYS = ("seq", "item", "item_base64", "status", "exit", "signal", "value", "error", "host", "attempt",
+               "truncated", "stdout", "stdout_base64", "stderr", "stderr_base64")
+
+
 def _in_order(records: Iterable) -> Iterable:
     last = 0
     for record in records:
@@ -166,10 +171,13 @@ def _chunk_export(chunk: Chunk, jsonl: bool) -> bytes:
     if not jsonl:
         return _bytes("\n".join(texts)) + b"\n"
     lines = []
+    host = json.dumps(chunk.host, ensure_ascii=False)
     for seq, item, text in zip(range(chunk.seq, chunk.seq + chunk.count), chunk.items(), texts):
         out = json.dumps(text + "\n", ensure_ascii=False) if not text.isdigit() else '"' + text + '\\n"'
-        lines.append(f'{{"seq": {seq}, "item": {item}, "status": "ok", "value": {text}, "stdout": {out}, '
-                     '"stderr": ""}\n')
+        lines.append(f'{{"seq": {seq}, "item": {item}, "item_base64": null, "status": "ok", "exit": 0, '
+                     f'"signal": null, "value": {text}, "error": null, "host": {host}, "attempt": 1, '
+                     f'"truncated": false, "stdout": {out}, "stdout_base64": null, "stderr": "", '
+                     '"stderr_base64": null}\n')
     return "".join(lines).encode("utf-8", "surrogatepass")
 
 
@@ -183,18 +191,14 @@ def export_lines(records: Iterable, jsonl: bool) -> Iterable[bytes]:
             yield record.stdout
             continue
         item, item_b64 = (record.item, None) if isinstance(record.item, int) else _text_or_base64(_bytes(record.item))
-        line = {"seq": record.seq, "item": item, "status": record.status}
-        if item_b64 is not None:
-            line["item_base64"] = item_b64
-        if record.value is not None:  # a function's return value (stored as JSON text)
-            line["value"] = json.loads(record.value) if isinstance(record.value, str) else record.value
-        if record.error:
-            line["error"] = record.error
+        # The same keys in every record (README.md, "fab map": EXPORT_KEYS), null when not applicable.
+        value = json.loads(record.value) if isinstance(record.value, str) else record.value
+        line = {"seq": record.seq, "item": item, "item_base64": item_b64, "status": record.status,
+                "exit": record.exitval, "signal": record.signal, "value": value, "error": record.error or None,
+                "host": record.host, "attempt": record.attempt, "truncated": record.truncated}
         for name in ("stdout", "stderr"):
             text, encoded = _text_or_base64(getattr(record, name))
-            line[name] = text
-            if encoded is not None:
-                line[name + "_base64"] = encoded
+            line[name], line[name + "_base64"] = text, encoded
         yield json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
@@ -213,7 +217,11 @@ def joblog_line(record: ItemRecord) -> bytes:
 
 
 def _exitval(record: ItemRecord) -> int:
-    """The exit code; 0 for a process killed by a signal (as parallel: ``$? >> 8``), -1 for none."""
+    """The exit code (a function: 0 returned, 1 raised); 0 for a process killed by a signal (as
+    parallel: ``$? >> 8``); -1 for an item killed on --timeout (as parallel's --timeout) or whose
+    worker died (crashed), and for none (README.md, "fab map")."""
+    if record.status in ("timeout", "crashed"):
+        return -1
     if record.exitval is not None:
         return record.exitval
     return 0 if record.signal else -1

@@ -146,9 +146,10 @@ class ArgsInput(MapInput):
 
     kind = "args"
 
-    def __init__(self, path: str, colsep: Optional[str] = None):
+    def __init__(self, path: str, colsep: Optional[str] = None, need: Optional[tuple] = None):
         self.colsep = colsep
         self.pattern = _compile_colsep(colsep)
+        width, used = need or (1, "")
         self.name = "stdin" if path == "-" else _shown(path)
         self.spool = None
         if path == "-":
@@ -159,7 +160,13 @@ class ArgsInput(MapInput):
             raise UsageError(f"--args {path}: " + ("no such file" if not os.path.exists(path)
                                                    else "not a regular file"))
         self.path = path
-        self.count = sum(1 for _ in self._lines())  # checks every line now
+        count = 0
+        for count, line in enumerate(self._lines(), 1):  # checks every line now
+            got = len(self.pattern.split(line)) if width > 1 else width
+            if got < width:
+                raise UsageError(f"--args {self.name} line {count}: {got} column{'s' if got != 1 else ''}, "
+                                 f"but {used} needs {width}")
+        self.count = count
         if not self.count:
             raise UsageError(f"--args {self.name}: no lines")
 
@@ -294,15 +301,21 @@ def _shown(path: str) -> str:
 
 
 def open_input(args: Optional[str] = None, range_text: Optional[str] = None,
-               files: Optional[str] = None, colsep: Optional[str] = None) -> MapInput:
-    """The one input form given (``--args``, ``--range`` or ``--files``), checked."""
+               files: Optional[str] = None, colsep: Optional[str] = None, need: Optional[tuple] = None) -> MapInput:
+    """The one input form given (``--args``, ``--range`` or ``--files``), checked; ``need``:
+    ``columns_needed`` of the templates, every line must have that many columns (a missing
+    column is an error naming the line, where parallel would put nothing)."""
     given = [name for name, value in (("--args", args), ("--range", range_text), ("--files", files))
              if value is not None]
     if len(given) != 1:
         raise UsageError("give one of --args, --range, --files" + (f" (not {' and '.join(given)})"
                                                                     if given else ""))
+    width, used = need or (1, "")
+    if width > 1 and colsep is None:
+        raise UsageError(f"{used}: an item has one column, {{1}}, without --colsep (--args FILE --colsep SEP "
+                         "splits each line into {1} {2} ...)")
     if args is not None:
-        return ArgsInput(args, colsep)
+        return ArgsInput(args, colsep, need)
     if colsep is not None:
         raise UsageError("--colsep goes with --args")
     if range_text is not None:
@@ -316,6 +329,17 @@ def check_template(template: str, flag: str = "--command") -> list:
         return mapper.parse_template(template)
     except mapper.TemplateError as exc:
         raise UsageError(f"{flag}: {exc}") from None
+
+
+def columns_needed(templates) -> tuple:
+    """``(width, "--command's {3}")``: the most columns an item needs for the parsed templates
+    (``(flag, parts)`` pairs; ``{N}`` and ``{-N}`` need N), ``(1, "")`` when none needs more than one."""
+    width, used = 1, ""
+    for flag, parts in templates:
+        for part in parts:
+            if isinstance(part, tuple) and part[0] == "column" and abs(part[1]) > width:
+                width, used = abs(part[1]), f"{flag}'s {{{part[1]}{part[2]}}}"
+    return width, used
 
 
 def check_function(spec: str, flag: str = "--function") -> tuple:

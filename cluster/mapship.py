@@ -158,6 +158,48 @@ def function_source(spec: str) -> tuple:
     raise UsageError(f"--function {_shown(spec)}: no {top}.py file or {top}/ package in the current folder")
 
 
+def check_defined(spec: str, path: str, host_spec: str) -> None:
+    """UsageError when the module's source binds no FUNC at its top level (read, not imported:
+    importing would run the user's code here, with libraries maybe only the hosts have).
+    Anything undecidable passes (a syntax this Python does not know, ``import *``, a module
+    ``__getattr__``, ``globals()``/``exec``, a module that is not a .py file): the hosts'
+    import check says then."""
+    import ast
+
+    module, function = host_spec.rsplit(":", 1)
+    source = path
+    if os.path.isdir(path):  # a package: pkg.sub -> pkg/sub.py or pkg/sub/__init__.py
+        inner = os.path.join(path, *module.split(".")[1:])
+        source = next((f for f in (inner + ".py", os.path.join(inner, "__init__.py")) if os.path.isfile(f)), "")
+    try:
+        with open(source, "rb") as handle:
+            tree = ast.parse(handle.read(), source)
+    except (OSError, ValueError, SyntaxError, RecursionError, MemoryError):
+        return
+    bound = set()
+    todo = list(tree.body)
+    while todo:  # the module's statements, into if/try/with/for blocks, not into def or class bodies
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+            todo.extend(node.decorator_list)
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name) and node.id in ("globals", "exec", "setattr", "vars", "locals"):
+            bound.add(node.id)  # names made at run time: undecidable here
+    bound.update(name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names)
+    if function in bound or bound & {"*", "__getattr__", "globals", "exec", "setattr", "vars", "locals"}:
+        return
+    raise UsageError(f"--function {_shown(spec)}: {_shown(source)} defines no {function} "
+                     "(no def, class, assignment or import of that name)")
+
+
 def _check_spec(spec: str, shown_spec: str) -> tuple:
     try:
         return mapper.check_function_spec(spec)
@@ -172,6 +214,7 @@ def build(function: Optional[str] = None, ship: tuple = ()) -> Optional[Shipment
     host_spec = None
     if function:
         path, name, host_spec = function_source(function)
+        check_defined(function, path, host_spec)
         _walk(path, name, "--function", files)
     for path in ship:
         if not path:
@@ -263,6 +306,8 @@ def import_check(transport, workdir: str, shipment: Shipment, reqs: Optional[str
     if not result.ok:
         lines = [line for line in (result.stderr or "").strip().splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else result.error_line()
+        if reason.startswith("mapper.TaskError: "):  # our own check's words, not a traceback of the user's
+            reason = reason[len("mapper.TaskError: "):]
         raise ConnectError(f"{host.name}: --function {shipment.function} does not import there ({reason[:300]})")
 
 

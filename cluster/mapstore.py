@@ -11,14 +11,14 @@
   payload: the zlib bytes the host sent (client/mapper.py run_function_packed, checked by
   cluster/jobs/map.py ``_unpack``), or encode_chunk's for older hosts.
 
-Version 2 of the tables (MIGRATIONS[1]) adds ``slot`` (``{%}``, the worker slot an item ran
-in; NULL in rows from version 1) to all three; ``ensure_tables`` and Store.migrate_job bring
-a version 1 store up to it.
+Version 3 of the tables (MIGRATIONS[2]) adds ``slot`` (``{%}``, the worker slot an item ran
+in; NULL in rows from before) to all three; ``ensure_tables`` and Store.migrate_job bring
+an older store up to it.
 
 The rows are written by the engine (the job's ``rows`` and ``Decision.record``); this
 module creates the tables (the job's migration) and reads them with its own SQLite
-connection (read-only, except ``reset_failed`` for --retry-failed, which runs while this
-process holds the run's lock).
+connection (read-only, except ``reset_failed`` for --retry-failed, which runs on a finished
+run, before it is resumed, or under this process's lock on the run).
 """
 
 from __future__ import annotations
@@ -93,8 +93,13 @@ MIGRATIONS = (
             PRIMARY KEY (run_id, lo)
         )""",
     ),
-    # Version 2: the worker slot ({%}) an item ran in (NULL: not known, a v1 row or a crash);
-    # a chunk's payload may be the host's own bytes (client/mapper.py run_function_packed).
+    (
+        # The failed items by host (MapJob.item_counts: fab stats, the summary, the dashboard
+        # once a second) without reading a million ok rows: 0.2 ms instead of 135 ms.
+        "CREATE INDEX IF NOT EXISTS map_items_failed ON map_items (run_id, host) WHERE status <> 'ok'",
+    ),
+    # Version 3: the worker slot ({%}) an item ran in (NULL: not known, a row from before or a
+    # crash); a chunk's payload may be the host's own bytes (client/mapper.py run_function_packed).
     (
         "ALTER TABLE map_items ADD COLUMN slot INTEGER",
         "ALTER TABLE map_attempts ADD COLUMN slot INTEGER",
@@ -148,12 +153,19 @@ def ensure_tables(path: str) -> None:
 
 def reset_failed(path: str, run_id: int) -> int:
     """--retry-failed: every final item that did not succeed becomes an earlier attempt again
-    (moved to map_attempts, so the joblog keeps it and attempt numbers go on); how many."""
+    (moved to map_attempts, so the joblog keeps it and attempt numbers go on, and no longer
+    counted in its block's items); how many."""
     conn = connect(path, readonly=False)
     columns = ", ".join(("run_id", "lo") + ATTEMPT_COLUMNS)
     try:
         with conn:
             conn.execute("BEGIN IMMEDIATE")
+            # The items are counted again where they end: their blocks no longer count them
+            # (the run's items and the hosts' throughputs stay within the run's items).
+            conn.execute("UPDATE blocks SET items = max(0, items - (SELECT count(*) FROM map_items i"
+                         " WHERE i.run_id = blocks.run_id AND i.lo = blocks.lo AND i.status <> 'ok'))"
+                         " WHERE run_id = ? AND lo IN (SELECT lo FROM map_items WHERE run_id = ? AND status <> 'ok')",
+                         (run_id, run_id))
             conn.execute(f"INSERT INTO map_attempts ({columns}) SELECT {columns} FROM map_items"
                          " WHERE run_id = ? AND status <> 'ok'", (run_id,))
             return conn.execute("DELETE FROM map_items WHERE run_id = ? AND status <> 'ok'", (run_id,)).rowcount
@@ -219,6 +231,19 @@ def counts(conn: sqlite3.Connection, run_id: int) -> dict:
     if chunked:
         found["ok"] = found.get("ok", 0) + chunked
     return found
+
+
+def worker_deaths(conn: sqlite3.Connection, run_id: int, limit: int) -> list:
+    """``(seq, deaths, final status or None)`` of the first ``limit`` items that killed their worker
+    (each death recorded once the item was alone in its block) and were not failed as crashed
+    for it (those are among the failed items), in input order."""
+    return conn.execute(
+        "SELECT d.seq, d.deaths, i.status FROM (SELECT seq, key, count(*) AS deaths FROM"
+        " (SELECT seq, key FROM map_attempts WHERE run_id = ? AND status = 'crashed' UNION ALL"
+        "  SELECT seq, key FROM map_items WHERE run_id = ? AND status = 'crashed') GROUP BY key) d"
+        " LEFT JOIN map_items i ON i.run_id = ? AND i.key = d.key"
+        " WHERE i.status IS NULL OR i.status <> 'crashed' ORDER BY d.seq LIMIT ?",
+        (run_id, run_id, run_id, limit)).fetchall()
 
 
 def _item_value(raw, seq: int, range_input) -> object:

@@ -173,8 +173,8 @@ def rates_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None
 
         keys = [Patch(facecolor="0.4", edgecolor="white", alpha=1.0 if k == len(series) - 1 else 0.55,
                       hatch=hatches[k % len(hatches)], label=label) for k, (label, _) in enumerate(series)]
-        ax.legend(handles=keys[::-1], loc="upper center", bbox_to_anchor=(0.5, -0.16),  # top bar first
-                  ncol=len(series), fontsize=9, frameon=False)
+        figure.legend(handles=keys[::-1], loc="outside lower center",  # top bar first
+                      ncol=len(series), fontsize=9, frameon=False)
     ax.set_title(_title(report, f"{_per(unit)} by host") + "\n" + _subtitle(report),
                  fontsize=11)
     return figure
@@ -191,6 +191,17 @@ def _host_label(host: dict) -> str:
 # ---------------------------------------------------------------- sum of parts vs actual
 
 
+def _stack(report: dict, scale: float) -> list:
+    """(host, bar height) of each host in the sum-of-parts bar, largest standalone rate first."""
+    parts = []
+    for h in sorted(report["hosts"], key=lambda h: -(h["standalone_rate"] or 0)):
+        rate = h["standalone_rate"] if report["sum_standalone"] else h["speed_busy"]
+        value = (rate or 0) * scale if h["items"] else 0
+        if value > 0:
+            parts.append((h, value))
+    return parts
+
+
 def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
     """Per group: a stacked bar of the hosts' standalone rates beside the actual total."""
     unit = report["unit"]
@@ -200,17 +211,15 @@ def sum_figure(plt, report: dict, colors: dict, compare: Optional[dict] = None):
         reports = sorted((report, compare), key=lambda r: bool((r["run"]["params"] or {}).get("tor")))
     figure, ax = plt.subplots(figsize=(WIDTH if len(reports) > 1 else 7.0, 5.2), layout="constrained")
     ticks, labels = [], []
-    top = max(max(r["sum_standalone"] or 0, r["throughput"] or 0, r["politeness_bound"] or 0)
-              for r in reports) * scale or 1
+    # The stacked bar's height, not r["sum_standalone"]: with no comparable calibration the stack
+    # is the hosts' speed while busy, which may stand far above the throughput.
+    top = max(max(sum(value for _, value in _stack(r, scale)), (r["throughput"] or 0) * scale,
+                  (r["politeness_bound"] or 0) * scale) for r in reports) or 1
     legend_done = set()
     for g, r in enumerate(reports):
         x_sum, x_actual = g * 2.6, g * 2.6 + 1.0
         bottom = 0.0
-        for h in sorted(r["hosts"], key=lambda h: -(h["standalone_rate"] or 0)):
-            value = (h["standalone_rate"] if r["sum_standalone"] else h["speed_busy"] or 0) * scale \
-                if h["items"] else 0
-            if value <= 0:
-                continue
+        for h, value in _stack(r, scale):
             ax.bar(x_sum, value, bottom=bottom, width=0.8, color=colors[h["host"]], edgecolor="white",
                    label=_label(h["host"]) if h["host"] not in legend_done else None)
             legend_done.add(h["host"])
@@ -358,8 +367,7 @@ def timeline_figure(plt, report: dict, blocks: list[dict], events: list[dict], c
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     if tail or marked or shaded:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(names) < 3 else -0.1),
-                  ncol=4, fontsize=9, frameon=False)
+        figure.legend(loc="outside lower center", ncol=4, fontsize=9, frameon=False)
     ax.set_title(_title(report, f"{len(blocks):,} blocks over {human_seconds(wall)}")
                  + "\none bar per block, one lane per slot; white space is an idle slot", fontsize=11)
     return figure

@@ -176,6 +176,8 @@ class Progress:
         self._history: dict = {}
         self._began = time.monotonic()
         self._first_done: Optional[int] = None
+        self._changed_at = 0.0  # when ``done`` last grew, and the ETA then (eta_seconds)
+        self._eta_at_change: Optional[float] = None
         self._last_log = 0.0
         self.done = 0
         self.total = 0
@@ -212,12 +214,22 @@ class Progress:
             if self.stopped:
                 return f"stopped: {self.stopped}"
             return f"took {_duration(self.took)}"
+        seconds = self.eta_seconds()
+        return "ETA --" if seconds is None else f"ETA {_duration(seconds)}"
+
+    def eta_seconds(self, now: Optional[float] = None) -> Optional[float]:
+        """Seconds left: the estimate made when ``done`` last grew (items left / the average rate
+        so far), counted down since. Between commits of big blocks the average falls while
+        nothing is committed; estimating from it made the ETA rise every second until the next
+        commit. Past that estimate (slower than so far) it is the current average's again."""
         if self.done >= self.total:
-            return "ETA 0s"
+            return 0.0
         if self.speed <= 0:
-            return "ETA --"
-        per_second = self.speed / (60 if self.per_minute else 1)
-        return f"ETA {_duration((self.total - self.done) / per_second)}"
+            return None
+        now = time.monotonic() if now is None else now
+        if self._eta_at_change is not None and self._eta_at_change - (now - self._changed_at) > 0:
+            return self._eta_at_change - (now - self._changed_at)
+        return (self.total - self.done) / (self.speed / (60 if self.per_minute else 1))
 
     def speed_text(self) -> str:
         return f"{_rate(self.speed)} {self.unit}{self.per}" if self.speed > 0 else ""
@@ -271,13 +283,17 @@ class Progress:
         elapsed = max(now - self._began, 1e-9)
         speed = (done - self._first_done) / elapsed * (60 if self.per_minute else 1)
         parts = self._host_rates(now, hosts)
+        grew = done != self.done or total != self.total
         self.done, self.total, self.speed, self.host_parts = done, total, speed, parts
+        if grew:
+            self._eta_at_change, self._changed_at = None, now
+            self._eta_at_change = self.eta_seconds(now)
         if self.enabled and self._live is None:
             self._start_live()
         if self._live is None and now - self._last_log >= self.interval:
             self._last_log = now
             per_host = " ".join(part.replace(" ", ":", 1) for part in parts)
-            per_second = speed / (60 if self.per_minute else 1)
-            eta = f"ETA {(total - done) / per_second:.0f}s" if speed > 0 else "ETA unknown"
+            seconds = self.eta_seconds(now)
+            eta = f"ETA {seconds:.0f}s" if seconds is not None else "ETA unknown"
             log.info("%.1f%% (%s of %s %s), %s %s%s, %s; %s", 100 * done / max(total, 1), f"{done:,}",
                      f"{total:,}", self.unit, _rate(speed), self.unit, self.per, eta, per_host or "starting")

@@ -113,12 +113,13 @@ def run_row(run: dict, events: list[dict], blocks: list[dict], now: float, live:
 
 
 def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[dict],
-               calibrations: list[dict], now: float, live: bool) -> dict:
+               calibrations: list[dict], now: float, live: bool, item_counts: Optional[dict] = None) -> dict:
     """Every figure ``fab stats --run N`` shows, as plain data (this is also the JSON).
 
     ``hosts``: what each host was in this run (``Store.run_hosts``); ``calibrations``: every
     stored calibration of the job (only comparable ones count, cluster/figures.py).
     Everything comes from the run's own records, so a finished run's report never changes.
+    ``item_counts``: the job's ``item_counts`` (added to the hosts' retries and failures).
     """
     spans = sessions(run, events, blocks, now, live)
     wall = wall_seconds(spans)
@@ -133,6 +134,10 @@ def run_report(run: dict, blocks: list[dict], events: list[dict], hosts: list[di
     last_block = max((b["finished"] for b in blocks), default=None)
     rows = [_host_row(name, blocks, events, facts.get(name), chosen.get(name), items, spans, last_block, notes)
             for name in names]
+    for row in rows:
+        extra = (item_counts or {}).get(row["host"]) or {}
+        row["retries"] += int(extra.get("retries") or 0)
+        row["failures"] += int(extra.get("failures") or 0)
     worked = [r for r in rows if r["items"] > 0]
     missing = [r["host"] for r in worked if r["standalone_rate"] is None]
     what = run["job"] + (" through Tor" if variant else "")
@@ -315,7 +320,9 @@ def _tail(spans, blocks, events, run, live, now, notes) -> Optional[dict]:
 
 
 def _eta(run, spans, blocks, items, live, now, notes) -> Optional[float]:
-    """Seconds left for a running run at the current session's rate, or None."""
+    """Seconds left for a running run at the current session's rate, or None: the estimate at
+    its last commit counted down since (as the progress bar: between commits of big blocks
+    the ETA does not rise), or, past it, the estimate at the rate until now."""
     if run["state"] != "running":
         return None
     if not live:
@@ -329,6 +336,11 @@ def _eta(run, spans, blocks, items, live, now, notes) -> Optional[float]:
         return 0.0
     if done_now <= 0 or now <= start:
         return None
+    last = max(b["finished"] for b in blocks if b["finished"] >= start)
+    if start < last <= now:
+        countdown = left / (done_now / (last - start)) - (now - last)
+        if countdown > 0:
+            return countdown
     return left / (done_now / (now - start))
 
 

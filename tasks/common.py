@@ -152,10 +152,13 @@ def beowulf_config(c) -> dict:
 
 def print_warnings(outcome) -> None:
     """A run's warnings (each distinct one once), the console lines counted instead of repeated, and
-    the hosts still starting when the run was done (one line, not a warning per host)."""
+    the hosts still starting when the run was done (one line, not a warning per host; none for a
+    run that was already complete: no host was asked)."""
     from cluster.report import still_starting
 
     note, warnings = still_starting(outcome.hosts, outcome.warnings)
+    if getattr(outcome, "already_done", False):
+        note = ""
     for warning in tallied(warnings):
         print(f"warning: {shown(warning)}")
     for line in repeats_not_shown():  # console lines counted instead of repeated (cluster/tally.py)

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from cluster.errors import UsageError
+
 from .common import beowulf_task, parse_int, setup_logging, store_path
 
 DEFAULT_PORT = 8787  # as cluster/dashboard/server.py
@@ -16,8 +18,10 @@ DEFAULT_PORT = 8787  # as cluster/dashboard/server.py
     "db": "results store (SQLite file; default results.db, or beowulf.db in fabric.yaml); opened read-only",
     "port": "TCP port to listen on (default 8787; 0 picks a free one)",
     "bind": "address to listen on (default 127.0.0.1); any other address needs the token printed in the URL",
+    "wait": "serve a store that does not exist yet (the page says so until a run creates it); "
+            "without it a missing --db is an error",
 })
-def dashboard(c, db=None, port="8787", bind="127.0.0.1"):
+def dashboard(c, db=None, port="8787", bind="127.0.0.1", wait=False):
     """Serve a live page of the store's runs: progress, ETA, each host's rate, sum of parts, timeline.
 
     The figures are fab stats' (same names, same values), updated once a second while a
@@ -29,6 +33,9 @@ def dashboard(c, db=None, port="8787", bind="127.0.0.1"):
     number = parse_int("port", port, minimum=0, maximum=65535)
     address = check_bind(bind)
     path = store_path(c, db)
+    if not wait and not path.is_file():  # it only reads: a store that is not there is a typo, or too early
+        raise UsageError(f"--db {path}: no such store (a run creates it: fab primes, scrape or map; "
+                         "--wait serves it before, --dashboard on the run beside it)")
     setup_logging(quiet=True)
     board = Dashboard(path, bind=address, port=number)
     print(f"dashboard of {path}: {board.url}", flush=True)

@@ -137,7 +137,8 @@ def map_(c, command=None, function=None, args=None, range_=None, files=None, col
         raise UsageError(f"--outdir: folder {outdir_path.parent} does not exist")
     if requirements:
         spec.requirements = mapship.parse_requirements(os.path.expanduser(requirements))
-    map_input = mapinput.open_input(args=args, range_text=range_, files=files, colsep=colsep)
+    need = mapinput.columns_needed([("--command", spec.parts)] + [("--return", p) for p in spec.return_parts])
+    map_input = mapinput.open_input(args=args, range_text=range_, files=files, colsep=colsep, need=need)
     shipment = mapship.build(function, _split_list(ship))
     path, selected = load_hosts(c, inventory, hosts)
     db_path = store_path(c, db)
@@ -167,15 +168,13 @@ def _run(c, spec, map_input, shipment, selected, db_path: Path, seconds: float, 
     job = MapJob(spec, map_input, shipment)
     outcome = run_job(c, job, selected, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
                       dashboard=dashboard, kept="finished items", block_seconds=seconds)
-    if outcome.already_done:
-        print(f"run {outcome.run_id} already complete in {db_path}: nothing to run")
-    else:
+    if not outcome.already_done:  # a finished run asked again: one line, nothing written (README.md)
         print_run_summary(outcome, db_path)
         _clean_hosts(c, selected, job.run_hex, accept_new)
     print_warnings(outcome)
     conn = mapstore.connect(str(db_path))
     try:
-        failed = _summary(conn, outcome.run_id, job, db_path, export_path, joblog_path)
+        failed = _summary(conn, outcome.run_id, job, db_path, export_path, joblog_path, outcome.already_done)
         if export_path is not None:
             from cluster.mapexport import write_export
 
@@ -193,7 +192,7 @@ def _run(c, spec, map_input, shipment, selected, db_path: Path, seconds: float, 
         raise Exit(code=EXIT_FAILED)
 
 
-def _summary(conn, run_id: int, job, db_path: Path, export_path, joblog_path) -> int:
+def _summary(conn, run_id: int, job, db_path: Path, export_path, joblog_path, already_done: bool = False) -> int:
     """The items' line and the first failed ones; returns how many failed."""
     from cluster import mapstore
 
@@ -204,8 +203,11 @@ def _summary(conn, run_id: int, job, db_path: Path, export_path, joblog_path) ->
     missing = job.total - ok - failed
     if missing > 0:
         parts.append(f"{missing:,} not run")
-    files = f", {job.returned_files} files returned to {job.spec.outdir}" if job.returned_files else ""
-    print(f"{job.total:,} items: {', '.join(parts)}{files} (run {run_id}, {db_path})")
+    files = (f", {job.returned_files} file{'' if job.returned_files == 1 else 's'} returned to {job.spec.outdir}"
+             if job.returned_files else "")
+    line = f"{job.total:,} item{'' if job.total == 1 else 's'}: {', '.join(parts)}{files}"
+    print(f"run {run_id} already complete in {db_path}: nothing to run ({line})" if already_done
+          else f"{line} (run {run_id}, {db_path})")
     if failed:
         for record in mapstore.failed_items(conn, run_id, FAILED_SHOWN, job.range):
             what = record.error.splitlines()[-1] if record.error else (
@@ -214,6 +216,14 @@ def _summary(conn, run_id: int, job, db_path: Path, export_path, joblog_path) ->
                         f"(attempt {record.attempt}): {what[:160]}"))
         if failed > FAILED_SHOWN:
             print(f"  ... and {failed - FAILED_SHOWN:,} more")
+    deaths = [] if already_done else mapstore.worker_deaths(conn, run_id, FAILED_SHOWN + 1)
+    if deaths:  # here, not as log lines during the run (MapJob.retry_line)
+        said = [f"#{seq} {'once' if count == 1 else f'{count} times'} ("
+                + ("not finished" if not status else "then " + status) + ")"
+                for seq, count, status in deaths[:FAILED_SHOWN]]
+        more = ", ..." if len(deaths) > FAILED_SHOWN else ""
+        print(f"  items that killed their worker: {', '.join(said)}{more}")
+    if failed:
         hint = [] if export_path and str(export_path).endswith(".jsonl") else ["--export failed.jsonl"]
         if not joblog_path:
             hint.append("--joblog FILE")

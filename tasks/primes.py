@@ -154,11 +154,15 @@ def _answer_from_finished_run(db_path: Path, first: int, last: int, count_only: 
             export_between(store, run_id, first, last, export_path, db_path)
     span = f"[{run['params']['start']:,}, {run['params']['end']:,}]"
     mode = "counted" if count_only else "taken"
-    print(f"{found:,} primes in [{first:,}, {last:,}] ({mode} from finished run {run_id} of {span} "
+    print(f"{found:,} {_primes(found)} in [{first:,}, {last:,}] ({mode} from finished run {run_id} of {span} "
           f"in {db_path}: nothing computed)")
     if export_path is not None:
         print(f"exported to {export_path}")
     return True
+
+
+def _primes(count: int) -> str:
+    return "prime" if count == 1 else "primes"
 
 
 def _check_disk(db_path: Path, job) -> None:
@@ -182,7 +186,8 @@ def _print_summary(outcome, job, db_path: Path) -> None:
     print_warnings(outcome)
     if outcome.verified:
         print(f"--verify: {outcome.verified} blocks re-run elsewhere, {outcome.verify_mismatches} disagreed")
-    print(f"{outcome.found_total:,} primes in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")
+    found = outcome.found_total
+    print(f"{found:,} {_primes(found)} in [{job.start:,}, {job.end:,}] (run {outcome.run_id}, {db_path})")
 
 
 def _export(db_path: Path, run_id: int, export_path: Path) -> None:

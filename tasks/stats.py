@@ -109,7 +109,7 @@ def _report(store, run_id: int) -> tuple[dict, list[dict], list[dict]]:
     # Only the run's own records (what each host was in it, calibrations comparable to it):
     # a finished run's figures never change (cluster/figures.py).
     report = run_report(run, blocks, events, store.run_hosts(run_id), store.calibrations(run["job"]),
-                        time.time(), live)
+                        time.time(), live, hooks_of(run["job"]).item_counts(store, run_id))
     return report, blocks, events
 
 

@@ -319,6 +319,7 @@ def test_idle_worker_killed_from_outside_is_replaced(start_agent):
     assert agent.quiet(0.2) == []
 
 
+@pytest.mark.slow
 def test_cancel_running_task(start_agent):
     """Cancel kills the worker running the task: no result for it, the slot works again."""
     agent = start_agent()
@@ -540,6 +541,7 @@ def test_python36_syntax_and_stdlib_only(name):
 PYTHON36 = find_python36()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(PYTHON36 is None, reason="no Python 3.6 interpreter on this machine")
 def test_runs_on_python36(start_agent):
     """The whole agent on a real Python 3.6: tasks, failures, crash, cancel, no orphans."""

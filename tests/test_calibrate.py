@@ -22,6 +22,7 @@ def local_inventory(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_calibrate_primes_on_a_local_host(tmp_path):
     db = tmp_path / "r.db"
     done = run_fab(["calibrate", "--inventory", local_inventory(tmp_path), "--seconds", "1", "--db", db])
@@ -35,6 +36,7 @@ def test_calibrate_primes_on_a_local_host(tmp_path):
         assert facts["this computer"]["slots"] == 1
 
 
+@pytest.mark.slow
 def test_calibrate_host_directly():
     bench = PrimesBench(start=10**9)
     outcome = calibrate_host(Host(name="here", address="local", slots=1), None, bench, 1.0)

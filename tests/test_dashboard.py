@@ -143,6 +143,39 @@ def test_bad_flags(run_fab, args, words):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_missing_store_is_a_usage_error(run_fab, tmp_path):
+    """fab dashboard --db MISSING: one line, exit 2, nothing served and no store created."""
+    done = run_fab(["dashboard", "--db", tmp_path / "typo.db", "--port", "0"], timeout=30)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--db" in done.stderr and "no such store" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "dashboard of" not in done.stdout
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_wait_serves_a_store_not_there_yet(tmp_path):
+    """--wait: the dashboard opened before the run (the page says "no store yet" until it exists)."""
+    proc = subprocess.Popen(fab_argv(["dashboard", "--db", tmp_path / "later.db", "--port", "0", "--wait"]),
+                            env=fab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        url = urllib.parse.urlsplit(re.search(r"http://\S+", proc.stdout.readline()).group())
+        state = json.loads(get("127.0.0.1", url.port, "/api/state")[2])
+        assert "no store yet" in state["error"] and not (tmp_path / "later.db").exists()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("query", ["run=99", "run=abc", "run=-1", "run=1x", "run=" + "9" * 20])
+def test_an_unknown_run_is_404_with_a_json_error(board, query):
+    status, headers, body = get("127.0.0.1", board.port, "/api/state?" + query)
+    assert status == 404 and headers["Content-Type"] == "application/json"
+    answer = json.loads(body)
+    assert answer["error"].startswith("no run ") and "runs" not in answer
+    assert get("127.0.0.1", board.port, "/api/state?run=1")[0] == 200
+    assert get("127.0.0.1", board.port, "/api/state?run=")[0] == 200  # no run asked: the current one
+
+
 def test_port_taken_is_one_line(board, run_fab):
     done = run_fab(["dashboard", "--db", board.db_path, "--port", str(board.port)], timeout=30)
     assert done.returncode != 0 and "--port: cannot listen" in done.stderr and "Traceback" not in done.stderr

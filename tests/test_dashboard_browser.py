@@ -182,7 +182,7 @@ def test_live_run_over_sshd_hosts(make_cluster, tmp_path, browser):
     cluster = make_cluster(3)
     inventory, config = provision(cluster, tmp_path)
     db = tmp_path / "r.db"
-    board, url = start_dashboard(db)
+    board, url = start_dashboard(db, "--wait")
     run = None
     try:
         browser.get(url)

@@ -114,6 +114,7 @@ def test_addresses_and_names():
     assert len(worker_name("x" * 500, "tcp://x:1")) == 60
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2_in_one_line(run_fab, tmp_path):
     urls = tmp_path / "urls.txt"
     urls.write_text("http://127.0.0.1:9/\n")

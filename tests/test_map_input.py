@@ -93,17 +93,35 @@ def test_quoted_contexts_would_have_run_code(tmp_path):
 
 
 @pytest.mark.parametrize("template", ["echo {..}", "echo {0}", "echo {=1=}", "echo {+/}", "echo {1#}",
-                                      "echo {-0}"])
+                                      "echo {-0}", "echo {foo}", "echo {1x}", "echo { }", "echo x{item}y",
+                                      "cp {} $(echo {name})"])
 def test_unknown_replacement_strings_are_usage_errors(template):
     with pytest.raises(UsageError, match="unknown replacement string"):
         mapinput.check_template(template)
 
 
 @pytest.mark.parametrize("template", ['echo "$(echo {})"', "echo ${#} {}", "awk '{print $1}' {}",
-                                      "echo {1..3} {}", "f() { echo \"$1\"; }; f {}", "echo a <<< {}"])
+                                      "echo {1..3} {}", "f() { echo \"$1\"; }; f {}", "echo a <<< {}",
+                                      "echo ${HOME} {}", "awk '{print}' {}", "echo '{foo}' {}", "echo \\{foo} {}",
+                                      "echo {a,b} {a..c} {}", "{ echo {}; }", 'jq "{a}" {}', "echo {} # {foo}"])
 def test_shell_braces_are_not_replacement_strings(template):
     parts = mapper.parse_template(template)
     assert mapper.render(parts, "v", 1).replace("v", "{}") == template
+
+
+def test_columns_beyond_a_line_are_errors_naming_the_line(tmp_path):
+    path = tmp_path / "grid.tsv"
+    path.write_bytes(b"1\t2\t3\n4\t5\n")
+    need = mapinput.columns_needed([("--command", mapper.parse_template("echo {1} {3.}")),
+                                    ("--return", mapper.parse_template("{-2}.out"))])
+    assert need == (3, "--command's {3.}")
+    with pytest.raises(UsageError, match=r"^--args .*grid.tsv line 2: 2 columns, but --command's \{3.\} needs 3$"):
+        mapinput.open_input(args=str(path), colsep="\t", need=need)
+    assert len(mapinput.open_input(args=str(path), colsep="\t", need=(2, "{-2}"))) == 2
+    for form in ({"range_text": "1:3"}, {"args": str(path)}):
+        with pytest.raises(UsageError, match="without --colsep"):
+            mapinput.open_input(**form, need=(2, "--command's {2}"))
+    assert mapinput.columns_needed([("--command", mapper.parse_template("echo {1} {} {#}"))]) == (1, "")
 
 
 def test_function_specs():
@@ -241,7 +259,10 @@ def test_export_plain_and_jsonl(tmp_path):
     lines = tmp_path / "out.jsonl"
     mapexport.write_export(str(lines), records())
     rows = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert rows[0] == {"seq": 1, "item": "a", "status": "ok", "stdout": "a\n", "stderr": ""}
+    assert rows[0] == {"seq": 1, "item": "a", "item_base64": None, "status": "ok", "exit": 0, "signal": None,
+                       "value": None, "error": None, "host": "h1", "attempt": 1, "truncated": False,
+                       "stdout": "a\n", "stdout_base64": None, "stderr": "", "stderr_base64": None}
+    assert all(list(row) == list(mapexport.EXPORT_KEYS) for row in rows)  # the same keys in every record
     assert rows[1]["stdout"] is None and rows[1]["stdout_base64"] == "//4="
     assert rows[1]["item"] is None and rows[1]["item_base64"] == "Yv8="
     assert rows[2]["item"] == 3
@@ -271,7 +292,11 @@ def test_joblog_has_gnu_parallels_columns(tmp_path):
     rows = [line.split(b"\t") for line in our_lines[1:-1]]
     assert rows[0] == [b"1", b"h1", b"1700000000.250", b"     0.500", b"0", b"0", b"0", b"0", b"echo a"]
     assert rows[1][6:] == [b"3", b"0", b"echo 'b\0c'"]
-    assert rows[2][6:8] == [b"0", b"9"]
+    assert rows[2][6:8] == [b"-1", b"9"]  # killed on --timeout: -1, as parallel's --timeout (below)
+    timed = tmp_path / "timed.log"
+    subprocess.run([PARALLEL, "--will-cite", "--joblog", str(timed), "--timeout", "0.2", "sleep", ":::", "30"],
+                   capture_output=True, timeout=60)
+    assert timed.read_bytes().split(b"\n")[1].split(b"\t")[6] == b"-1"
     # parallel --resume reads our joblog: the Seqs listed there are not run again
     out = subprocess.run([PARALLEL, "--will-cite", "--resume", "--joblog", str(ours), "echo", ":::", "a", "b", "c",
                           "d"], capture_output=True, timeout=60)

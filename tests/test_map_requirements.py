@@ -174,6 +174,7 @@ def test_pip_reason_is_one_bounded_line():
 # ---------------------------------------------------------------- resolving on the coordinator
 
 
+@pytest.mark.slow
 def test_resolve_pulls_dependencies_pins_win_and_once_per_platform(local_index, tmp_path):
     facts = here_facts()
     cache = RequirementWheels(tmp_path / "resolved")
@@ -360,6 +361,24 @@ def jsonl(path: Path) -> list:
 
 F = "import bwtest_app\ndef f(x):\n    return [x] + bwtest_app.versions()\n"
 
+# A barrier for the functions of the over-sshd tests: the call marks its host (the shipped
+# module's folder lies in that host's workdir) and waits until the number of hosts written in
+# the file "want" have marked theirs, so no host can miss a run by connecting late.
+BARRIER = """import os, sys, time
+SEEN = {seen!r}
+
+
+def barrier():
+    os.makedirs(SEEN, exist_ok=True)
+    mark = os.path.dirname(os.path.abspath(__file__)).replace(os.sep, "_")
+    open(os.path.join(SEEN, mark), "w").close()
+    with open(os.path.join(os.path.dirname(SEEN), "want")) as f:
+        want = int(f.read())
+    deadline = time.time() + 60
+    while len(os.listdir(SEEN)) < want and time.time() < deadline:
+        time.sleep(0.05)
+"""
+
 
 def test_local_run_imports_the_pinned_dependency_and_bad_lines_run_nothing(run_fab, tmp_path):
     index = make_index(tmp_path / "index")
@@ -434,7 +453,12 @@ def test_over_sshd_pins_dependencies_old_python_left_out_and_second_run_uploads_
     inventory = cluster.write_inventory(tmp_path / "hosts.ini", extra=offline)
     index = make_index(tmp_path / "index")
     env = pip_env(index, tmp_path / "cache")
-    (tmp_path / "f.py").write_text("import sys\n" + F.replace("return [x]", "return [x, sys.version_info[1]]"))
+    # Every host that can run the function must join before the run may end (a fast run once ended
+    # before h1 had connected, so h1 never installed its wheels): each call marks its host's
+    # workdir and waits, up to a minute, until WANT hosts have marked theirs.
+    body = F.replace("return [x]", "barrier()\n    return [x, sys.version_info[1]]")
+    (tmp_path / "f.py").write_text(BARRIER.format(seen=str(tmp_path / "seen")) + body)
+    (tmp_path / "want").write_text("3")
     (tmp_path / "pinned.txt").write_text("bwtest-app\nbwtest-lib==1.0\n")
     done = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:60", "--requirements", "pinned.txt",
                    "--export", "a.jsonl", "--block-seconds", "0.2", inventory=inventory, config=config)
@@ -451,6 +475,8 @@ def test_over_sshd_pins_dependencies_old_python_left_out_and_second_run_uploads_
 
     (tmp_path / "newest.txt").write_text("bwtest-app\nbwtest-lib>=2\n")
     log.write_text("")
+    (tmp_path / "want").write_text("2")  # h3 is left out: h1 and h2
+    shutil.rmtree(tmp_path / "seen")
     done = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:60", "--requirements", "newest.txt",
                    "--export", "b.jsonl", "--joblog", "b.joblog", "--block-seconds", "0.2", inventory=inventory,
                    config=config)
@@ -466,8 +492,9 @@ def test_over_sshd_pins_dependencies_old_python_left_out_and_second_run_uploads_
     assert len(uploads(log)) == 2 and log.read_text().count("with pip download") == 2
 
     log.write_text("")
-    again = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:61", "--requirements", "newest.txt",
-                    inventory=inventory, config=config)
+    shutil.rmtree(tmp_path / "seen")
+    again = fab_map(run_fab, tmp_path, env, "--function", "f.py:f", "--range", "1:60", "--requirements", "newest.txt",
+                    "--fresh", inventory=inventory, config=config)
     assert again.returncode == 0, again.stdout + again.stderr
     text = log.read_text()
     # The wheels for h1 and h2 come from the cache; only h3's failed resolve is asked again (the

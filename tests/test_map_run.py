@@ -145,8 +145,11 @@ def test_non_utf8_output_and_capped_stdout(run_fab, tmp_path):
     assert rows(tmp_path / "r.db", "SELECT length(stdout), truncated FROM map_items WHERE seq = 2") == [(1 << 20, 1)]
 
 
+@pytest.mark.slow
 def test_bad_input_is_exit_2_and_nothing_runs(run_fab, tmp_path):
     (tmp_path / "nul.txt").write_bytes(b"a\0b\n")
+    (tmp_path / "grid.txt").write_text("a b c\nd e\n")
+    (tmp_path / "mod.py").write_text("import os\ndef f(x):\n    missing = x\n    return missing\n")
     cases = [
         (["--command", "echo {}", "--range", "5:1"], "empty"),
         (["--command", "echo {}", "--range", "a:b"], "integers"),
@@ -159,6 +162,13 @@ def test_bad_input_is_exit_2_and_nothing_runs(run_fab, tmp_path):
         (["--command", "echo", "--function", "m.py:f", "--range", "1:2"], "one of --command or --function"),
         (["--command", "echo", "--range", "1:2", "--timeout", "soon"], "--timeout"),
         (["--command", "echo", "--range", "1:2", "--args", "nul.txt"], "one of --args"),
+        (["--command", "echo {foo}", "--range", "1:2"], "unknown replacement string {foo}"),
+        (["--command", "echo {1x}", "--range", "1:2"], "unknown replacement string {1x}"),
+        (["--command", "echo { }", "--range", "1:2"], "unknown replacement string { }"),
+        (["--command", "echo {}", "--return", "{name}.out", "--range", "1:2"], "--return: unknown"),
+        (["--command", "echo {3}", "--args", "grid.txt", "--colsep", " "], "grid.txt line 2: 2 columns"),
+        (["--command", "echo {2}", "--range", "1:2"], "without --colsep"),
+        (["--function", "mod.py:missing", "--range", "1:2"], "mod.py defines no missing"),
     ]
     for args, words in cases:
         done = fab_map(run_fab, tmp_path, *args)
@@ -166,6 +176,36 @@ def test_bad_input_is_exit_2_and_nothing_runs(run_fab, tmp_path):
         assert words in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "r.db").exists()
+
+
+def test_shell_braces_go_to_the_command(run_fab, tmp_path):
+    """Braces that are the shell's (awk's program in quotes, ${VAR}, a brace group, an escaped or
+    quoted brace) are left to it; only GNU parallel's forms are replaced."""
+    (tmp_path / "cols.txt").write_text("a b\nc d\n")
+    command = "echo {} | awk '{print $2}'; { echo ${HOME:+home}; }; echo '{x}' \\{y}"
+    done = fab_map(run_fab, tmp_path, "--command", command, "--args", "cols.txt", "--export", "out.txt")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out.txt").read_text() == "b\nhome\n{x} {y}\nd\nhome\n{x} {y}\n"
+
+
+def test_asking_a_finished_run_again_writes_nothing(run_fab, tmp_path):
+    """The same command again after a finished run: one line, exit 0, the store not written to
+    (no session, the same fab stats figures, the same bytes), no 'still starting' note."""
+    args = ["--command", "echo {}", "--range", "1:5"]
+    assert fab_map(run_fab, tmp_path, *args).returncode == 0
+    db = tmp_path / "r.db"
+    stats = run_fab(["stats", "--db", db, "--run", "1", "--format", "json"])
+    dump = "\n".join(sqlite3.connect(f"file:{db}?mode=ro", uri=True).iterdump())
+    data = db.read_bytes()
+    again = fab_map(run_fab, tmp_path, *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines() == [f"run 1 already complete in {db}: nothing to run (5 items: 5 ok)"]
+    assert "still starting" not in again.stdout + again.stderr
+    assert db.read_bytes() == data
+    assert "\n".join(sqlite3.connect(f"file:{db}?mode=ro", uri=True).iterdump()) == dump
+    after = run_fab(["stats", "--db", db, "--run", "1", "--format", "json"])
+    assert json.loads(after.stdout) == json.loads(stats.stdout)
+    assert len(json.loads(after.stdout)["sessions"]) == 1
 
 
 # ---------------------------------------------------------------- failures, retries, resume (local)
@@ -194,9 +234,16 @@ def test_function_raising_retries_joblog_and_retry_failed(run_fab, tmp_path):
     assert len(per_seq[3]) == len(per_seq[7]) == 3  # the first try and --retries 2
     assert all(len(per_seq[seq]) == 1 for seq in per_seq if seq not in (3, 7))
     assert all(line["Exitval"] == "1" for line in per_seq[3])
+    # the hosts' table counts the items' failed attempts (2 items x 3) and those tried again (2 x 2)
+    host = json.loads(run_fab(["stats", "--db", tmp_path / "r.db", "--run", "1", "--format", "json"]).stdout)
+    assert (host["hosts"][0]["failures"], host["hosts"][0]["retries"]) == (6, 4)
+    assert "10 items in " in done.stdout
     flag.write_text("")
     again = fab_map(run_fab, tmp_path, *args, "--retry-failed", "--export", "v.jsonl")
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "10 items in " in again.stdout and "10 items: 10 ok" in again.stdout  # each item counted once
+    stats = json.loads(run_fab(["stats", "--db", tmp_path / "r.db", "--run", "1", "--format", "json"]).stdout)
+    assert stats["items"] == 10 and sum(h["items"] for h in stats["hosts"]) == 10 and stats["progress"] == 1.0
     assert [line["value"] for line in jsonl(tmp_path / "v.jsonl")] == [x * 10 for x in range(1, 11)]
     attempts = rows(tmp_path / "r.db", "SELECT attempt, status FROM map_items WHERE seq = 3")
     assert attempts == [(4, "ok")]  # numbering goes on after --retry-failed
@@ -217,6 +264,7 @@ def test_adding_lines_then_resuming_runs_only_the_new_ones(run_fab, tmp_path):
     assert (tmp_path / "all.txt").read_text() == "one\ntwo\nthree\nfour\ntwo\n"
 
 
+@pytest.mark.slow
 def test_hanging_item_times_out(run_fab, tmp_path):
     done = fab_map(run_fab, tmp_path, "--command", "sleep {}", "--args", "-", "--timeout", "1",
                    "--retries", "1", "--export", "t.jsonl", input="0\n300\n0.1\n")
@@ -231,10 +279,18 @@ def test_item_killing_its_worker_is_crashed_after_3(run_fab, tmp_path):
     done = fab_map(run_fab, tmp_path, "--function", "k.py:k", "--range", "1:12", "--joblog", "k.log",
                    "--export", "k.jsonl", timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
+    # no console line per worker death during the run (they named block numbers): the summary says it
+    assert "again in" not in done.stdout + done.stderr
+    summary = done.stdout[done.stdout.index("12 items: 11 ok, 1 crashed"):]
+    assert "#4 '4': crashed on" in summary and "killed its worker 3 times" in summary
     lines = jsonl(tmp_path / "k.jsonl")
     assert [line["status"] for line in lines] == ["ok"] * 3 + ["crashed"] + ["ok"] * 8
     crashes = [line for line in joblog(tmp_path / "k.log") if line["Seq"] == "4"]
     assert len(crashes) == 3
+    assert {line["Exitval"] for line in crashes} == {"-1"}  # no exit status of its own (README.md)
+    assert {line["Exitval"] for line in joblog(tmp_path / "k.log") if line["Seq"] != "4"} == {"0"}
+    assert all(list(line) == list(lines[0]) for line in lines) and lines[3]["error"].startswith("killed its worker")
+    assert lines[0]["error"] is None and lines[0]["value"] == 1 and lines[3]["value"] is None
     assert rows(tmp_path / "r.db", "SELECT attempt, status FROM map_items WHERE seq = 4") == [(3, "crashed")]
 
 

@@ -62,6 +62,7 @@ def test_bootstrap_phase_parsing():
     assert not_bootstrapped({**control, "auth": None}) is None  # unknown: only SOCKS decides
 
 
+@pytest.mark.slow
 def test_tor_not_bootstrapped_is_shown_and_refused_before_any_request(run_fab, tmp_path):
     """A tor whose SOCKS port answers but which is stuck at 14%: tor.status says so; scrape --tor
     leaves it out before any request (the site's log stays empty), and with no host left exits 1."""

@@ -88,6 +88,26 @@ def test_number_spellings_are_one_run(run_fab, tmp_path):
     assert "already complete" in again.stdout and count_of(again.stdout) == 78498
 
 
+def test_a_finished_run_asked_again_writes_nothing(run_fab, tmp_path):
+    """No session added, the same fab stats figures, the same store bytes, no 'still starting' line."""
+    inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
+    assert primes(run_fab, inventory, 1, "1e5", db).returncode == 0
+    stats = run_fab(["stats", "--db", db, "--run", "1", "--format", "json"]).stdout
+    data = db.read_bytes()
+    again = primes(run_fab, inventory, 1, "1e5", db)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [f"run 1 already complete in {db}: nothing to compute",
+                                         f"9,592 primes in [1, 100,000] (run 1, {db})"]
+    assert db.read_bytes() == data
+    assert run_fab(["stats", "--db", db, "--run", "1", "--format", "json"]).stdout == stats
+
+
+def test_one_prime_is_singular(run_fab, tmp_path):
+    done = primes(run_fab, local_inventory(tmp_path), 2, 2, tmp_path / "r.db")
+    assert done.returncode == 0 and f"1 prime in [2, 2] (run 1, {tmp_path / 'r.db'})" in done.stdout, done.stdout
+    assert count_of(done.stdout) == 1
+
+
 @pytest.mark.parametrize("args, words", [
     (["--start", "10", "--end", "1"], "must not be greater than --end"),
     (["--start", "-5", "--end", "10"], "--start: must be at least 0"),
@@ -143,6 +163,7 @@ def test_count_only_and_fresh(run_fab, tmp_path):
     assert "already complete" not in fresh.stdout and count_of(fresh.stdout) == 664579
 
 
+@pytest.mark.slow
 def test_count_only_exact_at_1e10_and_against_primesieve(run_fab, tmp_path):
     """pi(10^10) = 455,052,511; a range off the powers of ten against the primesieve command."""
     inventory = local_inventory(tmp_path)
@@ -183,6 +204,7 @@ def test_count_only_and_smaller_ranges_answered_from_a_finished_list_run(run_fab
     assert count_of(computed.stdout) == 148933 - 168
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_of_coordinator(tmp_path, run_fab):
     inventory, db = local_inventory(tmp_path), tmp_path / "r.db"
     argv = fab_argv(["primes", "--inventory", inventory, "--start", 1, "--end", "3e8", "--db", db,

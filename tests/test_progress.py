@@ -182,6 +182,32 @@ def test_percent_is_100_only_when_done():
     assert "99.9% " in text
 
 
+def test_eta_counts_down_between_commits(monkeypatch):
+    """Between two commits of big blocks the ETA counts down from the last estimate instead of
+    rising with the falling average; slower than that estimate, it is the average's again."""
+    import cluster.progress as module
+
+    clock = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    progress = Progress(enabled=False)
+    progress(0, 1000, [])
+    clock[0] = 110.0
+    progress(100, 1000, [])  # 10 items/s: 90 s left
+    assert progress.eta_seconds() == pytest.approx(90.0)
+    shown = []
+    for now in (111.0, 115.0, 130.0):
+        clock[0] = now
+        progress(100, 1000, [])  # nothing committed: the average falls
+        shown.append(progress.eta_seconds())
+    assert shown == pytest.approx([89.0, 85.0, 70.0])
+    clock[0] = 300.0
+    progress(100, 1000, [])  # far slower than estimated: 900 left at 100 / 200 s
+    assert progress.eta_seconds() == pytest.approx(1800.0)
+    clock[0] = 310.0
+    progress(1000, 1000, [])
+    assert progress.eta_text() == "ETA 0s"
+
+
 def test_stopped_reason_is_the_first_clause_of_the_error():
     progress = Progress(enabled=False)
     progress(10, 100, [])

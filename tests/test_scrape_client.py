@@ -299,6 +299,7 @@ def test_robots_allowed_fetched_with_same_user_agent(web):
     assert result["robots"]["crawl_delay"] == 0.5
 
 
+@pytest.mark.slow
 def test_robots_group_for_our_agent():
     """The group naming our agent wins over '*', crawl delay included."""
     text = "User-agent: *\nDisallow:\nCrawl-delay: 0.3\n\nUser-agent: beowulf-test\nDisallow: /page\nCrawl-delay: 2.5\n"
@@ -709,6 +710,7 @@ for line in sys.stdin:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(find_python36() is None, reason="no Python 3.6 interpreter on this machine")
 def test_runs_on_python36(web, proxy, tmp_path):
     """scrape.py on a real Python 3.6 (PySocks copied in): pages, limits, robots, proxy, ProxyError."""

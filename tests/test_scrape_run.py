@@ -125,6 +125,7 @@ def test_crawl_delay_holds_while_busy_hosts_queue_other_sites(run_fab, tmp_path)
             server.stop()
 
 
+@pytest.mark.slow
 def test_many_sites_in_parallel(run_fab, tmp_path):
     servers = [WebServer(robots=NO_ROBOTS_DELAY, latency=0.3).start() for _ in range(6)]
     try:
@@ -140,6 +141,21 @@ def test_many_sites_in_parallel(run_fab, tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_a_finished_run_asked_again_fetches_and_writes_nothing(run_fab, tmp_path):
+    with WebServer(robots=NO_ROBOTS_DELAY) as web:
+        listing = url_file(tmp_path, [web.url(f"/page/{i}") for i in range(3)])
+        db = tmp_path / "r.db"
+        assert scrape(run_fab, inventory(tmp_path), listing, db, "--delay", "0").returncode == 0
+        data, stats = db.read_bytes(), run_fab(["stats", "--db", db, "--run", "1", "--format", "json"]).stdout
+        web.clear()
+        again = scrape(run_fab, inventory(tmp_path), listing, db, "--delay", "0")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.splitlines()[0] == f"run 1 already complete in {db}: nothing to fetch"
+        assert "still starting" not in again.stdout and not web.requests
+        assert db.read_bytes() == data
+        assert run_fab(["stats", "--db", db, "--run", "1", "--format", "json"]).stdout == stats
 
 
 def test_tor_every_request_through_the_proxy_with_names(run_fab, tmp_path):
@@ -168,6 +184,7 @@ def test_tor_fails_closed_when_the_proxy_is_down(run_fab, tmp_path):
         assert web.requests == []
 
 
+@pytest.mark.slow
 def test_bad_url_file_lines_and_skip_bad(run_fab, tmp_path):
     with WebServer(robots=404) as web:
         urls = url_file(tmp_path, ["# list", web.url("/page/1"), "not-a-url", "ftp://x/y", web.url("/page/1")])
@@ -310,6 +327,7 @@ def test_last_proxy_dying_stops_the_run_with_nothing_sent_directly(tmp_path):
             assert store.runs()[-1]["state"] == "failed" and store.integrity_ok()
 
 
+@pytest.mark.slow
 def test_dashboard_beside_a_scrape_run(tmp_path):
     """fab scrape --dashboard serves the live page of its store while it runs (the same helper as
     fab primes --dashboard, tasks/common.py run_job), and stops with it."""

@@ -223,7 +223,12 @@ def test_eta_of_a_running_run(tmp_path, clock):
     assert report["sessions"] == [[T0, T0 + 10]]
     assert report["throughput"] == pytest.approx(30.0)
     assert report["progress"] == pytest.approx(0.3)
-    assert report["eta_seconds"] == pytest.approx(700 / 30)
+    # the estimate at the last commit (T0 + 9: 300 in 9 s, 21 s for 700) counted down since
+    assert report["eta_seconds"] == pytest.approx(700 / (300 / 9) - 1)
+    later = report_of(db, run_id, now=T0 + 14, live=True)
+    assert later["eta_seconds"] == pytest.approx(700 / (300 / 9) - 5)  # not rising as the average falls
+    stalled = report_of(db, run_id, now=T0 + 100, live=True)
+    assert stalled["eta_seconds"] == pytest.approx(700 / (300 / 100))  # past it: the rate until now
     assert report["tail"] is None  # still handing out blocks
     with Store(db) as store:
         clock.at(12)
@@ -614,6 +619,46 @@ def test_plot_functions_directly(tmp_path, clock):
     assert not messages and len(written) == 3
     for path in written:
         assert_png(path)
+
+
+def test_sum_bar_without_calibration_fits_and_legends_do_not_overlap_labels(tmp_path, clock):
+    """With no comparable calibration the stack is the hosts' speed while busy, above the
+    throughput: the axis holds all of it and its figure; every legend sits apart from the
+    x label (a map run's plots once cut the bar and wrote the legend over the label)."""
+    import warnings
+
+    from cluster import plots
+
+    db = tmp_path / "r.db"
+    run_id = build_two_sessions(db, clock, calibrate=())
+    report = report_of(db, run_id, now=T0 + 500)
+    with Store.open_readonly(db) as store:
+        blocks, events = store.blocks(run_id), store.events(run_id)
+    plt = plots._pyplot()
+    colors = plots._host_colors(report, None)
+    scale = report["unit"]["scale"]
+    stacked = sum(h["speed_busy"] * scale for h in report["hosts"] if h["items"] and h["speed_busy"])
+    assert stacked > report["throughput"] * scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's layout warnings fail the test
+        figures = [plots.rates_figure(plt, report, colors), plots.sum_figure(plt, report, colors),
+                   plots.timeline_figure(plt, report, blocks, events, colors)]
+        for figure in figures:
+            figure.canvas.draw()
+    try:
+        ax = figures[1].axes[0]
+        assert ax.get_ylim()[1] > stacked * 1.05, (ax.get_ylim(), stacked)
+        inside = ax.get_window_extent()
+        for text in ax.texts:
+            box = text.get_window_extent()
+            assert inside.y0 <= box.y0 and box.y1 <= inside.y1, text.get_text()
+        for figure in (figures[0], figures[2]):
+            label = figure.axes[0].xaxis.label.get_window_extent()
+            for legend in figure.legends + [a.get_legend() for a in figure.axes if a.get_legend()]:
+                assert not legend.get_window_extent().overlaps(label), legend
+    finally:
+        for figure in figures:
+            plt.close(figure)
 
 
 def test_stats_is_registered():

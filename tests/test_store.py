@@ -514,6 +514,7 @@ def test_lock_is_refused_while_its_holder_lives_then_taken_over(db, store):
     assert store.lock_holder(run)["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 def test_lock_is_race_free_between_processes(db, store):
     run = store.open_run("primes", PRIMES, 1000)
     race = """

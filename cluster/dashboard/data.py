@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from cluster.jobs import hooks_of
 from cluster.report import run_report, run_row
 
 # Bounds on what one snapshot holds (the page stays light with 100 hosts and big runs).
@@ -180,7 +181,8 @@ def run_view(store, run_id: int, now: float) -> dict:
     run_hosts = store.run_hosts(run_id)
     live = run["state"] == "running" and store.lock_holder(run_id) is not None
     # The same call as tasks/stats.py's _report: the same figures, the same values.
-    report = run_report(run, blocks, events, run_hosts, store.calibrations(run["job"]), now, live)
+    report = run_report(run, blocks, events, run_hosts, store.calibrations(run["job"]), now, live,
+                        hooks_of(run["job"]).item_counts(store, run_id))
     spans = report["sessions"]
     at = clock(spans)
     wall = report["wall_seconds"]
@@ -235,8 +237,6 @@ def _cut_report_strings(report: dict) -> None:
 def recent_pages(store, run_id: int, job: str) -> list[dict]:
     """The latest items of a run that has some to show (Job.recent_items; scrape: its pages:
     URL, status, title, error, no bodies), at most MAX_PAGES."""
-    from cluster.jobs import hooks_of
-
     rows = hooks_of(job).recent_items(store, run_id, MAX_PAGES)
     return [{key: cut(value) for key, value in row.items()} for row in rows]
 

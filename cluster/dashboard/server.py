@@ -2,7 +2,9 @@
 
 - Routes: ``/`` (the page), ``/static/app.js`` and ``/static/app.css`` (fixed names: a
   request never chooses a file to read), ``/api/state?run=N`` (the JSON snapshot,
-  data.py). Anything else is 404; any method but GET is 405. No route changes anything.
+  data.py; without ``run`` the current run's; a ``run`` that is not a run of the store
+  is 404 with ``{"error": ...}``). Anything else is 404; any method but GET is 405. No
+  route changes anything.
 - The store is opened read-only (``Store.open_readonly``: SQLite ``mode=ro``). WAL
   readers never block the coordinator's writer (cluster/store.py); a snapshot is
   computed at most about once a second whoever asks, and a finished run's only when
@@ -129,6 +131,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/state":
             wanted = query.get("run", [""])[0]
             run_id = int(wanted) if wanted.isdigit() and len(wanted) < 12 else None
+            if "run" in query and (run_id is None or not board.has_run(run_id)):
+                # Not the latest run in place of the one asked for: the caller would take it for that one.
+                return self._send(404, _json({"error": f"no run {shown(wanted[:20])} in {board.db_path}"}),
+                                  "application/json")
             return self._send(200, board.state(run_id), "application/json")
         if path == "/favicon.ico":
             return self._send(204, b"", "image/x-icon")
@@ -162,6 +168,7 @@ class Dashboard:
         self._lock = threading.Lock()
         self._cache: dict = {}  # wanted run -> (signature, time, live, body)
         self._rows: dict = {}   # finished runs' rows of the runs list (data.runs_list)
+        self._runs_seen: set = set()  # run ids known to be in the store (has_run)
         self._thread: Optional[threading.Thread] = None
         try:
             self.httpd = _Server((bind, int(port)), _Handler, self)
@@ -213,6 +220,23 @@ class Dashboard:
                 self._cache.clear()
             self._cache[wanted] = (signature, now, live, body)
             return body
+
+    def has_run(self, run_id: int) -> bool:
+        """Whether the store has run ``run_id`` (False when there is no store yet)."""
+        from cluster.store import Store
+
+        if run_id in self._runs_seen:  # a run is never deleted from a store
+            return True
+        if not self.db_path.exists():
+            return False
+        try:
+            with Store.open_readonly(self.db_path) as store:
+                found = store.run(run_id) is not None
+        except BeowulfError:
+            return False
+        if found:
+            self._runs_seen.add(run_id)
+        return found
 
     def _compute(self, wanted: Optional[int]) -> tuple[bytes, bool]:
         from cluster.store import Store

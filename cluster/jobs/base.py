@@ -246,6 +246,17 @@ class Job:
         return []
 
     @classmethod
+    def item_counts(cls, store, run_id: int) -> dict:
+        """What a host's items add to its ``retries`` and ``failures`` in the run's report, for a
+        job whose items fail inside tasks that succeed (map): ``{host: {"retries": n, "failures": n}}``."""
+        return {}
+
+    def retry_line(self, block, delay: float, why: str) -> str:
+        """The console line when ``decide``/``failure`` sends a block again (RETRY); '' logs it
+        only in the log file (the job says it in its own summary)."""
+        return f"item {block.lo} again in {delay:.1f}s ({why})"
+
+    @classmethod
     def summary_notes(cls, report: dict) -> list:
         """Lines printed under the end-of-run table (a run report of cluster/report.py)."""
         return []

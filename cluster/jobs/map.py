@@ -538,6 +538,26 @@ class MapJob(Job):
         return f" of a {params.get('mode', '')} {str(params.get('spec', ''))[:60]!r} over --{params.get('input', '')}"
 
     @classmethod
+    def item_counts(cls, store, run_id: int) -> dict:
+        """Per host, its items' failed attempts (failures) and those of them tried again (retries)."""
+        if not store.has_table("map_items"):
+            return {}
+        counts: dict = {}
+        for sql, names in (("SELECT host, count(*) AS n FROM map_attempts WHERE run_id = ? GROUP BY host",
+                            ("retries", "failures")),
+                           ("SELECT host, count(*) AS n FROM map_items WHERE run_id = ? AND status <> 'ok'"
+                            " GROUP BY host", ("failures",))):
+            for row in store.query(sql, (run_id,)):
+                host = counts.setdefault(row["host"], {"retries": 0, "failures": 0})
+                for name in names:
+                    host[name] += row["n"]
+        return counts
+
+    def retry_line(self, block, delay: float, why: str) -> str:
+        """Not on the console: a worker's death is in the run's summary (tasks/map.py), by item."""
+        return ""
+
+    @classmethod
     def recent_items(cls, store, run_id: int, limit: int) -> list:
         """The run's latest final items (seq, status, host, seconds) for the dashboard."""
         if not store.has_table("map_items"):

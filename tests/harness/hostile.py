@@ -82,7 +82,7 @@ def fab_measured(args, tmp_path: Path, config=None, timeout: float = 240, tail: 
 
 def total_line(stdout: str) -> str:
     """The last ``N primes in [..]`` line of a primes run's output."""
-    return [line for line in stdout.splitlines() if " primes in [" in line][-1]
+    return [line for line in stdout.splitlines() if " primes in [" in line or " prime in [" in line][-1]
 
 
 def count_of(stdout: str) -> int:

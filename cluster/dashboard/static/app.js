@@ -100,6 +100,14 @@
   function poll() {
     fetch(apiUrl(), { cache: "no-store", credentials: "omit" })
       .then(function (r) {
+        if (r.status === 404 && wanted !== null) {
+          // A run the store does not have (#run=N of another store): say so, follow the current one.
+          return r.json().then(function (body) {
+            wanted = null;
+            history.replaceState(null, "", window.location.pathname + window.location.search);
+            throw new Error(body && body.error ? body.error : "HTTP 404");
+          });
+        }
         if (!r.ok) throw new Error("HTTP " + r.status);
         return r.json();
       })
