@@ -44,6 +44,11 @@ CONNECT_TIMEOUT = 10.0
 WATCH_SECONDS = 0.5
 # Seconds a worker's hello task may take (importing numpy on a cold worker).
 HELLO_TIMEOUT = 60.0
+# Jobs whose tasks run in a child worker process of the Dask worker (dask_worker.run_in_child):
+# fab map runs the user's code, which may crash, hang, or need its timeout's signal (README, "Engines").
+CHILD_JOBS = frozenset({"map"})
+# Seconds the end of a command waits for the workers to stop their child workers.
+STOP_CHILDREN_SECONDS = 5.0
 # Longest worker name shown; longer ones are cut (names come from the cluster: hostile text).
 MAX_NAME = 60
 _ADDRESS = re.compile(r"^(?:(?:tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}\Z")
@@ -96,6 +101,7 @@ class DaskEngine:
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         self.coordinator = None
+        self.children = False  # some task ran in a child worker (dask_worker.run_in_child)
 
     # ------------------------------------------------------------ life cycle
 
@@ -152,6 +158,8 @@ class DaskEngine:
             for stream in list(streams):
                 stream.end("the run is over")
         client, cluster = self.client, self.cluster
+        if client is not None and self.children and not self.lost_scheduler:
+            self._stop_children(client)
         self.client = self.cluster = None
         if client is not None:
             try:
@@ -164,6 +172,29 @@ class DaskEngine:
             except Exception as err:
                 log.debug("closing the LocalCluster: %s", err)
         log.debug("dask: closed")
+
+    def _stop_children(self, client) -> None:
+        """Every worker ends its child workers (dask_worker.stop_children): on a cluster that
+        outlives the command they would otherwise wait, idle, for tasks that never come."""
+        def stop():
+            try:
+                client.run(dask_worker.stop_children, on_error="ignore")
+            except Exception as err:  # a worker or the scheduler going away meanwhile
+                log.debug("stopping the child workers: %s", err)
+
+        thread = threading.Thread(target=stop, name="dask-stop-children", daemon=True)
+        thread.start()
+        thread.join(STOP_CHILDREN_SECONDS)
+
+    def remove_run_folders(self, run: str) -> None:
+        """fab map's run is over: each worker removes WORKDIR/map/RUN (dask_worker.remove_run)."""
+        client = self.client
+        if client is None or self.lost_scheduler:
+            return
+        try:
+            client.run(dask_worker.remove_run, self.bundle, run, on_error="ignore")
+        except Exception as err:  # cleaning up is a courtesy
+            log.info("run folders not removed: %s", _one_line(err))
 
     def __enter__(self):
         return self
@@ -373,6 +404,11 @@ class DaskLink(HostLink):
         if isinstance(executable, str) and executable.startswith("/") and len(executable) < 4096:
             # The worker's own interpreter, for a job's prepare commands (Job.prepare_host).
             self.host = dataclasses.replace(self.host, python=executable)
+        workdir = facts.get("workdir")
+        if isinstance(workdir, str) and workdir.startswith("/") and len(workdir) < 4096 and "\0" not in workdir:
+            # The bundle's folder on the worker (LOCAL_DIRECTORY/beowulf-HASH, the client in its
+            # client/): a job's prepare step (fab map's shipping) uses it as the host's workdir.
+            self.host = dataclasses.replace(self.host, workdir=workdir)
         return DaskTransport(engine, address, self.host, facts, engine.workers.get(address, {}))
 
 
@@ -451,25 +487,44 @@ class DaskStream:
             message = json.loads(line)
             kind = message.get("type")
             if kind == "task":
-                self._submit(message["id"], line + b"\n")
+                self._submit(message["id"], line + b"\n", message.get("job"))
             elif kind == "cancel":
                 with self._lock:
                     future = self._futures.pop(message.get("id"), None)
                 if future is not None:
                     future.cancel()
+                    self._kill([future])
             elif kind == "bye":
                 self.end("bye")
 
-    def _submit(self, task_id: int, line: bytes) -> None:
+    def _submit(self, task_id: int, line: bytes, job=None) -> None:
         client = self.engine.client
         if client is None:
             raise ConnectionError("not connected to the Dask scheduler")
-        future = client.submit(dask_worker.run_line, self.engine.bundle, line,
-                               key=f"beowulf-{self.name}-{task_id}-{uuid.uuid4().hex[:12]}",
-                               workers=[self.address], allow_other_workers=False, retries=0, pure=False)
+        key = f"beowulf-{self.name}-{task_id}-{uuid.uuid4().hex[:12]}"
+        if job in CHILD_JOBS:  # in a child worker process of the Dask worker (dask_worker.run_in_child)
+            self.engine.children = True
+            future = client.submit(dask_worker.run_in_child, self.engine.bundle, line, key, key=key,
+                                   workers=[self.address], allow_other_workers=False, retries=0, pure=False)
+            future.beowulf_child = True
+        else:
+            future = client.submit(dask_worker.run_line, self.engine.bundle, line, key=key,
+                                   workers=[self.address], allow_other_workers=False, retries=0, pure=False)
         with self._lock:
             self._futures[task_id] = future
         future.add_done_callback(lambda done, task_id=task_id: self._done(task_id, done))
+
+    def _kill(self, futures) -> None:
+        """Kill the child workers running cancelled tasks (a Dask cancel does not stop a running
+        task): Client.run reaches the worker outside its task threads, busy or not."""
+        keys = [future.key for future in futures if getattr(future, "beowulf_child", False)]
+        client = self.engine.client
+        if not keys or client is None:
+            return
+        try:
+            client.run(dask_worker.kill_tasks, keys, workers=[self.address], wait=False)
+        except Exception as err:  # the worker or the scheduler is gone: nothing left to kill
+            log.debug("%s: killing cancelled tasks: %s", self.name, err)
 
     def _done(self, task_id: int, future) -> None:
         with self._lock:
@@ -529,6 +584,7 @@ class DaskStream:
                 self.engine.client.cancel(futures)
             except Exception as err:
                 log.debug("%s: cancelling: %s", self.name, err)
+            self._kill(futures)
         self._lines.put(None)
 
     def kill(self) -> None:
@@ -576,8 +632,12 @@ def _local_cluster(workers: Optional[int]):
         # own choice in Dask's configuration wins.
         method = {"distributed.worker.multiprocessing-method": "fork"}
     with dask.config.set(method):
+        # No dashboard, and the scheduler's HTTP routes (it serves some even without one) on a
+        # free loopback port: Dask's default, 8787, warned "Port 8787 is already in use" on the
+        # console whenever another cluster (or a second fab run) held it.
         return LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
-                            dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
+                            dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                            host="127.0.0.1", silence_logs=logging.ERROR)
 
 
 def _probe(address: str) -> None:
