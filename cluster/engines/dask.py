@@ -102,6 +102,8 @@ class DaskEngine:
         self._watcher: Optional[threading.Thread] = None
         self.coordinator = None
         self.children = False  # some task ran in a child worker (dask_worker.run_in_child)
+        self._kills: list = []  # (worker address, task keys) whose children kill_later kills
+        self._killer: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------ life cycle
 
@@ -172,6 +174,32 @@ class DaskEngine:
             except Exception as err:
                 log.debug("closing the LocalCluster: %s", err)
         log.debug("dask: closed")
+
+    def kill_later(self, address: str, keys: list) -> None:
+        """Have ``address`` kill the children running ``keys`` (dask_worker.kill_tasks), from a thread
+        of its own; nothing when the worker has left (its children went with it)."""
+        with self._lock:
+            if address not in self.workers:
+                return
+            self._kills.append((address, keys))
+            if self._killer is None or not self._killer.is_alive():
+                self._killer = threading.Thread(target=self._kill_loop, name="dask-kill", daemon=True)
+                self._killer.start()
+
+    def _kill_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._kills:
+                    self._killer = None
+                    return
+                address, keys = self._kills.pop(0)
+            client = self.client
+            if client is None or address not in self.workers:
+                continue
+            try:
+                client.run(dask_worker.kill_tasks, keys, workers=[address], wait=False, on_error="ignore")
+            except Exception as err:  # the worker or the scheduler is gone: nothing left to kill
+                log.debug("%s: killing cancelled tasks: %s", address, _one_line(err))
 
     def _stop_children(self, client) -> None:
         """Every worker ends its child workers (dask_worker.stop_children): on a cluster that
@@ -516,15 +544,12 @@ class DaskStream:
 
     def _kill(self, futures) -> None:
         """Kill the child workers running cancelled tasks (a Dask cancel does not stop a running
-        task): Client.run reaches the worker outside its task threads, busy or not."""
+        task): Client.run reaches the worker outside its task threads, busy or not. Never here: a
+        Client.run waits for the scheduler (and on a worker that is gone, for its connect timeout),
+        and this runs in the coordinator's loop or the watcher (DaskEngine.kill_later)."""
         keys = [future.key for future in futures if getattr(future, "beowulf_child", False)]
-        client = self.engine.client
-        if not keys or client is None:
-            return
-        try:
-            client.run(dask_worker.kill_tasks, keys, workers=[self.address], wait=False)
-        except Exception as err:  # the worker or the scheduler is gone: nothing left to kill
-            log.debug("%s: killing cancelled tasks: %s", self.name, err)
+        if keys:
+            self.engine.kill_later(self.address, keys)
 
     def _done(self, task_id: int, future) -> None:
         with self._lock:
