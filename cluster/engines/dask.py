@@ -320,7 +320,7 @@ class DaskEngine:
                 if not isinstance(facts, dict):
                     facts = {"error": "the hello task returned junk"}
             except Exception as err:
-                future.cancel()
+                _cancel(future)
                 facts = {"python": known.get("python", "?"), "engines": {}, "error": _one_line(err)}
             facts.setdefault("packages", known.get("packages", {}))
             out[address] = facts
@@ -328,8 +328,10 @@ class DaskEngine:
 
     def _wait(self, address: str, future, deadline: float):
         """``future``'s result; a worker that leaves meanwhile (its task would wait for it for ever:
-        ``allow_other_workers=False``), or the deadline, is an error."""
+        ``allow_other_workers=False``), the deadline, or the end of the command, is an error."""
         while True:
+            if self._stop.is_set() or self.client is None:
+                raise ConnectionError("the run is over")
             try:
                 return future.result(timeout=min(WATCH_SECONDS, max(0.01, deadline - time.monotonic())))
             except TimeoutError:
@@ -425,7 +427,10 @@ class DaskLink(HostLink):
         address = engine.address_of(self.name)
         if address is None:
             raise ConnectError(f"{self.name}: the worker is not in the Dask cluster (any more)")
-        facts = engine.hello(address)
+        try:
+            facts = engine.hello(address)
+        except Exception as err:  # the client closed under it (the run ended while it started), the scheduler went
+            raise ConnectError(f"{self.name}: {_one_line(err)}") from None
         if facts.get("error"):
             raise ConnectError(f"{self.name}: cannot run the client: {_one_line(facts['error'])}")
         executable = facts.get("executable")
@@ -458,7 +463,7 @@ class DaskTransport(Transport):
         try:
             return self.engine._wait(self.address, future, deadline)
         except Exception as err:
-            future.cancel()
+            _cancel(future)
             raise RemoteError(f"{self.name}: {_one_line(err)}") from None
 
     def run(self, command: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None) -> CommandResult:
@@ -663,6 +668,15 @@ def _local_cluster(workers: Optional[int]):
         return LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
                             dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
                             host="127.0.0.1", silence_logs=logging.ERROR)
+
+
+def _cancel(future) -> None:
+    """Cancel a future whose answer is no longer wanted; nothing when the client is closed already
+    (the end of a run while a worker was still starting: ClosedClientError)."""
+    try:
+        future.cancel()
+    except Exception as err:
+        log.debug("cancelling %s: %s", getattr(future, "key", "?"), _one_line(err))
 
 
 def _probe(address: str) -> None:
