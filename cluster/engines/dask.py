@@ -661,6 +661,9 @@ def _local_cluster(workers: Optional[int]):
         # (BENCHMARKS.md, "Dask engine"). A fork of this process starts in ~0.1 s; the user's
         # own choice in Dask's configuration wins.
         method = {"distributed.worker.multiprocessing-method": "fork"}
+    # Dask's statistical profiler samples every thread's stack every 10 ms in each worker: for
+    # a dashboard nobody looks at here (none is started), at the cost of the sieving's CPU.
+    method["distributed.worker.profile.enabled"] = False
     with dask.config.set(method):
         # No dashboard, and the scheduler's HTTP routes (it serves some even without one) on a
         # free loopback port: Dask's default, 8787, warned "Port 8787 is already in use" on the

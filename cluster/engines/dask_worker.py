@@ -161,6 +161,7 @@ def _runner(bundle: str):
 
 def run_line(bundle: str, line: bytes) -> bytes:
     """One task line in, one result line out (client/agent.py's JobRunner; it never raises)."""
+    _nice_thread()
     return _runner(bundle).run_line(line)
 
 
@@ -216,6 +217,7 @@ def run_in_child(bundle: str, line: bytes, key: str) -> bytes:
     import threading
     import time
 
+    _nice_thread()  # before a child starts: it inherits the thread's niceness
     _runner(bundle)  # the bundle's agent module, checked
     agent = sys.modules["agent"]
     folder = _folder(bundle)
@@ -348,20 +350,32 @@ def put_file(data: bytes, path: str) -> None:
     os.replace(temp, target)
 
 
+# The niceness of the threads that run tasks, set by ``renice`` (the embedded LocalCluster): kept in
+# the worker process's environment, since this module's globals are unpickled afresh with every task.
+TASK_NICE = "BEOWULF_DASK_TASK_NICE"
+
+
 def renice(niceness: int) -> int:
-    """Lower this worker process's priority (every thread: Linux renices one thread at a time;
-    threads started later inherit it). For the embedded LocalCluster only, whose workers share
-    this computer with the coordinator, like a local host's agent workers (hosts.ini ``nice``)."""
+    """Lower the priority of the threads that run this worker's tasks (and of what they start) to
+    ``niceness``, not of the worker's event loop: like a local host's agent workers (hosts.ini
+    ``nice``) under an agent that keeps its own. For the embedded LocalCluster only, whose workers
+    share this computer with the coordinator. Each task thread renices itself (``_nice_thread``)."""
+    os.environ[TASK_NICE] = str(int(niceness))
+    return int(niceness)
+
+
+def _nice_thread() -> None:
+    """This task thread at the niceness ``renice`` asked for (Linux: niceness is per thread, and a
+    process started from the thread inherits it); nothing when none was asked."""
+    wanted = os.environ.get(TASK_NICE)
+    if not wanted:
+        return
+    import threading
+
     try:
-        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        except (AttributeError, OSError):
-            pass
-    return len(tids)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(wanted))
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def die_with(parent: int, interval: float = 0.5) -> bool:
