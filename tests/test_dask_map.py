@@ -126,9 +126,12 @@ def test_map_command_and_function_exact_over_workers(run_fab, tmp_path, dask_clu
     lines = [f"line {n} it's $HOME" for n in range(1, 3001)]
     (tmp_path / "items.txt").write_text("".join(f"{line}\n" for line in lines))
     done = run_fab(["map", "--command", "echo {#} {}", "--args", "items.txt", "--db", "c.db", "--export", "c.out",
-                    "--block-seconds", "0.5", *on_dask], cwd=tmp_path, timeout=300)
+                    "--joblog", "c.log", "--block-seconds", "0.5", *on_dask], cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "c.out").read_text().splitlines() == [f"{n} {line}" for n, line in enumerate(lines, 1)]
+    joblog = [line.split("\t") for line in (tmp_path / "c.log").read_text().splitlines()]
+    assert joblog[0][:2] == ["Seq", "Host"] and len(joblog) == 3001
+    assert {row[1] for row in joblog[1:]} <= {"w1", "w2", "w3"} and {row[6] for row in joblog[1:]} == {"0"}
     assert "3,000 items: 3,000 ok" in done.stdout
     runs, counts, twice = item_counts(tmp_path / "c.db")
     assert (runs, counts, twice) == (1, {"ok": 3000}, 0)
@@ -210,6 +213,11 @@ def test_ship_return_and_the_workers_pythonpath_on_dask(run_fab, tmp_path, path_
     assert done.returncode == 0, done.stdout + done.stderr
     for n in range(1, 41):
         assert (tmp_path / "back" / f"{n}.up").read_text() == f"WORD {n}\n"
+    done = run_fab(["map", "--command", "wc -c < {}", "--files", "data/*.txt", "--db", "w.db", "--export", "w.out",
+                    *on_dask], cwd=tmp_path, timeout=300)  # each file travels in its task
+    assert done.returncode == 0, done.stdout + done.stderr
+    sizes = sorted(int(line) for line in (tmp_path / "w.out").read_text().split())
+    assert sizes == sorted(len(f"word {n}\n") for n in range(1, 41))
     # A function reading a shipped file and importing a module found only on the workers' PYTHONPATH
     # (the child workers keep the Dask worker's environment).
     (tmp_path / "words.txt").write_text("alpha\nbeta\n")
@@ -294,3 +302,9 @@ def test_embedded_local_cluster_map_no_warning_when_8787_is_taken(run_fab, tmp_p
         assert words not in done.stderr.lower(), done.stderr
     assert item_counts(tmp_path / "r.db") == (1, {"ok": 2000}, 0)
     assert all(name.startswith("dask-") for name in blocks_by_host(tmp_path / "r.db"))
+    # fabric.yaml's beowulf.engine picks it too; the run is the same one (already complete).
+    config = tmp_path / "fabric.yaml"
+    config.write_text("beowulf:\n  engine: dask\n")
+    again = run_fab(["map", "--function", "fn.py:f", "--range", "1:2000", "--db", "r.db"], config=config,
+                    cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stdout + again.stderr
