@@ -204,25 +204,13 @@ class DaskEngine:
     def _stop_children(self, client) -> None:
         """Every worker ends its child workers (dask_worker.stop_children): on a cluster that
         outlives the command they would otherwise wait, idle, for tasks that never come."""
-        def stop():
-            try:
-                client.run(dask_worker.stop_children, on_error="ignore")
-            except Exception as err:  # a worker or the scheduler going away meanwhile
-                log.debug("stopping the child workers: %s", err)
-
-        thread = threading.Thread(target=stop, name="dask-stop-children", daemon=True)
-        thread.start()
-        thread.join(STOP_CHILDREN_SECONDS)
+        _run_everywhere(client, "stopping the child workers", dask_worker.stop_children)
 
     def remove_run_folders(self, run: str) -> None:
         """fab map's run is over: each worker removes WORKDIR/map/RUN (dask_worker.remove_run)."""
         client = self.client
-        if client is None or self.lost_scheduler:
-            return
-        try:
-            client.run(dask_worker.remove_run, self.bundle, run, on_error="ignore")
-        except Exception as err:  # cleaning up is a courtesy
-            log.info("run folders not removed: %s", _one_line(err))
+        if client is not None and not self.lost_scheduler:
+            _run_everywhere(client, "removing the run folders", dask_worker.remove_run, self.bundle, run)
 
     def __enter__(self):
         return self
@@ -671,6 +659,21 @@ def _local_cluster(workers: Optional[int]):
         return LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
                             dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
                             host="127.0.0.1", silence_logs=logging.ERROR)
+
+
+def _run_everywhere(client, what: str, function, *args) -> None:
+    """``function(*args)`` on every worker (Client.run), waited for at most STOP_CHILDREN_SECONDS
+    (a worker that died but is still listed would hold Client.run for its connect timeout):
+    a courtesy at the end of a command, never a failure of it."""
+    def call():
+        try:
+            client.run(function, *args, on_error="ignore")
+        except Exception as err:  # a worker or the scheduler going away meanwhile
+            log.debug("%s: %s", what, _one_line(err))
+
+    thread = threading.Thread(target=call, name=f"dask-{function.__name__}", daemon=True)
+    thread.start()
+    thread.join(STOP_CHILDREN_SECONDS)
 
 
 def _cancel(future) -> None:
