@@ -652,6 +652,13 @@ def _local_cluster(workers: Optional[int]):
     # Dask's statistical profiler samples every thread's stack every 10 ms in each worker: for
     # a dashboard nobody looks at here (none is started), at the cost of the sieving's CPU.
     method["distributed.worker.profile.enabled"] = False
+    # The scheduler runs in this process: its work stealing (a 100 ms periodic balance; beowulf's
+    # tasks are pinned to a worker, never stolen) and memory manager only cost the coordinator CPU.
+    method["distributed.scheduler.work-stealing"] = False
+    method["distributed.scheduler.active-memory-manager.start"] = False
+    # Each Dask server (the scheduler, the nannies, here; the workers) times its event loop every
+    # 20 ms to warn of a blocked loop: every 500 ms is plenty for that.
+    method["distributed.admin.tick.interval"] = "500ms"
     with dask.config.set(method):
         # No dashboard, and the scheduler's HTTP routes (it serves some even without one) on a
         # free loopback port: Dask's default, 8787, warned "Port 8787 is already in use" on the
