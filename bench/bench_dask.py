@@ -1,6 +1,7 @@
 """The Dask engine against beowulf's own: per-block overhead, and fab primes 1..1e9 end to end.
 
-    python bench/bench_dask.py [--blocks 2000] [--repeats 3] [--end 1e9] [--skip-overhead] [--skip-primes]
+    python bench/bench_dask.py [--blocks 2000] [--repeats 3] [--end 1e9] [--items 20000]
+                               [--skip-overhead] [--skip-primes] [--skip-map]
 
 a. Per-block overhead (trivial blocks): a TrivialJob of BLOCKS one-item ``noop`` blocks run by
    cluster.coordinator.Coordinator in this process (bench_dispatch.py's TimedCoordinator: timed
@@ -14,6 +15,13 @@ b. ``fab primes --start 1 --end 1e9`` as a whole command (wall time, store in a 
    folder each time): ``--engine dask`` with the embedded LocalCluster against the shipped
    default inventory (this computer, one agent worker per core). Interleaved, REPEATS each,
    medians. Target (issue 13): dask <= 1.2x local.
+c. ``fab map --function benchfn.py:square --range 1:ITEMS --engine dask --scheduler ADDRESS``
+   against plain ``client.gather(client.map(square, range(1, ITEMS + 1)))`` on the same, already
+   running cluster (a ``dask scheduler`` and two ``dask worker --nthreads 1``, tests/harness/dask.py;
+   the client connected and warmed up beforehand, not charged). fab map per item both marginal,
+   (T(ITEMS) - T(ITEMS/10)) / (0.9 ITEMS) as bench_map.py's (1), and whole command, T(ITEMS) / ITEMS
+   (Python, Fabric, the connection to the scheduler, shipping, the child workers' start included);
+   client.map per item over ITEMS. Interleaved, REPEATS each, medians. Target (issue 13): >= 50x.
 
 Needs root, /usr/sbin/sshd (tests/system-deps.sh) for (a). Absolute times on a shared machine
 vary by 2x: quote the ratios.
@@ -112,6 +120,62 @@ def primes(end: str, repeats: int, base: Path) -> list:
     return rows
 
 
+def square(x):
+    return x * x
+
+
+BENCHFN = "def square(x):\n    return x * x\n"
+
+
+def map_vs_client_map(items: int, repeats: int, base: Path) -> list:
+    from distributed import Client
+
+    folder = base / "map"
+    folder.mkdir()
+    (folder / "benchfn.py").write_text(BENCHFN)
+    small = max(1, items // 10)
+    times: dict[str, list] = {"fab map": [], "fab map small": [], "client.map": []}
+    with DaskCluster(base / "dask-map") as cluster:
+        cluster.add_worker("w1", threads=1, wait=False)
+        cluster.add_worker("w2", threads=1, wait=False)
+        for name in ("w1", "w2"):
+            cluster.wait_for(name)
+
+        def fab_map(count: int, attempt: int) -> float:
+            return fab_seconds(["map", "--function", "benchfn.py:square", "--range", f"1:{count}", "--engine", "dask",
+                                "--scheduler", cluster.address, "--db", folder / f"m{count}-{attempt}.db", "--fresh",
+                                "--quiet"], folder)
+
+        fab_map(small, -1)  # warm: the shipped function and the bundle on the workers, byte code
+        with Client(cluster.address, set_as_default=False) as client:
+            client.gather(client.map(square, range(1, 101)))  # warm: the function and the connections
+            for attempt in range(repeats):
+                times["fab map"].append(fab_map(items, attempt))
+                times["fab map small"].append(fab_map(small, attempt))
+                began = time.perf_counter()
+                values = client.gather(client.map(square, range(1, items + 1)))
+                times["client.map"].append(time.perf_counter() - began)
+                if values[-1] != items * items or len(values) != items:
+                    raise SystemExit("client.map returned the wrong values")
+    median = {name: statistics.median(values) for name, values in times.items()}
+    marginal = (median["fab map"] - median["fab map small"]) / (items - small)
+    whole = median["fab map"] / items
+    plain = median["client.map"] / items
+    rows = [
+        [f"client.map + gather, {items:,} items", f"{plain * 1e6:.1f} us",
+         ", ".join(f"{v:.2f}" for v in times["client.map"]), ""],
+        [f"fab map --engine dask, {items:,} items, whole command", f"{whole * 1e6:.1f} us",
+         ", ".join(f"{v:.2f}" for v in times["fab map"]), f"{plain / whole:.0f}x"],
+        [f"fab map --engine dask, {small:,} items, whole command", f"{median['fab map small'] / small * 1e6:.1f} us",
+         ", ".join(f"{v:.2f}" for v in times["fab map small"]), ""],
+        ["fab map --engine dask, marginal (T(N) - T(N/10)) / 0.9N", f"{marginal * 1e6:.1f} us", "",
+         f"{plain / marginal:.0f}x" if marginal > 0 else "inf"],
+    ]
+    print(tabulate(rows, headers=["same cluster (2 workers x 1 thread)", "per item", "all runs (s)",
+                                  "client.map / fab map"]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=2000)
@@ -119,6 +183,8 @@ def main() -> None:
     parser.add_argument("--end", default="1e9")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-primes", action="store_true")
+    parser.add_argument("--items", type=int, default=20000)
+    parser.add_argument("--skip-map", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         base = Path(temp)
@@ -127,6 +193,9 @@ def main() -> None:
             print()
         if not args.skip_primes:
             primes(args.end, args.repeats, base)
+            print()
+        if not args.skip_map:
+            map_vs_client_map(args.items, args.repeats, base)
 
 
 if __name__ == "__main__":

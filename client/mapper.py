@@ -62,6 +62,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -528,9 +529,16 @@ def _alarm(signum, frame):
         raise ItemTimeout()
 
 
+def _main_thread():
+    """Signals are the main thread's: off it (a task run inside a Dask worker's thread) there is
+    no timer, and the process's SIGALRM, which belongs to its host, is never touched."""
+    return threading.current_thread() is threading.main_thread()
+
+
 def arm_timer(timeout):
-    """Start the ticking timer for items of ``timeout`` seconds; False where there is no setitimer."""
-    if timeout is None or not hasattr(signal, "setitimer"):
+    """Start the ticking timer for items of ``timeout`` seconds; False where there is no setitimer
+    or off the main thread (the Dask engine runs map tasks in a child worker, where it is on)."""
+    if timeout is None or not hasattr(signal, "setitimer") or not _main_thread():
         return False
     if signal.getsignal(signal.SIGALRM) is not _alarm:
         signal.signal(signal.SIGALRM, _alarm)
@@ -541,7 +549,7 @@ def arm_timer(timeout):
 
 def disarm_timer():
     _CLOCK[0] = None
-    if hasattr(signal, "setitimer"):
+    if hasattr(signal, "setitimer") and _main_thread():
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 

@@ -15,8 +15,8 @@ task bookkeeping) is inherited; on top of it:
   failure, items a host left for later) go out as a new block, on another host when one
   is up;
 - a block whose worker died (``split_on_death``) is cut in halves when it comes back, so
-  the item that kills its worker ends up alone; such an item that killed its worker
-  ``MAX_CRASHES`` times goes out once more as a *verdict* block (no item is run: the
+  the item that kills its worker ends up alone (the endgame never copies it: ``may_copy``);
+  such an item that killed its worker ``MAX_CRASHES`` times goes out once more as a *verdict* block (no item is run: the
   host answers an empty task and the item is committed as ``crashed`` with that block,
   exactly once like any other result).
 """
@@ -160,6 +160,17 @@ class MapSchedule(Schedule):
         if not self.duplicates:
             return None
         return super().duplicate_for(host, now, own_seconds)
+
+    def may_copy(self, block: Block) -> bool:
+        """Not a block whose worker died running it (``split_on_death``: it is cut in halves once
+        its last copy is back; an item alone: its deaths are counted one at a time), nor a
+        verdict block: a copy of it would only die too, and each death left the other copy in
+        flight, so the block was never split; two hosts took turns copying and dying on it
+        hundreds of times (seen on the Dask engine's quick round trips)."""
+        if getattr(block, "split_on_death", False) or getattr(block, "verdict", False):
+            return False
+        seqs = getattr(block, "seqs", ())
+        return not (len(seqs) == 1 and seqs[0] in self.crashes)  # an item alone that killed a worker
 
     # ------------------------------------------------------------ outcomes
 

@@ -142,7 +142,7 @@ class Schedule:
         now = now or time.monotonic()
         candidates = [b for b in self.in_flight.values()
                       if host not in b.copies and not self.shuns(b, host) and len(b.copies) < MAX_COPIES
-                      and b.verify_of is None]
+                      and b.verify_of is None and self.may_copy(b)]
         if not candidates:
             return None
         overdue = [b for b in candidates if b.expected_finish() <= now]
@@ -153,6 +153,10 @@ class Schedule:
         if block.expected_finish() - now <= max(0.05, mine):
             return None  # it will be done before a copy here would be: a copy only wastes a slot
         return self._assign(block, host)
+
+    def may_copy(self, block: Block) -> bool:
+        """Whether the endgame may duplicate ``block`` (a job's schedule may say no for some)."""
+        return True
 
     def _assign(self, block: Block, host: str) -> tuple[int, Block]:
         task_id = next(self._ids)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from invoke import Exit
 
+from cluster.engines import ENGINE_HELP
 from cluster.errors import UsageError
 from cluster.shown import shown
 
@@ -25,6 +26,7 @@ from .common import (
     setup_logging,
     store_path,
 )
+from .engine import engine_choice, engine_hosts
 from .primes import check_output_file
 
 log = logging.getLogger(__name__)
@@ -92,11 +94,12 @@ def _split_list(text) -> tuple:
     "db": "results store (SQLite file; default results.db, or beowulf.db in fabric.yaml)",
     "block_seconds": "aim for blocks of items that take about this long on each host (default 2)",
     "dashboard": "serve fab dashboard's live page of this run while it goes (its URL is printed)",
+    **ENGINE_HELP,
 })
 def map_(c, command=None, function=None, args=None, range_=None, files=None, colsep=None, return_=None,
          outdir="results", ship=None, requirements=None, retries="2", timeout=None, stdout_cap=None, export=None,
          joblog=None, no_duplicates=False, retry_failed=False, fresh=False, db=None, block_seconds="2", inventory=None,
-         hosts=None, accept_new=False, verbose=False, quiet=False, dashboard=False):
+         hosts=None, accept_new=False, verbose=False, quiet=False, dashboard=False, engine=None, scheduler=None):
     """Run a command or a Python function over every item (--args, --range or --files) on all hosts.
 
     Each item's result is stored once (exit status, stdout, stderr tail, host, times); running the
@@ -137,20 +140,22 @@ def map_(c, command=None, function=None, args=None, range_=None, files=None, col
         raise UsageError(f"--outdir: folder {outdir_path.parent} does not exist")
     if requirements:
         spec.requirements = mapship.parse_requirements(os.path.expanduser(requirements))
+    choice = engine_choice(c, engine, scheduler, inventory, hosts)
     need = mapinput.columns_needed([("--command", spec.parts)] + [("--return", p) for p in spec.return_parts])
     map_input = mapinput.open_input(args=args, range_text=range_, files=files, colsep=colsep, need=need)
     shipment = mapship.build(function, _split_list(ship))
-    path, selected = load_hosts(c, inventory, hosts)
+    if not choice.is_dask:
+        load_hosts(c, inventory, hosts)  # a bad inventory is a usage error before anything else
     db_path = store_path(c, db)
     setup_logging(verbose, quiet, db_path.parent / "beowulf.log")
     try:
-        _run(c, spec, map_input, shipment, selected, db_path, seconds, fresh, accept_new, quiet,
+        _run(c, spec, map_input, shipment, (choice, inventory, hosts), db_path, seconds, fresh, accept_new, quiet,
              export_path, joblog_path, outdir_path, dashboard)
     finally:
         map_input.close()
 
 
-def _run(c, spec, map_input, shipment, selected, db_path: Path, seconds: float, fresh: bool, accept_new: bool,
+def _run(c, spec, map_input, shipment, engine, db_path: Path, seconds: float, fresh: bool, accept_new: bool,
          quiet: bool, export_path, joblog_path, outdir_path: Path, dashboard: bool) -> None:
     from cluster import mapstore
     from cluster.jobs.map import MapJob
@@ -166,11 +171,16 @@ def _run(c, spec, map_input, shipment, selected, db_path: Path, seconds: float, 
         spec.outdir = str(outdir_path)
         remove_partial_files(outdir_path)
     job = MapJob(spec, map_input, shipment)
-    outcome = run_job(c, job, selected, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
-                      dashboard=dashboard, kept="finished items", block_seconds=seconds)
-    if not outcome.already_done:  # a finished run asked again: one line, nothing written (README.md)
-        print_run_summary(outcome, db_path)
-        _clean_hosts(c, selected, job.run_hex, accept_new)
+    with engine_hosts(c, *engine) as chosen:  # --engine: hosts.ini's hosts, or a Dask cluster's workers
+        outcome = run_job(c, job, chosen.hosts, db_path, fresh=fresh, accept_new=accept_new, quiet=quiet,
+                          dashboard=dashboard, kept="finished items", block_seconds=seconds,
+                          on_coordinator=chosen.attach, **chosen.kwargs)
+        if not outcome.already_done:  # a finished run asked again: one line, nothing written (README.md)
+            print_run_summary(outcome, db_path)
+            if chosen.dask is not None:
+                chosen.dask.remove_run_folders(job.run_hex)
+            else:
+                _clean_hosts(c, chosen.hosts, job.run_hex, accept_new)
     print_warnings(outcome)
     conn = mapstore.connect(str(db_path))
     try:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -49,6 +50,24 @@ def test_schedule_numbers_blocks_past_the_base_and_splits_a_dying_block():
     halves = list(schedule.redo)
     assert [list(b.seqs) for b in halves] == [[1, 2], [3, 4]] and halves[0].lo >= 510
     assert not schedule.finished()
+
+
+def test_the_endgame_never_copies_a_block_whose_worker_died():
+    # A copy of it would die too; each death left the other copy in flight, so the block never came
+    # back to be split: two hosts took turns copying and dying on it (seen on the Dask engine).
+    schedule = MapSchedule([[1, 10]], 10, base=1)
+    task, block = schedule.next_block("h1", 10)
+    assert schedule.duplicate_for("h2", now=time.monotonic() + 100)[1] is block  # an ordinary straggler
+    schedule = MapSchedule([[1, 10]], 10, base=1)
+    task, block = schedule.next_block("h1", 10)
+    block.split_on_death = True  # MapJob.failure on its first copy's death
+    assert schedule.duplicate_for("h2", now=time.monotonic() + 100) is None
+    schedule.give_back(task)
+    assert [list(b.seqs) for b in schedule.redo] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    alone = MapSchedule([[7, 7]], 1, base=1)
+    task, block = alone.next_block("h1", 1)
+    assert not alone.crashed(block)  # an item alone that killed its worker once
+    assert alone.duplicate_for("h2", now=time.monotonic() + 100) is None
 
 
 def test_function_results_are_checked_field_by_field(job_of):

@@ -44,6 +44,11 @@ CONNECT_TIMEOUT = 10.0
 WATCH_SECONDS = 0.5
 # Seconds a worker's hello task may take (importing numpy on a cold worker).
 HELLO_TIMEOUT = 60.0
+# Jobs whose tasks run in a child worker process of the Dask worker (dask_worker.run_in_child):
+# fab map runs the user's code, which may crash, hang, or need its timeout's signal (README, "Engines").
+CHILD_JOBS = frozenset({"map"})
+# Seconds the end of a command waits for the workers to stop their child workers.
+STOP_CHILDREN_SECONDS = 5.0
 # Longest worker name shown; longer ones are cut (names come from the cluster: hostile text).
 MAX_NAME = 60
 _ADDRESS = re.compile(r"^(?:(?:tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}\Z")
@@ -96,6 +101,9 @@ class DaskEngine:
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         self.coordinator = None
+        self.children = False  # some task ran in a child worker (dask_worker.run_in_child)
+        self._kills: list = []  # (worker address, task keys) whose children kill_later kills
+        self._killer: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------ life cycle
 
@@ -152,6 +160,8 @@ class DaskEngine:
             for stream in list(streams):
                 stream.end("the run is over")
         client, cluster = self.client, self.cluster
+        if client is not None and self.children and not self.lost_scheduler:
+            self._stop_children(client)
         self.client = self.cluster = None
         if client is not None:
             try:
@@ -164,6 +174,43 @@ class DaskEngine:
             except Exception as err:
                 log.debug("closing the LocalCluster: %s", err)
         log.debug("dask: closed")
+
+    def kill_later(self, address: str, keys: list) -> None:
+        """Have ``address`` kill the children running ``keys`` (dask_worker.kill_tasks), from a thread
+        of its own; nothing when the worker has left (its children went with it)."""
+        with self._lock:
+            if address not in self.workers:
+                return
+            self._kills.append((address, keys))
+            if self._killer is None or not self._killer.is_alive():
+                self._killer = threading.Thread(target=self._kill_loop, name="dask-kill", daemon=True)
+                self._killer.start()
+
+    def _kill_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._kills:
+                    self._killer = None
+                    return
+                address, keys = self._kills.pop(0)
+            client = self.client
+            if client is None or address not in self.workers:
+                continue
+            try:
+                client.run(dask_worker.kill_tasks, keys, workers=[address], wait=False, on_error="ignore")
+            except Exception as err:  # the worker or the scheduler is gone: nothing left to kill
+                log.debug("%s: killing cancelled tasks: %s", address, _one_line(err))
+
+    def _stop_children(self, client) -> None:
+        """Every worker ends its child workers (dask_worker.stop_children): on a cluster that
+        outlives the command they would otherwise wait, idle, for tasks that never come."""
+        _run_everywhere(client, "stopping the child workers", dask_worker.stop_children)
+
+    def remove_run_folders(self, run: str) -> None:
+        """fab map's run is over: each worker removes WORKDIR/map/RUN (dask_worker.remove_run)."""
+        client = self.client
+        if client is not None and not self.lost_scheduler:
+            _run_everywhere(client, "removing the run folders", dask_worker.remove_run, self.bundle, run)
 
     def __enter__(self):
         return self
@@ -261,7 +308,7 @@ class DaskEngine:
                 if not isinstance(facts, dict):
                     facts = {"error": "the hello task returned junk"}
             except Exception as err:
-                future.cancel()
+                _cancel(future)
                 facts = {"python": known.get("python", "?"), "engines": {}, "error": _one_line(err)}
             facts.setdefault("packages", known.get("packages", {}))
             out[address] = facts
@@ -269,8 +316,10 @@ class DaskEngine:
 
     def _wait(self, address: str, future, deadline: float):
         """``future``'s result; a worker that leaves meanwhile (its task would wait for it for ever:
-        ``allow_other_workers=False``), or the deadline, is an error."""
+        ``allow_other_workers=False``), the deadline, or the end of the command, is an error."""
         while True:
+            if self._stop.is_set() or self.client is None:
+                raise ConnectionError("the run is over")
             try:
                 return future.result(timeout=min(WATCH_SECONDS, max(0.01, deadline - time.monotonic())))
             except TimeoutError:
@@ -366,13 +415,21 @@ class DaskLink(HostLink):
         address = engine.address_of(self.name)
         if address is None:
             raise ConnectError(f"{self.name}: the worker is not in the Dask cluster (any more)")
-        facts = engine.hello(address)
+        try:
+            facts = engine.hello(address)
+        except Exception as err:  # the client closed under it (the run ended while it started), the scheduler went
+            raise ConnectError(f"{self.name}: {_one_line(err)}") from None
         if facts.get("error"):
             raise ConnectError(f"{self.name}: cannot run the client: {_one_line(facts['error'])}")
         executable = facts.get("executable")
         if isinstance(executable, str) and executable.startswith("/") and len(executable) < 4096:
             # The worker's own interpreter, for a job's prepare commands (Job.prepare_host).
             self.host = dataclasses.replace(self.host, python=executable)
+        workdir = facts.get("workdir")
+        if isinstance(workdir, str) and workdir.startswith("/") and len(workdir) < 4096 and "\0" not in workdir:
+            # The bundle's folder on the worker (LOCAL_DIRECTORY/beowulf-HASH, the client in its
+            # client/): a job's prepare step (fab map's shipping) uses it as the host's workdir.
+            self.host = dataclasses.replace(self.host, workdir=workdir)
         return DaskTransport(engine, address, self.host, facts, engine.workers.get(address, {}))
 
 
@@ -394,7 +451,7 @@ class DaskTransport(Transport):
         try:
             return self.engine._wait(self.address, future, deadline)
         except Exception as err:
-            future.cancel()
+            _cancel(future)
             raise RemoteError(f"{self.name}: {_one_line(err)}") from None
 
     def run(self, command: str, stdin: Optional[bytes] = None, timeout: Optional[float] = None) -> CommandResult:
@@ -451,25 +508,41 @@ class DaskStream:
             message = json.loads(line)
             kind = message.get("type")
             if kind == "task":
-                self._submit(message["id"], line + b"\n")
+                self._submit(message["id"], line + b"\n", message.get("job"))
             elif kind == "cancel":
                 with self._lock:
                     future = self._futures.pop(message.get("id"), None)
                 if future is not None:
                     future.cancel()
+                    self._kill([future])
             elif kind == "bye":
                 self.end("bye")
 
-    def _submit(self, task_id: int, line: bytes) -> None:
+    def _submit(self, task_id: int, line: bytes, job=None) -> None:
         client = self.engine.client
         if client is None:
             raise ConnectionError("not connected to the Dask scheduler")
-        future = client.submit(dask_worker.run_line, self.engine.bundle, line,
-                               key=f"beowulf-{self.name}-{task_id}-{uuid.uuid4().hex[:12]}",
-                               workers=[self.address], allow_other_workers=False, retries=0, pure=False)
+        key = f"beowulf-{self.name}-{task_id}-{uuid.uuid4().hex[:12]}"
+        if job in CHILD_JOBS:  # in a child worker process of the Dask worker (dask_worker.run_in_child)
+            self.engine.children = True
+            future = client.submit(dask_worker.run_in_child, self.engine.bundle, line, key, key=key,
+                                   workers=[self.address], allow_other_workers=False, retries=0, pure=False)
+            future.beowulf_child = True
+        else:
+            future = client.submit(dask_worker.run_line, self.engine.bundle, line, key=key,
+                                   workers=[self.address], allow_other_workers=False, retries=0, pure=False)
         with self._lock:
             self._futures[task_id] = future
         future.add_done_callback(lambda done, task_id=task_id: self._done(task_id, done))
+
+    def _kill(self, futures) -> None:
+        """Kill the child workers running cancelled tasks (a Dask cancel does not stop a running
+        task): Client.run reaches the worker outside its task threads, busy or not. Never here: a
+        Client.run waits for the scheduler (and on a worker that is gone, for its connect timeout),
+        and this runs in the coordinator's loop or the watcher (DaskEngine.kill_later)."""
+        keys = [future.key for future in futures if getattr(future, "beowulf_child", False)]
+        if keys:
+            self.engine.kill_later(self.address, keys)
 
     def _done(self, task_id: int, future) -> None:
         with self._lock:
@@ -529,6 +602,7 @@ class DaskStream:
                 self.engine.client.cancel(futures)
             except Exception as err:
                 log.debug("%s: cancelling: %s", self.name, err)
+            self._kill(futures)
         self._lines.put(None)
 
     def kill(self) -> None:
@@ -575,9 +649,47 @@ def _local_cluster(workers: Optional[int]):
         # (BENCHMARKS.md, "Dask engine"). A fork of this process starts in ~0.1 s; the user's
         # own choice in Dask's configuration wins.
         method = {"distributed.worker.multiprocessing-method": "fork"}
+    # Dask's statistical profiler samples every thread's stack every 10 ms in each worker: for
+    # a dashboard nobody looks at here (none is started), at the cost of the sieving's CPU.
+    method["distributed.worker.profile.enabled"] = False
+    # The scheduler runs in this process: its work stealing (a 100 ms periodic balance; beowulf's
+    # tasks are pinned to a worker, never stolen) and memory manager only cost the coordinator CPU.
+    method["distributed.scheduler.work-stealing"] = False
+    method["distributed.scheduler.active-memory-manager.start"] = False
+    # Each Dask server (the scheduler, the nannies, here; the workers) times its event loop every
+    # 20 ms to warn of a blocked loop: every 500 ms is plenty for that.
+    method["distributed.admin.tick.interval"] = "500ms"
     with dask.config.set(method):
+        # No dashboard, and the scheduler's HTTP routes (it serves some even without one) on a
+        # free loopback port: Dask's default, 8787, warned "Port 8787 is already in use" on the
+        # console whenever another cluster (or a second fab run) held it.
         return LocalCluster(n_workers=workers or cores, threads_per_worker=1, processes=True,
-                            dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
+                            dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                            host="127.0.0.1", silence_logs=logging.ERROR)
+
+
+def _run_everywhere(client, what: str, function, *args) -> None:
+    """``function(*args)`` on every worker (Client.run), waited for at most STOP_CHILDREN_SECONDS
+    (a worker that died but is still listed would hold Client.run for its connect timeout):
+    a courtesy at the end of a command, never a failure of it."""
+    def call():
+        try:
+            client.run(function, *args, on_error="ignore")
+        except Exception as err:  # a worker or the scheduler going away meanwhile
+            log.debug("%s: %s", what, _one_line(err))
+
+    thread = threading.Thread(target=call, name=f"dask-{function.__name__}", daemon=True)
+    thread.start()
+    thread.join(STOP_CHILDREN_SECONDS)
+
+
+def _cancel(future) -> None:
+    """Cancel a future whose answer is no longer wanted; nothing when the client is closed already
+    (the end of a run while a worker was still starting: ClosedClientError)."""
+    try:
+        future.cancel()
+    except Exception as err:
+        log.debug("cancelling %s: %s", getattr(future, "key", "?"), _one_line(err))
 
 
 def _probe(address: str) -> None:

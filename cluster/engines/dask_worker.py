@@ -12,6 +12,14 @@ the standard library. It must therefore import nothing from ``cluster`` or ``tas
   shows (Python, numpy, the primes engine), or why the worker cannot run the client.
 * ``run_line(bundle, line)`` runs one task line exactly as an agent's worker process does
   (client/agent.py ``JobRunner.run_line``) and returns its result line (bytes).
+* ``run_in_child(bundle, line, key)`` does the same in a child process of the worker: one per
+  worker thread (a slot), ``client/agent.py --worker`` fed over pipes, started at the slot's
+  first such task and kept, so a ``fab map`` function is imported once per slot, not once per
+  task. An item that crashes or hangs kills the child, never the Dask worker: the task then
+  answers ``kind: died`` like an agent whose worker died, and the slot's next task starts a new
+  child. ``kill_tasks(keys)`` (run by ``Client.run``, outside the task threads) kills the
+  children running cancelled tasks; ``stop_children()`` all of them at the end of a command.
+  Each child gets the Dask worker's environment (its PYTHONPATH too) and the bundle's workdir.
 """
 
 from __future__ import annotations
@@ -22,16 +30,20 @@ import sys
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-# Folder name prefix of the bundle inside a worker's local directory.
-FOLDER_PREFIX = "beowulf-client-"
+# Folder name prefix of a bundle's workdir inside a worker's local directory: the client is
+# LOCAL_DIRECTORY/beowulf-HASH/client, and LOCAL_DIRECTORY/beowulf-HASH is the worker's workdir
+# (a host's WORKDIR: fab map's ship/, map/, reqs/ folders), so client/mapper.py finds it as on a host.
+FOLDER_PREFIX = "beowulf-"
+# Seconds a child worker has to exit by itself (its stdin closed) before it is killed.
+CHILD_GRACE_SECONDS = 1.0
 # The plugin's name on the scheduler, followed by the bundle hash: registering the same bundle
 # again replaces it; coordinators of other beowulf versions on the same cluster keep theirs.
 PLUGIN_NAME = "beowulf-client"
 
 
 def bundle_folder(base: str, bundle: str) -> str:
-    """Where bundle ``bundle`` lives under a worker's local directory ``base``."""
-    return os.path.join(base, FOLDER_PREFIX + bundle)
+    """Where bundle ``bundle`` lives under a worker's local directory ``base`` (WORKDIR/client)."""
+    return os.path.join(base, FOLDER_PREFIX + bundle, "client")
 
 
 class BundlePlugin(WorkerPlugin):
@@ -56,6 +68,7 @@ class BundlePlugin(WorkerPlugin):
 
 def install(folder: str, files: dict) -> None:
     """Write ``files`` into ``folder`` (each file atomically) and put it first on sys.path."""
+    os.makedirs(os.path.dirname(folder), mode=0o700, exist_ok=True)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     for name, data in files.items():
         if os.sep in name or name.startswith("."):
@@ -99,6 +112,7 @@ def hello(bundle: str) -> dict:
         import importlib
 
         folder = _folder(bundle)
+        facts["workdir"] = os.path.dirname(folder)
         found = importlib.import_module("bundle").bundle_hash(folder)
         facts["bundle"] = found
         if found != bundle:
@@ -107,9 +121,10 @@ def hello(bundle: str) -> dict:
         agent = importlib.import_module("agent")
         where = os.path.dirname(os.path.abspath(getattr(agent, "__file__", "") or "?"))
         if where != os.path.abspath(folder):
-            if os.path.basename(where).startswith(FOLDER_PREFIX):
+            parent = os.path.basename(os.path.dirname(where))
+            if os.path.basename(where) == "client" and parent.startswith(FOLDER_PREFIX):
                 facts["error"] = (f"this worker process already runs another beowulf client "
-                                  f"({os.path.basename(where)[len(FOLDER_PREFIX):]}): one version per worker process")
+                                  f"({parent[len(FOLDER_PREFIX):]}): one version per worker process")
             else:
                 facts["error"] = f"a module named agent from {where} shadows the client's (on the worker's sys.path)"
             return facts
@@ -146,7 +161,162 @@ def _runner(bundle: str):
 
 def run_line(bundle: str, line: bytes) -> bytes:
     """One task line in, one result line out (client/agent.py's JobRunner; it never raises)."""
+    _nice_thread()
     return _runner(bundle).run_line(line)
+
+
+def _children(agent) -> dict:
+    """The state of this worker process's child workers, kept on the bundle's agent module (this
+    module's globals are unpickled afresh with every task): thread -> child, task key -> child."""
+    import threading
+
+    state = getattr(agent, "beowulf_dask_children", None)
+    if state is None:  # setdefault: two threads starting at once share one
+        state = vars(agent).setdefault("beowulf_dask_children",
+                                       {"lock": threading.Lock(), "by_thread": {}, "by_key": {}})
+    return state
+
+
+def _start_child(agent, folder: str, slot: int):
+    """``agent.py --worker`` for one slot of this Dask worker: its own session (a kill takes its
+    commands too), watching this process (it exits when the Dask worker dies), with this
+    process's environment (PYTHONPATH included: the user's packages) and the bundle's workdir."""
+    import subprocess
+
+    env = dict(os.environ)
+    env["BEOWULF_MAP_WORKDIR"] = os.path.dirname(folder)
+    command = [sys.executable or "python3", os.path.join(folder, "agent.py"), "--worker", "--slot", str(slot),
+               "--parent", str(os.getpid()), "--nice", "0", "--log-level", "error", "--preload", "map"]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=env, close_fds=True, start_new_session=True)
+
+
+def _kill_child(child) -> None:
+    import signal
+
+    if child.poll() is None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pipe in (child.stdin, child.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
+    try:
+        child.wait(CHILD_GRACE_SECONDS)
+    except Exception:  # noqa: BLE001 (subprocess.TimeoutExpired: it is reaped later)
+        pass
+
+
+def run_in_child(bundle: str, line: bytes, key: str) -> bytes:
+    """One task line run by this thread's child worker (see the module docstring); its result
+    line, or a ``died`` result when the child died running it (a crash, a kill_tasks)."""
+    import json
+    import threading
+    import time
+
+    _nice_thread()  # before a child starts: it inherits the thread's niceness
+    _runner(bundle)  # the bundle's agent module, checked
+    agent = sys.modules["agent"]
+    folder = _folder(bundle)
+    state = _children(agent)
+    ident = threading.get_ident()
+    with state["lock"]:
+        child, slot = state["by_thread"].get(ident, (None, None))
+        if child is None or child.poll() is not None:
+            if slot is None:
+                used = {entry[1] for entry in state["by_thread"].values()}
+                slot = min(set(range(len(used) + 1)) - used)
+            child = _start_child(agent, folder, slot)
+            state["by_thread"][ident] = (child, slot)
+        state["by_key"][key] = child
+    started = time.perf_counter()
+    try:
+        child.stdin.write(line if line.endswith(b"\n") else line + b"\n")
+        child.stdin.flush()
+        answer = child.stdout.readline()
+    except (OSError, ValueError):
+        answer = b""
+    finally:
+        with state["lock"]:
+            state["by_key"].pop(key, None)
+    if answer.endswith(b"\n"):
+        return answer
+    _kill_child(child)
+    with state["lock"]:
+        if state["by_thread"].get(ident, (None,))[0] is child:
+            state["by_thread"][ident] = (None, slot)
+    try:
+        task_id = json.loads(line.decode("utf-8")).get("id")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        task_id = None
+    return agent.encode_line({"type": "result", "id": task_id, "ok": False,
+                              "error": f"worker died ({agent.exit_description(child.returncode)})",
+                              "kind": "died", "elapsed": round(time.perf_counter() - started, 6), "slot": slot})
+
+
+async def kill_tasks(keys: list) -> int:
+    """Kill the children running the tasks ``keys`` (cancelled by the coordinator): run by
+    ``Client.run`` on the worker's event loop, outside the task threads, so it works while every
+    slot is busy (a coroutine: Dask runs only those without waiting for the answer)."""
+    import signal
+
+    agent = sys.modules.get("agent")
+    state = getattr(agent, "beowulf_dask_children", None) if agent is not None else None
+    if state is None:
+        return 0
+    killed = 0
+    with state["lock"]:
+        children = [state["by_key"].get(key) for key in keys]
+    for child in children:
+        if child is not None and child.poll() is None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+def stop_children() -> int:
+    """End every child worker of this Dask worker (a command's end): their stdin closed (they
+    exit), killed after CHILD_GRACE_SECONDS. The next command starts new ones."""
+    agent = sys.modules.get("agent")
+    state = getattr(agent, "beowulf_dask_children", None) if agent is not None else None
+    if state is None:
+        return 0
+    with state["lock"]:
+        children = [entry[0] for entry in state["by_thread"].values() if entry[0] is not None]
+        state["by_thread"].clear()
+    for child in children:
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+    for child in children:
+        try:
+            child.wait(CHILD_GRACE_SECONDS)
+        except Exception:  # noqa: BLE001 (still running: killed below)
+            pass
+        _kill_child(child)
+    return len(children)
+
+
+def remove_run(bundle: str, run: str) -> bool:
+    """Remove WORKDIR/map/RUN of the bundle's workdir on this worker (fab map's run is over)."""
+    import re
+    import shutil
+
+    if not re.match(r"^[0-9a-f]{16,64}\Z", str(run)):
+        return False
+    try:
+        folder = os.path.dirname(_folder(bundle))
+    except RuntimeError:
+        return False
+    shutil.rmtree(os.path.join(folder, "map", run), ignore_errors=True)
+    return True
 
 
 def run_command(command: str, stdin: bytes, timeout, max_output: int) -> dict:
@@ -180,20 +350,32 @@ def put_file(data: bytes, path: str) -> None:
     os.replace(temp, target)
 
 
+# The niceness of the threads that run tasks, set by ``renice`` (the embedded LocalCluster): kept in
+# the worker process's environment, since this module's globals are unpickled afresh with every task.
+TASK_NICE = "BEOWULF_DASK_TASK_NICE"
+
+
 def renice(niceness: int) -> int:
-    """Lower this worker process's priority (every thread: Linux renices one thread at a time;
-    threads started later inherit it). For the embedded LocalCluster only, whose workers share
-    this computer with the coordinator, like a local host's agent workers (hosts.ini ``nice``)."""
+    """Lower the priority of the threads that run this worker's tasks (and of what they start) to
+    ``niceness``, not of the worker's event loop: like a local host's agent workers (hosts.ini
+    ``nice``) under an agent that keeps its own. For the embedded LocalCluster only, whose workers
+    share this computer with the coordinator. Each task thread renices itself (``_nice_thread``)."""
+    os.environ[TASK_NICE] = str(int(niceness))
+    return int(niceness)
+
+
+def _nice_thread() -> None:
+    """This task thread at the niceness ``renice`` asked for (Linux: niceness is per thread, and a
+    process started from the thread inherits it); nothing when none was asked."""
+    wanted = os.environ.get(TASK_NICE)
+    if not wanted:
+        return
+    import threading
+
     try:
-        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        except (AttributeError, OSError):
-            pass
-    return len(tids)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(wanted))
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def die_with(parent: int, interval: float = 0.5) -> bool:
@@ -219,5 +401,6 @@ def die_with(parent: int, interval: float = 0.5) -> bool:
 # not load them. Under the name of __main__ plain pickle fails, and Dask falls back to
 # cloudpickle, which ships them (and the helpers they call: this module is registered to be
 # pickled by value) as code.
-for _entry in (hello, run_line, renice, die_with, run_command, put_file):
+for _entry in (hello, run_line, run_in_child, kill_tasks, stop_children, remove_run, renice, die_with,
+               run_command, put_file):
     _entry.__module__ = "__main__"
