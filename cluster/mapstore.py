@@ -137,7 +137,14 @@ def ensure_tables(path: str) -> None:
                                  f" this one knows {len(MIGRATIONS)})")
             for step in MIGRATIONS[version:]:
                 for statement in step:
-                    conn.execute(statement)
+                    try:
+                        conn.execute(statement)
+                    except sqlite3.OperationalError as exc:
+                        # A column already there (a store whose version was not recorded, or
+                        # made by a development build that numbered the slot step 2): the step
+                        # is done.
+                        if not (statement.startswith("ALTER TABLE") and "duplicate column" in str(exc)):
+                            raise
             if version < len(MIGRATIONS):
                 conn.execute("INSERT INTO job_schema (job, version) VALUES ('map', ?) ON CONFLICT (job)"
                              " DO UPDATE SET version = excluded.version", (len(MIGRATIONS),))

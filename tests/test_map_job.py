@@ -446,3 +446,21 @@ def test_export_of_args_follows_the_input_when_lines_moved(tmp_path):
     finally:
         conn.close()
     assert [(r.seq, r.stdout) for r in records] == [(1, b"a!\n"), (3, b"b!\n"), (4, b"c!\n")]
+
+
+def test_ensure_tables_takes_a_slot_column_already_there(tmp_path):
+    """A store whose slot column exists without its version recorded is brought to the last version."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    with Store(path):
+        pass
+    mapstore.ensure_tables(str(path))
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE job_schema SET version = 2 WHERE job = 'map'")
+    conn.close()
+    mapstore.ensure_tables(str(path))
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM job_schema WHERE job = 'map'").fetchone() == (len(mapstore.MIGRATIONS),)
+    conn.close()
