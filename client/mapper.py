@@ -602,6 +602,26 @@ def run_function_item(function, item, timeout, cap):
 _PLAIN = (int, float, bool, type(None))
 
 
+def _value_size(value, cap):
+    """``(error or None, size)`` of a function's return value: its JSON size (plain scalars
+    counted as 24 bytes without encoding them), or why it cannot be sent (not JSON, over ``cap``)."""
+    kind = type(value)
+    try:
+        if kind in _PLAIN:
+            if kind is float and value - value != 0:
+                raise ValueError("Out of range float values are not JSON compliant")
+            size = 24
+        elif kind is str:
+            size = len(value) + 2
+        else:
+            size = len(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as exc:
+        return "the return value is not JSON-serialisable: %s" % one_line(exc), 0
+    if size > cap:
+        return "the return value is %d bytes of JSON, over the cap of %d" % (size, cap), size
+    return None, size
+
+
 def run_function_columns(function, items, timeout, cap, budget):
     """``run_function_item`` for many items at once, answering in columns (``"columns": true``
     in the task): the items that succeeded as ``{"seq": [...], "t0": EPOCH, "start_us": [...],
@@ -638,21 +658,7 @@ def run_function_columns(function, items, timeout, cap, budget):
         except BaseException as exc:  # the item's failure, whatever it raised (SystemExit too)
             error = traceback_tail(exc)
         else:
-            kind = type(value)
-            try:
-                if kind in _PLAIN:
-                    if kind is float and value - value != 0:
-                        raise ValueError("Out of range float values are not JSON compliant")
-                    size = 24
-                elif kind is str:
-                    size = len(value) + 2
-                else:
-                    size = len(json.dumps(value, allow_nan=False))
-            except (TypeError, ValueError, RecursionError) as exc:
-                error = "the return value is not JSON-serialisable: %s" % one_line(exc)
-            else:
-                if size > cap:
-                    error = "the return value is %d bytes of JSON, over the cap of %d" % (size, cap)
+            error, size = _value_size(value, cap)
         ended = clock()
         if error is None:
             seqs.append(seq)
@@ -711,7 +717,6 @@ def run_function_packed(function, seqs, givens, timeout, cap, budget):
         _CLOCK[1] = timeout
     began = first = clock()
     t0 = time.time()
-    plain = _PLAIN
     for given in givens:
         error = None
         timed_out = False
@@ -733,21 +738,7 @@ def run_function_packed(function, seqs, givens, timeout, cap, budget):
                 add_end(began)
                 add_value(value)
                 continue
-            kind = type(value)
-            try:
-                if kind in plain:
-                    if kind is float and value - value != 0:
-                        raise ValueError("Out of range float values are not JSON compliant")
-                    size = 24
-                elif kind is str:
-                    size = len(value) + 2
-                else:
-                    size = len(json.dumps(value, allow_nan=False))
-            except (TypeError, ValueError, RecursionError) as exc:
-                error = "the return value is not JSON-serialisable: %s" % one_line(exc)
-            else:
-                if size > cap:
-                    error = "the return value is %d bytes of JSON, over the cap of %d" % (size, cap)
+            error, size = _value_size(value, cap)
         ended = clock()
         done = len(values) + len(failed)
         if error is None:

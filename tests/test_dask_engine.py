@@ -23,7 +23,7 @@ from cluster.errors import UsageError
 from cluster.jobs.scrape import iter_pages
 from cluster.store import Store
 from harness import fab_argv, fab_env
-from harness.dask import DaskCluster
+from harness.dask import DaskCluster, wait_until
 from harness.hostile import assert_blocks_tile, count_of
 from harness.web import WebServer
 
@@ -66,17 +66,6 @@ def committed(db: Path) -> int:
             return conn.execute("select count(*) from blocks").fetchone()[0]
     except sqlite3.Error:
         return 0
-
-
-def wait_until(what, timeout: float = 120, proc=None, log=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"fab ended early ({proc.returncode}): {log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {log.read_text()[-3000:] if log else ''}")
 
 
 def events(db: Path, kind: str) -> list:

@@ -14,7 +14,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 
 from cluster import mapstore
 from harness import fab_argv, fab_env
-from harness.dask import DaskCluster
+from harness.dask import DaskCluster, wait_until
 
 FUNCTION = "def f(x):\n    return {'x': x, 'sq': x * x}\n"
 # One item in ~2 ms: a few thousand items take a few seconds over the workers (time to kill something).
@@ -56,17 +55,6 @@ def blocks_by_host(db: Path) -> dict:
             return dict(conn.execute("select host, count(*) from blocks group by host").fetchall())
     except sqlite3.Error:
         return {}
-
-
-def wait_until(what, timeout: float = 120, proc=None, log=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if what():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"fab ended early ({proc.returncode}): {log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {log.read_text()[-3000:] if log else ''}")
 
 
 def stop(proc: subprocess.Popen) -> None:

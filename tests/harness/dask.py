@@ -170,3 +170,16 @@ class DaskCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_until(what, timeout: float = 120, proc=None, log=None) -> None:
+    """Poll ``what()`` until true; fail when ``timeout`` passes or the fab process ``proc`` ends
+    first (the tail of ``log`` in the message)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if what():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"fab ended early ({proc.returncode}): {log.read_text()[-3000:] if log else ''}")
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {log.read_text()[-3000:] if log else ''}")
